@@ -1,0 +1,39 @@
+//! The iommufd IOAS model.
+//!
+//! This crate models the I/O address space (IOAS) objects of Linux iommufd
+//! (`include/uapi/linux/iommufd.h`, `drivers/iommu/iommufd/`), and will drive
+//! the real kernel `/dev/iommu` behind the same interface.
+//!
+//! The layering follows the kernel's:
+//! - [`IoPagetable`] is the data structure of `io_pagetable.c`: areas, allowed
+//!   and reserved IOVA ranges, and the IOVA allocator. It knows nothing of
+//!   object IDs or of the uAPI.
+//! - [`Iommufd`] is the uAPI: IOAS objects addressed by ID, with the ioctls
+//!   `IOMMU_IOAS_ALLOC`, `IOMMU_DESTROY`, `IOMMU_IOAS_IOVA_RANGES`,
+//!   `IOMMU_IOAS_ALLOW_IOVAS`, `IOMMU_IOAS_MAP`, `IOMMU_IOAS_COPY`,
+//!   `IOMMU_IOAS_UNMAP` and `IOMMU_OPTION`, plus device attach/detach.
+//! - [`model::ModelIommufd`] implements [`Iommufd`] in process (the `ioas.c`
+//!   glue over [`IoPagetable`]); the kernel implementation is the other one.
+//! - [`conformance`] is the behaviour both implementations must show, written
+//!   once as functions over [`Iommufd`].
+
+pub mod conformance;
+mod error;
+mod iommufd;
+mod io_pagetable;
+pub mod model;
+mod range;
+
+pub use error::{Errno, IoptError, Result};
+pub use io_pagetable::{Area, IoPagetable};
+pub use iommufd::{
+    AccessFlags, CopyRequest, DeviceId, IoasId, Iommufd, IovaRanges, MapRequest, Option_,
+    OptionOp, Prot, UserMemory,
+};
+pub use range::IovaRange;
+
+/// The CPU page size the kernel pins user memory in (`PAGE_SIZE` on x86_64).
+pub const PAGE_SIZE: u64 = 4096;
+/// The largest alignment the IOVA allocator asks for (`HPAGE_SIZE` on x86_64
+/// with transparent huge pages).
+pub const HPAGE_SIZE: u64 = 2 << 20;

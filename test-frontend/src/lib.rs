@@ -1,0 +1,1 @@
+//! Test front-end (being written).

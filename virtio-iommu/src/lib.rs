@@ -1,0 +1,1 @@
+//! virtio-iommu protocol and device model (being written).
