@@ -1,0 +1,1 @@
+//! Real QEMU + Linux guest tests (being written).

@@ -1,0 +1,50 @@
+#!/bin/sh
+# Derive extra apt sources from the machine's own Debian source list, so no
+# registry host name is ever written into this repository.
+#
+# Usage (sourced):  . scripts/lib/apt-sources.sh; ensure_backports_sources
+# Idempotent: writes /etc/apt/sources.list.d/vhost-user-iommu.sources only
+# when its content would change, and runs `apt-get update` only then.
+set -eu
+
+VUI_APT_LIST=/etc/apt/sources.list.d/vhost-user-iommu.sources
+VUI_DEBIAN_SOURCES=${VUI_DEBIAN_SOURCES:-/etc/apt/sources.list.d/debian.sources}
+
+# The URI of the stanza that carries the main Debian suite (not -security).
+debian_mirror_uri() {
+    awk '
+        /^URIs:/   { uri = $2 }
+        /^Suites:/ { for (i = 2; i <= NF; i++) if ($i !~ /-security$/ && $i !~ /-updates$/) { print uri; exit } }
+    ' "$VUI_DEBIAN_SOURCES"
+}
+
+debian_codename() {
+    . /etc/os-release
+    echo "$VERSION_CODENAME"
+}
+
+# Adds deb + deb-src for <codename>-backports and deb-src for <codename>.
+ensure_backports_sources() {
+    uri=$(debian_mirror_uri)
+    [ -n "$uri" ] || { echo "apt-sources: no Debian URI found in $VUI_DEBIAN_SOURCES" >&2; return 1; }
+    codename=$(debian_codename)
+    want=$(cat <<EOT
+Types: deb deb-src
+URIs: $uri
+Suites: $codename-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb-src
+URIs: $uri
+Suites: $codename
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOT
+)
+    if [ ! -f "$VUI_APT_LIST" ] || [ "$(cat "$VUI_APT_LIST")" != "$want" ]; then
+        printf '%s\n' "$want" > "$VUI_APT_LIST"
+        echo "apt-sources: added $codename-backports (deb, deb-src) and $codename (deb-src); updating package lists" >&2
+        apt-get update -qq
+    fi
+}
