@@ -235,8 +235,19 @@ BUILD=$SRC/build
 mkdir -p "$BUILD"
 say "configuring: $CONFIGURE_FLAGS"
 START=$(date +%s)
+# ccache (not part of the cache key: it does not change the binary). Paths are made relative to
+# the work tree, so a rebuild after a patch edit, in another work directory, still hits.
+CC_ARG=
+if command -v ccache >/dev/null 2>&1; then
+    CC_ARG="ccache cc"
+    CCACHE_DIR=${CCACHE_DIR:-$CACHE_ROOT/ccache}
+    CCACHE_BASEDIR=$WORK
+    CCACHE_NOHASHDIR=1
+    export CCACHE_DIR CCACHE_BASEDIR CCACHE_NOHASHDIR
+fi
 # shellcheck disable=SC2086
-(cd "$BUILD" && nice -n 10 ../configure --python=/usr/bin/python3 $CONFIGURE_FLAGS > configure.log 2>&1) ||
+(cd "$BUILD" && nice -n 10 ../configure --python=/usr/bin/python3 ${CC_ARG:+--cc="$CC_ARG"} \
+    $CONFIGURE_FLAGS > configure.log 2>&1) ||
     { tail -n 30 "$BUILD/configure.log" >&2; die "configure failed (log: $BUILD/configure.log)"; }
 say "building qemu-system-x86_64 with ninja -j$JOBS (cold: several minutes)"
 if ! (cd "$BUILD" && nice -n 10 ninja -j"$JOBS" qemu-system-x86_64 > ninja.log 2>&1); then
@@ -262,6 +273,7 @@ for p in $PATCHES; do cp "$p" "$TMP_OUT/"; done
     echo "patches=$(for p in $PATCHES; do printf '%s ' "$(basename "$p")"; done)"
     echo "configure=$CONFIGURE_FLAGS"
     echo "build_seconds=$((END - START))"
+    echo "compiler=${CC_ARG:-cc}"
     echo "built=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "firmware=-L /usr/share/seabios -L /usr/share/qemu"
 } > "$TMP_OUT/stamp"
