@@ -19,16 +19,17 @@
 
 pub mod conformance;
 mod error;
+pub mod io_pagetable;
 mod iommufd;
-mod io_pagetable;
+pub mod kernel;
 pub mod model;
 mod range;
 
 pub use error::{Errno, IoptError, Result};
-pub use io_pagetable::{Area, IoPagetable};
+pub use io_pagetable::{Area, IoPagetable, Reserved, Segment};
 pub use iommufd::{
-    AccessFlags, CopyRequest, DeviceId, IoasId, Iommufd, IovaRanges, MapRequest, Option_,
-    OptionOp, Prot, UserMemory,
+    AccessFlags, CopyRequest, DeviceId, IoasId, Iommufd, IovaRanges, MapRequest, OptionOp, Option_,
+    Prot, UserMemory,
 };
 pub use range::IovaRange;
 

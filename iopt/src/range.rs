@@ -26,7 +26,7 @@ impl IovaRange {
     }
 
     /// Number of bytes in the range, or `None` for the whole 2^64 space.
-    pub fn len(&self) -> Option<u64> {
+    pub fn size(&self) -> Option<u64> {
         (self.last - self.start).checked_add(1)
     }
 
