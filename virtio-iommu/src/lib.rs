@@ -1,1 +1,25 @@
-//! virtio-iommu protocol and device model (being written).
+//! The virtio-iommu device (virtio 1.2 §5.13, device ID 23) without I/O.
+//!
+//! - [`wire`]: every structure on the wire, with its exact layout;
+//! - [`request`]: decoding the device-readable part of a request;
+//! - [`domain`]: a domain and the mappings the driver made in it;
+//! - [`probe`]: PROBE property writing;
+//! - [`device`]: the device model — endpoints, domains, mappings, bypass,
+//!   translation — over one [`iopt::Iommufd`] IOAS per domain.
+//!
+//! The vhost-user daemon feeds it the bytes of each descriptor chain and a
+//! view of guest RAM; the device answers with the reply bytes and reports
+//! every change of the translation state to a [`ChangeSink`] (the
+//! translation mirror).
+
+pub mod device;
+pub mod domain;
+pub mod probe;
+pub mod request;
+pub mod wire;
+
+pub use device::{
+    encode_fault, Change, ChangeSink, ConfigError, Device, DeviceConfig, Discard, GuestRam, Stats,
+    Translation,
+};
+pub use wire::{ConfigSpace, FaultEvent, Status, VIRTIO_ID_IOMMU};

@@ -1,0 +1,1354 @@
+//! The device model: endpoints, domains, mappings, over one IOAS per domain.
+//!
+//! [`Device::handle_request`] is the whole request path: bytes in, status
+//! (and PROBE properties) out, changes reported to a [`ChangeSink`]. It does
+//! no I/O and no allocation on the MAP/UNMAP/ATTACH/DETACH path; the caller
+//! owns the buffers.
+
+use std::collections::BTreeMap;
+
+use iopt::{DeviceId, Iommufd, IoptError, MapRequest, Prot};
+use vm_memory::ByteValued;
+
+use crate::domain::{Domain, Mapping, UnmapPlan};
+use crate::probe::PropertyWriter;
+use crate::request::{self, Request};
+use crate::wire::{
+    fault, feature, map_flags, probe, ConfigSpace, FaultEvent, ReqTail, Status, ATTACH_F_BYPASS,
+};
+
+/// The device's configuration: what the config space advertises, plus the
+/// MSI doorbell window PROBE reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// Supported page sizes; the smallest is the mapping granule.
+    pub page_size_mask: u64,
+    /// Inclusive IOVA range domains can map.
+    pub input_range: (u64, u64),
+    /// Inclusive range of domain IDs.
+    pub domain_range: (u32, u32),
+    /// Bytes of PROBE properties per request.
+    pub probe_size: u32,
+    /// `bypass` at power-on: unattached endpoints bypass translation.
+    pub bypass: bool,
+    /// Inclusive MSI doorbell window, reported as RESV_MEM MSI.
+    pub msi_window: (u64, u64),
+}
+
+impl Default for DeviceConfig {
+    /// 4 KiB and larger pages, 48-bit IOVAs, any 32-bit domain ID, 512 bytes
+    /// of PROBE properties, no boot bypass, the x86 MSI window.
+    fn default() -> Self {
+        Self {
+            page_size_mask: !0xfff,
+            input_range: (0, (1 << 48) - 1),
+            domain_range: (0, u32::MAX),
+            probe_size: 512,
+            bypass: false,
+            msi_window: (0xfee0_0000, 0xfeef_ffff),
+        }
+    }
+}
+
+/// A configuration the device refuses, or a refused config-space write.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("page_size_mask must not be zero")]
+    NoPageSize,
+    #[error("{0} range is empty (start > end)")]
+    EmptyRange(&'static str),
+    #[error("probe_size {0} is not a multiple of 4 of at least 24")]
+    BadProbeSize(u32),
+    #[error("endpoint {0} is listed twice")]
+    DuplicateEndpoint(u32),
+    #[error("config offset {offset} (length {len}) is read-only")]
+    ReadOnly { offset: u32, len: usize },
+    #[error("bypass must be 0 or 1, not {0}")]
+    BadBypass(u8),
+    #[error("bypass is writable only with VIRTIO_IOMMU_F_BYPASS_CONFIG negotiated")]
+    BypassNotNegotiated,
+}
+
+/// Guest RAM as the device sees it. Every guest physical address a request
+/// carries is validated here, once.
+pub trait GuestRam {
+    /// The process address of `[gpa, gpa + len)`, if the whole range lies
+    /// inside one region of guest RAM.
+    fn user_addr(&self, gpa: u64, len: u64) -> Option<u64>;
+}
+
+/// A change of the translation state, for whoever mirrors it (QEMU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    Attach {
+        endpoint: u32,
+        domain: u32,
+        bypass: bool,
+    },
+    Detach {
+        endpoint: u32,
+        domain: u32,
+    },
+    Map {
+        domain: u32,
+        virt_start: u64,
+        virt_end: u64,
+        phys_start: u64,
+        flags: u32,
+    },
+    Unmap {
+        domain: u32,
+        virt_start: u64,
+        virt_end: u64,
+    },
+    GlobalBypass(bool),
+    /// Everything is gone: no domains, no attachments.
+    Reset,
+}
+
+/// Receives changes as the device makes them.
+pub trait ChangeSink {
+    fn change(&mut self, c: Change);
+}
+
+impl ChangeSink for Vec<Change> {
+    fn change(&mut self, c: Change) {
+        self.push(c);
+    }
+}
+
+/// A sink that drops every change.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Discard;
+
+impl ChangeSink for Discard {
+    fn change(&mut self, _: Change) {}
+}
+
+/// Where an access by an endpoint goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Translation {
+    /// To `gpa`; `len` bytes from there are contiguous in the mapping.
+    Mapped { gpa: u64, len: u64, flags: u32 },
+    /// Untranslated (bypass domain, or global bypass of an unattached
+    /// endpoint).
+    Bypass,
+    /// Refused; `reason` is a `VIRTIO_IOMMU_FAULT_R_*`.
+    Fault { reason: u8 },
+}
+
+/// Counts per request type (index = type byte; 0 collects unknown types).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub ok: [u64; 6],
+    pub failed: [u64; 6],
+    pub domains: usize,
+    pub mappings: usize,
+    pub attached: usize,
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names = ["other", "attach", "detach", "map", "unmap", "probe"];
+        for (i, n) in names.iter().enumerate() {
+            write!(f, "{n} {}/{} ", self.ok[i], self.failed[i])?;
+        }
+        write!(
+            f,
+            "(ok/failed); {} domains, {} mappings, {} endpoints attached",
+            self.domains, self.mappings, self.attached
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Endpoint {
+    dev: DeviceId,
+    domain: Option<u32>,
+}
+
+/// The virtio-iommu device over an [`Iommufd`].
+#[derive(Debug)]
+pub struct Device<F: Iommufd> {
+    cfg: DeviceConfig,
+    iommufd: F,
+    endpoints: BTreeMap<u32, Endpoint>,
+    domains: BTreeMap<u32, Domain>,
+    acked: u64,
+    bypass: bool,
+    stats: Stats,
+}
+
+/// The status an IOAS failure becomes.
+fn status_of(e: &IoptError) -> Status {
+    match e {
+        IoptError::NoSpace => Status::NoMem,
+        IoptError::Overflow => Status::Range,
+        IoptError::Invalid(_) | IoptError::AddressInUse | IoptError::Exists => Status::Inval,
+        _ => Status::DevErr,
+    }
+}
+
+fn has(features: u64, bit: u32) -> bool {
+    features & (1 << bit) != 0
+}
+
+impl<F: Iommufd> Device<F> {
+    /// A device managing `endpoints` (endpoint ID, and the IOAS device that
+    /// stands for it).
+    pub fn new(
+        cfg: DeviceConfig,
+        iommufd: F,
+        endpoints: impl IntoIterator<Item = (u32, DeviceId)>,
+    ) -> Result<Self, ConfigError> {
+        if cfg.page_size_mask == 0 {
+            return Err(ConfigError::NoPageSize);
+        }
+        if cfg.input_range.0 > cfg.input_range.1 {
+            return Err(ConfigError::EmptyRange("input"));
+        }
+        if cfg.domain_range.0 > cfg.domain_range.1 {
+            return Err(ConfigError::EmptyRange("domain"));
+        }
+        if cfg.msi_window.0 > cfg.msi_window.1 {
+            return Err(ConfigError::EmptyRange("MSI"));
+        }
+        if cfg.probe_size < 24 || !cfg.probe_size.is_multiple_of(4) {
+            return Err(ConfigError::BadProbeSize(cfg.probe_size));
+        }
+        let mut map = BTreeMap::new();
+        for (ep, dev) in endpoints {
+            if map.insert(ep, Endpoint { dev, domain: None }).is_some() {
+                return Err(ConfigError::DuplicateEndpoint(ep));
+            }
+        }
+        Ok(Self {
+            cfg,
+            iommufd,
+            endpoints: map,
+            domains: BTreeMap::new(),
+            acked: 0,
+            bypass: cfg.bypass,
+            stats: Stats::default(),
+        })
+    }
+
+    /// The configuration.
+    pub fn device_config(&self) -> &DeviceConfig {
+        &self.cfg
+    }
+
+    /// The feature bits offered (virtio 1.2 §5.13.3): INPUT_RANGE,
+    /// DOMAIN_RANGE, MAP_UNMAP, PROBE, MMIO, BYPASS_CONFIG. The legacy
+    /// BYPASS bit is not offered.
+    pub fn features(&self) -> u64 {
+        [
+            feature::INPUT_RANGE,
+            feature::DOMAIN_RANGE,
+            feature::MAP_UNMAP,
+            feature::PROBE,
+            feature::MMIO,
+            feature::BYPASS_CONFIG,
+        ]
+        .iter()
+        .fold(0, |f, b| f | 1 << b)
+    }
+
+    /// The features the driver accepted; only offered ones count.
+    pub fn set_acked_features(&mut self, features: u64) {
+        self.acked = features & self.features();
+    }
+
+    fn acked(&self, bit: u32) -> bool {
+        has(self.acked, bit)
+    }
+
+    /// The config space (virtio 1.2 §5.13.4), `bypass` as it is now.
+    pub fn config(&self) -> ConfigSpace {
+        ConfigSpace {
+            page_size_mask: self.cfg.page_size_mask.into(),
+            input_start: self.cfg.input_range.0.into(),
+            input_end: self.cfg.input_range.1.into(),
+            domain_start: self.cfg.domain_range.0.into(),
+            domain_end: self.cfg.domain_range.1.into(),
+            probe_size: self.cfg.probe_size.into(),
+            bypass: u8::from(self.bypass),
+            reserved: [0; 3],
+        }
+    }
+
+    /// A driver write to the config space. Only `bypass` (offset 36) is
+    /// writable, with BYPASS_CONFIG negotiated (virtio 1.2 §5.13.4.2).
+    pub fn write_config(
+        &mut self,
+        offset: u32,
+        data: &[u8],
+        sink: &mut impl ChangeSink,
+    ) -> Result<(), ConfigError> {
+        if offset != 36 || data.len() != 1 {
+            return Err(ConfigError::ReadOnly {
+                offset,
+                len: data.len(),
+            });
+        }
+        if !self.acked(feature::BYPASS_CONFIG) {
+            return Err(ConfigError::BypassNotNegotiated);
+        }
+        let on = match data[0] {
+            0 => false,
+            1 => true,
+            v => return Err(ConfigError::BadBypass(v)),
+        };
+        if on != self.bypass {
+            self.bypass = on;
+            sink.change(Change::GlobalBypass(on));
+        }
+        Ok(())
+    }
+
+    /// The IOAS implementation.
+    pub fn iommufd(&self) -> &F {
+        &self.iommufd
+    }
+
+    /// The IOAS implementation, mutably.
+    pub fn iommufd_mut(&mut self) -> &mut F {
+        &mut self.iommufd
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats;
+        s.domains = self.domains.len();
+        s.mappings = self.domains.values().map(Domain::mapping_count).sum();
+        s.attached = self
+            .endpoints
+            .values()
+            .filter(|e| e.domain.is_some())
+            .count();
+        s
+    }
+
+    /// The domain an endpoint is attached to.
+    pub fn domain_of(&self, endpoint: u32) -> Option<u32> {
+        self.endpoints.get(&endpoint).and_then(|e| e.domain)
+    }
+
+    /// The domain with this ID.
+    pub fn domain(&self, id: u32) -> Option<&Domain> {
+        self.domains.get(&id)
+    }
+
+    /// Handle one request: `req` is the device-readable part of the chain,
+    /// `reply` its device-writable part. Returns the bytes written to
+    /// `reply` (the used length): the tail, after `probe_size` property
+    /// bytes for PROBE; 0 when `reply` cannot hold a tail.
+    pub fn handle_request(
+        &mut self,
+        req: &[u8],
+        reply: &mut [u8],
+        ram: &impl GuestRam,
+        sink: &mut impl ChangeSink,
+    ) -> usize {
+        let tail_len = std::mem::size_of::<ReqTail>();
+        if reply.len() < tail_len {
+            return 0;
+        }
+        let parsed = request::parse(req);
+        let (status, tail_at) = match parsed {
+            Err(status) => (status, 0),
+            Ok(Request::Probe { endpoint }) => {
+                let props = self.cfg.probe_size as usize;
+                if reply.len() < props + tail_len {
+                    // The tail cannot go where the driver expects it.
+                    (Status::IoErr, reply.len() - tail_len)
+                } else {
+                    (self.probe(endpoint, &mut reply[..props]), props)
+                }
+            }
+            Ok(r) => (self.dispatch(r, ram, sink), 0),
+        };
+        let kind = parsed.map(|r| r.type_byte() as usize).unwrap_or(0).min(5);
+        if status == Status::Ok {
+            self.stats.ok[kind] += 1;
+        } else {
+            self.stats.failed[kind] += 1;
+        }
+        let tail = ReqTail {
+            status: status as u8,
+            reserved: [0; 3],
+        };
+        reply[tail_at..tail_at + tail_len].copy_from_slice(tail.as_slice());
+        tail_at + tail_len
+    }
+
+    fn dispatch(&mut self, r: Request, ram: &impl GuestRam, sink: &mut impl ChangeSink) -> Status {
+        match r {
+            Request::Attach {
+                domain,
+                endpoint,
+                flags,
+                reserved_clear,
+            } => self.attach(domain, endpoint, flags, reserved_clear, sink),
+            Request::Detach {
+                domain,
+                endpoint,
+                reserved_clear,
+            } => self.detach(domain, endpoint, reserved_clear, sink),
+            Request::Map {
+                domain,
+                virt_start,
+                virt_end,
+                phys_start,
+                flags,
+            } => self.map(domain, virt_start, virt_end, phys_start, flags, ram, sink),
+            Request::Unmap {
+                domain,
+                virt_start,
+                virt_end,
+            } => self.unmap(domain, virt_start, virt_end, sink),
+            Request::Probe { .. } => unreachable!("PROBE is handled with its reply area"),
+        }
+    }
+
+    /// ATTACH (virtio 1.2 §5.13.6.3):
+    /// - reserved bytes set, unknown flags, or ATTACH_F_BYPASS without
+    ///   BYPASS_CONFIG negotiated → INVAL;
+    /// - unknown endpoint → NOENT; domain ID outside `domain_range` → RANGE;
+    /// - an existing domain of the other kind (bypass vs translated) → INVAL;
+    /// - an endpoint attached elsewhere is moved; the old domain goes with its
+    ///   last endpoint.
+    fn attach(
+        &mut self,
+        domain: u32,
+        endpoint: u32,
+        flags: u32,
+        reserved_clear: bool,
+        sink: &mut impl ChangeSink,
+    ) -> Status {
+        if !reserved_clear || flags & !ATTACH_F_BYPASS != 0 {
+            return Status::Inval;
+        }
+        let want_bypass = flags & ATTACH_F_BYPASS != 0;
+        if want_bypass && !self.acked(feature::BYPASS_CONFIG) {
+            return Status::Inval;
+        }
+        let Some(&ep) = self.endpoints.get(&endpoint) else {
+            return Status::NoEnt;
+        };
+        let (lo, hi) = self.cfg.domain_range;
+        if domain < lo || domain > hi {
+            return Status::Range;
+        }
+        if let Some(d) = self.domains.get(&domain) {
+            if d.is_bypass() != want_bypass {
+                return Status::Inval;
+            }
+        }
+        if ep.domain == Some(domain) {
+            return Status::Ok;
+        }
+        let created = !self.domains.contains_key(&domain);
+        if created {
+            let d = if want_bypass {
+                Domain::bypass()
+            } else {
+                match self.iommufd.ioas_alloc() {
+                    Ok(ioas) => Domain::translated(ioas),
+                    Err(e) => return status_of(&e),
+                }
+            };
+            self.domains.insert(domain, d);
+        }
+        // Move the device first: on failure the endpoint stays where it was.
+        let moved = match self.domains[&domain].ioas {
+            Some(ioas) => self.iommufd.attach(ep.dev, ioas),
+            None => self.iommufd.detach(ep.dev),
+        };
+        if let Err(e) = moved {
+            if created {
+                self.destroy_domain(domain, sink);
+            }
+            return status_of(&e);
+        }
+        if let Some(old) = ep.domain {
+            sink.change(Change::Detach {
+                endpoint,
+                domain: old,
+            });
+            self.leave(old, sink);
+        }
+        if let Some(d) = self.domains.get_mut(&domain) {
+            d.endpoints += 1;
+        }
+        if let Some(e) = self.endpoints.get_mut(&endpoint) {
+            e.domain = Some(domain);
+        }
+        sink.change(Change::Attach {
+            endpoint,
+            domain,
+            bypass: want_bypass,
+        });
+        Status::Ok
+    }
+
+    /// An endpoint left `domain`; destroy it if it was the last one.
+    fn leave(&mut self, domain: u32, sink: &mut impl ChangeSink) {
+        let Some(d) = self.domains.get_mut(&domain) else {
+            return;
+        };
+        d.endpoints = d.endpoints.saturating_sub(1);
+        if d.endpoints == 0 {
+            self.destroy_domain(domain, sink);
+        }
+    }
+
+    /// Drop a domain with its mappings and its IOAS.
+    fn destroy_domain(&mut self, domain: u32, sink: &mut impl ChangeSink) {
+        let Some(d) = self.domains.remove(&domain) else {
+            return;
+        };
+        if let Some(ioas) = d.ioas {
+            if let Err(e) = self.iommufd.unmap(ioas, 0, u64::MAX) {
+                log::warn!("domain {domain}: unmapping its IOAS failed: {e}");
+            }
+            if let Err(e) = self.iommufd.ioas_destroy(ioas) {
+                log::warn!("domain {domain}: destroying its IOAS failed: {e}");
+            }
+        }
+        if d.mapping_count() > 0 {
+            sink.change(Change::Unmap {
+                domain,
+                virt_start: 0,
+                virt_end: u64::MAX,
+            });
+        }
+    }
+
+    /// DETACH (virtio 1.2 §5.13.6.4): reserved bytes set → INVAL; unknown
+    /// endpoint or domain → NOENT; endpoint not in that domain → INVAL.
+    fn detach(
+        &mut self,
+        domain: u32,
+        endpoint: u32,
+        reserved_clear: bool,
+        sink: &mut impl ChangeSink,
+    ) -> Status {
+        if !reserved_clear {
+            return Status::Inval;
+        }
+        let Some(&ep) = self.endpoints.get(&endpoint) else {
+            return Status::NoEnt;
+        };
+        if !self.domains.contains_key(&domain) {
+            return Status::NoEnt;
+        }
+        if ep.domain != Some(domain) {
+            return Status::Inval;
+        }
+        if let Err(e) = self.iommufd.detach(ep.dev) {
+            return status_of(&e);
+        }
+        if let Some(e) = self.endpoints.get_mut(&endpoint) {
+            e.domain = None;
+        }
+        sink.change(Change::Detach { endpoint, domain });
+        self.leave(domain, sink);
+        Status::Ok
+    }
+
+    /// MAP (virtio 1.2 §5.13.6.5):
+    /// - unknown domain → NOENT; a bypass domain → INVAL;
+    /// - unknown flags, or MMIO without the MMIO feature → INVAL;
+    /// - `virt_start > virt_end` → INVAL;
+    /// - `virt_start`, `virt_end + 1` or `phys_start` not aligned to the
+    ///   page granule → RANGE; outside `input_range` → RANGE;
+    /// - overlapping an existing mapping → INVAL, nothing changes;
+    /// - guest memory not entirely inside guest RAM → INVAL (the spec leaves
+    ///   this to the device; a mapping of nothing would fault later) unless
+    ///   the mapping is MMIO;
+    /// - the IOAS refusing the area (e.g. the MSI window is reserved in it)
+    ///   → the status of its error; nothing is recorded then.
+    #[allow(clippy::too_many_arguments)]
+    fn map(
+        &mut self,
+        domain: u32,
+        virt_start: u64,
+        virt_end: u64,
+        phys_start: u64,
+        flags: u32,
+        ram: &impl GuestRam,
+        sink: &mut impl ChangeSink,
+    ) -> Status {
+        let granule = 1u64 << self.cfg.page_size_mask.trailing_zeros();
+        let mmio_ok = self.acked(feature::MMIO);
+        let Some(d) = self.domains.get_mut(&domain) else {
+            return Status::NoEnt;
+        };
+        let Some(ioas) = d.ioas else {
+            return Status::Inval;
+        };
+        if flags & !map_flags::MASK != 0 || (flags & map_flags::MMIO != 0 && !mmio_ok) {
+            return Status::Inval;
+        }
+        if virt_start > virt_end {
+            return Status::Inval;
+        }
+        let end_plus_one = virt_end.wrapping_add(1);
+        if !virt_start.is_multiple_of(granule)
+            || !end_plus_one.is_multiple_of(granule)
+            || !phys_start.is_multiple_of(granule)
+        {
+            return Status::Range;
+        }
+        let (lo, hi) = self.cfg.input_range;
+        if virt_start < lo || virt_end > hi {
+            return Status::Range;
+        }
+        let Some(length) = (virt_end - virt_start).checked_add(1) else {
+            return Status::Range;
+        };
+        if d.overlaps(virt_start, virt_end) {
+            return Status::Inval;
+        }
+        let prot = Prot {
+            read: flags & map_flags::READ != 0,
+            write: flags & map_flags::WRITE != 0,
+        };
+        let in_ioas = prot.read || prot.write;
+        if in_ioas {
+            let user_va = match ram.user_addr(phys_start, length) {
+                Some(va) => va,
+                None if flags & map_flags::MMIO != 0 => {
+                    return self
+                        .record_map(domain, virt_start, virt_end, phys_start, flags, false, sink)
+                }
+                None => return Status::Inval,
+            };
+            let req = MapRequest {
+                iova: Some(virt_start),
+                user_va,
+                length,
+                prot,
+            };
+            if let Err(e) = self.iommufd.map(ioas, req) {
+                return status_of(&e);
+            }
+        }
+        self.record_map(
+            domain, virt_start, virt_end, phys_start, flags, in_ioas, sink,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record_map(
+        &mut self,
+        domain: u32,
+        virt_start: u64,
+        virt_end: u64,
+        phys_start: u64,
+        flags: u32,
+        in_ioas: bool,
+        sink: &mut impl ChangeSink,
+    ) -> Status {
+        if let Some(d) = self.domains.get_mut(&domain) {
+            d.insert(Mapping {
+                virt_start,
+                virt_end,
+                phys_start,
+                flags,
+                in_ioas,
+            });
+        }
+        sink.change(Change::Map {
+            domain,
+            virt_start,
+            virt_end,
+            phys_start,
+            flags,
+        });
+        Status::Ok
+    }
+
+    /// UNMAP (virtio 1.2 §5.13.6.6): unknown domain → NOENT; a bypass domain
+    /// or `virt_start > virt_end` → INVAL; a mapping reaching outside the
+    /// range would be split → RANGE and nothing is removed (checked before
+    /// anything changes); removing nothing is OK.
+    fn unmap(
+        &mut self,
+        domain: u32,
+        virt_start: u64,
+        virt_end: u64,
+        sink: &mut impl ChangeSink,
+    ) -> Status {
+        let Some(d) = self.domains.get_mut(&domain) else {
+            return Status::NoEnt;
+        };
+        let Some(ioas) = d.ioas else {
+            return Status::Inval;
+        };
+        if virt_start > virt_end {
+            return Status::Inval;
+        }
+        let victims = match d.plan_unmap(virt_start, virt_end) {
+            UnmapPlan::WouldSplit => return Status::Range,
+            UnmapPlan::Remove(v) => v,
+        };
+        let mut status = Status::Ok;
+        for start in victims {
+            let Some(m) = d.remove(start) else { continue };
+            if m.in_ioas {
+                let len = m.virt_end - m.virt_start + 1;
+                if let Err(e) = self.iommufd.unmap(ioas, m.virt_start, len) {
+                    log::warn!(
+                        "domain {domain}: IOAS unmap {:#x}+{len:#x}: {e}",
+                        m.virt_start
+                    );
+                    status = Status::DevErr;
+                }
+            }
+            sink.change(Change::Unmap {
+                domain,
+                virt_start: m.virt_start,
+                virt_end: m.virt_end,
+            });
+        }
+        status
+    }
+
+    /// PROBE (virtio 1.2 §5.13.6.8): needs the PROBE feature (else UNSUPP);
+    /// unknown endpoint → NOENT. Writes RESV_MEM MSI for the MSI window, then
+    /// RESV_MEM RESERVED for every part of the input range the endpoint's
+    /// IOAS device cannot use (its reserved regions and aperture), except
+    /// the MSI window itself. Properties that do not fit are left out.
+    fn probe(&mut self, endpoint: u32, area: &mut [u8]) -> Status {
+        let mut w = PropertyWriter::new(area);
+        if !self.acked(feature::PROBE) {
+            return Status::Unsupp;
+        }
+        let Some(&ep) = self.endpoints.get(&endpoint) else {
+            return Status::NoEnt;
+        };
+        let (msi_start, msi_end) = self.cfg.msi_window;
+        w.resv_mem(probe::RESV_MEM_T_MSI, msi_start, msi_end);
+        let usable = match self.iommufd.device_iova_ranges(ep.dev) {
+            Ok(u) => u,
+            Err(e) => return status_of(&e),
+        };
+        let (lo, hi) = self.cfg.input_range;
+        let mut report = |start: u64, end: u64| {
+            // Split around the MSI window, which is already reported.
+            if end < msi_start || start > msi_end {
+                w.resv_mem(probe::RESV_MEM_T_RESERVED, start, end);
+                return;
+            }
+            if start < msi_start {
+                w.resv_mem(probe::RESV_MEM_T_RESERVED, start, msi_start - 1);
+            }
+            if end > msi_end {
+                w.resv_mem(probe::RESV_MEM_T_RESERVED, msi_end + 1, end);
+            }
+        };
+        let mut next = Some(lo);
+        for r in usable.iter().filter(|r| r.last >= lo && r.start <= hi) {
+            if let Some(cur) = next {
+                if r.start > cur {
+                    report(cur, r.start - 1);
+                }
+            }
+            next = r.last.checked_add(1);
+        }
+        if let Some(cur) = next {
+            if cur <= hi {
+                report(cur, hi);
+            }
+        }
+        Status::Ok
+    }
+
+    /// Where an access by `endpoint` to `iova` goes (what QEMU's translate()
+    /// does with the mirrored state; virtio 1.2 §5.13.6.9 for the fault
+    /// reasons): an unattached endpoint bypasses if `bypass` is set, else
+    /// faults with DOMAIN; no mapping or a missing permission faults with
+    /// MAPPING.
+    pub fn translate(&self, endpoint: u32, iova: u64, write: bool) -> Translation {
+        let Some(ep) = self.endpoints.get(&endpoint) else {
+            return Translation::Fault {
+                reason: fault::R_UNKNOWN,
+            };
+        };
+        let Some(d) = ep.domain.and_then(|id| self.domains.get(&id)) else {
+            return if self.bypass {
+                Translation::Bypass
+            } else {
+                Translation::Fault {
+                    reason: fault::R_DOMAIN,
+                }
+            };
+        };
+        if d.is_bypass() {
+            return Translation::Bypass;
+        }
+        let need = if write {
+            map_flags::WRITE
+        } else {
+            map_flags::READ
+        };
+        match d.lookup(iova) {
+            Some(m) if m.flags & need != 0 => Translation::Mapped {
+                gpa: m.phys_start + (iova - m.virt_start),
+                len: m.virt_end - iova + 1,
+                flags: m.flags,
+            },
+            _ => Translation::Fault {
+                reason: fault::R_MAPPING,
+            },
+        }
+    }
+
+    /// The whole state as changes, for a mirror that just connected:
+    /// `GlobalBypass`, then each attachment, then each domain's mappings.
+    pub fn replay(&self, sink: &mut impl ChangeSink) {
+        sink.change(Change::GlobalBypass(self.bypass));
+        for (&endpoint, ep) in &self.endpoints {
+            if let Some(domain) = ep.domain {
+                let bypass = self.domains.get(&domain).is_some_and(Domain::is_bypass);
+                sink.change(Change::Attach {
+                    endpoint,
+                    domain,
+                    bypass,
+                });
+            }
+        }
+        for (&domain, d) in &self.domains {
+            for m in d.mappings() {
+                sink.change(Change::Map {
+                    domain,
+                    virt_start: m.virt_start,
+                    virt_end: m.virt_end,
+                    phys_start: m.phys_start,
+                    flags: m.flags,
+                });
+            }
+        }
+    }
+
+    /// Device reset (virtio 1.2 §2.4): every domain goes with its mappings
+    /// and IOAS, every endpoint is detached, `bypass` returns to its boot
+    /// value, features are forgotten.
+    pub fn reset(&mut self, sink: &mut impl ChangeSink) {
+        for (_, ep) in self.endpoints.iter_mut() {
+            if ep.domain.take().is_some() {
+                if let Err(e) = self.iommufd.detach(ep.dev) {
+                    log::warn!("reset: detaching device {:?}: {e}", ep.dev);
+                }
+            }
+        }
+        let ids: Vec<u32> = self.domains.keys().copied().collect();
+        for id in ids {
+            self.destroy_domain(id, &mut Discard);
+        }
+        self.bypass = self.cfg.bypass;
+        self.acked = 0;
+        sink.change(Change::Reset);
+        sink.change(Change::GlobalBypass(self.bypass));
+    }
+}
+
+/// A fault event for the event queue (virtio 1.2 §5.13.6.9): `flags` are
+/// READ/WRITE/EXEC; the address is always given (F_ADDRESS).
+pub fn encode_fault(reason: u8, flags: u32, endpoint: u32, address: u64) -> FaultEvent {
+    FaultEvent {
+        reason,
+        reserved: [0; 3],
+        flags: ((flags & (fault::F_READ | fault::F_WRITE | fault::F_EXEC)) | fault::F_ADDRESS)
+            .into(),
+        endpoint: endpoint.into(),
+        reserved2: [0; 4],
+        address: address.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::field_reassign_with_default)]
+    use super::*;
+    use crate::wire::{req_type, ReqAttach, ReqDetach, ReqMap, ReqProbe, ReqUnmap};
+    use iopt::model::{MockDevice, ModelIommufd};
+
+    const RAM: u64 = 16 << 20;
+    const USER_BASE: u64 = 0x7f00_0000_0000;
+    const READ: u32 = map_flags::READ;
+    const RW: u32 = map_flags::READ | map_flags::WRITE;
+
+    /// 16 MiB of guest RAM at GPA 0.
+    struct Ram;
+    impl GuestRam for Ram {
+        fn user_addr(&self, gpa: u64, len: u64) -> Option<u64> {
+            (len > 0 && gpa.checked_add(len)? <= RAM).then_some(USER_BASE + gpa)
+        }
+    }
+
+    fn device_with(cfg: DeviceConfig) -> Device<ModelIommufd> {
+        let mut model = ModelIommufd::new();
+        for ep in [8, 16] {
+            model.add_device(DeviceId(ep), MockDevice::x86()).unwrap();
+        }
+        let mut d = Device::new(cfg, model, [(8, DeviceId(8)), (16, DeviceId(16))]).unwrap();
+        d.set_acked_features(u64::MAX);
+        d
+    }
+
+    fn device() -> Device<ModelIommufd> {
+        device_with(DeviceConfig::default())
+    }
+
+    struct Run<'a> {
+        d: &'a mut Device<ModelIommufd>,
+        changes: Vec<Change>,
+    }
+
+    impl Run<'_> {
+        fn send(&mut self, req: &[u8]) -> Status {
+            let mut reply = [0u8; 4];
+            let n = self
+                .d
+                .handle_request(req, &mut reply, &Ram, &mut self.changes);
+            assert_eq!(n, 4);
+            status_from(reply[0])
+        }
+        fn attach(&mut self, domain: u32, endpoint: u32, flags: u32) -> Status {
+            let mut r = ReqAttach::default();
+            r.head.req_type = req_type::ATTACH;
+            r.domain = domain.into();
+            r.endpoint = endpoint.into();
+            r.flags = flags.into();
+            self.send(r.as_slice())
+        }
+        fn detach(&mut self, domain: u32, endpoint: u32) -> Status {
+            let mut r = ReqDetach::default();
+            r.head.req_type = req_type::DETACH;
+            r.domain = domain.into();
+            r.endpoint = endpoint.into();
+            self.send(r.as_slice())
+        }
+        fn map(&mut self, domain: u32, start: u64, end: u64, phys: u64, flags: u32) -> Status {
+            let mut r = ReqMap::default();
+            r.head.req_type = req_type::MAP;
+            r.domain = domain.into();
+            r.virt_start = start.into();
+            r.virt_end = end.into();
+            r.phys_start = phys.into();
+            r.flags = flags.into();
+            self.send(r.as_slice())
+        }
+        fn unmap(&mut self, domain: u32, start: u64, end: u64) -> Status {
+            let mut r = ReqUnmap::default();
+            r.head.req_type = req_type::UNMAP;
+            r.domain = domain.into();
+            r.virt_start = start.into();
+            r.virt_end = end.into();
+            self.send(r.as_slice())
+        }
+    }
+
+    fn status_from(b: u8) -> Status {
+        [
+            Status::Ok,
+            Status::IoErr,
+            Status::Unsupp,
+            Status::DevErr,
+            Status::Inval,
+            Status::Range,
+            Status::NoEnt,
+            Status::Fault,
+            Status::NoMem,
+        ][b as usize]
+    }
+
+    fn run(d: &mut Device<ModelIommufd>) -> Run<'_> {
+        Run {
+            d,
+            changes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn attach_creates_the_domain_and_its_ioas() {
+        let mut d = device();
+        let mut r = run(&mut d);
+        assert_eq!(r.attach(1, 8, 0), Status::Ok);
+        assert_eq!(
+            r.changes,
+            vec![Change::Attach {
+                endpoint: 8,
+                domain: 1,
+                bypass: false
+            }]
+        );
+        let ioas = d.domain(1).unwrap().ioas.unwrap();
+        assert_eq!(d.iommufd().attached_to(DeviceId(8)), Some(ioas));
+    }
+
+    #[test]
+    fn attach_rejects_unknown_endpoints_bad_flags_reserved_bytes_and_out_of_range_domains() {
+        let mut d = device_with(DeviceConfig {
+            domain_range: (1, 10),
+            ..Default::default()
+        });
+        let mut r = run(&mut d);
+        assert_eq!(r.attach(1, 9, 0), Status::NoEnt);
+        assert_eq!(r.attach(1, 8, 2), Status::Inval);
+        assert_eq!(r.attach(11, 8, 0), Status::Range);
+        let mut raw = ReqAttach::default();
+        raw.head.req_type = req_type::ATTACH;
+        raw.domain = 1.into();
+        raw.endpoint = 8.into();
+        raw.reserved[0] = 1;
+        assert_eq!(r.send(raw.as_slice()), Status::Inval);
+        assert!(r.changes.is_empty());
+    }
+
+    #[test]
+    fn attaching_elsewhere_moves_the_endpoint_and_the_old_domain_dies() {
+        let mut d = device();
+        let mut r = run(&mut d);
+        assert_eq!(r.attach(1, 8, 0), Status::Ok);
+        assert_eq!(r.map(1, 0x1000, 0x1fff, 0x1000, READ), Status::Ok);
+        assert_eq!(r.attach(2, 8, 0), Status::Ok);
+        assert!(r.changes.contains(&Change::Detach {
+            endpoint: 8,
+            domain: 1
+        }));
+        assert!(r.changes.contains(&Change::Unmap {
+            domain: 1,
+            virt_start: 0,
+            virt_end: u64::MAX
+        }));
+        assert!(d.domain(1).is_none());
+        assert_eq!(d.domain_of(8), Some(2));
+    }
+
+    #[test]
+    fn a_domain_lives_while_any_endpoint_is_attached() {
+        let mut d = device();
+        let mut r = run(&mut d);
+        assert_eq!(r.attach(1, 8, 0), Status::Ok);
+        assert_eq!(r.attach(1, 16, 0), Status::Ok);
+        assert_eq!(r.detach(1, 8), Status::Ok);
+        assert!(r.d.domain(1).is_some());
+        assert_eq!(r.detach(1, 16), Status::Ok);
+        assert!(d.domain(1).is_none());
+    }
+
+    #[test]
+    fn detach_checks_domain_and_membership() {
+        let mut d = device();
+        let mut r = run(&mut d);
+        assert_eq!(r.detach(1, 8), Status::NoEnt);
+        assert_eq!(r.attach(1, 8, 0), Status::Ok);
+        assert_eq!(r.attach(2, 16, 0), Status::Ok);
+        assert_eq!(r.detach(2, 8), Status::Inval);
+        assert_eq!(r.detach(1, 99), Status::NoEnt);
+    }
+
+    #[test]
+    fn map_lands_in_the_ioas_at_the_guest_pages_user_address() {
+        let mut d = device();
+        let mut r = run(&mut d);
+        r.attach(1, 8, 0);
+        assert_eq!(r.map(1, 0x10_0000, 0x10_3fff, 0x2000, RW), Status::Ok);
+        let ioas = d.domain(1).unwrap().ioas.unwrap();
+        let area = *d.iommufd().iopt(ioas).unwrap().area_at(0x10_1000).unwrap();
+        assert_eq!((area.iova, area.last), (0x10_0000, 0x10_3fff));
+        assert_eq!(area.user_va, USER_BASE + 0x2000);
+        assert_eq!(area.prot, Prot::RW);
+    }
+
+    #[test]
+    fn map_rules_give_the_spec_statuses_and_change_nothing() {
+        let mut d = device_with(DeviceConfig {
+            input_range: (0, 0xffff_ffff),
+            ..Default::default()
+        });
+        let mut r = run(&mut d);
+        assert_eq!(r.map(1, 0x1000, 0x1fff, 0, READ), Status::NoEnt);
+        r.attach(1, 8, 0);
+        r.changes.clear();
+        assert_eq!(r.map(1, 0x1000, 0x1fff, 0, 0x10), Status::Inval);
+        assert_eq!(r.map(1, 0x2000, 0x1fff, 0, READ), Status::Inval);
+        assert_eq!(r.map(1, 0x1800, 0x27ff, 0, READ), Status::Range);
+        assert_eq!(r.map(1, 0x1000, 0x17ff, 0, READ), Status::Range);
+        assert_eq!(r.map(1, 0x1000, 0x1fff, 0x800, READ), Status::Range);
+        assert_eq!(
+            r.map(1, 0x1_0000_0000, 0x1_0000_0fff, 0, READ),
+            Status::Range
+        );
+        assert_eq!(r.map(1, 0x1000, 0x1fff, RAM, READ), Status::Inval);
+        // The MSI window is reserved in the IOAS.
+        assert_eq!(r.map(1, 0xfee0_0000, 0xfee0_0fff, 0, READ), Status::Inval);
+        assert!(r.changes.is_empty());
+        assert_eq!(r.map(1, 0x1000, 0x2fff, 0, READ), Status::Ok);
+        assert_eq!(r.map(1, 0x2000, 0x3fff, 0, READ), Status::Inval);
+        assert_eq!(r.map(1, 0x0, 0x1fff, 0, READ), Status::Inval);
+        assert_eq!(d.stats().mappings, 1);
+    }
+
+    #[test]
+    fn mmio_mappings_need_the_feature_and_may_point_outside_ram() {
+        let mut d = device();
+        d.set_acked_features(d.features() & !(1 << feature::MMIO));
+        let mut r = run(&mut d);
+        r.attach(1, 8, 0);
+        let f = map_flags::MMIO | RW;
+        assert_eq!(r.map(1, 0x1000, 0x1fff, 0xfe00_0000, f), Status::Inval);
+        r.d.set_acked_features(u64::MAX);
+        assert_eq!(r.map(1, 0x1000, 0x1fff, 0xfe00_0000, f), Status::Ok);
+    }
+
+    #[test]
+    fn unmap_removes_whole_mappings_and_refuses_splits_atomically() {
+        let mut d = device();
+        let mut r = run(&mut d);
+        r.attach(1, 8, 0);
+        r.map(1, 0x1000, 0x1fff, 0, READ);
+        r.map(1, 0x2000, 0x3fff, 0, READ);
+        r.changes.clear();
+        assert_eq!(r.unmap(1, 0x1000, 0x2fff), Status::Range);
+        assert!(r.changes.is_empty());
+        assert_eq!(r.d.stats().mappings, 2);
+        assert_eq!(r.unmap(1, 0x0, 0xffff), Status::Ok);
+        assert_eq!(r.changes.len(), 2);
+        assert_eq!(
+            r.unmap(1, 0x0, 0xffff),
+            Status::Ok,
+            "unmapping nothing is OK"
+        );
+        assert_eq!(r.unmap(2, 0x0, 0xffff), Status::NoEnt);
+        let ioas = d.domain(1).unwrap().ioas.unwrap();
+        assert_eq!(d.iommufd().iopt(ioas).unwrap().areas().count(), 0);
+    }
+
+    #[test]
+    fn bypass_domains_need_the_feature_and_take_no_mappings() {
+        let mut d = device();
+        d.set_acked_features(d.features() & !(1 << feature::BYPASS_CONFIG));
+        let mut r = run(&mut d);
+        assert_eq!(r.attach(1, 8, ATTACH_F_BYPASS), Status::Inval);
+        r.d.set_acked_features(u64::MAX);
+        assert_eq!(r.attach(1, 8, ATTACH_F_BYPASS), Status::Ok);
+        assert_eq!(
+            r.attach(1, 16, 0),
+            Status::Inval,
+            "a bypass domain cannot become translated"
+        );
+        assert_eq!(r.map(1, 0x1000, 0x1fff, 0, READ), Status::Inval);
+        assert_eq!(r.unmap(1, 0x1000, 0x1fff), Status::Inval);
+        assert_eq!(d.translate(8, 0x1234, true), Translation::Bypass);
+    }
+
+    #[test]
+    fn translate_follows_mappings_permissions_and_global_bypass() {
+        let mut d = device();
+        assert_eq!(
+            d.translate(8, 0x1000, false),
+            Translation::Fault {
+                reason: fault::R_DOMAIN
+            }
+        );
+        d.write_config(36, &[1], &mut Discard).unwrap();
+        assert_eq!(d.translate(8, 0x1000, false), Translation::Bypass);
+        let mut r = run(&mut d);
+        r.attach(1, 8, 0);
+        r.map(1, 0x1000, 0x2fff, 0x8000, READ);
+        assert_eq!(
+            d.translate(8, 0x1800, false),
+            Translation::Mapped {
+                gpa: 0x8800,
+                len: 0x1800,
+                flags: READ
+            }
+        );
+        assert_eq!(
+            d.translate(8, 0x1800, true),
+            Translation::Fault {
+                reason: fault::R_MAPPING
+            }
+        );
+        assert_eq!(
+            d.translate(8, 0x3000, false),
+            Translation::Fault {
+                reason: fault::R_MAPPING
+            }
+        );
+        assert_eq!(
+            d.translate(99, 0, false),
+            Translation::Fault {
+                reason: fault::R_UNKNOWN
+            }
+        );
+    }
+
+    fn probe(d: &mut Device<ModelIommufd>, endpoint: u32) -> (Status, Vec<(u8, u64, u64)>) {
+        let mut r = ReqProbe::default();
+        r.head.req_type = req_type::PROBE;
+        r.endpoint = endpoint.into();
+        let size = d.device_config().probe_size as usize;
+        let mut reply = vec![0xaau8; size + 4];
+        let n = d.handle_request(r.as_slice(), &mut reply, &Ram, &mut Discard);
+        assert_eq!(n, size + 4);
+        let mut props = vec![];
+        let mut at = 0;
+        while at + 4 <= size {
+            let t = u16::from_le_bytes([reply[at], reply[at + 1]]);
+            if t == 0 {
+                break;
+            }
+            let start = u64::from_le_bytes(reply[at + 8..at + 16].try_into().unwrap());
+            let end = u64::from_le_bytes(reply[at + 16..at + 24].try_into().unwrap());
+            props.push((reply[at + 4], start, end));
+            at += 24;
+        }
+        (status_from(reply[size]), props)
+    }
+
+    #[test]
+    fn probe_reports_the_msi_window_and_the_holes_of_the_ioas_device() {
+        let mut d = device_with(DeviceConfig {
+            input_range: (0, u64::MAX),
+            ..Default::default()
+        });
+        let (status, props) = probe(&mut d, 8);
+        assert_eq!(status, Status::Ok);
+        assert_eq!(
+            props,
+            vec![
+                (probe::RESV_MEM_T_MSI, 0xfee0_0000, 0xfeef_ffff),
+                // Above the mock device's 48-bit aperture.
+                (probe::RESV_MEM_T_RESERVED, 1 << 48, u64::MAX),
+            ]
+        );
+        assert_eq!(probe(&mut d, 9).0, Status::NoEnt);
+    }
+
+    #[test]
+    fn probe_without_the_feature_or_room_fails() {
+        let mut d = device();
+        let mut r = ReqProbe::default();
+        r.head.req_type = req_type::PROBE;
+        r.endpoint = 8.into();
+        let mut small = [0u8; 8];
+        let n = d.handle_request(r.as_slice(), &mut small, &Ram, &mut Discard);
+        assert_eq!((n, small[4]), (8, Status::IoErr as u8));
+        d.set_acked_features(0);
+        assert_eq!(probe(&mut d, 8).0, Status::Unsupp);
+    }
+
+    #[test]
+    fn short_replies_get_nothing_and_short_requests_an_error() {
+        let mut d = device();
+        let mut reply = [0u8; 3];
+        assert_eq!(
+            d.handle_request(&[1, 0, 0, 0], &mut reply, &Ram, &mut Discard),
+            0
+        );
+        let mut reply = [0xffu8; 4];
+        assert_eq!(
+            d.handle_request(&[1, 0, 0, 0], &mut reply, &Ram, &mut Discard),
+            4
+        );
+        assert_eq!(reply[0], Status::IoErr as u8);
+        assert_eq!(d.handle_request(&[], &mut reply, &Ram, &mut Discard), 4);
+        assert_eq!(reply[0], Status::DevErr as u8);
+        assert_eq!(
+            d.handle_request(&[0x77, 0, 0, 0], &mut reply, &Ram, &mut Discard),
+            4
+        );
+        assert_eq!(reply[0], Status::Unsupp as u8);
+    }
+
+    #[test]
+    fn bypass_is_writable_only_with_the_feature_and_is_mirrored() {
+        let mut d = device();
+        let mut changes = vec![];
+        assert!(d.write_config(36, &[2], &mut changes).is_err());
+        assert!(d.write_config(0, &[1], &mut changes).is_err());
+        d.write_config(36, &[1], &mut changes).unwrap();
+        assert_eq!(changes, vec![Change::GlobalBypass(true)]);
+        assert_eq!(d.config().bypass, 1);
+        d.set_acked_features(0);
+        assert_eq!(
+            d.write_config(36, &[0], &mut changes),
+            Err(ConfigError::BypassNotNegotiated)
+        );
+    }
+
+    #[test]
+    fn replay_describes_the_state_and_reset_clears_it() {
+        let mut d = device();
+        let mut r = run(&mut d);
+        r.attach(1, 8, 0);
+        r.attach(2, 16, ATTACH_F_BYPASS);
+        r.map(1, 0x1000, 0x1fff, 0x3000, RW);
+        let made = r.changes.clone();
+        let mut replay = vec![];
+        d.replay(&mut replay);
+        assert_eq!(replay[0], Change::GlobalBypass(false));
+        for c in &made {
+            assert!(replay.contains(c), "{c:?} missing from the replay");
+        }
+        let mut changes = vec![];
+        d.reset(&mut changes);
+        assert_eq!(changes, vec![Change::Reset, Change::GlobalBypass(false)]);
+        assert_eq!(d.stats().domains, 0);
+        assert_eq!(d.iommufd().attached_to(DeviceId(8)), None);
+    }
+
+    #[test]
+    fn configs_the_device_cannot_serve_are_refused() {
+        let bad = [
+            DeviceConfig {
+                page_size_mask: 0,
+                ..Default::default()
+            },
+            DeviceConfig {
+                input_range: (2, 1),
+                ..Default::default()
+            },
+            DeviceConfig {
+                probe_size: 10,
+                ..Default::default()
+            },
+        ];
+        for cfg in bad {
+            assert!(
+                Device::new(cfg, ModelIommufd::new(), []).is_err(),
+                "{cfg:?}"
+            );
+        }
+        let dup = Device::new(
+            DeviceConfig::default(),
+            ModelIommufd::new(),
+            [(1, DeviceId(1)), (1, DeviceId(2))],
+        );
+        assert_eq!(dup.err(), Some(ConfigError::DuplicateEndpoint(1)));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn no_input_panics_or_overruns_the_reply(
+            req in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..100),
+            reply_len in 0usize..600,
+            kind in 0u8..7,
+        ) {
+            let mut d = device();
+            let mut req = req;
+            if let Some(b) = req.first_mut() {
+                *b = kind;
+            }
+            let mut reply = vec![0u8; reply_len];
+            let n = d.handle_request(&req, &mut reply, &Ram, &mut Discard);
+            proptest::prop_assert!(n <= reply_len);
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! A domain: its IOAS and the mappings the driver made in it, as the
+//! virtio-iommu driver sees them (IOVA → guest physical address).
+
+use std::collections::BTreeMap;
+
+use iopt::IoasId;
+
+/// One MAP, as the driver asked for it (virtio 1.2 §5.13.6.5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub virt_start: u64,
+    /// Inclusive.
+    pub virt_end: u64,
+    pub phys_start: u64,
+    /// `VIRTIO_IOMMU_MAP_F_*`.
+    pub flags: u32,
+    /// Whether the mapping is also an area of the domain's IOAS (mappings
+    /// without READ or WRITE, e.g. MMIO-only, are not).
+    pub in_ioas: bool,
+}
+
+/// What an UNMAP of a range would do to a domain's mappings.
+#[derive(Debug, PartialEq, Eq)]
+pub enum UnmapPlan {
+    /// Remove these mappings (by `virt_start`); possibly none.
+    Remove(Vec<u64>),
+    /// A mapping reaches outside the range: removing it would split it.
+    WouldSplit,
+}
+
+/// A domain (virtio 1.2 §5.13.6.3): created by the first ATTACH, gone with
+/// its last endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Domain {
+    /// The IOAS behind it; `None` for a bypass (identity) domain.
+    pub ioas: Option<IoasId>,
+    /// Number of endpoints attached.
+    pub endpoints: u32,
+    mappings: BTreeMap<u64, Mapping>,
+}
+
+impl Domain {
+    /// A translating domain over `ioas`.
+    pub fn translated(ioas: IoasId) -> Self {
+        Self {
+            ioas: Some(ioas),
+            endpoints: 0,
+            mappings: BTreeMap::new(),
+        }
+    }
+
+    /// A bypass domain (`VIRTIO_IOMMU_ATTACH_F_BYPASS`).
+    pub fn bypass() -> Self {
+        Self {
+            ioas: None,
+            endpoints: 0,
+            mappings: BTreeMap::new(),
+        }
+    }
+
+    /// Whether this is a bypass domain.
+    pub fn is_bypass(&self) -> bool {
+        self.ioas.is_none()
+    }
+
+    /// The mappings, in IOVA order.
+    pub fn mappings(&self) -> impl Iterator<Item = &Mapping> + '_ {
+        self.mappings.values()
+    }
+
+    /// Number of mappings.
+    pub fn mapping_count(&self) -> usize {
+        self.mappings.len()
+    }
+
+    /// The mapping holding `iova`.
+    pub fn lookup(&self, iova: u64) -> Option<&Mapping> {
+        self.mappings
+            .range(..=iova)
+            .next_back()
+            .map(|(_, m)| m)
+            .filter(|m| m.virt_end >= iova)
+    }
+
+    /// Whether any mapping touches `[start, end]`.
+    pub fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.lookup(start).is_some() || self.mappings.range(start..=end).next().is_some()
+    }
+
+    /// Record a mapping (the caller checked it does not overlap).
+    pub fn insert(&mut self, m: Mapping) {
+        self.mappings.insert(m.virt_start, m);
+    }
+
+    /// The mappings an UNMAP of `[start, end]` removes: those wholly inside;
+    /// one that straddles a boundary makes the whole UNMAP a split.
+    pub fn plan_unmap(&self, start: u64, end: u64) -> UnmapPlan {
+        if self.lookup(start).is_some_and(|m| m.virt_start < start) {
+            return UnmapPlan::WouldSplit;
+        }
+        let mut v = Vec::new();
+        for m in self.mappings.range(start..=end).map(|(_, m)| m) {
+            if m.virt_end > end {
+                return UnmapPlan::WouldSplit;
+            }
+            v.push(m.virt_start);
+        }
+        UnmapPlan::Remove(v)
+    }
+
+    /// Remove the mapping starting at `virt_start`.
+    pub fn remove(&mut self, virt_start: u64) -> Option<Mapping> {
+        self.mappings.remove(&virt_start)
+    }
+
+    /// Remove every mapping.
+    pub fn clear(&mut self) {
+        self.mappings.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(virt_start: u64, virt_end: u64) -> Mapping {
+        Mapping {
+            virt_start,
+            virt_end,
+            phys_start: 0,
+            flags: 1,
+            in_ioas: true,
+        }
+    }
+
+    fn domain() -> Domain {
+        let mut d = Domain::translated(IoasId(1));
+        d.insert(m(0x1000, 0x1fff));
+        d.insert(m(0x3000, 0x4fff));
+        d
+    }
+
+    #[test]
+    fn lookup_finds_the_mapping_holding_an_iova() {
+        let d = domain();
+        assert_eq!(d.lookup(0x4abc).map(|m| m.virt_start), Some(0x3000));
+        assert!(d.lookup(0x2000).is_none());
+        assert!(d.lookup(0x5000).is_none());
+    }
+
+    #[test]
+    fn overlap_covers_partial_and_enclosing_ranges() {
+        let d = domain();
+        assert!(d.overlaps(0x0, 0x1000));
+        assert!(d.overlaps(0x1fff, 0x2fff));
+        assert!(d.overlaps(0x0, u64::MAX));
+        assert!(!d.overlaps(0x2000, 0x2fff));
+    }
+
+    #[test]
+    fn unmap_plans_whole_mappings_or_refuses_a_split() {
+        let d = domain();
+        assert_eq!(
+            d.plan_unmap(0, u64::MAX),
+            UnmapPlan::Remove(vec![0x1000, 0x3000])
+        );
+        assert_eq!(d.plan_unmap(0x2000, 0x2fff), UnmapPlan::Remove(vec![]));
+        assert_eq!(d.plan_unmap(0x1800, 0x5000), UnmapPlan::WouldSplit);
+        assert_eq!(d.plan_unmap(0x0, 0x3fff), UnmapPlan::WouldSplit);
+    }
+}
