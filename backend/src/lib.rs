@@ -1,1 +1,24 @@
-//! The vhost-user-iommu daemon library (being written).
+//! `vhost-user-iommu`: a vhost-user back-end that gives a guest a
+//! virtio-iommu device (virtio 1.2 §5.13, device ID 23) whose domains are
+//! iommufd IOAS objects.
+//!
+//! The parts, from the socket inwards:
+//! - [`serve`]: the listening socket, one front-end at a time, signals;
+//! - [`vhu_iommu`]: the `VhostUserBackend`: features, config space, the
+//!   request and event queues;
+//! - [`mirror`]: the translation mirror to QEMU (docs/mirror-protocol.md);
+//! - [`guest_ram`]: guest physical addresses → the daemon's mapping of them;
+//! - [`emulated`]: the device model over the in-process iommufd model;
+//! - [`config`]: command-line values, checked.
+//!
+//! The device model itself (requests, domains, mappings) is the
+//! `virtio-iommu` crate and the IOAS model the `iopt` crate; neither knows
+//! about sockets.
+
+pub mod capabilities;
+pub mod config;
+pub mod emulated;
+pub mod guest_ram;
+pub mod mirror;
+pub mod serve;
+pub mod vhu_iommu;

@@ -1,1 +1,144 @@
-fn main() {}
+//! `vhost-user-iommu`: the daemon's command line.
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, ValueEnum};
+use vhost_user_iommu::config::RawConfig;
+use vhost_user_iommu::mirror::{MirrorHandle, MirrorServer};
+use vhost_user_iommu::serve::{Server, SocketSource};
+use vhost_user_iommu::vhu_iommu::{BackendHooks, IommuBackend};
+use vhost_user_iommu::{capabilities, config, emulated};
+
+/// How guest domains are implemented.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Each domain is an IOAS of the in-process iommufd model.
+    Emulated,
+    /// Each domain is a kernel IOAS on /dev/iommu with VFIO devices (not yet).
+    Iommufd,
+}
+
+/// vhost-user back-end for a virtio-iommu device (virtio ID 23) whose domains
+/// are iommufd I/O address spaces.
+///
+/// QEMU: -chardev socket,id=c0,path=SOCKET -device vhost-user-iommu,chardev=c0
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Listen for the front-end on this Unix socket path.
+    #[arg(long, value_name = "PATH", conflicts_with = "fd",
+          required_unless_present_any = ["fd", "print_capabilities"])]
+    socket_path: Option<PathBuf>,
+
+    /// Use this inherited, listening Unix socket instead of --socket-path.
+    #[arg(long, value_name = "N")]
+    fd: Option<RawFd>,
+
+    /// Print the back-end's capabilities as JSON and exit.
+    #[arg(long)]
+    print_capabilities: bool,
+
+    /// Endpoint IDs (PCI requester IDs) the device manages: IDs and inclusive
+    /// ranges, comma-separated [default: 0-0xffff].
+    #[arg(long, value_name = "LIST")]
+    endpoints: Option<String>,
+
+    /// Page sizes the device supports, as a bit mask [default: 0xfffffffffffff000].
+    #[arg(long, value_name = "MASK")]
+    page_size_mask: Option<String>,
+
+    /// Inclusive IOVA range domains can map [default: 0-0xffffffffffff].
+    #[arg(long, value_name = "A-B")]
+    input_range: Option<String>,
+
+    /// Inclusive range of domain IDs [default: 0-0xffffffff].
+    #[arg(long, value_name = "A-B")]
+    domain_range: Option<String>,
+
+    /// The MSI doorbell window PROBE reports [default: 0xfee00000-0xfeefffff].
+    #[arg(long, value_name = "A-B")]
+    msi_window: Option<String>,
+
+    /// Bytes of PROBE properties per endpoint [default: 512].
+    #[arg(long, value_name = "BYTES")]
+    probe_size: Option<u32>,
+
+    /// Endpoints not attached to a domain bypass translation at boot.
+    #[arg(long)]
+    bypass: bool,
+
+    /// How domains are implemented.
+    #[arg(long, value_enum, default_value_t = Mode::Emulated)]
+    mode: Mode,
+
+    /// Listen for QEMU's translation mirror on this Unix socket
+    /// (docs/mirror-protocol.md).
+    #[arg(long, value_name = "PATH")]
+    mirror_socket: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    if cli.print_capabilities {
+        print!("{}", capabilities::capabilities_json());
+        return ExitCode::SUCCESS;
+    }
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vhost-user-iommu: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    if cli.mode == Mode::Iommufd {
+        return Err(config::ConfigError::IommufdUnavailable.into());
+    }
+    let config = RawConfig {
+        endpoints: cli.endpoints,
+        page_size_mask: cli.page_size_mask,
+        input_range: cli.input_range,
+        domain_range: cli.domain_range,
+        msi_window: cli.msi_window,
+        probe_size: cli.probe_size,
+        bypass: cli.bypass,
+    }
+    .check()?;
+    let factory = emulated::device_factory(&config)?;
+    let source = match (cli.socket_path, cli.fd) {
+        (Some(p), None) => SocketSource::Path(p),
+        (None, Some(fd)) => SocketSource::Fd(fd),
+        _ => unreachable!("clap requires exactly one of --socket-path and --fd"),
+    };
+    let server = Server::bind(&source)?;
+    server.stop_on_signals()?;
+
+    let hooks = Arc::new(BackendHooks::default());
+    let (mirror_server, mirror) = match &cli.mirror_socket {
+        Some(path) => {
+            let s = MirrorServer::start(path, config.device.bypass, hooks.clone())
+                .map_err(|e| format!("cannot listen on --mirror-socket {}: {e}", path.display()))?;
+            let h = s.handle();
+            (Some(s), h)
+        }
+        None => (None, MirrorHandle::disconnected()),
+    };
+    let backend = IommuBackend::new(factory, mirror);
+    let _ = hooks.0.set(backend.clone());
+    log::info!(
+        "virtio-iommu: {} endpoints, page size mask {:#x}, input range {:#x}-{:#x}",
+        config.endpoints.len(),
+        config.device.page_size_mask,
+        config.device.input_range.0,
+        config.device.input_range.1
+    );
+    server.run(&backend)?;
+    drop(mirror_server);
+    Ok(())
+}

@@ -137,6 +137,28 @@ pub enum Translation {
     Fault { reason: u8 },
 }
 
+impl std::fmt::Display for Translation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Translation::Mapped { gpa, len, flags } => {
+                write!(
+                    f,
+                    "gpa {gpa:#x} ({len:#x} contiguous bytes, flags {flags:#x})"
+                )
+            }
+            Translation::Bypass => write!(f, "bypass (untranslated)"),
+            Translation::Fault { reason } => {
+                let why = match reason {
+                    fault::R_DOMAIN => "DOMAIN",
+                    fault::R_MAPPING => "MAPPING",
+                    _ => "UNKNOWN",
+                };
+                write!(f, "fault, reason {why}")
+            }
+        }
+    }
+}
+
 /// Counts per request type (index = type byte; 0 collects unknown types).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {

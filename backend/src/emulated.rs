@@ -1,0 +1,57 @@
+//! Emulated mode: the guest's domains live in the in-process iommufd model.
+//!
+//! Every endpoint is a mock device of [`ModelIommufd`] that behaves like a
+//! PCI device behind an x86 IOMMU: its aperture is the device's input range,
+//! the MSI doorbell window is reserved (as `iommu_get_resv_regions` reports
+//! it on x86), and its page size is the smallest one of the page size mask.
+
+use std::sync::Arc;
+
+use iopt::model::{MockDevice, ModelIommufd};
+use iopt::{DeviceId, IovaRange};
+use virtio_iommu::Device;
+
+use crate::config::Config;
+use crate::vhu_iommu::{DeviceFactory, IommuDevice};
+
+/// The model with one mock device per endpoint (device ID = endpoint ID).
+pub fn model_for(config: &Config) -> ModelIommufd {
+    let dev = &config.device;
+    let (start, last) = dev.input_range;
+    let (msi_start, msi_last) = dev.msi_window;
+    let mock = MockDevice {
+        aperture: IovaRange { start, last },
+        reserved: vec![IovaRange {
+            start: msi_start,
+            last: msi_last,
+        }],
+        page_size: 1 << dev.page_size_mask.trailing_zeros(),
+    };
+    let mut model = ModelIommufd::new();
+    for &ep in &config.endpoints {
+        // Endpoint IDs are unique (the config deduplicates them).
+        let _ = model.add_device(DeviceId(ep), mock.clone());
+    }
+    model
+}
+
+/// A factory for the device in its configured power-on state.
+///
+/// Fails once, up front, if the configuration is one the device model
+/// refuses, so that the daemon exits with the reason instead of serving.
+pub fn device_factory(config: &Config) -> Result<Arc<DeviceFactory>, virtio_iommu::ConfigError> {
+    let build = {
+        let config = config.clone();
+        move || {
+            Device::new(
+                config.device,
+                model_for(&config),
+                config.endpoints.iter().map(|&ep| (ep, DeviceId(ep))),
+            )
+        }
+    };
+    build()?;
+    Ok(Arc::new(move || -> IommuDevice {
+        build().expect("the configuration was accepted once")
+    }))
+}

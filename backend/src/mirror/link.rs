@@ -1,0 +1,714 @@
+//! The daemon's end of the mirror connection (docs/mirror-protocol.md §6–§8).
+//!
+//! One listener thread accepts QEMU; each connection has a reader thread
+//! (HELLO, ACK, FAULT, SYSTEM_RESET) and a writer thread that drains an
+//! outgoing buffer. [`MirrorHandle::publish`] only appends to that buffer, so
+//! it never blocks on QEMU (§8 rule 4 is kept by construction); a caller that
+//! must complete a guest UNMAP/DETACH only once QEMU dropped the translation
+//! waits with [`MirrorHandle::wait`], holding no lock the vhost-user thread
+//! needs (§8 rule 2).
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::proto::{self, FromQemu, Header, ProtoError, Record, HEADER_LEN, MAX_RECORDS};
+
+/// What the daemon does when QEMU talks (called on the reader thread).
+pub trait MirrorHooks: Send + Sync + 'static {
+    /// A new connection: call `send` with the full current state (§6 step 2)
+    /// while holding the lock under which the state changes, so that no
+    /// change is both in the dump and published after it.
+    fn snapshot(&self, send: &mut dyn FnMut(&[Record]));
+    /// An emulated device's DMA faulted (§10).
+    fn fault(&self, fault: proto::Fault);
+    /// QEMU reset the machine (§9): reset the translation state and call
+    /// `send` with `RESET(system, id)` + `GLOBAL_BYPASS`, under the state lock.
+    fn system_reset(&self, id: u32, send: &mut dyn FnMut(&[Record]));
+}
+
+/// A batch to wait for: acknowledged when QEMU's highest ACK reaches `seq`
+/// on connection `conn`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    conn: u64,
+    seq: u64,
+}
+
+/// How a wait ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitOutcome {
+    /// QEMU applied the batch and its notifiers returned.
+    Acked,
+    /// The connection closed: QEMU dropped its whole copy (§6 step 4).
+    Disconnected,
+    /// [`MirrorHandle::release_waiters`] was called (the vring is stopping).
+    Released,
+    /// No ACK in time: the connection was closed, so QEMU fails safe.
+    TimedOut,
+}
+
+#[derive(Debug, Default)]
+struct Conn {
+    id: u64,
+    stream: Option<UnixStream>,
+    out: Vec<u8>,
+    next_seq: u64,
+    acked: u64,
+    closed: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    conn: Option<Conn>,
+    next_conn_id: u64,
+    release_epoch: u64,
+    stop: bool,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    state: Mutex<State>,
+    /// Signalled on ACKs, closes, releases and new outgoing bytes.
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere must not take the mirror down with it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The publishing side, cloned into whoever changes the translation state.
+#[derive(Clone, Debug, Default)]
+pub struct MirrorHandle {
+    shared: Arc<Shared>,
+}
+
+impl MirrorHandle {
+    /// A handle with no mirror behind it: publishing is a no-op.
+    pub fn disconnected() -> Self {
+        Self::default()
+    }
+
+    /// Queue `records` to QEMU, in batches of at most [`MAX_RECORDS`].
+    /// Returns the ticket of the last batch, or `None` when no QEMU is
+    /// connected (then there is nothing to wait for, §7).
+    pub fn publish(&self, records: &[Record]) -> Option<Ticket> {
+        if records.is_empty() {
+            return None;
+        }
+        let mut st = self.shared.lock();
+        let ticket = enqueue(st.conn.as_mut()?, records, false);
+        drop(st);
+        self.shared.changed.notify_all();
+        ticket
+    }
+
+    /// Wait until the batch of `ticket` is acknowledged, the connection
+    /// closes, waiters are released, or `timeout` passes (then the
+    /// connection is closed so that QEMU drops its copy: fail safe).
+    pub fn wait(&self, ticket: Ticket, timeout: Duration) -> WaitOutcome {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.shared.lock();
+        let epoch = st.release_epoch;
+        loop {
+            match st.conn.as_ref() {
+                Some(c) if c.id == ticket.conn && !c.closed => {
+                    if c.acked >= ticket.seq {
+                        return WaitOutcome::Acked;
+                    }
+                }
+                _ => return WaitOutcome::Disconnected,
+            }
+            if st.release_epoch != epoch || st.stop {
+                return WaitOutcome::Released;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                log::error!(
+                    "mirror: no ACK for batch {} in {timeout:?}; closing the mirror connection",
+                    ticket.seq
+                );
+                if let Some(c) = st.conn.as_mut() {
+                    close(c);
+                }
+                drop(st);
+                self.shared.changed.notify_all();
+                return WaitOutcome::TimedOut;
+            }
+            st = self
+                .shared
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// End every current wait with [`WaitOutcome::Released`] (§8 rule 2: at
+    /// `GET_VRING_BASE` parked requests complete without their ACK).
+    pub fn release_waiters(&self) {
+        self.shared.lock().release_epoch += 1;
+        self.shared.changed.notify_all();
+    }
+
+    /// Whether a QEMU is connected.
+    pub fn is_connected(&self) -> bool {
+        self.shared.lock().conn.as_ref().is_some_and(|c| !c.closed)
+    }
+}
+
+fn enqueue(conn: &mut Conn, records: &[Record], sync_last: bool) -> Option<Ticket> {
+    if conn.closed {
+        return None;
+    }
+    let mut chunks = records.chunks(MAX_RECORDS).peekable();
+    if chunks.peek().is_none() {
+        // A SYNC batch is sent even with no records: it still ends a dump.
+        if sync_last {
+            conn.next_seq += 1;
+            proto::encode_events(conn.next_seq, true, &[], &mut conn.out);
+        }
+    }
+    while let Some(chunk) = chunks.next() {
+        conn.next_seq += 1;
+        let sync = sync_last && chunks.peek().is_none();
+        proto::encode_events(conn.next_seq, sync, chunk, &mut conn.out);
+    }
+    Some(Ticket {
+        conn: conn.id,
+        seq: conn.next_seq,
+    })
+}
+
+fn close(conn: &mut Conn) {
+    conn.closed = true;
+    if let Some(s) = conn.stream.take() {
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// The listening mirror socket and its threads.
+#[derive(Debug)]
+pub struct MirrorServer {
+    handle: MirrorHandle,
+    path: PathBuf,
+    listener_thread: Option<JoinHandle<()>>,
+}
+
+impl MirrorServer {
+    /// Listen on `path` (an existing socket file there is replaced) and serve
+    /// one QEMU at a time; a new connection replaces the old one.
+    pub fn start(path: &Path, boot_bypass: bool, hooks: Arc<dyn MirrorHooks>) -> io::Result<Self> {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)?;
+        let handle = MirrorHandle::default();
+        let shared = handle.shared.clone();
+        let listener_thread = std::thread::Builder::new()
+            .name("mirror-accept".into())
+            .spawn(move || accept_loop(listener, shared, boot_bypass, hooks))?;
+        Ok(Self {
+            handle,
+            path: path.to_owned(),
+            listener_thread: Some(listener_thread),
+        })
+    }
+
+    pub fn handle(&self) -> MirrorHandle {
+        self.handle.clone()
+    }
+}
+
+impl Drop for MirrorServer {
+    fn drop(&mut self) {
+        {
+            let mut st = self.handle.shared.lock();
+            st.stop = true;
+            if let Some(c) = st.conn.as_mut() {
+                close(c);
+            }
+        }
+        self.handle.shared.changed.notify_all();
+        // Wake the blocking accept() with a throwaway connection.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(t) = self.listener_thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn accept_loop(
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    boot_bypass: bool,
+    hooks: Arc<dyn MirrorHooks>,
+) {
+    for stream in listener.incoming() {
+        if shared.lock().stop {
+            return;
+        }
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("mirror: accept failed: {e}");
+                continue;
+            }
+        };
+        if let Err(e) = serve(stream, &shared, boot_bypass, &hooks) {
+            log::error!("mirror: cannot serve the connection: {e}");
+        }
+    }
+}
+
+fn serve(
+    stream: UnixStream,
+    shared: &Arc<Shared>,
+    boot_bypass: bool,
+    hooks: &Arc<dyn MirrorHooks>,
+) -> io::Result<()> {
+    let reader = stream.try_clone()?;
+    let writer = stream.try_clone()?;
+    let id = {
+        let mut st = shared.lock();
+        if let Some(old) = st.conn.as_mut() {
+            log::info!("mirror: a new QEMU connected; dropping the previous connection");
+            close(old);
+        }
+        st.next_conn_id += 1;
+        let mut conn = Conn {
+            id: st.next_conn_id,
+            stream: Some(stream),
+            ..Default::default()
+        };
+        proto::encode_hello(boot_bypass, &mut conn.out);
+        st.conn = Some(conn);
+        st.next_conn_id
+    };
+    log::info!("mirror: QEMU connected (connection {id})");
+    // The full-state dump, ordered with every later publish by the hooks' lock.
+    hooks.snapshot(&mut |records| {
+        let mut st = shared.lock();
+        if let Some(c) = st.conn.as_mut().filter(|c| c.id == id) {
+            // An empty state still ends in a SYNC batch: the RESET record.
+            enqueue(c, records, true);
+        }
+    });
+    shared.changed.notify_all();
+
+    let sh = shared.clone();
+    std::thread::Builder::new()
+        .name("mirror-write".into())
+        .spawn(move || write_loop(writer, sh, id))?;
+    let sh = shared.clone();
+    let hooks = hooks.clone();
+    std::thread::Builder::new()
+        .name("mirror-read".into())
+        .spawn(move || {
+            let outcome = read_loop(reader, &sh, id, hooks.as_ref());
+            match outcome {
+                Ok(()) => log::info!("mirror: QEMU closed the connection {id}"),
+                Err(e) => log::error!("mirror: connection {id}: {e}; closing it"),
+            }
+            if let Some(c) = sh.lock().conn.as_mut().filter(|c| c.id == id) {
+                close(c);
+            }
+            sh.changed.notify_all();
+        })?;
+    Ok(())
+}
+
+fn write_loop(mut stream: UnixStream, shared: Arc<Shared>, id: u64) {
+    let mut buf = Vec::new();
+    loop {
+        {
+            let mut st = shared.lock();
+            loop {
+                match st.conn.as_mut() {
+                    Some(c) if c.id == id && !c.closed => {
+                        if !c.out.is_empty() {
+                            std::mem::swap(&mut buf, &mut c.out);
+                            break;
+                        }
+                    }
+                    _ => return,
+                }
+                st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        if let Err(e) = stream.write_all(&buf) {
+            log::error!("mirror: write to QEMU failed: {e}");
+            if let Some(c) = shared.lock().conn.as_mut().filter(|c| c.id == id) {
+                close(c);
+            }
+            shared.changed.notify_all();
+            return;
+        }
+        buf.clear();
+    }
+}
+
+/// Why a connection ended other than by a clean close.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol error: {0}")]
+    Protocol(#[from] ProtoError),
+}
+
+fn read_loop(
+    mut stream: UnixStream,
+    shared: &Shared,
+    id: u64,
+    hooks: &dyn MirrorHooks,
+) -> Result<(), ReadError> {
+    let mut hello = false;
+    let mut payload = vec![0u8; proto::MAX_PAYLOAD_LEN];
+    loop {
+        let mut h = [0u8; HEADER_LEN];
+        match stream.read_exact(&mut h) {
+            Ok(()) => {}
+            // EOF, even in the middle of a message, is a close (§12).
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        let header = Header::decode(&h);
+        let len = header.payload_len()?;
+        match stream.read_exact(&mut payload[..len]) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        let msg = proto::decode_from_qemu(&header, &payload[..len])?;
+        match (hello, msg) {
+            (false, FromQemu::Hello) => hello = true,
+            (true, FromQemu::Hello) => return Err(ProtoError::SecondHello.into()),
+            (false, _) => return Err(ProtoError::NoHello.into()),
+            (true, FromQemu::Ack(seq)) => {
+                let mut st = shared.lock();
+                let Some(c) = st.conn.as_mut().filter(|c| c.id == id) else {
+                    return Ok(());
+                };
+                if seq != c.acked + 1 || seq > c.next_seq {
+                    return Err(ProtoError::AckOutOfOrder {
+                        got: seq,
+                        expected: c.acked + 1,
+                    }
+                    .into());
+                }
+                c.acked = seq;
+                drop(st);
+                shared.changed.notify_all();
+            }
+            (true, FromQemu::Fault(f)) => hooks.fault(f),
+            (true, FromQemu::SystemReset(reset_id)) => {
+                hooks.system_reset(reset_id, &mut |records| {
+                    let mut st = shared.lock();
+                    if let Some(c) = st.conn.as_mut().filter(|c| c.id == id) {
+                        enqueue(c, records, true);
+                    }
+                });
+                shared.changed.notify_all();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mirror::proto::{MsgType, EVENTS_F_SYNC, HELLO_LEN, MAGIC, RECORD_LEN};
+
+    /// Hooks that report a fixed state and record what QEMU told them.
+    #[derive(Default)]
+    struct Recorder {
+        state: Mutex<Vec<Record>>,
+        faults: Mutex<Vec<proto::Fault>>,
+        resets: Mutex<Vec<u32>>,
+    }
+
+    impl MirrorHooks for Recorder {
+        fn snapshot(&self, send: &mut dyn FnMut(&[Record])) {
+            let state = self.state.lock().unwrap();
+            send(&state);
+        }
+        fn fault(&self, fault: proto::Fault) {
+            self.faults.lock().unwrap().push(fault);
+        }
+        fn system_reset(&self, id: u32, send: &mut dyn FnMut(&[Record])) {
+            self.resets.lock().unwrap().push(id);
+            send(&[
+                Record::Reset {
+                    system: true,
+                    reset_id: id,
+                },
+                Record::GlobalBypass(false),
+            ]);
+        }
+    }
+
+    /// The QEMU side of the socket, as a test drives it.
+    struct FakeQemu(UnixStream);
+
+    impl FakeQemu {
+        fn connect(path: &Path) -> Self {
+            let s = UnixStream::connect(path).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            FakeQemu(s)
+        }
+        fn send(&mut self, t: u16, seq: u64, payload: &[u8]) {
+            let mut h = [0u8; HEADER_LEN];
+            Header {
+                msg_type: t,
+                flags: 0,
+                size: payload.len() as u32,
+                seq,
+            }
+            .encode(&mut h);
+            self.0.write_all(&h).unwrap();
+            self.0.write_all(payload).unwrap();
+        }
+        fn hello(&mut self) {
+            let mut p = [0u8; HELLO_LEN];
+            p[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+            p[4..6].copy_from_slice(&1u16.to_le_bytes());
+            self.send(MsgType::Hello as u16, 0, &p);
+        }
+        fn ack(&mut self, seq: u64) {
+            self.send(MsgType::Ack as u16, seq, &[]);
+        }
+        /// Next message: header and payload; `None` on EOF.
+        fn recv(&mut self) -> Option<(Header, Vec<u8>)> {
+            let mut h = [0u8; HEADER_LEN];
+            self.0.read_exact(&mut h).ok()?;
+            let h = Header::decode(&h);
+            let mut p = vec![0u8; h.size as usize];
+            self.0.read_exact(&mut p).ok()?;
+            Some((h, p))
+        }
+    }
+
+    fn socket_path(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("vui-mirror-{}-{name}.sock", std::process::id()))
+    }
+
+    fn start(name: &str, state: Vec<Record>) -> (MirrorServer, Arc<Recorder>, PathBuf) {
+        let path = socket_path(name);
+        let rec = Arc::new(Recorder {
+            state: Mutex::new(state),
+            ..Default::default()
+        });
+        let server = MirrorServer::start(&path, true, rec.clone()).unwrap();
+        (server, rec, path)
+    }
+
+    fn wait_connected(h: &MirrorHandle) {
+        let t0 = Instant::now();
+        while !h.is_connected() {
+            assert!(t0.elapsed() < Duration::from_secs(5), "never connected");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Connect, exchange HELLOs, read and ack the dump (seq 1).
+    fn connect_synced(path: &Path, h: &MirrorHandle) -> FakeQemu {
+        let mut q = FakeQemu::connect(path);
+        q.hello();
+        let (hello, _) = q.recv().unwrap();
+        assert_eq!(hello.msg_type, MsgType::Hello as u16);
+        let (dump, _) = q.recv().unwrap();
+        assert_eq!(dump.seq, 1);
+        q.ack(1);
+        wait_connected(h);
+        q
+    }
+
+    #[test]
+    fn connect_sends_hello_then_the_full_state_as_one_sync_batch() {
+        let state = vec![
+            Record::Reset {
+                system: false,
+                reset_id: 0,
+            },
+            Record::Attach {
+                endpoint: 8,
+                domain: 1,
+                bypass: false,
+            },
+        ];
+        let (_server, _rec, path) = start("dump", state.clone());
+        let mut q = FakeQemu::connect(&path);
+        let (h, p) = q.recv().unwrap();
+        assert_eq!(h.msg_type, MsgType::Hello as u16);
+        assert_eq!(p[16], 1, "boot_bypass from start()");
+        let (h, p) = q.recv().unwrap();
+        assert_eq!(h.msg_type, MsgType::Events as u16);
+        assert_eq!((h.seq, h.flags), (1, EVENTS_F_SYNC));
+        assert_eq!(p.len(), 2 * RECORD_LEN);
+        assert_eq!(p[..RECORD_LEN], state[0].encode());
+        assert_eq!(p[RECORD_LEN..], state[1].encode());
+    }
+
+    #[test]
+    fn publish_without_qemu_needs_no_wait() {
+        let (server, _rec, _path) = start("noqemu", vec![]);
+        assert_eq!(server.handle().publish(&[Record::GlobalBypass(true)]), None);
+        assert_eq!(
+            MirrorHandle::disconnected().publish(&[Record::GlobalBypass(true)]),
+            None
+        );
+    }
+
+    #[test]
+    fn wait_returns_acked_only_after_qemu_acks_that_batch() {
+        let (server, _rec, path) = start("ack", vec![]);
+        let h = server.handle();
+        let mut q = connect_synced(&path, &h);
+        let t = h.publish(&[Record::Unmap {
+            domain: 1,
+            virt_start: 0,
+            virt_end: 0xfff,
+        }]);
+        let t = t.expect("connected: a ticket");
+        let (ev, p) = q.recv().unwrap();
+        assert_eq!((ev.seq, ev.flags, p.len()), (2, 0, RECORD_LEN));
+        let waiter = {
+            let h = h.clone();
+            std::thread::spawn(move || h.wait(t, Duration::from_secs(5)))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiter.is_finished(), "completed before the ACK");
+        q.ack(2);
+        assert_eq!(waiter.join().unwrap(), WaitOutcome::Acked);
+    }
+
+    #[test]
+    fn a_closed_connection_ends_the_wait() {
+        let (server, _rec, path) = start("close", vec![]);
+        let h = server.handle();
+        let q = connect_synced(&path, &h);
+        let t = h.publish(&[Record::GlobalBypass(false)]).unwrap();
+        drop(q);
+        assert_eq!(h.wait(t, Duration::from_secs(5)), WaitOutcome::Disconnected);
+        assert!(!h.is_connected());
+    }
+
+    #[test]
+    fn a_missing_ack_times_out_and_closes_the_connection() {
+        let (server, _rec, path) = start("timeout", vec![]);
+        let h = server.handle();
+        let mut q = connect_synced(&path, &h);
+        let t = h.publish(&[Record::GlobalBypass(false)]).unwrap();
+        assert_eq!(h.wait(t, Duration::from_millis(50)), WaitOutcome::TimedOut);
+        // QEMU sees the batch, then EOF: it drops its copy (fail safe).
+        assert!(q.recv().is_some());
+        assert!(q.recv().is_none());
+    }
+
+    #[test]
+    fn release_waiters_ends_a_wait_without_an_ack() {
+        let (server, _rec, path) = start("release", vec![]);
+        let h = server.handle();
+        let _q = connect_synced(&path, &h);
+        let t = h.publish(&[Record::GlobalBypass(false)]).unwrap();
+        let waiter = {
+            let h = h.clone();
+            std::thread::spawn(move || h.wait(t, Duration::from_secs(5)))
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        h.release_waiters();
+        assert_eq!(waiter.join().unwrap(), WaitOutcome::Released);
+    }
+
+    #[test]
+    fn faults_reach_the_hooks() {
+        let (server, rec, path) = start("fault", vec![]);
+        let h = server.handle();
+        let mut q = connect_synced(&path, &h);
+        let mut p = [0u8; 24];
+        p[0..4].copy_from_slice(&0x18u32.to_le_bytes());
+        p[4..8].copy_from_slice(&2u32.to_le_bytes());
+        p[8..16].copy_from_slice(&0x5000u64.to_le_bytes());
+        p[16] = 2;
+        q.send(MsgType::Fault as u16, 0, &p);
+        // An ACK after it proves the fault was processed (in order).
+        let t = h.publish(&[Record::GlobalBypass(false)]).unwrap();
+        q.recv().unwrap();
+        q.ack(2);
+        assert_eq!(h.wait(t, Duration::from_secs(5)), WaitOutcome::Acked);
+        assert_eq!(
+            *rec.faults.lock().unwrap(),
+            vec![proto::Fault {
+                endpoint: 0x18,
+                flags: 2,
+                address: 0x5000,
+                reason: 2
+            }]
+        );
+    }
+
+    #[test]
+    fn system_reset_is_answered_with_a_sync_reset_batch() {
+        let (server, rec, path) = start("sysreset", vec![]);
+        let h = server.handle();
+        let mut q = connect_synced(&path, &h);
+        q.send(MsgType::SystemReset as u16, 3, &[]);
+        let (ev, p) = q.recv().unwrap();
+        assert_eq!((ev.seq, ev.flags), (2, EVENTS_F_SYNC));
+        assert_eq!(
+            p[..RECORD_LEN],
+            Record::Reset {
+                system: true,
+                reset_id: 3
+            }
+            .encode()
+        );
+        assert_eq!(*rec.resets.lock().unwrap(), vec![3]);
+    }
+
+    #[test]
+    fn a_message_before_hello_is_a_protocol_error_that_closes() {
+        let (server, _rec, path) = start("nohello", vec![]);
+        let mut q = FakeQemu::connect(&path);
+        q.ack(1);
+        // Whatever of our HELLO and dump got out before the close, then EOF.
+        let mut messages = 0;
+        while q.recv().is_some() {
+            messages += 1;
+            assert!(messages <= 2, "the daemon keeps the connection open");
+        }
+        assert!(!server.handle().is_connected());
+    }
+
+    #[test]
+    fn an_ack_for_an_unsent_batch_is_a_protocol_error() {
+        let (server, _rec, path) = start("badack", vec![]);
+        let h = server.handle();
+        let mut q = connect_synced(&path, &h);
+        q.ack(5);
+        assert!(q.recv().is_none());
+        assert!(!h.is_connected());
+    }
+
+    #[test]
+    fn a_large_publish_is_split_into_full_batches() {
+        let (server, _rec, path) = start("split", vec![]);
+        let h = server.handle();
+        let mut q = connect_synced(&path, &h);
+        let records = vec![Record::GlobalBypass(true); MAX_RECORDS + 1];
+        let t = h.publish(&records).unwrap();
+        let (a, pa) = q.recv().unwrap();
+        let (b, pb) = q.recv().unwrap();
+        assert_eq!((a.seq, pa.len()), (2, MAX_RECORDS * RECORD_LEN));
+        assert_eq!((b.seq, pb.len()), (3, RECORD_LEN));
+        q.ack(2);
+        q.ack(3);
+        assert_eq!(h.wait(t, Duration::from_secs(5)), WaitOutcome::Acked);
+    }
+}

@@ -1,0 +1,429 @@
+//! Wire format of the translation mirror (docs/mirror-protocol.md, version 1.0).
+//!
+//! Pure encoding and decoding: no sockets here. Every integer is
+//! little-endian; every message is a 16-byte [`Header`] and a payload.
+
+/// Size of the message header (§3).
+pub const HEADER_LEN: usize = 16;
+/// Largest header + payload (§3).
+pub const MAX_MESSAGE_LEN: usize = 65536;
+/// Largest payload (§3).
+pub const MAX_PAYLOAD_LEN: usize = MAX_MESSAGE_LEN - HEADER_LEN;
+/// Size of one EVENTS record (§5).
+pub const RECORD_LEN: usize = 40;
+/// Most records one EVENTS message carries (§3).
+pub const MAX_RECORDS: usize = MAX_PAYLOAD_LEN / RECORD_LEN;
+/// Size of the HELLO and FAULT payloads (§4).
+pub const HELLO_LEN: usize = 24;
+pub const FAULT_LEN: usize = 24;
+
+/// `magic` of HELLO: the bytes `V U I M`.
+pub const MAGIC: u32 = 0x4d49_5556;
+pub const MAJOR: u16 = 1;
+pub const MINOR: u16 = 0;
+
+/// EVENTS flag: QEMU's copy is complete with this batch (§4).
+pub const EVENTS_F_SYNC: u16 = 1;
+
+/// Message types (§4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum MsgType {
+    Hello = 1,
+    Events = 2,
+    Ack = 3,
+    Fault = 4,
+    SystemReset = 5,
+}
+
+impl MsgType {
+    fn from_u16(v: u16) -> Option<Self> {
+        Some(match v {
+            1 => Self::Hello,
+            2 => Self::Events,
+            3 => Self::Ack,
+            4 => Self::Fault,
+            5 => Self::SystemReset,
+            _ => return None,
+        })
+    }
+}
+
+/// A protocol error (§12): the connection is closed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProtoError {
+    #[error("unknown message type {0}")]
+    UnknownType(u16),
+    #[error("message type {0:?} is not sent by QEMU")]
+    WrongDirection(MsgType),
+    #[error("payload of {size} bytes exceeds the limit of {MAX_PAYLOAD_LEN}")]
+    TooLarge { size: u32 },
+    #[error("{what} payload of {size} bytes is shorter than {min}")]
+    TooShort {
+        what: &'static str,
+        size: usize,
+        min: usize,
+    },
+    #[error("bad HELLO magic {0:#x}")]
+    BadMagic(u32),
+    #[error("unsupported major version {0}")]
+    BadMajor(u16),
+    #[error("message before the peer's HELLO")]
+    NoHello,
+    #[error("second HELLO")]
+    SecondHello,
+    #[error("ACK for batch {got}, expected {expected}")]
+    AckOutOfOrder { got: u64, expected: u64 },
+    #[error("SYSTEM_RESET with id 0")]
+    ResetIdZero,
+}
+
+/// The message header (§3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub msg_type: u16,
+    pub flags: u16,
+    pub size: u32,
+    pub seq: u64,
+}
+
+impl Header {
+    pub fn encode(&self, out: &mut [u8; HEADER_LEN]) {
+        out[0..2].copy_from_slice(&self.msg_type.to_le_bytes());
+        out[2..4].copy_from_slice(&self.flags.to_le_bytes());
+        out[4..8].copy_from_slice(&self.size.to_le_bytes());
+        out[8..16].copy_from_slice(&self.seq.to_le_bytes());
+    }
+
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Self {
+        Self {
+            msg_type: u16::from_le_bytes([b[0], b[1]]),
+            flags: u16::from_le_bytes([b[2], b[3]]),
+            size: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            seq: le_u64(&b[8..16]),
+        }
+    }
+
+    /// The payload size, refused when over the limit (§3).
+    pub fn payload_len(&self) -> Result<usize, ProtoError> {
+        let size = self.size as usize;
+        if size > MAX_PAYLOAD_LEN {
+            return Err(ProtoError::TooLarge { size: self.size });
+        }
+        Ok(size)
+    }
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[..4]);
+    u32::from_le_bytes(a)
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+/// The daemon's HELLO payload (§4): `boot_bypass` is the bypass value the
+/// device takes on a system reset.
+pub fn encode_hello(boot_bypass: bool, out: &mut Vec<u8>) {
+    push_header(out, MsgType::Hello, 0, HELLO_LEN, 0);
+    out.extend_from_slice(&MAGIC.to_le_bytes());
+    out.extend_from_slice(&MAJOR.to_le_bytes());
+    out.extend_from_slice(&MINOR.to_le_bytes());
+    out.extend_from_slice(&0u64.to_le_bytes());
+    out.push(u8::from(boot_bypass));
+    out.extend_from_slice(&[0; 7]);
+}
+
+fn push_header(out: &mut Vec<u8>, t: MsgType, flags: u16, size: usize, seq: u64) {
+    let mut h = [0u8; HEADER_LEN];
+    Header {
+        msg_type: t as u16,
+        flags,
+        // Callers keep payloads within MAX_PAYLOAD_LEN, which fits in u32.
+        size: size as u32,
+        seq,
+    }
+    .encode(&mut h);
+    out.extend_from_slice(&h);
+}
+
+/// One state change (§5), as the daemon sends it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Record {
+    Attach {
+        endpoint: u32,
+        domain: u32,
+        bypass: bool,
+    },
+    Detach {
+        endpoint: u32,
+        domain: u32,
+    },
+    /// `flags` are the virtio-iommu MAP flags (READ, WRITE, MMIO).
+    Map {
+        domain: u32,
+        virt_start: u64,
+        virt_end: u64,
+        phys_start: u64,
+        flags: u16,
+    },
+    Unmap {
+        domain: u32,
+        virt_start: u64,
+        virt_end: u64,
+    },
+    GlobalBypass(bool),
+    /// `system`: the answer to SYSTEM_RESET `reset_id` (§9).
+    Reset {
+        system: bool,
+        reset_id: u32,
+    },
+}
+
+impl Record {
+    /// The 40-byte record (§5).
+    pub fn encode(&self) -> [u8; RECORD_LEN] {
+        let (op, flags, endpoint, domain, reset_id, start, end, phys) = match *self {
+            Record::Attach {
+                endpoint,
+                domain,
+                bypass,
+            } => (1u8, u16::from(bypass), endpoint, domain, 0, 0, 0, 0),
+            Record::Detach { endpoint, domain } => (2, 0, endpoint, domain, 0, 0, 0, 0),
+            Record::Map {
+                domain,
+                virt_start,
+                virt_end,
+                phys_start,
+                flags,
+            } => (3, flags, 0, domain, 0, virt_start, virt_end, phys_start),
+            Record::Unmap {
+                domain,
+                virt_start,
+                virt_end,
+            } => (4, 0, 0, domain, 0, virt_start, virt_end, 0),
+            Record::GlobalBypass(on) => (5, u16::from(on), 0, 0, 0, 0, 0, 0),
+            Record::Reset { system, reset_id } => (6, u16::from(system), 0, 0, reset_id, 0, 0, 0),
+        };
+        let mut r = [0u8; RECORD_LEN];
+        r[0] = op;
+        r[2..4].copy_from_slice(&flags.to_le_bytes());
+        r[4..8].copy_from_slice(&endpoint.to_le_bytes());
+        r[8..12].copy_from_slice(&domain.to_le_bytes());
+        r[12..16].copy_from_slice(&reset_id.to_le_bytes());
+        r[16..24].copy_from_slice(&start.to_le_bytes());
+        r[24..32].copy_from_slice(&end.to_le_bytes());
+        r[32..40].copy_from_slice(&phys.to_le_bytes());
+        r
+    }
+}
+
+/// Append one EVENTS message carrying `records` (at most [`MAX_RECORDS`]).
+pub fn encode_events(seq: u64, sync: bool, records: &[Record], out: &mut Vec<u8>) {
+    debug_assert!(records.len() <= MAX_RECORDS);
+    let flags = if sync { EVENTS_F_SYNC } else { 0 };
+    push_header(out, MsgType::Events, flags, records.len() * RECORD_LEN, seq);
+    for r in records {
+        out.extend_from_slice(&r.encode());
+    }
+}
+
+/// A DMA fault QEMU saw (§4 FAULT, §10).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    pub endpoint: u32,
+    /// bit 0 READ, bit 1 WRITE.
+    pub flags: u32,
+    pub address: u64,
+    /// virtio-iommu fault reason: 1 DOMAIN, 2 MAPPING.
+    pub reason: u8,
+}
+
+/// A message from QEMU, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FromQemu {
+    Hello,
+    Ack(u64),
+    Fault(Fault),
+    SystemReset(u32),
+}
+
+/// Decode a message QEMU sent, given its header and payload.
+pub fn decode_from_qemu(h: &Header, payload: &[u8]) -> Result<FromQemu, ProtoError> {
+    let t = MsgType::from_u16(h.msg_type).ok_or(ProtoError::UnknownType(h.msg_type))?;
+    match t {
+        MsgType::Hello => {
+            if payload.len() < HELLO_LEN {
+                return Err(ProtoError::TooShort {
+                    what: "HELLO",
+                    size: payload.len(),
+                    min: HELLO_LEN,
+                });
+            }
+            let magic = le_u32(&payload[0..4]);
+            if magic != MAGIC {
+                return Err(ProtoError::BadMagic(magic));
+            }
+            let major = u16::from_le_bytes([payload[4], payload[5]]);
+            if major != MAJOR {
+                return Err(ProtoError::BadMajor(major));
+            }
+            Ok(FromQemu::Hello)
+        }
+        MsgType::Ack => Ok(FromQemu::Ack(h.seq)),
+        MsgType::Fault => {
+            if payload.len() < FAULT_LEN {
+                return Err(ProtoError::TooShort {
+                    what: "FAULT",
+                    size: payload.len(),
+                    min: FAULT_LEN,
+                });
+            }
+            Ok(FromQemu::Fault(Fault {
+                endpoint: le_u32(&payload[0..4]),
+                flags: le_u32(&payload[4..8]),
+                address: le_u64(&payload[8..16]),
+                reason: payload[16],
+            }))
+        }
+        MsgType::SystemReset => {
+            let id = u32::try_from(h.seq).map_err(|_| ProtoError::ResetIdZero)?;
+            if id == 0 {
+                return Err(ProtoError::ResetIdZero);
+            }
+            Ok(FromQemu::SystemReset(id))
+        }
+        MsgType::Events => Err(ProtoError::WrongDirection(t)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(s: &str) -> Vec<u8> {
+        s.split_whitespace()
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn events_example_of_the_protocol_doc_encodes_byte_for_byte() {
+        let mut out = Vec::new();
+        encode_events(
+            7,
+            false,
+            &[
+                Record::Attach {
+                    endpoint: 0x18,
+                    domain: 1,
+                    bypass: false,
+                },
+                Record::Map {
+                    domain: 1,
+                    virt_start: 0x1000,
+                    virt_end: 0x1fff,
+                    phys_start: 0x200_0000,
+                    flags: 3,
+                },
+            ],
+            &mut out,
+        );
+        let want = hex("02 00 00 00 50 00 00 00  07 00 00 00 00 00 00 00
+             01 00 00 00 18 00 00 00  01 00 00 00 00 00 00 00
+             00 00 00 00 00 00 00 00  00 00 00 00 00 00 00 00
+             00 00 00 00 00 00 00 00
+             03 00 03 00 00 00 00 00  01 00 00 00 00 00 00 00
+             00 10 00 00 00 00 00 00  ff 1f 00 00 00 00 00 00
+             00 00 00 02 00 00 00 00");
+        assert_eq!(out, want);
+    }
+
+    #[test]
+    fn hello_is_forty_bytes_with_magic_and_boot_bypass() {
+        let mut out = Vec::new();
+        encode_hello(true, &mut out);
+        assert_eq!(out.len(), HEADER_LEN + HELLO_LEN);
+        assert_eq!(&out[16..20], b"VUIM");
+        assert_eq!(out[32], 1);
+        let h = Header::decode(out[..16].try_into().unwrap());
+        assert_eq!(decode_from_qemu(&h, &out[16..]), Ok(FromQemu::Hello));
+    }
+
+    #[test]
+    fn fault_example_of_the_protocol_doc_decodes() {
+        let msg = hex("04 00 00 00 18 00 00 00  00 00 00 00 00 00 00 00
+             18 00 00 00 02 00 00 00  00 50 00 00 00 00 00 00
+             02 00 00 00 00 00 00 00");
+        let h = Header::decode(msg[..16].try_into().unwrap());
+        let got = decode_from_qemu(&h, &msg[16..16 + h.payload_len().unwrap()]);
+        assert_eq!(
+            got,
+            Ok(FromQemu::Fault(Fault {
+                endpoint: 0x18,
+                flags: 2,
+                address: 0x5000,
+                reason: 2
+            }))
+        );
+    }
+
+    #[test]
+    fn ack_example_decodes_to_its_seq() {
+        let msg = hex("03 00 00 00 00 00 00 00 07 00 00 00 00 00 00 00");
+        let h = Header::decode(msg[..16].try_into().unwrap());
+        assert_eq!(decode_from_qemu(&h, &[]), Ok(FromQemu::Ack(7)));
+    }
+
+    #[test]
+    fn protocol_errors_are_named() {
+        let h = |t, size, seq| Header {
+            msg_type: t,
+            flags: 0,
+            size,
+            seq,
+        };
+        assert_eq!(
+            decode_from_qemu(&h(9, 0, 0), &[]),
+            Err(ProtoError::UnknownType(9))
+        );
+        assert_eq!(
+            decode_from_qemu(&h(2, 0, 1), &[]),
+            Err(ProtoError::WrongDirection(MsgType::Events))
+        );
+        assert_eq!(
+            decode_from_qemu(&h(5, 0, 0), &[]),
+            Err(ProtoError::ResetIdZero)
+        );
+        assert!(matches!(
+            decode_from_qemu(&h(4, 8, 0), &[0; 8]),
+            Err(ProtoError::TooShort { .. })
+        ));
+        let mut bad = [0u8; HELLO_LEN];
+        bad[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        bad[4] = 2;
+        assert_eq!(
+            decode_from_qemu(&h(1, 24, 0), &bad),
+            Err(ProtoError::BadMajor(2))
+        );
+        assert_eq!(
+            h(3, MAX_PAYLOAD_LEN as u32 + 1, 0).payload_len(),
+            Err(ProtoError::TooLarge {
+                size: MAX_PAYLOAD_LEN as u32 + 1
+            })
+        );
+    }
+
+    #[test]
+    fn a_full_batch_fits_the_size_limit() {
+        assert_eq!(MAX_RECORDS, 1638);
+        let records = vec![Record::GlobalBypass(true); MAX_RECORDS];
+        let mut out = Vec::new();
+        encode_events(1, true, &records, &mut out);
+        assert!(out.len() <= MAX_MESSAGE_LEN);
+    }
+}

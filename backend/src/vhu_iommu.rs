@@ -1,0 +1,507 @@
+//! The vhost-user glue: [`VhostUserBackend`] for a virtio-iommu device.
+//!
+//! Features, protocol features, the config space and the two virtqueues
+//! (virtio 1.2 §5.13.2: queue 0 = requestq, queue 1 = eventq). What a request
+//! *means* is the device model's business ([`virtio_iommu::Device`]); this
+//! module moves bytes between descriptor chains and the model, completes
+//! requests (after the translation mirror acknowledged what they changed,
+//! docs/mirror-protocol.md §7), and delivers fault events.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use iopt::model::ModelIommufd;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_iommu::{Change, ChangeSink, Device};
+use virtio_queue::QueueT;
+use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::guest_ram::GuestRamView;
+use crate::mirror::{self, MirrorHandle, Record, WaitOutcome};
+
+/// Queue indexes (virtio 1.2 §5.13.2).
+pub const REQUEST_QUEUE: u16 = 0;
+pub const EVENT_QUEUE: u16 = 1;
+const NUM_QUEUES: usize = 2;
+/// The largest queue the daemon accepts.
+pub const MAX_QUEUE_SIZE: usize = 1024;
+/// Readable bytes of a request the daemon looks at: the largest request
+/// (PROBE, 72 bytes) with room to spare; longer requests are cut here.
+const MAX_REQUEST: usize = 256;
+/// Writable bytes the daemon fills: the largest PROBE reply it offers.
+pub const MAX_REPLY: usize = 4096 + 4;
+/// Fault events kept while the guest has no event buffer posted.
+const MAX_PENDING_FAULTS: usize = 64;
+/// How long a request waits for the mirror's ACK before the link is
+/// declared stuck and closed (then QEMU drops its copy: fail safe).
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The device model the daemon runs.
+pub type IommuDevice = Device<ModelIommufd>;
+
+/// Counters of the vhost-user side (the model keeps its own).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Notifications (kicks) of the request queue handled.
+    pub kicks: u64,
+    /// Requests completed.
+    pub requests: u64,
+    /// Chains whose buffers were not in guest memory.
+    pub bad_chains: u64,
+    /// Batches that waited for a mirror ACK.
+    pub acked_batches: u64,
+    /// Fault events written to the event queue / dropped for lack of buffers.
+    pub faults_delivered: u64,
+    pub faults_dropped: u64,
+}
+
+/// Records of a batch, collected under the device lock.
+#[derive(Debug, Default)]
+struct RecordSink {
+    records: Vec<Record>,
+    /// Whether any record needs the guest to wait for QEMU's ACK.
+    needs_ack: bool,
+}
+
+impl ChangeSink for RecordSink {
+    fn change(&mut self, c: Change) {
+        self.needs_ack = true;
+        self.records.push(mirror::record_of(&c));
+    }
+}
+
+struct State {
+    device: IommuDevice,
+    mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+    event_idx: bool,
+    /// Faults waiting for an event buffer.
+    faults: VecDeque<virtio_iommu::FaultEvent>,
+    /// The vrings, learnt at the first queue event (fault delivery needs the
+    /// event queue outside of its own notifications).
+    vrings: Option<[VringRwLock; NUM_QUEUES]>,
+    stats: QueueStats,
+    /// Reused buffers: no allocation per request once warm.
+    sink: RecordSink,
+    completed: Vec<(u16, u32)>,
+}
+
+/// The virtio-iommu vhost-user backend. Cheap to clone: clones share the
+/// device.
+#[derive(Clone)]
+pub struct IommuBackend {
+    state: Arc<Mutex<State>>,
+    mirror: MirrorHandle,
+    /// Builds the device as configured, to start every connection from.
+    factory: Arc<DeviceFactory>,
+}
+
+/// Builds a device in its configured power-on state.
+pub type DeviceFactory = dyn Fn() -> IommuDevice + Send + Sync;
+
+impl IommuBackend {
+    /// A backend serving `device`, mirroring its changes to `mirror`.
+    pub fn new(factory: Arc<DeviceFactory>, mirror: MirrorHandle) -> Self {
+        let device = factory();
+        Self {
+            state: Arc::new(Mutex::new(State {
+                device,
+                mem: None,
+                event_idx: false,
+                faults: VecDeque::with_capacity(MAX_PENDING_FAULTS),
+                vrings: None,
+                stats: QueueStats::default(),
+                sink: RecordSink::default(),
+                completed: Vec::with_capacity(MAX_QUEUE_SIZE),
+            })),
+            mirror,
+            factory,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is plain data; a panic on another thread leaves it
+        // consistent enough to keep serving (and a guest must not be able to
+        // wedge the daemon through one).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Start over for a new front-end connection: the device as configured,
+    /// no memory, no vrings (the old front-end's state is gone). The reset is
+    /// mirrored so QEMU drops what it held.
+    pub fn new_connection(&self) {
+        let mut st = self.lock();
+        let mut sink = RecordSink::default();
+        st.device.reset(&mut sink);
+        st.device = (self.factory)();
+        st.mem = None;
+        st.vrings = None;
+        st.faults.clear();
+        st.event_idx = false;
+        self.mirror.publish(&sink.records);
+    }
+
+    /// The device model's counters and the queue counters.
+    pub fn stats(&self) -> (virtio_iommu::Stats, QueueStats) {
+        let st = self.lock();
+        (st.device.stats(), st.stats)
+    }
+
+    /// Run `f` on the device under the lock (for the mirror hooks and
+    /// inspection).
+    pub fn with_device<R>(&self, f: impl FnOnce(&mut IommuDevice) -> R) -> R {
+        f(&mut self.lock().device)
+    }
+
+    /// Queue a fault event for the guest and deliver what fits in the event
+    /// queue (virtio 1.2 §5.13.6.9: the device reports faults on the
+    /// eventq; without a buffer the event is dropped, the spec allows it).
+    pub fn report_fault(&self, fault: virtio_iommu::FaultEvent) {
+        let mut st = self.lock();
+        if st.faults.len() == MAX_PENDING_FAULTS {
+            st.faults.pop_front();
+            st.stats.faults_dropped += 1;
+        }
+        st.faults.push_back(fault);
+        if let Some(vrings) = st.vrings.clone() {
+            Self::deliver_faults(&mut st, &vrings[EVENT_QUEUE as usize]);
+        }
+    }
+
+    /// Write pending faults into posted event buffers.
+    fn deliver_faults(st: &mut State, vring: &VringRwLock) {
+        let Some(mem) = st.mem.as_ref().map(|m| m.memory()) else {
+            return;
+        };
+        let mut delivered = false;
+        while let Some(fault) = st.faults.front().copied() {
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else { break };
+            st.faults.pop_front();
+            let head = chain.head_index();
+            let len = match chain.writer(&mem) {
+                Ok(mut w) if w.available_bytes() >= fault.as_slice().len() => {
+                    match w.write_all(fault.as_slice()) {
+                        Ok(()) => fault.as_slice().len() as u32,
+                        Err(_) => 0,
+                    }
+                }
+                _ => 0,
+            };
+            if len == 0 {
+                st.stats.bad_chains += 1;
+                st.stats.faults_dropped += 1;
+            } else {
+                st.stats.faults_delivered += 1;
+            }
+            if vring.add_used(head, len).is_err() {
+                break;
+            }
+            delivered = true;
+        }
+        if delivered && vring.needs_notification().unwrap_or(true) {
+            let _ = vring.signal_used_queue();
+        }
+    }
+
+    /// Handle one notification of the request queue: every available
+    /// request, as one batch, then one mirror wait and one guest
+    /// notification (virtio 1.2 §2.7.10 with EVENT_IDX: re-check after
+    /// re-enabling notifications).
+    fn process_requests(&self, vring: &VringRwLock) -> io::Result<()> {
+        loop {
+            let event_idx = self.lock().event_idx;
+            if event_idx {
+                vring.disable_notification().map_err(io::Error::other)?;
+            }
+            self.process_batch(vring)?;
+            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn process_batch(&self, vring: &VringRwLock) -> io::Result<()> {
+        let (completed, ticket) = {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            let Some(mem) = st.mem.as_ref().map(|m| m.memory()) else {
+                return Ok(());
+            };
+            st.stats.kicks += 1;
+            let mut req = [0u8; MAX_REQUEST];
+            let mut reply = [0u8; MAX_REPLY];
+            let ram = GuestRamView::new(&mem);
+            st.completed.clear();
+            st.sink.records.clear();
+            st.sink.needs_ack = false;
+            loop {
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone());
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                // Guest-supplied buffers are checked once, by the Reader and
+                // Writer constructors: every descriptor must lie in guest
+                // memory, or the chain is completed with nothing written.
+                let reader = chain.clone().reader(&mem);
+                let writer = chain.writer(&mem);
+                let (Ok(mut reader), Ok(mut writer)) = (reader, writer) else {
+                    st.stats.bad_chains += 1;
+                    st.completed.push((head, 0));
+                    continue;
+                };
+                let n = reader.available_bytes().min(MAX_REQUEST);
+                if reader.read_exact(&mut req[..n]).is_err() {
+                    st.stats.bad_chains += 1;
+                    st.completed.push((head, 0));
+                    continue;
+                }
+                let room = writer.available_bytes().min(MAX_REPLY);
+                let written =
+                    st.device
+                        .handle_request(&req[..n], &mut reply[..room], &ram, &mut st.sink);
+                let used = match writer.write_all(&reply[..written]) {
+                    Ok(()) => written as u32,
+                    Err(_) => {
+                        st.stats.bad_chains += 1;
+                        0
+                    }
+                };
+                st.completed.push((head, used));
+            }
+            st.stats.requests += st.completed.len() as u64;
+            // Publish under the device lock, so the mirror sees changes in
+            // the order the device made them (docs/mirror-protocol.md §6).
+            let ticket = if st.sink.needs_ack {
+                self.mirror.publish(&st.sink.records)
+            } else {
+                None
+            };
+            if ticket.is_some() {
+                st.stats.acked_batches += 1;
+            }
+            (std::mem::take(&mut st.completed), ticket)
+        };
+        // Wait for QEMU holding neither the device lock nor a vring lock
+        // (docs/mirror-protocol.md §8 rules 1-2); stop_vring releases us.
+        if let Some(ticket) = ticket {
+            if self.mirror.wait(ticket, ACK_TIMEOUT) == WaitOutcome::TimedOut {
+                log::error!("mirror: completing requests after an ACK timeout (link closed)");
+            }
+        }
+        for &(head, len) in &completed {
+            vring.add_used(head, len).map_err(io::Error::other)?;
+        }
+        if !completed.is_empty() && vring.needs_notification().unwrap_or(true) {
+            vring.signal_used_queue()?;
+        }
+        // Hand the buffer back for the next batch.
+        self.lock().completed = completed;
+        Ok(())
+    }
+}
+
+impl VhostUserBackend for IommuBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    /// Transport features (VERSION_1 is mandatory for virtio-iommu, virtio
+    /// 1.2 §5.13.3; EVENT_IDX and indirect descriptors for batching) plus the
+    /// device's own.
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | self.lock().device.features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.lock().device.set_acked_features(features);
+    }
+
+    /// CONFIG is required by QEMU's vhost-user-base; REPLY_ACK lets a
+    /// front-end wait for each message; RESET_DEVICE gives a device reset;
+    /// BACKEND_REQ is ready for config-change notifications.
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    /// A device reset (virtio 1.2 §2.4): the translation state goes back to
+    /// power-on, and the mirror follows.
+    fn reset_device(&self) {
+        let mut st = self.lock();
+        let mut sink = RecordSink::default();
+        st.device.reset(&mut sink);
+        st.faults.clear();
+        self.mirror.publish(&sink.records);
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.lock().event_idx = enabled;
+    }
+
+    /// `struct virtio_iommu_config` (virtio 1.2 §5.13.4), any part of it;
+    /// bytes past its end read as zero.
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let config = self.lock().device.config();
+        let bytes = config.as_slice();
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(bytes.len());
+        let end = (offset as usize)
+            .saturating_add(size as usize)
+            .min(bytes.len());
+        out[..end - start].copy_from_slice(&bytes[start..end]);
+        out
+    }
+
+    /// Only `bypass` is writable (virtio 1.2 §5.13.4.2, with BYPASS_CONFIG);
+    /// the change is mirrored without waiting (docs/mirror-protocol.md §8
+    /// rule 1: the vhost-user thread never waits for QEMU).
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let mut st = self.lock();
+        let mut sink = RecordSink::default();
+        let r = st.device.write_config(offset, buf, &mut sink);
+        self.mirror.publish(&sink.records);
+        r.map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        self.lock().mem = Some(mem);
+        Ok(())
+    }
+
+    /// A fresh exit event per worker thread: the library keeps both ends and
+    /// signals it when the connection ends.
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    /// `GET_VRING_BASE`: the front-end stops the queue. Requests parked for
+    /// a mirror ACK complete now (docs/mirror-protocol.md §8 rule 2).
+    fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {
+        self.mirror.release_waiters();
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!(
+                "unexpected epoll events {evset:?}"
+            )));
+        }
+        let [req, evt] = vrings else {
+            return Err(io::Error::other("expected two vrings"));
+        };
+        {
+            let mut st = self.lock();
+            if st.vrings.is_none() {
+                st.vrings = Some([req.clone(), evt.clone()]);
+            }
+        }
+        match device_event {
+            REQUEST_QUEUE => self.process_requests(req),
+            EVENT_QUEUE => {
+                let mut st = self.lock();
+                if st.event_idx {
+                    evt.disable_notification().map_err(io::Error::other)?;
+                    Self::deliver_faults(&mut st, evt);
+                    evt.enable_notification().map_err(io::Error::other)?;
+                }
+                Self::deliver_faults(&mut st, evt);
+                Ok(())
+            }
+            other => Err(io::Error::other(format!("unknown queue event {other}"))),
+        }
+    }
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("device", &self.device)
+            .field("event_idx", &self.event_idx)
+            .field("faults", &self.faults)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for IommuBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IommuBackend")
+            .field("state", &self.state)
+            .field("mirror", &self.mirror)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The mirror's view of the backend (docs/mirror-protocol.md §6, §9, §10).
+/// Set once the backend exists (the backend needs the mirror's handle
+/// first).
+#[derive(Debug, Default)]
+pub struct BackendHooks(pub std::sync::OnceLock<IommuBackend>);
+
+impl mirror::MirrorHooks for BackendHooks {
+    fn snapshot(&self, send: &mut dyn FnMut(&[Record])) {
+        let Some(backend) = self.0.get() else { return };
+        let st = backend.lock();
+        let mut sink = RecordSink::default();
+        st.device.replay(&mut sink);
+        send(&sink.records);
+    }
+
+    fn fault(&self, fault: mirror::Fault) {
+        let Some(backend) = self.0.get() else { return };
+        let event =
+            virtio_iommu::encode_fault(fault.reason, fault.flags, fault.endpoint, fault.address);
+        backend.report_fault(event);
+    }
+
+    fn system_reset(&self, id: u32, send: &mut dyn FnMut(&[Record])) {
+        let Some(backend) = self.0.get() else { return };
+        let mut st = backend.lock();
+        let mut sink = RecordSink::default();
+        st.device.reset(&mut sink);
+        st.faults.clear();
+        let bypass = st.device.config().bypass != 0;
+        send(&[
+            Record::Reset {
+                system: true,
+                reset_id: id,
+            },
+            Record::GlobalBypass(bypass),
+        ]);
+    }
+}

@@ -1,0 +1,414 @@
+//! The real daemon, over a real Unix socket, driven by the Rust test
+//! front-end acting as VMM and guest driver.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use test_frontend::{Desc, Status, TestVm, VmOptions};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-iommu");
+const READ: u32 = 1;
+const WRITE: u32 = 2;
+
+/// A daemon process, killed (SIGTERM, then SIGKILL) when dropped.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(name: &str, args: &[&str]) -> Self {
+        let socket =
+            std::env::temp_dir().join(format!("vui-test-{}-{name}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&socket);
+        let child = Command::new(BIN)
+            .arg("--socket-path")
+            .arg(&socket)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start the daemon");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "the daemon did not listen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self { child, socket }
+    }
+
+    fn connect(&self) -> TestVm {
+        TestVm::connect(&self.socket, VmOptions::default()).expect("connect to the daemon")
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Wait for the process to exit; its status and how long it took.
+    fn wait_exit(&mut self, limit: Duration) -> (std::process::ExitStatus, Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return (s, start.elapsed());
+            }
+            assert!(
+                start.elapsed() < limit,
+                "the daemon did not exit in {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline {
+                if self.child.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+#[test]
+fn config_space_says_what_the_flags_asked() {
+    let d = Daemon::start(
+        "config",
+        &[
+            "--endpoints",
+            "8",
+            "--page-size-mask",
+            "0x40201000",
+            "--input-range",
+            "0x1000-0xffffffffff",
+            "--domain-range",
+            "1-100",
+            "--probe-size",
+            "256",
+        ],
+    );
+    let mut vm = d.connect();
+    let c = vm.config().unwrap();
+    assert_eq!(c.len(), 40);
+    assert_eq!(le64(&c, 0), 0x4020_1000);
+    assert_eq!(le64(&c, 8), 0x1000);
+    assert_eq!(le64(&c, 16), 0xff_ffff_ffff);
+    assert_eq!(le32(&c, 24), 1);
+    assert_eq!(le32(&c, 28), 100);
+    assert_eq!(le32(&c, 32), 256);
+    assert_eq!(c[36], 0);
+}
+
+#[test]
+fn attach_map_unmap_detach_succeed_in_order() {
+    let d = Daemon::start("basic", &["--endpoints", "8"]);
+    let mut vm = d.connect();
+    let buf = vm.ram().alloc(0x4000, 0x1000).unwrap();
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+    assert_eq!(
+        vm.map(1, 0x10_0000, 0x10_3fff, buf, READ | WRITE).unwrap(),
+        Status::Ok
+    );
+    assert_eq!(vm.unmap(1, 0x10_0000, 0x10_3fff).unwrap(), Status::Ok);
+    assert_eq!(vm.detach(1, 8).unwrap(), Status::Ok);
+}
+
+#[test]
+fn requests_naming_unknown_things_get_noent() {
+    let d = Daemon::start("noent", &["--endpoints", "8"]);
+    let mut vm = d.connect();
+    let buf = vm.ram().alloc(0x1000, 0x1000).unwrap();
+    assert_eq!(vm.attach(1, 9, 0).unwrap(), Status::NoEnt);
+    assert_eq!(vm.map(1, 0x1000, 0x1fff, buf, READ).unwrap(), Status::NoEnt);
+    assert_eq!(vm.unmap(2, 0x1000, 0x1fff).unwrap(), Status::NoEnt);
+    assert_eq!(vm.detach(3, 8).unwrap(), Status::NoEnt);
+    let (status, _) = vm.probe(9).unwrap();
+    assert_eq!(status, Status::NoEnt);
+}
+
+#[test]
+fn map_rules_give_the_spec_statuses() {
+    let d = Daemon::start(
+        "maprules",
+        &["--endpoints", "8", "--input-range", "0-0xffffffff"],
+    );
+    let mut vm = d.connect();
+    let buf = vm.ram().alloc(0x4000, 0x1000).unwrap();
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+    assert_eq!(
+        vm.map(1, 0x10_0000, 0x10_1fff, buf, READ).unwrap(),
+        Status::Ok
+    );
+    // Overlap.
+    assert_eq!(
+        vm.map(1, 0x10_1000, 0x10_2fff, buf, READ).unwrap(),
+        Status::Inval
+    );
+    // Misaligned to the 4 KiB page size.
+    assert_eq!(
+        vm.map(1, 0x20_0800, 0x20_17ff, buf, READ).unwrap(),
+        Status::Range
+    );
+    // virt_start > virt_end.
+    assert_eq!(
+        vm.map(1, 0x20_1000, 0x20_0fff, buf, READ).unwrap(),
+        Status::Inval
+    );
+    // Outside the input range.
+    assert_eq!(
+        vm.map(1, 0x1_0000_0000, 0x1_0000_0fff, buf, READ).unwrap(),
+        Status::Range
+    );
+    // Unknown flags.
+    assert_eq!(
+        vm.map(1, 0x30_0000, 0x30_0fff, buf, 0x80).unwrap(),
+        Status::Inval
+    );
+    // Physical memory outside guest RAM.
+    assert_eq!(
+        vm.map(1, 0x30_0000, 0x30_0fff, 0x7_0000_0000, READ)
+            .unwrap(),
+        Status::Inval
+    );
+    // An UNMAP that would split a mapping.
+    assert_eq!(vm.unmap(1, 0x10_0000, 0x10_0fff).unwrap(), Status::Range);
+    // ... and the mapping is still whole: unmapping it all works.
+    assert_eq!(vm.unmap(1, 0x10_0000, 0x10_1fff).unwrap(), Status::Ok);
+    // Unmapping nothing is not an error.
+    assert_eq!(vm.unmap(1, 0x10_0000, 0x10_1fff).unwrap(), Status::Ok);
+}
+
+#[test]
+fn probe_reports_the_msi_window() {
+    let d = Daemon::start("probe", &["--endpoints", "8"]);
+    let mut vm = d.connect();
+    let (status, props) = vm.probe(8).unwrap();
+    assert_eq!(status, Status::Ok);
+    let msi = props
+        .iter()
+        .find(|p| p.subtype == 1)
+        .expect("an MSI reserved region");
+    assert_eq!((msi.start, msi.end), (0xfee0_0000, 0xfeef_ffff));
+}
+
+#[test]
+fn endpoints_move_between_domains_and_domains_die_with_their_last_endpoint() {
+    let d = Daemon::start("domains", &["--endpoints", "8,16"]);
+    let mut vm = d.connect();
+    let buf = vm.ram().alloc(0x1000, 0x1000).unwrap();
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+    assert_eq!(vm.attach(2, 16, 0).unwrap(), Status::Ok);
+    assert_eq!(vm.map(1, 0x1000, 0x1fff, buf, READ).unwrap(), Status::Ok);
+    // Endpoint 8 moves to domain 2: domain 1 loses its last endpoint.
+    assert_eq!(vm.attach(2, 8, 0).unwrap(), Status::Ok);
+    assert_eq!(vm.map(1, 0x2000, 0x2fff, buf, READ).unwrap(), Status::NoEnt);
+    assert_eq!(vm.map(2, 0x1000, 0x1fff, buf, READ).unwrap(), Status::Ok);
+    assert_eq!(vm.detach(2, 8).unwrap(), Status::Ok);
+    assert_eq!(vm.detach(2, 16).unwrap(), Status::Ok);
+    assert_eq!(vm.map(2, 0x3000, 0x3fff, buf, READ).unwrap(), Status::NoEnt);
+}
+
+#[test]
+fn bypass_domains_take_no_mappings_and_the_bypass_bit_is_writable() {
+    let d = Daemon::start("bypass", &["--endpoints", "8"]);
+    let mut vm = d.connect();
+    let buf = vm.ram().alloc(0x1000, 0x1000).unwrap();
+    assert_eq!(vm.attach(1, 8, 1).unwrap(), Status::Ok);
+    assert_eq!(vm.map(1, 0x1000, 0x1fff, buf, READ).unwrap(), Status::Inval);
+    assert_eq!(vm.config().unwrap()[36], 0);
+    vm.set_bypass(true).unwrap();
+    assert_eq!(vm.config().unwrap()[36], 1);
+}
+
+#[test]
+fn an_unknown_request_type_is_unsupp() {
+    let d = Daemon::start("unsupp", &["--endpoints", "8"]);
+    let mut vm = d.connect();
+    let req = vm.ram().alloc(0x100, 8).unwrap();
+    let reply = vm.ram().alloc(0x100, 8).unwrap();
+    let mut bytes = [0u8; 20];
+    bytes[0] = 0x42;
+    vm.ram().write(req, &bytes).unwrap();
+    let used = vm
+        .submit_raw(&[
+            Desc {
+                gpa: req,
+                len: 20,
+                write: false,
+            },
+            Desc {
+                gpa: reply,
+                len: 4,
+                write: true,
+            },
+        ])
+        .unwrap();
+    assert_eq!(used, 4);
+    let mut tail = [0u8; 4];
+    vm.ram().read(reply, &mut tail).unwrap();
+    assert_eq!(tail[0], 2, "VIRTIO_IOMMU_S_UNSUPP");
+}
+
+#[test]
+fn a_chain_pointing_outside_guest_memory_is_completed_empty_and_the_daemon_lives_on() {
+    let d = Daemon::start("badchain", &["--endpoints", "8"]);
+    let mut vm = d.connect();
+    let reply = vm.ram().alloc(0x100, 8).unwrap();
+    let used = vm
+        .submit_raw(&[
+            Desc {
+                gpa: 0x7_0000_0000,
+                len: 20,
+                write: false,
+            },
+            Desc {
+                gpa: reply,
+                len: 4,
+                write: true,
+            },
+        ])
+        .unwrap();
+    assert_eq!(used, 0);
+    // A short request (no room for the body) gets an error status.
+    let req = vm.ram().alloc(0x100, 8).unwrap();
+    vm.ram().write(req, &[1, 0, 0, 0]).unwrap();
+    let used = vm
+        .submit_raw(&[
+            Desc {
+                gpa: req,
+                len: 4,
+                write: false,
+            },
+            Desc {
+                gpa: reply,
+                len: 4,
+                write: true,
+            },
+        ])
+        .unwrap();
+    assert_eq!(used, 4);
+    let mut tail = [0u8; 4];
+    vm.ram().read(reply, &mut tail).unwrap();
+    assert_ne!(tail[0], 0, "a short ATTACH must not succeed");
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+}
+
+#[test]
+fn a_batch_of_requests_completes_with_one_kick() {
+    let d = Daemon::start("batch", &["--endpoints", "8"]);
+    let mut vm = d.connect();
+    let buf = vm.ram().alloc(0x40_0000, 0x1000).unwrap();
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+    let reqs: Vec<_> = (0..64u64)
+        .map(|i| test_frontend::Request::Map {
+            domain: 1,
+            virt_start: 0x100_0000 + i * 0x1000,
+            virt_end: 0x100_0fff + i * 0x1000,
+            phys_start: buf + i * 0x1000,
+            flags: READ | WRITE,
+        })
+        .collect();
+    let statuses = vm.submit_batch(&reqs).unwrap();
+    assert_eq!(statuses.len(), 64);
+    assert!(statuses.iter().all(|s| *s == Status::Ok), "{statuses:?}");
+    assert_eq!(
+        vm.unmap(1, 0x100_0000, 0x100_0000 + 64 * 0x1000 - 1)
+            .unwrap(),
+        Status::Ok
+    );
+}
+
+#[test]
+fn a_new_front_end_finds_a_fresh_device() {
+    let d = Daemon::start("reconnect", &["--endpoints", "8"]);
+    {
+        let mut vm = d.connect();
+        assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+    }
+    let mut vm = d.connect();
+    let buf = vm.ram().alloc(0x1000, 0x1000).unwrap();
+    // Domain 1 died with the old front-end.
+    assert_eq!(vm.map(1, 0x1000, 0x1fff, buf, READ).unwrap(), Status::NoEnt);
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+}
+
+#[test]
+fn sigterm_ends_the_daemon_promptly_and_cleanly() {
+    for connected in [false, true] {
+        let mut d = Daemon::start(&format!("sigterm-{connected}"), &["--endpoints", "8"]);
+        let vm = connected.then(|| d.connect());
+        d.signal("-TERM");
+        let (status, took) = d.wait_exit(Duration::from_secs(5));
+        assert!(status.success(), "exit status {status}");
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+        assert!(!Path::new(&d.socket).exists(), "the socket file is removed");
+        drop(vm);
+    }
+}
+
+fn run_cli(args: &[&str]) -> std::process::Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+#[test]
+fn print_capabilities_prints_json_and_exits_zero() {
+    let out = run_cli(&["--print-capabilities"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("\"type\": \"iommu\""), "{text}");
+}
+
+#[test]
+fn bad_command_lines_exit_nonzero_with_a_message() {
+    for (args, needle) in [
+        (
+            vec!["--socket-path", "/tmp/x", "--fd", "3"],
+            "cannot be used with",
+        ),
+        (vec![], "--socket-path"),
+        (
+            vec!["--socket-path", "/tmp/vui-x.sock", "--mode", "iommufd"],
+            "iommufd",
+        ),
+        (
+            vec!["--socket-path", "/tmp/vui-x.sock", "--endpoints", "zz"],
+            "--endpoints",
+        ),
+        (
+            vec!["--socket-path", "/nonexistent-dir/x.sock"],
+            "cannot listen",
+        ),
+        (vec!["--fd", "77"], "--fd 77"),
+    ] {
+        let out = run_cli(&args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(needle),
+            "{args:?}: stderr {err:?} lacks {needle:?}"
+        );
+    }
+}
