@@ -490,7 +490,9 @@ impl IoPagetable {
     /// (`iommufd_access_rw`), calling `f(user_va, offset, chunk)` for each
     /// piece. Zero length → `EINVAL`, wrap → `EOVERFLOW`, a gap → `ENOENT`,
     /// a write through an area without WRITE → `EPERM`. Like the kernel,
-    /// reads are not checked against READ.
+    /// reads are not checked against READ. Unlike the kernel, which may
+    /// have copied the first areas when it meets a bad one, the whole range
+    /// is checked before `f` is called: a refused DMA touches nothing.
     pub fn access(
         &self,
         iova: u64,
@@ -502,10 +504,13 @@ impl IoPagetable {
             return Err(IoptError::Invalid("zero length"));
         }
         let last = last_of(iova, len)?;
-        self.for_each_contig(iova, last, |area, cur, end| {
+        self.for_each_contig(iova, last, |area, _, _| {
             if write && !area.prot.write {
                 return Err(IoptError::Permission);
             }
+            Ok(())
+        })?;
+        self.for_each_contig(iova, last, |area, cur, end| {
             f(area.user_va_of(cur), cur - iova, end - cur + 1)
         })
     }

@@ -426,6 +426,96 @@ mod tests {
         assert_eq!(report.counts(), (crate::conformance::CASES.len(), 0, 0));
     }
 
+    /// User memory backed by a byte vector at a fixed base address.
+    struct Mem {
+        base: u64,
+        bytes: std::cell::RefCell<Vec<u8>>,
+    }
+
+    impl UserMemory for Mem {
+        fn read(&self, user_va: u64, buf: &mut [u8]) -> Result<()> {
+            let off = user_va.checked_sub(self.base).ok_or(IoptError::Fault)? as usize;
+            let src = self.bytes.borrow();
+            let src = src.get(off..off + buf.len()).ok_or(IoptError::Fault)?;
+            buf.copy_from_slice(src);
+            Ok(())
+        }
+        fn write(&self, user_va: u64, buf: &[u8]) -> Result<()> {
+            let off = user_va.checked_sub(self.base).ok_or(IoptError::Fault)? as usize;
+            let mut dst = self.bytes.borrow_mut();
+            let dst = dst.get_mut(off..off + buf.len()).ok_or(IoptError::Fault)?;
+            dst.copy_from_slice(buf);
+            Ok(())
+        }
+    }
+
+    fn mapped() -> (ModelIommufd, IoasId, Mem) {
+        let mem = Mem {
+            base: 0x10_0000,
+            bytes: std::cell::RefCell::new(vec![0; 4 * PAGE_SIZE as usize]),
+        };
+        let mut m = ModelIommufd::new();
+        let ioas = m.ioas_alloc().unwrap();
+        // Two areas back to back, the second read-only, over swapped pages.
+        let map = |m: &mut ModelIommufd, iova, user_va, prot| {
+            m.map(
+                ioas,
+                MapRequest {
+                    iova: Some(iova),
+                    user_va,
+                    length: PAGE_SIZE,
+                    prot,
+                },
+            )
+            .unwrap();
+        };
+        map(&mut m, 0x1000, 0x10_0000 + PAGE_SIZE, Prot::RW);
+        map(&mut m, 0x2000, 0x10_0000, Prot::READ);
+        (m, ioas, mem)
+    }
+
+    #[test]
+    fn access_goes_through_contiguous_areas_to_their_memory() {
+        let (m, ioas, mem) = mapped();
+        mem.bytes.borrow_mut()[0] = 0xaa;
+        mem.bytes.borrow_mut()[PAGE_SIZE as usize - 1] = 0xbb;
+        let mut buf = [0u8; 2];
+        m.access_read(ioas, 0x1fff, &mut buf, &mem).unwrap();
+        // 0x1fff is the last byte of page 1 of the memory, 0x2000 the first of page 0.
+        assert_eq!(buf, [0, 0xaa]);
+        m.access_write(ioas, 0x1000, &[1, 2, 3], &mem).unwrap();
+        assert_eq!(
+            &mem.bytes.borrow()[PAGE_SIZE as usize..PAGE_SIZE as usize + 3],
+            &[1, 2, 3]
+        );
+    }
+
+    #[test]
+    fn access_refuses_writes_to_read_only_areas_gaps_and_zero_lengths() {
+        let (m, ioas, mem) = mapped();
+        assert_eq!(
+            m.access_write(ioas, 0x1ffe, &[0; 4], &mem),
+            Err(IoptError::Permission)
+        );
+        let mut buf = [0u8; 4];
+        assert_eq!(
+            m.access_read(ioas, 0x2ffe, &mut buf, &mem)
+                .unwrap_err()
+                .errno(),
+            crate::Errno::ENOENT
+        );
+        assert_eq!(
+            m.access_read(ioas, 0x1000, &mut [], &mem)
+                .unwrap_err()
+                .errno(),
+            crate::Errno::EINVAL
+        );
+        // Nothing was written by the refused write.
+        assert!(mem.bytes.borrow()[PAGE_SIZE as usize..]
+            .iter()
+            .all(|&b| b == 0));
+    }
+
     #[test]
     fn a_failing_case_is_reported() {
         /// A fixture whose iommufd forgets every map.
