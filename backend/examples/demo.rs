@@ -71,10 +71,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     let t = backend.with_device(|d| d.translate(ENDPOINT, iova + 6, false));
-    println!(
-        "translate endpoint {ENDPOINT:#x} iova {:#x}: {t}",
-        iova + 6
-    );
+    println!("translate endpoint {ENDPOINT:#x} iova {:#x}: {t}", iova + 6);
 
     // A batch: 256 page mappings, one kick.
     let reqs: Vec<Request> = (0..256u64)
@@ -103,10 +100,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         vm.unmap(DOMAIN, iova, iova + 0xffff)?
     );
     let t = backend.with_device(|d| d.translate(ENDPOINT, iova + 6, false));
-    println!(
-        "translate endpoint {ENDPOINT:#x} iova {:#x}: {t}",
-        iova + 6
-    );
+    println!("translate endpoint {ENDPOINT:#x} iova {:#x}: {t}", iova + 6);
     println!(
         "DETACH endpoint {ENDPOINT:#x}: {:?}",
         vm.detach(DOMAIN, ENDPOINT)?
