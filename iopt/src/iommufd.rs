@@ -160,3 +160,41 @@ pub trait Iommufd {
     /// just this device).
     fn device_iova_ranges(&mut self, dev: DeviceId) -> Result<Vec<IovaRange>>;
 }
+
+/// A boxed implementation is one too, so a daemon can choose the model or
+/// the kernel at run time.
+impl<T: Iommufd + ?Sized> Iommufd for Box<T> {
+    fn ioas_alloc(&mut self) -> Result<IoasId> {
+        (**self).ioas_alloc()
+    }
+    fn ioas_destroy(&mut self, ioas: IoasId) -> Result<()> {
+        (**self).ioas_destroy(ioas)
+    }
+    fn iova_ranges(&self, ioas: IoasId, out: &mut [IovaRange]) -> Result<IovaRanges> {
+        (**self).iova_ranges(ioas, out)
+    }
+    fn allow_iovas(&mut self, ioas: IoasId, allowed: &[IovaRange]) -> Result<()> {
+        (**self).allow_iovas(ioas, allowed)
+    }
+    fn map(&mut self, ioas: IoasId, req: MapRequest) -> Result<u64> {
+        (**self).map(ioas, req)
+    }
+    fn copy(&mut self, req: CopyRequest) -> Result<u64> {
+        (**self).copy(req)
+    }
+    fn unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64> {
+        (**self).unmap(ioas, iova, length)
+    }
+    fn option(&mut self, option: Option_, op: OptionOp) -> Result<u64> {
+        (**self).option(option, op)
+    }
+    fn attach(&mut self, dev: DeviceId, ioas: IoasId) -> Result<()> {
+        (**self).attach(dev, ioas)
+    }
+    fn detach(&mut self, dev: DeviceId) -> Result<()> {
+        (**self).detach(dev)
+    }
+    fn device_iova_ranges(&mut self, dev: DeviceId) -> Result<Vec<IovaRange>> {
+        (**self).device_iova_ranges(dev)
+    }
+}

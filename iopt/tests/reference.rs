@@ -267,3 +267,18 @@ proptest! {
         }
     }
 }
+
+/// The conformance suite against the kernel, where this machine has
+/// `/dev/iommu` (set `IOPT_VFIO_DEVICE` to a VFIO cdev for the device
+/// cases). Says why when it skips.
+#[test]
+fn kernel_passes_the_conformance_suite_where_dev_iommu_exists() {
+    let iommufd = std::path::PathBuf::from("/dev/iommu");
+    if !iommufd.exists() {
+        eprintln!("kernel conformance: skipped: no /dev/iommu on this machine");
+        return;
+    }
+    let device = std::env::var_os("IOPT_VFIO_DEVICE").map(Into::into);
+    let report = iopt::conformance::run_all(&iopt::kernel::KernelFixture { iommufd, device });
+    report.assert_all_passed();
+}

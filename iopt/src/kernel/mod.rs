@@ -5,9 +5,11 @@
 //! into the same [`IoptError`] the model returns for that failure. Devices
 //! are VFIO cdev files (`/dev/vfio/devices/vfioN`) bound to this iommufd.
 
+mod fixture;
 mod uapi;
 mod vfio;
 
+pub use fixture::KernelFixture;
 pub use vfio::VfioDevice;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,38 @@
+//! The conformance suite's fixture for the kernel: a fresh `/dev/iommu`
+//! file per case, with the VFIO device bound to it when one is given.
+
+use std::path::PathBuf;
+
+use crate::conformance::{Fixture, Session};
+
+use super::{KernelIommufd, VfioDevice};
+
+/// Runs the cases on the real kernel.
+#[derive(Clone, Debug)]
+pub struct KernelFixture {
+    /// `/dev/iommu`.
+    pub iommufd: PathBuf,
+    /// A VFIO cdev (`/dev/vfio/devices/vfioN`) for the device cases; each
+    /// case opens and binds it anew (a cdev can be bound through one open
+    /// file at a time, so the previous case's file must be closed first,
+    /// which dropping its session does).
+    pub device: Option<PathBuf>,
+}
+
+impl Fixture for KernelFixture {
+    fn name(&self) -> &str {
+        "kernel"
+    }
+
+    fn open(&self) -> Session {
+        let mut fd = KernelIommufd::open(&self.iommufd).expect("open /dev/iommu");
+        let device = self.device.as_ref().map(|p| {
+            let dev = VfioDevice::open(p).expect("open the VFIO device");
+            fd.bind(dev).expect("bind the VFIO device")
+        });
+        Session {
+            fd: Box::new(fd),
+            device,
+        }
+    }
+}
