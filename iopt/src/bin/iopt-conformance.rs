@@ -41,10 +41,7 @@ fn main() -> ExitCode {
     let kernel = run_all(&KernelFixture { iommufd, device });
     let mut disagree = 0;
     for ((name, m), (_, k)) in model.outcomes.iter().zip(&kernel.outcomes) {
-        let agree = match (m, k) {
-            (Outcome::Failed(_), _) | (_, Outcome::Failed(_)) => false,
-            _ => true,
-        };
+        let agree = !matches!((m, k), (Outcome::Failed(_), _) | (_, Outcome::Failed(_)));
         if !agree {
             disagree += 1;
         }
