@@ -1,0 +1,123 @@
+#!/bin/sh
+# Build a busybox initramfs for the guest tests.
+set -eu
+
+usage() {
+    cat <<USAGE
+usage: scripts/guest/build-initramfs.sh --out FILE [--kernel-dir DIR | --no-modules]
+                                        [--add SRC[:DEST]]... [--help]
+
+Builds a gzip'd cpio initramfs: a static busybox (Debian's busybox-static,
+fetched with apt-get download and cached), the kernel modules of --kernel-dir
+(default: scripts/guest/fetch-kernel.sh --print-path) loaded in their order,
+extra files (--add, e.g. test scripts or static test programs; DEST defaults
+to /tests/<name>), and an /init that:
+  - mounts proc, sysfs, devtmpfs, tmpfs on /tmp, loads the modules;
+  - runs /tests/<NAME> for the kernel parameter vui.test=NAME (it gets the
+    rest of the command line's vui.* parameters in its environment as
+    VUI_<KEY>=VALUE), else prints a short system summary;
+  - prints "VUI-GUEST-DONE rc=<exit status>" and powers off.
+scripts/guest/run-guest.sh boots it and exits with that status.
+USAGE
+}
+
+OUT="" KDIR="" NOMOD=0 ADDS=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --help|-h) usage; exit 0 ;;
+        --out) shift; OUT=${1:?--out needs a file} ;;
+        --kernel-dir) shift; KDIR=${1:?--kernel-dir needs a directory} ;;
+        --no-modules) NOMOD=1 ;;
+        --add) shift; ADDS="$ADDS ${1:?--add needs SRC[:DEST]}" ;;
+        *) echo "build-initramfs.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
+    esac
+    shift
+done
+[ -n "$OUT" ] || { usage >&2; exit 2; }
+
+say() { echo "build-initramfs: $*" >&2; }
+die() { say "error: $*"; exit 1; }
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-iommu/guest
+
+# busybox, cached.
+BUSYBOX=$ROOT/busybox/busybox
+if [ ! -x "$BUSYBOX" ]; then
+    mkdir -p "$ROOT/busybox"
+    say "downloading busybox-static"
+    (cd "$ROOT/busybox" && apt-get download -q busybox-static >&2)
+    tmp=$(mktemp -d)
+    dpkg-deb -x "$(ls -t "$ROOT"/busybox/busybox-static_*.deb | head -n1)" "$tmp"
+    cp "$tmp/bin/busybox" "$BUSYBOX.tmp"
+    rm -rf "$tmp"
+    mv "$BUSYBOX.tmp" "$BUSYBOX"
+fi
+command -v cpio >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cpio >/dev/null
+
+STAGE=$(mktemp -d)
+trap 'rm -rf "$STAGE"' EXIT
+mkdir -p "$STAGE/bin" "$STAGE/dev" "$STAGE/proc" "$STAGE/sys" "$STAGE/tmp" "$STAGE/etc" \
+    "$STAGE/lib/modules" "$STAGE/tests"
+cp "$BUSYBOX" "$STAGE/bin/busybox"
+ln -s busybox "$STAGE/bin/sh"
+mknod -m 600 "$STAGE/dev/console" c 5 1 2>/dev/null || true
+: >"$STAGE/etc/modules.order"
+if [ "$NOMOD" = 0 ]; then
+    [ -n "$KDIR" ] || KDIR=$("$HERE/fetch-kernel.sh" --print-path) ||
+        die "no guest kernel: run scripts/guest/fetch-kernel.sh"
+    cp "$KDIR"/modules/*.ko "$STAGE/lib/modules/"
+    cp "$KDIR/modules.order" "$STAGE/etc/modules.order"
+fi
+for spec in $ADDS; do
+    src=${spec%%:*}
+    dest=${spec#*:}
+    [ "$dest" = "$spec" ] && dest=/tests/$(basename "$src")
+    [ -e "$src" ] || die "--add: no such file: $src"
+    mkdir -p "$STAGE$(dirname "$dest")"
+    cp "$src" "$STAGE$dest"
+done
+
+cat >"$STAGE/init" <<'INIT'
+#!/bin/sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+for m in $(cat /etc/modules.order); do
+    insmod "/lib/modules/$m" || echo "VUI: insmod $m failed"
+done
+# vui.KEY=VALUE kernel parameters become VUI_KEY=VALUE in the environment.
+for p in $(cat /proc/cmdline); do
+    case "$p" in
+        vui.*=*) k=${p%%=*}; k=${k#vui.}; export "VUI_$(echo "$k" | tr a-z.- A-Z__)=${p#*=}" ;;
+    esac
+done
+rc=0
+if [ -n "${VUI_TEST:-}" ]; then
+    if [ -x "/tests/$VUI_TEST" ]; then
+        "/tests/$VUI_TEST"
+        rc=$?
+    else
+        echo "VUI: no test /tests/$VUI_TEST"
+        rc=127
+    fi
+else
+    echo "VUI: kernel $(uname -r); no vui.test given"
+    dmesg | grep -iE 'iommu|viot' | head -n 20
+    for g in /sys/kernel/iommu_groups/*; do
+        [ -d "$g" ] && echo "VUI: group $(basename "$g"): $(ls "$g/devices" | tr '\n' ' ')"
+    done
+fi
+echo "VUI-GUEST-DONE rc=$rc"
+sync
+poweroff -f
+INIT
+chmod +x "$STAGE/init" "$STAGE"/tests/* 2>/dev/null || true
+
+mkdir -p "$(dirname "$OUT")"
+(cd "$STAGE" && find . | sort | cpio -o -H newc --quiet -R 0:0) | gzip -1 >"$OUT.tmp"
+mv "$OUT.tmp" "$OUT"
+say "wrote $OUT ($(du -k "$OUT" | cut -f1) KiB)"
+echo "$OUT"

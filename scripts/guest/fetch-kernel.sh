@@ -1,0 +1,108 @@
+#!/bin/sh
+# Fetch Debian's 6.12 amd64 kernel and the modules the guest tests load, and
+# cache them (decompressed, with their load order).
+set -eu
+
+usage() {
+    cat <<USAGE
+usage: scripts/guest/fetch-kernel.sh [--help] [--print-path]
+
+Downloads Debian's newest linux-image-6.12.*-amd64-unsigned with apt-get
+download (apt sources derived from this machine's own list), checks that its
+config has VIRTIO_IOMMU=m and ACPI_VIOT=y, and caches under
+  \${XDG_CACHE_HOME:-\$HOME/.cache}/vhost-user-iommu/guest/kernel-<version>/
+    vmlinuz  config  modules/*.ko (decompressed)  modules.order (load order)
+The cache directory is the last line on stdout. A second run reuses it.
+
+  --print-path   print the cache directory if it is complete, else fail
+USAGE
+}
+
+PRINT=0
+for a in "$@"; do
+    case "$a" in
+        --help|-h) usage; exit 0 ;;
+        --print-path) PRINT=1 ;;
+        *) echo "fetch-kernel.sh: unknown argument $a" >&2; usage >&2; exit 2 ;;
+    esac
+done
+
+say() { echo "fetch-kernel: $*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+ROOT=${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-iommu/guest
+# Modules the guest tests need; their dependencies come from modules.dep.
+WANT="virtio_pci virtio_iommu virtio_blk vfio_pci vfio_iommu_type1"
+
+pkg_name() {
+    apt-cache search --names-only '^linux-image-6\.12\.[0-9]+\+[a-z0-9]+-amd64-unsigned$' 2>/dev/null |
+        awk '{print $1}' | sort -V | tail -n1
+}
+
+PKG=$(pkg_name)
+if [ -z "$PKG" ]; then
+    [ "$PRINT" = 1 ] && die "no 6.12 kernel known to apt; run without --print-path"
+    HERE=$(cd "$(dirname "$0")/.." && pwd)
+    . "$HERE/lib/apt-sources.sh"
+    ensure_backports_sources
+    apt-get update -qq
+    PKG=$(pkg_name)
+fi
+[ -n "$PKG" ] || die "apt knows no linux-image-6.12.*-amd64-unsigned"
+KVER=${PKG#linux-image-}
+KVER=${KVER%-unsigned}
+OUT=$ROOT/kernel-$KVER
+
+if [ -f "$OUT/.complete" ]; then
+    [ "$PRINT" = 1 ] || say "cached: $KVER"
+    echo "$OUT"
+    exit 0
+fi
+[ "$PRINT" = 1 ] && die "not fetched yet: $OUT"
+
+mkdir -p "$ROOT/downloads"
+exec 9>"$ROOT/.lock"
+flock 9
+say "downloading $PKG"
+(cd "$ROOT/downloads" && apt-get download -q "$PKG" >&2)
+DEB=$(ls -t "$ROOT/downloads/${PKG}"_*.deb | head -n1)
+
+WORK=$(mktemp -d "$ROOT/work.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+dpkg-deb -x "$DEB" "$WORK"
+CONFIG=$WORK/boot/config-$KVER
+grep -q '^CONFIG_VIRTIO_IOMMU=[ym]' "$CONFIG" || die "$KVER has no CONFIG_VIRTIO_IOMMU"
+grep -q '^CONFIG_ACPI_VIOT=y' "$CONFIG" || die "$KVER has no CONFIG_ACPI_VIOT=y"
+
+MODDIR=$WORK/lib/modules/$KVER
+# The package ships no modules.dep (depmod makes it at install time).
+command -v depmod >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kmod >/dev/null
+depmod -b "$WORK" "$KVER"
+rm -rf "$OUT.tmp"
+mkdir -p "$OUT.tmp/modules"
+: >"$OUT.tmp/modules.order"
+# modprobe lists each module after its dependencies ("insmod PATH"), and
+# "builtin NAME" for what is in the kernel.
+for m in $WANT; do
+    modprobe -d "$WORK" -S "$KVER" --show-depends "$m" >"$WORK/deps" || die "no module $m in $KVER"
+    while read -r kind path _; do
+        [ "$kind" = insmod ] || continue
+        name=$(basename "$path"); name=${name%%.ko*}
+        grep -qx "$name.ko" "$OUT.tmp/modules.order" && continue
+        case "$path" in
+            *.ko.xz) xz -dc "$path" >"$OUT.tmp/modules/$name.ko" ;;
+            *.ko.zst) zstd -qdc "$path" >"$OUT.tmp/modules/$name.ko" ;;
+            *.ko.gz) gzip -dc "$path" >"$OUT.tmp/modules/$name.ko" ;;
+            *) cp "$path" "$OUT.tmp/modules/$name.ko" ;;
+        esac
+        echo "$name.ko" >>"$OUT.tmp/modules.order"
+    done <"$WORK/deps"
+done
+cp "$WORK/boot/vmlinuz-$KVER" "$OUT.tmp/vmlinuz"
+cp "$CONFIG" "$OUT.tmp/config"
+echo "$KVER" >"$OUT.tmp/version"
+touch "$OUT.tmp/.complete"
+rm -rf "$OUT"
+mv "$OUT.tmp" "$OUT"
+say "kernel $KVER with modules: $(tr '\n' ' ' <"$OUT/modules.order")"
+echo "$OUT"
