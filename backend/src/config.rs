@@ -102,7 +102,8 @@ pub struct RawConfig {
     pub domain_range: Option<String>,
     pub msi_window: Option<String>,
     pub probe_size: Option<u32>,
-    pub bypass: bool,
+    /// Boot bypass; `None` = on, as QEMU's own virtio-iommu (`boot-bypass`).
+    pub bypass: Option<bool>,
 }
 
 /// A checked configuration.
@@ -113,8 +114,8 @@ pub struct Config {
 }
 
 impl RawConfig {
-    /// Check every value; defaults are [`DeviceConfig::default`] and every
-    /// PCI requester ID (`0-0xffff`) as an endpoint.
+    /// Check every value; defaults are [`DeviceConfig::default`] with boot
+    /// bypass on, and every PCI requester ID (`0-0xffff`) as an endpoint.
     pub fn check(&self) -> Result<Config, ConfigError> {
         let mut device = DeviceConfig::default();
         if let Some(s) = &self.page_size_mask {
@@ -144,7 +145,9 @@ impl RawConfig {
             }
             device.probe_size = p;
         }
-        device.bypass = self.bypass;
+        // Firmware and early boot DMA must work before the guest's driver
+        // runs: bypass at power-on, as QEMU's virtio-iommu does by default.
+        device.bypass = self.bypass.unwrap_or(true);
         let endpoints = parse_endpoints(self.endpoints.as_deref().unwrap_or("0-0xffff"))?;
         Ok(Config { device, endpoints })
     }
@@ -198,7 +201,13 @@ mod tests {
     fn defaults_cover_every_requester_id() {
         let c = RawConfig::default().check().unwrap();
         assert_eq!(c.endpoints.len(), 0x1_0000);
-        assert_eq!(c.device, DeviceConfig::default());
+        assert_eq!(
+            c.device,
+            DeviceConfig {
+                bypass: true,
+                ..DeviceConfig::default()
+            }
+        );
     }
 
     #[test]

@@ -66,8 +66,10 @@ struct Cli {
     #[arg(long, value_name = "BYTES")]
     probe_size: Option<u32>,
 
-    /// Endpoints not attached to a domain bypass translation at boot.
-    #[arg(long)]
+    /// Whether endpoints not attached to a domain bypass translation at
+    /// power-on (the config space's `bypass`; firmware DMA needs it). On by
+    /// default, as QEMU's own virtio-iommu.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     bypass: bool,
 
     /// How domains are implemented.
@@ -107,7 +109,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         domain_range: cli.domain_range,
         msi_window: cli.msi_window,
         probe_size: cli.probe_size,
-        bypass: cli.bypass,
+        bypass: Some(cli.bypass),
     }
     .check()?;
     let factory = emulated::device_factory(&config)?;

@@ -108,6 +108,8 @@ fn config_space_says_what_the_flags_asked() {
             "1-100",
             "--probe-size",
             "256",
+            "--bypass",
+            "false",
         ],
     );
     let mut vm = d.connect();
@@ -233,7 +235,7 @@ fn endpoints_move_between_domains_and_domains_die_with_their_last_endpoint() {
 
 #[test]
 fn bypass_domains_take_no_mappings_and_the_bypass_bit_is_writable() {
-    let d = Daemon::start("bypass", &["--endpoints", "8"]);
+    let d = Daemon::start("bypass", &["--endpoints", "8", "--bypass", "false"]);
     let mut vm = d.connect();
     let buf = vm.ram().alloc(0x1000, 0x1000).unwrap();
     assert_eq!(vm.attach(1, 8, 1).unwrap(), Status::Ok);

@@ -1,1 +1,306 @@
-//! Real QEMU + Linux guest tests (being written).
+//! Real QEMU, real Linux guest: the harness of the guest tests.
+//!
+//! A test boots the Debian guest kernel under TCG with an initramfs holding
+//! the guest-side scripts of `qemu-tests/guest/`, behind one of two
+//! vIOMMUs, and reads what the guest printed:
+//! - [`Viommu::Ours`]: the project's `vhost-user-iommu` device (the patched
+//!   QEMU of `scripts/qemu/`) served by the daemon, run in this process so the
+//!   test can read its counters;
+//! - [`Viommu::Qemu`]: QEMU's own in-process `virtio-iommu-pci`, the
+//!   reference every test also runs against.
+//!
+//! The tier is slow (a boot is tens of seconds under TCG), so the tests run
+//! only when `VUI_QEMU_TESTS=1` (set by `scripts/qemu-tests.sh`, which also
+//! builds QEMU and fetches the kernel); otherwise each says it skipped and why.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vhost_user_iommu::config::RawConfig;
+use vhost_user_iommu::emulated;
+use vhost_user_iommu::mirror::MirrorServer;
+use vhost_user_iommu::serve::{ServeError, Server, SocketSource, Stopper};
+use vhost_user_iommu::vhu_iommu::{BackendHooks, IommuBackend};
+
+/// Which vIOMMU the guest gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Viommu {
+    Ours,
+    Qemu,
+}
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Why the tier cannot run, if it cannot.
+pub fn skip_reason() -> Option<String> {
+    if std::env::var("VUI_QEMU_TESTS").as_deref() != Ok("1") {
+        return Some("guest tests run from scripts/qemu-tests.sh (VUI_QEMU_TESTS=1)".into());
+    }
+    if qemu().is_none() {
+        return Some("the patched QEMU is not built (scripts/qemu/build-qemu.sh)".into());
+    }
+    if kernel_dir().is_none() {
+        return Some("the guest kernel is not fetched (scripts/guest/fetch-kernel.sh)".into());
+    }
+    None
+}
+
+/// Skip the calling test, saying why, if the tier cannot run.
+#[macro_export]
+macro_rules! skip_unless_ready {
+    () => {
+        if let Some(why) = $crate::skip_reason() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+}
+
+fn script_output(script: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(repo().join(script))
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or("")
+            .to_string()
+    })
+}
+
+/// The patched QEMU binary.
+pub fn qemu() -> Option<PathBuf> {
+    static Q: OnceLock<Option<PathBuf>> = OnceLock::new();
+    Q.get_or_init(|| {
+        script_output("scripts/qemu/build-qemu.sh", &["--print-path"]).map(PathBuf::from)
+    })
+    .clone()
+}
+
+/// The cached guest kernel directory.
+pub fn kernel_dir() -> Option<PathBuf> {
+    static K: OnceLock<Option<PathBuf>> = OnceLock::new();
+    K.get_or_init(|| {
+        script_output("scripts/guest/fetch-kernel.sh", &["--print-path"]).map(PathBuf::from)
+    })
+    .clone()
+}
+
+/// A scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vui-qemu-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+/// The initramfs with every guest script, built once per test run.
+pub fn initramfs() -> PathBuf {
+    static I: OnceLock<PathBuf> = OnceLock::new();
+    I.get_or_init(|| {
+        let out = std::env::temp_dir().join(format!("vui-qemu-{}-initrd.gz", std::process::id()));
+        let mut cmd = Command::new(repo().join("scripts/guest/build-initramfs.sh"));
+        cmd.arg("--out").arg(&out);
+        for e in std::fs::read_dir(repo().join("qemu-tests/guest")).expect("guest scripts") {
+            cmd.arg("--add").arg(e.expect("dir entry").path());
+        }
+        let st = cmd.status().expect("run build-initramfs.sh");
+        assert!(st.success(), "build-initramfs.sh failed");
+        out
+    })
+    .clone()
+}
+
+/// The daemon, in this process, with its mirror.
+pub struct Daemon {
+    pub backend: IommuBackend,
+    pub socket: PathBuf,
+    pub mirror: PathBuf,
+    stopper: Stopper,
+    thread: Option<JoinHandle<Result<(), ServeError>>>,
+    _mirror_server: MirrorServer,
+}
+
+impl Daemon {
+    /// Start serving in `dir` with the default configuration.
+    pub fn start(dir: &Path) -> Self {
+        let config = RawConfig::default().check().expect("default config");
+        let factory = emulated::device_factory(&config).expect("device");
+        let socket = dir.join("viommu.sock");
+        let mirror = dir.join("viommu-mirror.sock");
+        let hooks = Arc::new(BackendHooks::default());
+        let mirror_server = MirrorServer::start(&mirror, config.device.bypass, hooks.clone())
+            .expect("mirror socket");
+        let backend = IommuBackend::new(factory, mirror_server.handle());
+        let _ = hooks.0.set(backend.clone());
+        let server = Server::bind(&SocketSource::Path(socket.clone())).expect("vhost-user socket");
+        let stopper = server.stopper();
+        let b = backend.clone();
+        let thread = Some(std::thread::spawn(move || server.run(&b)));
+        Self {
+            backend,
+            socket,
+            mirror,
+            stopper,
+            thread,
+            _mirror_server: mirror_server,
+        }
+    }
+
+    /// The device model's counters.
+    pub fn stats(&self) -> virtio_iommu::Stats {
+        self.backend.stats().0
+    }
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("socket", &self.socket)
+            .field("mirror", &self.mirror)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stopper.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What a guest run produced.
+#[derive(Debug)]
+pub struct Run {
+    pub status: i32,
+    pub output: String,
+    pub took: Duration,
+}
+
+impl Run {
+    /// Lines starting with `prefix`.
+    pub fn lines(&self, prefix: &str) -> Vec<&str> {
+        self.output
+            .lines()
+            .filter_map(|l| l.find(prefix).map(|i| &l[i..]))
+            .collect()
+    }
+
+    /// Panic with the guest output unless it passed.
+    #[track_caller]
+    pub fn assert_passed(&self, what: &str) {
+        assert!(
+            self.status == 0,
+            "{what}: guest exited {} after {:?}\n{}",
+            self.status,
+            self.took,
+            self.output
+        );
+    }
+}
+
+/// A guest to boot.
+#[derive(Debug)]
+pub struct Guest {
+    pub viommu: Viommu,
+    pub test: &'static str,
+    /// Extra kernel parameters.
+    pub append: String,
+    /// A raw disk image behind the vIOMMU (virtio-blk, iommu_platform=on).
+    pub disk: Option<PathBuf>,
+    pub timeout: Duration,
+}
+
+impl Guest {
+    pub fn new(viommu: Viommu, test: &'static str) -> Self {
+        Self {
+            viommu,
+            test,
+            append: String::new(),
+            disk: None,
+            timeout: Duration::from_secs(600),
+        }
+    }
+
+    /// Boot it (with `daemon` for [`Viommu::Ours`]) and wait for the end.
+    pub fn run(&self, daemon: Option<&Daemon>) -> Run {
+        const MEM: &str = "1G";
+        let mut args: Vec<String> = Vec::new();
+        match self.viommu {
+            Viommu::Ours => {
+                let d = daemon.expect("our vIOMMU needs the daemon");
+                args.extend(
+                    [
+                        "-object",
+                        &format!("memory-backend-memfd,id=mem,size={MEM},share=on"),
+                        "-numa",
+                        "node,memdev=mem",
+                        "-chardev",
+                        &format!("socket,id=c0,path={}", d.socket.display()),
+                        "-chardev",
+                        &format!("socket,id=m0,path={},reconnect-ms=1000", d.mirror.display()),
+                        "-device",
+                        "vhost-user-iommu,chardev=c0,mirror=m0",
+                    ]
+                    .map(String::from),
+                );
+            }
+            Viommu::Qemu => args.extend(["-device", "virtio-iommu-pci"].map(String::from)),
+        }
+        if let Some(disk) = &self.disk {
+            args.extend(
+                [
+                    "-drive",
+                    &format!(
+                        "if=none,id=d0,file={},format=raw,cache=none",
+                        disk.display()
+                    ),
+                    "-device",
+                    "virtio-blk-pci,drive=d0,iommu_platform=on,disable-legacy=on",
+                ]
+                .map(String::from),
+            );
+        }
+        let start = Instant::now();
+        let out = Command::new(repo().join("scripts/guest/run-guest.sh"))
+            .arg("--initrd")
+            .arg(initramfs())
+            .arg("--memory")
+            .arg(MEM)
+            .arg("--timeout")
+            .arg(self.timeout.as_secs().to_string())
+            .arg("--append")
+            .arg(format!("vui.test={} {}", self.test, self.append))
+            .arg("--")
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run-guest.sh");
+        let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
+        output.push_str(&String::from_utf8_lossy(&out.stderr));
+        Run {
+            status: out.status.code().unwrap_or(-1),
+            output,
+            took: start.elapsed(),
+        }
+    }
+}
+
+/// A zeroed raw disk image of `mib` MiB.
+pub fn disk_image(dir: &Path, mib: u64) -> PathBuf {
+    let p = dir.join("disk.img");
+    let f = std::fs::File::create(&p).expect("disk image");
+    f.set_len(mib << 20).expect("disk size");
+    p
+}

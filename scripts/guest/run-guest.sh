@@ -48,7 +48,7 @@ set +e
 timeout --foreground "$TIMEOUT" "$QEMU" -M q35 -accel tcg -smp 2 -m "$MEM" \
     -nographic -no-reboot -nic none -L /usr/share/seabios -L /usr/share/qemu \
     -kernel "$KERNEL" -initrd "$INITRD" \
-    -append "console=ttyS0 panic=-1 loglevel=4 $APPEND" "$@" </dev/null 2>&1 | tee "$LOG"
+    -append "console=ttyS0 panic=-1 loglevel=4 edd=off $APPEND" "$@" </dev/null 2>&1 | tee "$LOG"
 status=$?
 set -e
 rc=$(sed -n 's/.*VUI-GUEST-DONE rc=\([0-9]*\).*/\1/p' "$LOG" | tail -n1)

@@ -1,0 +1,113 @@
+//! The guest tests of issue 4: each runs against our device and against
+//! QEMU's in-process virtio-iommu-pci in the same run.
+
+use qemu_tests::{disk_image, scratch, skip_unless_ready, Daemon, Guest, Viommu};
+
+fn run_both(
+    name: &str,
+    make: impl Fn(Viommu, &std::path::Path) -> Guest,
+    check: impl Fn(Viommu, &qemu_tests::Run, Option<&Daemon>),
+) {
+    for viommu in [Viommu::Qemu, Viommu::Ours] {
+        let dir = scratch(&format!("{name}-{viommu:?}"));
+        let daemon = (viommu == Viommu::Ours).then(|| Daemon::start(&dir));
+        let guest = make(viommu, &dir);
+        let run = guest.run(daemon.as_ref());
+        eprintln!(
+            "{name} on {viommu:?}: status {} in {:.1?}",
+            run.status, run.took
+        );
+        for l in run.lines("VUI-CHECK") {
+            eprintln!("  {l}");
+        }
+        if let Some(d) = &daemon {
+            eprintln!("  daemon: {}", d.stats());
+        }
+        run.assert_passed(&format!("{name} on {viommu:?}"));
+        check(viommu, &run, daemon.as_ref());
+    }
+}
+
+#[test]
+fn the_driver_binds_and_groups_show_the_msi_window() {
+    skip_unless_ready!();
+    run_both(
+        "bind",
+        |v, dir| {
+            let mut g = Guest::new(v, "bind.sh");
+            g.disk = Some(disk_image(dir, 16));
+            g
+        },
+        |_, run, daemon| {
+            assert!(!run.lines("VUI-GROUP").is_empty());
+            if let Some(d) = daemon {
+                assert!(
+                    d.stats().ok[1] > 0,
+                    "the daemon saw no ATTACH: {}",
+                    d.stats()
+                );
+            }
+        },
+    );
+}
+
+fn dma(name: &str, append: &'static str, expect_maps: bool) {
+    run_both(
+        name,
+        |v, dir| {
+            let mut g = Guest::new(v, "dma.sh");
+            g.disk = Some(disk_image(dir, 80));
+            g.append = append.to_string();
+            g
+        },
+        |_, run, daemon| {
+            assert_eq!(run.lines("VUI-CHECK md5").len(), 1);
+            if let Some(d) = daemon {
+                let s = d.stats();
+                if expect_maps {
+                    assert!(
+                        s.ok[3] > 100 && s.ok[4] > 100,
+                        "too little MAP/UNMAP traffic: {s}"
+                    );
+                }
+            }
+        },
+    );
+}
+
+#[test]
+fn dma_through_the_viommu_in_strict_mode() {
+    skip_unless_ready!();
+    dma("dma-strict", "iommu.strict=1", true);
+}
+
+#[test]
+fn dma_through_the_viommu_in_lazy_mode() {
+    skip_unless_ready!();
+    dma("dma-lazy", "iommu.strict=0", true);
+}
+
+#[test]
+fn dma_with_identity_domains() {
+    skip_unless_ready!();
+    dma("dma-identity", "iommu.passthrough=1", false);
+}
+
+#[test]
+fn unbind_and_rebind_detach_and_attach_again() {
+    skip_unless_ready!();
+    run_both(
+        "rebind",
+        |v, dir| {
+            let mut g = Guest::new(v, "rebind.sh");
+            g.disk = Some(disk_image(dir, 16));
+            g
+        },
+        |_, _, daemon| {
+            if let Some(d) = daemon {
+                let s = d.stats();
+                assert!(s.ok[1] >= 2, "expected a second ATTACH after rebind: {s}");
+            }
+        },
+    );
+}

@@ -1,0 +1,24 @@
+#!/bin/sh
+# Tier 2: the real-QEMU, real-Linux-guest tests (qemu-tests/).
+set -eu
+
+usage() {
+    cat <<USAGE
+usage: scripts/qemu-tests.sh [--help] [TEST-NAME-FILTER]
+
+Builds (or reuses the cache of) the patched QEMU (scripts/qemu/build-qemu.sh,
+~4 min cold) and fetches the Debian guest kernel (scripts/guest/fetch-kernel.sh),
+then runs the guest tests of qemu-tests/ in release mode, one guest at a time.
+Each test boots the guest behind QEMU's virtio-iommu-pci and behind
+vhost-user-iommu (about 40 s per boot under TCG).
+USAGE
+}
+case "${1:-}" in --help|-h) usage; exit 0 ;; esac
+
+cd "$(dirname "$0")/.."
+echo "== qemu-tests: QEMU"
+scripts/qemu/build-qemu.sh >/dev/null
+echo "== qemu-tests: guest kernel"
+scripts/guest/fetch-kernel.sh >/dev/null
+echo "== qemu-tests: guests"
+VUI_QEMU_TESTS=1 cargo test --release --locked -p qemu-tests -- --test-threads=1 --nocapture "$@"
