@@ -10,7 +10,7 @@ Builds (or reuses the cache of) the patched QEMU (scripts/qemu/build-qemu.sh,
 ~4 min cold) and fetches the Debian guest kernel (scripts/guest/fetch-kernel.sh),
 then runs the guest tests of qemu-tests/ in release mode, one guest at a time.
 Each test boots the guest behind QEMU's virtio-iommu-pci and behind
-vhost-user-iommu (about 40 s per boot under TCG).
+vhost-user-iommu (a few seconds per boot under TCG).
 USAGE
 }
 case "${1:-}" in --help|-h) usage; exit 0 ;; esac

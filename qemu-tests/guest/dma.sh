@@ -3,6 +3,7 @@
 # virtio-blk disk, drop the caches, read it back, compare checksums.
 MIB=${VUI_MIB:-64}
 sleep 1
+dmesg | grep -E 'virtio_iommu|iommu group|DMA domain' | sed 's/^/VUI-LOG dmesg: /'
 echo "VUI-LOG iommu cmdline: $(tr ' ' '\n' </proc/cmdline | grep '^iommu' | tr '\n' ' ')"
 [ -b /dev/vda ] || { echo "VUI-FAIL no /dev/vda"; exit 1; }
 grp=$(readlink /sys/block/vda/device/../iommu_group 2>/dev/null || readlink /sys/block/vda/device/iommu_group 2>/dev/null)

@@ -95,9 +95,31 @@ pub fn kernel_dir() -> Option<PathBuf> {
     .clone()
 }
 
-/// A scratch directory for one test.
+/// This process's scratch root, `target/qemu-tests/run-<pid>`. Disk images
+/// are tens of MiB, so the roots of runs whose process is gone are removed
+/// when a new run starts (a run that is still going keeps its own).
+fn run_dir() -> &'static Path {
+    static D: OnceLock<PathBuf> = OnceLock::new();
+    D.get_or_init(|| {
+        let root = repo().join("target/qemu-tests");
+        if let Ok(entries) = std::fs::read_dir(&root) {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let pid = name.to_str().and_then(|n| n.strip_prefix("run-"));
+                if pid.is_some_and(|p| !Path::new("/proc").join(p).exists()) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let d = root.join(format!("run-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("create target/qemu-tests/run-<pid>");
+        d
+    })
+}
+
+/// A fresh scratch directory for one test.
 pub fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vui-qemu-{}-{name}", std::process::id()));
+    let d = run_dir().join(name);
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("scratch dir");
     d
@@ -107,17 +129,44 @@ pub fn scratch(name: &str) -> PathBuf {
 pub fn initramfs() -> PathBuf {
     static I: OnceLock<PathBuf> = OnceLock::new();
     I.get_or_init(|| {
-        let out = std::env::temp_dir().join(format!("vui-qemu-{}-initrd.gz", std::process::id()));
+        let out = run_dir().join("initrd.gz");
         let mut cmd = Command::new(repo().join("scripts/guest/build-initramfs.sh"));
         cmd.arg("--out").arg(&out);
         for e in std::fs::read_dir(repo().join("qemu-tests/guest")).expect("guest scripts") {
             cmd.arg("--add").arg(e.expect("dir entry").path());
+        }
+        for tool in guest_tools() {
+            cmd.arg("--add").arg(tool);
         }
         let st = cmd.status().expect("run build-initramfs.sh");
         assert!(st.success(), "build-initramfs.sh failed");
         out
     })
     .clone()
+}
+
+/// The static guest programs (`guest-tools`), built for the guest: a
+/// static-pie glibc binary runs in the busybox initramfs without libraries.
+pub fn guest_tools() -> Vec<PathBuf> {
+    const TARGET: &str = "x86_64-unknown-linux-gnu";
+    let target_dir = repo().join("target/guest");
+    let st = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "guest-tools",
+            "--target",
+            TARGET,
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .status()
+        .expect("cargo build guest-tools");
+    assert!(st.success(), "building guest-tools failed");
+    vec![target_dir.join(TARGET).join("release/edu-dma")]
 }
 
 /// The daemon, in this process, with its mirror.
@@ -137,6 +186,12 @@ impl Daemon {
         let factory = emulated::device_factory(&config).expect("device");
         let socket = dir.join("viommu.sock");
         let mirror = dir.join("viommu-mirror.sock");
+        // sun_path holds 108 bytes with its NUL.
+        assert!(
+            mirror.as_os_str().len() < 108,
+            "socket path too long for AF_UNIX ({}): check out the repository at a shorter path",
+            mirror.display()
+        );
         let hooks = Arc::new(BackendHooks::default());
         let mirror_server = MirrorServer::start(&mirror, config.device.bypass, hooks.clone())
             .expect("mirror socket");
@@ -219,6 +274,8 @@ pub struct Guest {
     pub append: String,
     /// A raw disk image behind the vIOMMU (virtio-blk, iommu_platform=on).
     pub disk: Option<PathBuf>,
+    /// QEMU's `edu` DMA test device behind the vIOMMU.
+    pub edu: bool,
     pub timeout: Duration,
 }
 
@@ -229,6 +286,7 @@ impl Guest {
             test,
             append: String::new(),
             disk: None,
+            edu: false,
             timeout: Duration::from_secs(600),
         }
     }
@@ -271,6 +329,9 @@ impl Guest {
                 ]
                 .map(String::from),
             );
+        }
+        if self.edu {
+            args.extend(["-device", "edu"].map(String::from));
         }
         let start = Instant::now();
         let out = Command::new(repo().join("scripts/guest/run-guest.sh"))

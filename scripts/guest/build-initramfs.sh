@@ -85,8 +85,18 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
+# insmod, unlike modprobe, does not read MODULE.PARAM=VALUE from the kernel
+# command line: pass those on by hand.
 for m in $(cat /etc/modules.order); do
-    insmod "/lib/modules/$m" || echo "VUI: insmod $m failed"
+    name=$(basename "$m" .ko | tr - _)
+    opts=
+    for p in $(cat /proc/cmdline); do
+        case "$p" in
+            "$name".*=*) opts="$opts ${p#"$name".}" ;;
+        esac
+    done
+    # shellcheck disable=SC2086 # one word per option
+    insmod "/lib/modules/$m" $opts || echo "VUI: insmod $m failed"
 done
 # vui.KEY=VALUE kernel parameters become VUI_KEY=VALUE in the environment.
 for p in $(cat /proc/cmdline); do

@@ -9,7 +9,7 @@ usage: scripts/guest/run-guest.sh --initrd FILE [--kernel FILE] [--qemu PATH]
                                   [--log FILE] [--help] [-- EXTRA-QEMU-ARGS...]
 
 Boots q35 under TCG (this machine's KVM does not boot stock kernels) with
--nographic -no-reboot -nic none, console on ttyS0, the given kernel (default:
+-nodefaults -no-reboot, console on ttyS0, the given kernel (default:
 the cached Debian kernel of fetch-kernel.sh) and initramfs, plus EXTRA-QEMU-ARGS.
 The guest's output goes to stdout (and --log). Exits with the status of the
 guest's "VUI-GUEST-DONE rc=N" line, or 124 on timeout, 125 if the line is missing.
@@ -45,8 +45,11 @@ fi
 [ -n "$LOG" ] || LOG=$(mktemp)
 
 set +e
+# -nodefaults: q35's default AHCI CD-ROM makes SeaBIOS wait out a 32 s
+# command timeout under TCG before it boots the kernel.
 timeout --foreground "$TIMEOUT" "$QEMU" -M q35 -accel tcg -smp 2 -m "$MEM" \
-    -nographic -no-reboot -nic none -L /usr/share/seabios -L /usr/share/qemu \
+    -nodefaults -display none -serial stdio -no-reboot \
+    -L /usr/share/seabios -L /usr/share/qemu \
     -kernel "$KERNEL" -initrd "$INITRD" \
     -append "console=ttyS0 panic=-1 loglevel=4 edd=off $APPEND" "$@" </dev/null 2>&1 | tee "$LOG"
 status=$?
