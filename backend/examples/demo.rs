@@ -28,10 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..Default::default()
     }
     .check()?;
-    let backend = IommuBackend::new(
-        emulated::device_factory(&config)?,
-        MirrorHandle::disconnected(),
-    );
+    let backend = IommuBackend::new(emulated::device(&config)?, MirrorHandle::disconnected());
     let server = Server::bind(&SocketSource::Path(socket.clone()))?;
     let stopper = server.stopper();
     let daemon_backend = backend.clone();

@@ -5,14 +5,12 @@
 //! the MSI doorbell window is reserved (as `iommu_get_resv_regions` reports
 //! it on x86), and its page size is the smallest one of the page size mask.
 
-use std::sync::Arc;
-
 use iopt::model::{MockDevice, ModelIommufd};
 use iopt::{DeviceId, IovaRange};
 use virtio_iommu::Device;
 
 use crate::config::Config;
-use crate::vhu_iommu::{DeviceFactory, IommuDevice};
+use crate::vhu_iommu::IommuDevice;
 
 /// The model with one mock device per endpoint (device ID = endpoint ID).
 pub fn model_for(config: &Config) -> ModelIommufd {
@@ -35,23 +33,13 @@ pub fn model_for(config: &Config) -> ModelIommufd {
     model
 }
 
-/// A factory for the device in its configured power-on state.
-///
-/// Fails once, up front, if the configuration is one the device model
-/// refuses, so that the daemon exits with the reason instead of serving.
-pub fn device_factory(config: &Config) -> Result<Arc<DeviceFactory>, virtio_iommu::ConfigError> {
-    let build = {
-        let config = config.clone();
-        move || {
-            Device::new(
-                config.device,
-                model_for(&config),
-                config.endpoints.iter().map(|&ep| (ep, DeviceId(ep))),
-            )
-        }
-    };
-    build()?;
-    Ok(Arc::new(move || -> IommuDevice {
-        build().expect("the configuration was accepted once")
-    }))
+/// The device in emulated mode, at power-on. Fails if the configuration is
+/// one the device model refuses, so that the daemon exits with the reason
+/// instead of serving.
+pub fn device(config: &Config) -> Result<IommuDevice, virtio_iommu::ConfigError> {
+    Device::new(
+        config.device,
+        Box::new(model_for(config)),
+        config.endpoints.iter().map(|&ep| (ep, DeviceId(ep))),
+    )
 }

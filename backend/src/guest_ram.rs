@@ -39,6 +39,16 @@ impl virtio_iommu::GuestRam for GuestRamView<'_> {
         let base = region.as_ptr() as u64;
         Some(base + offset)
     }
+
+    fn for_each_region(&self, f: &mut dyn FnMut(virtio_iommu::RamRegion)) {
+        for region in self.mem.iter() {
+            f(virtio_iommu::RamRegion {
+                gpa: region.start_addr().raw_value(),
+                len: region.len(),
+                user_va: region.as_ptr() as u64,
+            });
+        }
+    }
 }
 
 #[cfg(test)]

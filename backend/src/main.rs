@@ -112,7 +112,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         bypass: Some(cli.bypass),
     }
     .check()?;
-    let factory = emulated::device_factory(&config)?;
+    let device = emulated::device(&config)?;
     let source = match (cli.socket_path, cli.fd) {
         (Some(p), None) => SocketSource::Path(p),
         (None, Some(fd)) => SocketSource::Fd(fd),
@@ -131,7 +131,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
         None => (None, MirrorHandle::disconnected()),
     };
-    let backend = IommuBackend::new(factory, mirror);
+    let backend = IommuBackend::new(device, mirror);
     let _ = hooks.0.set(backend.clone());
     log::info!(
         "virtio-iommu: {} endpoints, page size mask {:#x}, input range {:#x}-{:#x}",

@@ -208,6 +208,7 @@ impl Server {
         for handler in daemon.get_epoll_handlers() {
             handler.send_exit_event();
         }
+        backend.disconnected();
         match result {
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(

@@ -12,12 +12,12 @@ use std::io::{self, Read, Write};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use iopt::model::ModelIommufd;
+use iopt::Iommufd;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_iommu::{Change, ChangeSink, Device};
+use virtio_iommu::{Change, ChangeSink, Device, NoRam};
 use virtio_queue::QueueT;
 use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -45,8 +45,9 @@ const MAX_PENDING_FAULTS: usize = 64;
 /// declared stuck and closed (then QEMU drops its copy: fail safe).
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The device model the daemon runs.
-pub type IommuDevice = Device<ModelIommufd>;
+/// The device model the daemon runs, over either IOAS implementation
+/// (the in-process model, or the kernel's `/dev/iommu`).
+pub type IommuDevice = Device<Box<dyn Iommufd + Send>>;
 
 /// Counters of the vhost-user side (the model keeps its own).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -92,6 +93,8 @@ struct State {
     /// Reused buffers: no allocation per request once warm.
     sink: RecordSink,
     completed: Vec<(u16, u32)>,
+    /// The device's counters when the last front-end left.
+    last_session: Option<virtio_iommu::Stats>,
 }
 
 /// The virtio-iommu vhost-user backend. Cheap to clone: clones share the
@@ -100,17 +103,11 @@ struct State {
 pub struct IommuBackend {
     state: Arc<Mutex<State>>,
     mirror: MirrorHandle,
-    /// Builds the device as configured, to start every connection from.
-    factory: Arc<DeviceFactory>,
 }
-
-/// Builds a device in its configured power-on state.
-pub type DeviceFactory = dyn Fn() -> IommuDevice + Send + Sync;
 
 impl IommuBackend {
     /// A backend serving `device`, mirroring its changes to `mirror`.
-    pub fn new(factory: Arc<DeviceFactory>, mirror: MirrorHandle) -> Self {
-        let device = factory();
+    pub fn new(device: IommuDevice, mirror: MirrorHandle) -> Self {
         Self {
             state: Arc::new(Mutex::new(State {
                 device,
@@ -121,9 +118,9 @@ impl IommuBackend {
                 stats: QueueStats::default(),
                 sink: RecordSink::default(),
                 completed: Vec::with_capacity(MAX_QUEUE_SIZE),
+                last_session: None,
             })),
             mirror,
-            factory,
         }
     }
 
@@ -134,14 +131,14 @@ impl IommuBackend {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Start over for a new front-end connection: the device as configured,
+    /// Start over for a new front-end connection: the device at power-on,
     /// no memory, no vrings (the old front-end's state is gone). The reset is
     /// mirrored so QEMU drops what it held.
     pub fn new_connection(&self) {
         let mut st = self.lock();
         let mut sink = RecordSink::default();
         st.device.reset(&mut sink);
-        st.device = (self.factory)();
+        st.device.set_memory(&NoRam);
         st.mem = None;
         st.vrings = None;
         st.faults.clear();
@@ -149,10 +146,32 @@ impl IommuBackend {
         self.mirror.publish(&sink.records);
     }
 
-    /// The device model's counters and the queue counters.
+    /// The front-end is gone, and its guest memory with it: no IOAS may keep
+    /// pointing there (a kernel IOAS would keep the pages pinned and the
+    /// devices reaching them), so the device is reset and every area
+    /// unmapped now, not at the next connection.
+    pub fn disconnected(&self) {
+        let mut st = self.lock();
+        st.last_session = Some(st.device.stats());
+        let mut sink = RecordSink::default();
+        st.device.reset(&mut sink);
+        st.device.set_memory(&NoRam);
+        st.mem = None;
+        st.vrings = None;
+        st.faults.clear();
+        self.mirror.publish(&sink.records);
+    }
+
+    /// The device model's counters and the queue counters. Once a front-end
+    /// has left (and until the next one sends its memory table), the model's
+    /// counters are those it had when it left.
     pub fn stats(&self) -> (virtio_iommu::Stats, QueueStats) {
         let st = self.lock();
-        (st.device.stats(), st.stats)
+        let model = match (&st.mem, st.last_session) {
+            (None, Some(last)) => last,
+            _ => st.device.stats(),
+        };
+        (model, st.stats)
     }
 
     /// Run `f` on the device under the lock (for the mirror hooks and
@@ -391,8 +410,12 @@ impl VhostUserBackend for IommuBackend {
         r.map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
     }
 
+    /// `SET_MEM_TABLE` (and memory hot-(un)plug): every IOAS area moves to
+    /// the new mapping of its guest pages before the old one can go away.
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        self.lock().mem = Some(mem);
+        let mut st = self.lock();
+        st.device.set_memory(&GuestRamView::new(&mem.memory()));
+        st.mem = Some(mem);
         Ok(())
     }
 
@@ -450,7 +473,7 @@ impl VhostUserBackend for IommuBackend {
 impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("State")
-            .field("device", &self.device)
+            .field("device", &self.device.stats())
             .field("event_idx", &self.event_idx)
             .field("faults", &self.faults)
             .field("stats", &self.stats)

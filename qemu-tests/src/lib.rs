@@ -183,7 +183,7 @@ impl Daemon {
     /// Start serving in `dir` with the default configuration.
     pub fn start(dir: &Path) -> Self {
         let config = RawConfig::default().check().expect("default config");
-        let factory = emulated::device_factory(&config).expect("device");
+        let device = emulated::device(&config).expect("device");
         let socket = dir.join("viommu.sock");
         let mirror = dir.join("viommu-mirror.sock");
         // sun_path holds 108 bytes with its NUL.
@@ -195,7 +195,7 @@ impl Daemon {
         let hooks = Arc::new(BackendHooks::default());
         let mirror_server = MirrorServer::start(&mirror, config.device.bypass, hooks.clone())
             .expect("mirror socket");
-        let backend = IommuBackend::new(factory, mirror_server.handle());
+        let backend = IommuBackend::new(device, mirror_server.handle());
         let _ = hooks.0.set(backend.clone());
         let server = Server::bind(&SocketSource::Path(socket.clone())).expect("vhost-user socket");
         let stopper = server.stopper();

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use iopt::{DeviceId, Iommufd, IoptError, MapRequest, Prot};
+use iopt::{DeviceId, IoasId, Iommufd, IoptError, IovaRange, MapRequest, Prot};
 use vm_memory::ByteValued;
 
 use crate::domain::{Domain, Mapping, UnmapPlan};
@@ -33,6 +33,13 @@ pub struct DeviceConfig {
     pub bypass: bool,
     /// Inclusive MSI doorbell window, reported as RESV_MEM MSI.
     pub msi_window: (u64, u64),
+    /// How a bypassing endpoint (bypass domain, or unattached with `bypass`
+    /// set) is backed. `false`: its device is detached from every IOAS and
+    /// whoever moves its data bypasses translation itself (emulated mode:
+    /// QEMU, told through the mirror). `true`: its device is attached to an
+    /// identity IOAS that maps all of guest RAM 1:1 (pass-through mode: the
+    /// hardware IOMMU must be given those mappings).
+    pub identity_ioas: bool,
 }
 
 impl Default for DeviceConfig {
@@ -46,6 +53,7 @@ impl Default for DeviceConfig {
             probe_size: 512,
             bypass: false,
             msi_window: (0xfee0_0000, 0xfeef_ffff),
+            identity_ioas: false,
         }
     }
 }
@@ -67,6 +75,17 @@ pub enum ConfigError {
     BadBypass(u8),
     #[error("bypass is writable only with VIRTIO_IOMMU_F_BYPASS_CONFIG negotiated")]
     BypassNotNegotiated,
+    #[error("cannot set up the identity IOAS for bypassing endpoints: {0}")]
+    Identity(IoptError),
+}
+
+/// One region of guest RAM: `len` bytes at guest physical address `gpa`,
+/// mapped at `user_va` in this process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamRegion {
+    pub gpa: u64,
+    pub len: u64,
+    pub user_va: u64,
 }
 
 /// Guest RAM as the device sees it. Every guest physical address a request
@@ -75,6 +94,21 @@ pub trait GuestRam {
     /// The process address of `[gpa, gpa + len)`, if the whole range lies
     /// inside one region of guest RAM.
     fn user_addr(&self, gpa: u64, len: u64) -> Option<u64>;
+
+    /// Call `f` for every region.
+    fn for_each_region(&self, f: &mut dyn FnMut(RamRegion));
+}
+
+/// No guest RAM: before the front-end's memory table, and after it left.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoRam;
+
+impl GuestRam for NoRam {
+    fn user_addr(&self, _gpa: u64, _len: u64) -> Option<u64> {
+        None
+    }
+
+    fn for_each_region(&self, _f: &mut dyn FnMut(RamRegion)) {}
 }
 
 /// A change of the translation state, for whoever mirrors it (QEMU).
@@ -198,13 +232,17 @@ pub struct Device<F: Iommufd> {
     domains: BTreeMap<u32, Domain>,
     acked: u64,
     bypass: bool,
+    /// The IOAS bypassing endpoints are attached to, with
+    /// [`DeviceConfig::identity_ioas`].
+    identity: Option<IoasId>,
     stats: Stats,
 }
 
 /// The status an IOAS failure becomes.
 fn status_of(e: &IoptError) -> Status {
     match e {
-        IoptError::NoSpace => Status::NoMem,
+        // ENOMEM from the kernel: pinning the pages went over RLIMIT_MEMLOCK.
+        IoptError::NoSpace | IoptError::Other(iopt::Errno::ENOMEM) => Status::NoMem,
         IoptError::Overflow => Status::Range,
         IoptError::Invalid(_) | IoptError::AddressInUse | IoptError::Exists => Status::Inval,
         _ => Status::DevErr,
@@ -213,6 +251,28 @@ fn status_of(e: &IoptError) -> Status {
 
 fn has(features: u64, bit: u32) -> bool {
     features & (1 << bit) != 0
+}
+
+fn prot_of(flags: u32) -> Prot {
+    Prot {
+        read: flags & map_flags::READ != 0,
+        write: flags & map_flags::WRITE != 0,
+    }
+}
+
+/// The parts of `a` that are also in `b` (both sorted, disjoint).
+fn intersect(a: &[IovaRange], b: &[IovaRange]) -> Vec<IovaRange> {
+    let mut out = Vec::new();
+    for x in a {
+        for y in b {
+            let start = x.start.max(y.start);
+            let last = x.last.min(y.last);
+            if start <= last {
+                out.push(IovaRange { start, last });
+            }
+        }
+    }
+    out
 }
 
 impl<F: Iommufd> Device<F> {
@@ -244,15 +304,60 @@ impl<F: Iommufd> Device<F> {
                 return Err(ConfigError::DuplicateEndpoint(ep));
             }
         }
-        Ok(Self {
+        let mut d = Self {
             cfg,
             iommufd,
             endpoints: map,
             domains: BTreeMap::new(),
             acked: 0,
             bypass: cfg.bypass,
+            identity: None,
             stats: Stats::default(),
-        })
+        };
+        if cfg.identity_ioas {
+            d.identity = Some(d.iommufd.ioas_alloc().map_err(ConfigError::Identity)?);
+            d.park_unattached().map_err(ConfigError::Identity)?;
+        }
+        Ok(d)
+    }
+
+    /// Where an endpoint in no domain goes: the identity IOAS when `bypass`
+    /// is set and there is one, else nowhere (detached: DMA blocked, or
+    /// bypassed by QEMU in emulated mode).
+    fn parking(&self) -> Option<IoasId> {
+        self.identity.filter(|_| self.bypass)
+    }
+
+    /// Put a device in `ioas`, or detach it.
+    fn place(&mut self, dev: DeviceId, ioas: Option<IoasId>) -> iopt::Result<()> {
+        match ioas {
+            Some(ioas) => self.iommufd.attach(dev, ioas),
+            None => self.iommufd.detach(dev),
+        }
+    }
+
+    /// Move every unattached endpoint's device to [`Self::parking`]; the
+    /// first failure is returned after trying them all.
+    fn park_unattached(&mut self) -> iopt::Result<()> {
+        if self.identity.is_none() {
+            // Detached already: devices only leave an IOAS through `place`.
+            return Ok(());
+        }
+        let target = self.parking();
+        let devs: Vec<DeviceId> = self
+            .endpoints
+            .values()
+            .filter(|e| e.domain.is_none())
+            .map(|e| e.dev)
+            .collect();
+        let mut first = Ok(());
+        for dev in devs {
+            if let Err(e) = self.place(dev, target) {
+                log::warn!("device {dev:?}: moving it for bypass={}: {e}", self.bypass);
+                first = first.and(Err(e));
+            }
+        }
+        first
     }
 
     /// The configuration.
@@ -323,6 +428,9 @@ impl<F: Iommufd> Device<F> {
         };
         if on != self.bypass {
             self.bypass = on;
+            // Failures are logged; a device left detached has its DMA
+            // blocked, never more access than asked for.
+            let _ = self.park_unattached();
             sink.change(Change::GlobalBypass(on));
         }
         Ok(())
@@ -483,10 +591,9 @@ impl<F: Iommufd> Device<F> {
             self.domains.insert(domain, d);
         }
         // Move the device first: on failure the endpoint stays where it was.
-        let moved = match self.domains[&domain].ioas {
-            Some(ioas) => self.iommufd.attach(ep.dev, ioas),
-            None => self.iommufd.detach(ep.dev),
-        };
+        // A bypass domain's devices share the identity IOAS, if any.
+        let target = self.domains[&domain].ioas.or(self.identity);
+        let moved = self.place(ep.dev, target);
         if let Err(e) = moved {
             if created {
                 self.destroy_domain(domain, sink);
@@ -568,7 +675,7 @@ impl<F: Iommufd> Device<F> {
         if ep.domain != Some(domain) {
             return Status::Inval;
         }
-        if let Err(e) = self.iommufd.detach(ep.dev) {
+        if let Err(e) = self.place(ep.dev, self.parking()) {
             return status_of(&e);
         }
         if let Some(e) = self.endpoints.get_mut(&endpoint) {
@@ -633,10 +740,7 @@ impl<F: Iommufd> Device<F> {
         if d.overlaps(virt_start, virt_end) {
             return Status::Inval;
         }
-        let prot = Prot {
-            read: flags & map_flags::READ != 0,
-            write: flags & map_flags::WRITE != 0,
-        };
+        let prot = prot_of(flags);
         let in_ioas = prot.read || prot.write;
         if in_ioas {
             let user_va = match ram.user_addr(phys_start, length) {
@@ -855,22 +959,123 @@ impl<F: Iommufd> Device<F> {
         }
     }
 
+    /// The front-end's guest memory table changed, or went away ([`NoRam`]).
+    ///
+    /// IOAS areas hold this process's addresses of guest pages, and a kernel
+    /// IOAS pins those pages: left alone, a device would keep reaching the
+    /// old memory. So every area is unmapped first; then each mapping is
+    /// mapped again at the new address of its guest pages (one whose pages
+    /// are no longer guest RAM stays recorded, out of the IOAS, and faults),
+    /// and the identity IOAS is rebuilt to map all of guest RAM 1:1, minus
+    /// what the endpoints' devices reserve. Domains and mappings as the
+    /// driver sees them do not change, so nothing is mirrored.
+    pub fn set_memory(&mut self, ram: &impl GuestRam) {
+        let Self {
+            domains, iommufd, ..
+        } = self;
+        for (id, d) in domains.iter_mut() {
+            let Some(ioas) = d.ioas else { continue };
+            if d.mappings().any(|m| m.in_ioas) {
+                if let Err(e) = iommufd.unmap(ioas, 0, u64::MAX) {
+                    log::warn!("domain {id}: unmapping its IOAS: {e}");
+                }
+            }
+            let mut lost = 0u64;
+            for m in d.mappings_mut() {
+                m.in_ioas = false;
+                if m.flags & (map_flags::READ | map_flags::WRITE) == 0 {
+                    continue;
+                }
+                let length = m.virt_end - m.virt_start + 1;
+                let Some(user_va) = ram.user_addr(m.phys_start, length) else {
+                    lost += u64::from(m.flags & map_flags::MMIO == 0);
+                    continue;
+                };
+                let req = MapRequest {
+                    iova: Some(m.virt_start),
+                    user_va,
+                    length,
+                    prot: prot_of(m.flags),
+                };
+                match iommufd.map(ioas, req) {
+                    Ok(_) => m.in_ioas = true,
+                    Err(e) => {
+                        log::warn!("domain {id}: remapping {:#x}: {e}", m.virt_start);
+                        lost += 1;
+                    }
+                }
+            }
+            if lost > 0 {
+                log::warn!("domain {id}: {lost} mappings point outside the new guest RAM");
+            }
+        }
+        if let Some(identity) = self.identity {
+            self.rebuild_identity(identity, ram);
+        }
+    }
+
+    /// Map guest RAM 1:1 (IOVA = guest physical address) in the identity
+    /// IOAS, clipped to the IOVA ranges every endpoint's device can use.
+    fn rebuild_identity(&mut self, identity: IoasId, ram: &impl GuestRam) {
+        // Unmapping an empty IOAS fails with ENOENT: nothing to do then.
+        let _ = self.iommufd.unmap(identity, 0, u64::MAX);
+        let mut usable = vec![IovaRange {
+            start: 0,
+            last: u64::MAX,
+        }];
+        let devs: Vec<DeviceId> = self.endpoints.values().map(|e| e.dev).collect();
+        for dev in devs {
+            match self.iommufd.device_iova_ranges(dev) {
+                Ok(r) => usable = intersect(&usable, &r),
+                Err(e) => log::warn!("device {dev:?}: its usable IOVA ranges: {e}"),
+            }
+        }
+        let mut regions = Vec::new();
+        ram.for_each_region(&mut |r| regions.push(r));
+        for r in regions.iter().filter(|r| r.len > 0) {
+            let ram_range = [IovaRange {
+                start: r.gpa,
+                last: r.gpa.saturating_add(r.len - 1),
+            }];
+            for part in intersect(&ram_range, &usable) {
+                let req = MapRequest {
+                    iova: Some(part.start),
+                    user_va: r.user_va + (part.start - r.gpa),
+                    length: part.last - part.start + 1,
+                    prot: Prot::RW,
+                };
+                if let Err(e) = self.iommufd.map(identity, req) {
+                    log::warn!(
+                        "identity IOAS: mapping guest RAM {:#x}-{:#x}: {e}",
+                        part.start,
+                        part.last
+                    );
+                }
+            }
+        }
+    }
+
     /// Device reset (virtio 1.2 §2.4): every domain goes with its mappings
     /// and IOAS, every endpoint is detached, `bypass` returns to its boot
     /// value, features are forgotten.
     pub fn reset(&mut self, sink: &mut impl ChangeSink) {
-        for (_, ep) in self.endpoints.iter_mut() {
-            if ep.domain.take().is_some() {
-                if let Err(e) = self.iommufd.detach(ep.dev) {
-                    log::warn!("reset: detaching device {:?}: {e}", ep.dev);
-                }
+        self.bypass = self.cfg.bypass;
+        let target = self.parking();
+        let attached: Vec<DeviceId> = self
+            .endpoints
+            .values_mut()
+            .filter_map(|ep| ep.domain.take().map(|_| ep.dev))
+            .collect();
+        for dev in attached {
+            if let Err(e) = self.place(dev, target) {
+                log::warn!("reset: moving device {dev:?} out of its domain: {e}");
             }
         }
         let ids: Vec<u32> = self.domains.keys().copied().collect();
         for id in ids {
             self.destroy_domain(id, &mut Discard);
         }
-        self.bypass = self.cfg.bypass;
+        let _ = self.park_unattached();
         self.acked = 0;
         sink.change(Change::Reset);
         sink.change(Change::GlobalBypass(self.bypass));
@@ -908,6 +1113,35 @@ mod tests {
     impl GuestRam for Ram {
         fn user_addr(&self, gpa: u64, len: u64) -> Option<u64> {
             (len > 0 && gpa.checked_add(len)? <= RAM).then_some(USER_BASE + gpa)
+        }
+        fn for_each_region(&self, f: &mut dyn FnMut(RamRegion)) {
+            f(RamRegion {
+                gpa: 0,
+                len: RAM,
+                user_va: USER_BASE,
+            });
+        }
+    }
+
+    /// The same 16 MiB, after the front-end mapped it elsewhere, plus a
+    /// region straddling the MSI window.
+    struct MovedRam;
+    const MOVED_BASE: u64 = 0x7e00_0000_0000;
+    impl GuestRam for MovedRam {
+        fn user_addr(&self, gpa: u64, len: u64) -> Option<u64> {
+            (len > 0 && gpa.checked_add(len)? <= RAM).then_some(MOVED_BASE + gpa)
+        }
+        fn for_each_region(&self, f: &mut dyn FnMut(RamRegion)) {
+            f(RamRegion {
+                gpa: 0,
+                len: RAM,
+                user_va: MOVED_BASE,
+            });
+            f(RamRegion {
+                gpa: 0xfec0_0000,
+                len: 0x40_0000,
+                user_va: MOVED_BASE + 0x1_0000_0000,
+            });
         }
     }
 
@@ -1372,5 +1606,112 @@ mod tests {
             let n = d.handle_request(&req, &mut reply, &Ram, &mut Discard);
             proptest::prop_assert!(n <= reply_len);
         }
+    }
+
+    fn identity_device(bypass: bool) -> Device<ModelIommufd> {
+        device_with(DeviceConfig {
+            bypass,
+            identity_ioas: true,
+            ..DeviceConfig::default()
+        })
+    }
+
+    #[test]
+    fn with_an_identity_ioas_bypassing_endpoints_reach_all_of_guest_ram_one_to_one() {
+        let mut d = identity_device(true);
+        let identity = d
+            .iommufd()
+            .attached_to(DeviceId(8))
+            .expect("parked at power-on");
+        assert_eq!(d.iommufd().attached_to(DeviceId(16)), Some(identity));
+        d.set_memory(&Ram);
+        let area = *d.iommufd().iopt(identity).unwrap().area_at(0x1234).unwrap();
+        assert_eq!(
+            (area.iova, area.last, area.user_va),
+            (0, RAM - 1, USER_BASE)
+        );
+        assert_eq!(area.prot, Prot::RW);
+
+        // A translated domain takes the device out; DETACH parks it again.
+        let mut r = run(&mut d);
+        r.attach(1, 8, 0);
+        let ioas = d.domain(1).unwrap().ioas.unwrap();
+        assert_eq!(d.iommufd().attached_to(DeviceId(8)), Some(ioas));
+        let mut r = run(&mut d);
+        assert_eq!(r.detach(1, 8), Status::Ok);
+        assert_eq!(d.iommufd().attached_to(DeviceId(8)), Some(identity));
+
+        // A bypass domain is the identity IOAS too.
+        let mut r = run(&mut d);
+        assert_eq!(r.attach(2, 16, ATTACH_F_BYPASS), Status::Ok);
+        assert_eq!(d.iommufd().attached_to(DeviceId(16)), Some(identity));
+    }
+
+    #[test]
+    fn with_bypass_off_unattached_devices_are_blocked_and_the_config_write_moves_them() {
+        let mut d = identity_device(false);
+        d.set_memory(&Ram);
+        assert_eq!(d.iommufd().attached_to(DeviceId(8)), None);
+        d.write_config(36, &[1], &mut Discard).unwrap();
+        assert!(d.iommufd().attached_to(DeviceId(8)).is_some());
+        d.write_config(36, &[0], &mut Discard).unwrap();
+        assert_eq!(d.iommufd().attached_to(DeviceId(8)), None);
+        // Reset returns to the boot value: blocked.
+        d.write_config(36, &[1], &mut Discard).unwrap();
+        d.reset(&mut Discard);
+        assert_eq!(d.iommufd().attached_to(DeviceId(8)), None);
+    }
+
+    #[test]
+    fn the_identity_ioas_leaves_out_what_the_devices_reserve() {
+        let mut d = identity_device(true);
+        d.set_memory(&MovedRam);
+        let identity = d.iommufd().attached_to(DeviceId(8)).unwrap();
+        let areas: Vec<(u64, u64)> = d
+            .iommufd()
+            .iopt(identity)
+            .unwrap()
+            .areas()
+            .map(|a| (a.iova, a.last))
+            .collect();
+        assert_eq!(
+            areas,
+            [
+                (0, RAM - 1),
+                (0xfec0_0000, 0xfedf_ffff),
+                (0xfef0_0000, 0xfeff_ffff)
+            ],
+            "the MSI window 0xfee00000-0xfeefffff is not mapped"
+        );
+    }
+
+    #[test]
+    fn a_new_memory_table_moves_every_area_to_the_new_addresses() {
+        let mut d = device();
+        let mut r = run(&mut d);
+        r.attach(1, 8, 0);
+        assert_eq!(r.map(1, 0x10_0000, 0x10_3fff, 0x2000, RW), Status::Ok);
+        assert_eq!(
+            r.map(1, 0x20_0000, 0x20_0fff, 0x1_0000_0000, RW | map_flags::MMIO),
+            Status::Ok
+        );
+        d.set_memory(&MovedRam);
+        let ioas = d.domain(1).unwrap().ioas.unwrap();
+        let area = *d.iommufd().iopt(ioas).unwrap().area_at(0x10_0000).unwrap();
+        assert_eq!(area.user_va, MOVED_BASE + 0x2000);
+        assert_eq!(d.iommufd().iopt(ioas).unwrap().areas().count(), 1);
+
+        // The memory goes away: no area is left pointing into it, but the
+        // driver's mappings stand (and come back with memory).
+        d.set_memory(&NoRam);
+        assert_eq!(d.iommufd().iopt(ioas).unwrap().areas().count(), 0);
+        assert_eq!(d.domain(1).unwrap().mapping_count(), 2);
+        assert!(matches!(
+            d.translate(8, 0x10_0000, true),
+            Translation::Mapped { .. }
+        ));
+        d.set_memory(&Ram);
+        let area = *d.iommufd().iopt(ioas).unwrap().area_at(0x10_0000).unwrap();
+        assert_eq!(area.user_va, USER_BASE + 0x2000);
     }
 }

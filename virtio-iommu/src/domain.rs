@@ -68,6 +68,11 @@ impl Domain {
         self.mappings.values()
     }
 
+    /// The mappings, for updating what is not their key (`in_ioas`).
+    pub(crate) fn mappings_mut(&mut self) -> impl Iterator<Item = &mut Mapping> + '_ {
+        self.mappings.values_mut()
+    }
+
     /// Number of mappings.
     pub fn mapping_count(&self) -> usize {
         self.mappings.len()

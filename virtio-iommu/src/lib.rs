@@ -19,7 +19,7 @@ pub mod request;
 pub mod wire;
 
 pub use device::{
-    encode_fault, Change, ChangeSink, ConfigError, Device, DeviceConfig, Discard, GuestRam, Stats,
-    Translation,
+    encode_fault, Change, ChangeSink, ConfigError, Device, DeviceConfig, Discard, GuestRam, NoRam,
+    RamRegion, Stats, Translation,
 };
 pub use wire::{ConfigSpace, FaultEvent, Status, VIRTIO_ID_IOMMU};
