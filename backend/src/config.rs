@@ -5,6 +5,9 @@
 //! says which flag is wrong and why (QEMU's backend program conventions: a
 //! daemon that cannot start says so on stderr and exits non-zero).
 
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
 use virtio_iommu::DeviceConfig;
 
 /// A bad command-line value.
@@ -32,8 +35,64 @@ pub enum ConfigError {
     BadProbeSize(u32),
     #[error("--msi-window {start:#x}-{end:#x} is outside --input-range")]
     MsiOutsideInput { start: u64, end: u64 },
-    #[error("--mode iommufd is not available yet (pass-through comes with iommufd support); use --mode emulated")]
-    IommufdUnavailable,
+    #[error("--vfio: `{0}` is not EP=/dev/vfio/devices/vfioN or EP=fd:N")]
+    BadVfio(String),
+    #[error("--vfio: endpoint {0} is given twice")]
+    DuplicateVfioEndpoint(u32),
+    #[error("--vfio: fd {0} is given twice")]
+    DuplicateVfioFd(RawFd),
+    #[error("--vfio: fd {0} is not an open file descriptor of this process (fds 0-2 are stdio)")]
+    VfioFdNotOpen(RawFd),
+    #[error("--mode iommufd needs at least one --vfio EP=DEVICE: its endpoints are VFIO devices")]
+    NoVfio,
+    #[error("--vfio is for --mode iommufd (emulated mode has no real devices)")]
+    VfioNeedsIommufd,
+    #[error(
+        "--endpoints is for emulated mode; in --mode iommufd the endpoints are the --vfio ones"
+    )]
+    EndpointsWithVfio,
+}
+
+/// How guest domains are implemented.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Each domain is an IOAS of the in-process iommufd model; QEMU mirrors
+    /// the translations for the devices it emulates.
+    #[default]
+    Emulated,
+    /// Each domain is a kernel IOAS on `/dev/iommu`; endpoints are VFIO
+    /// cdev devices attached to them.
+    Iommufd,
+}
+
+/// Where a pass-through endpoint's VFIO cdev device comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VfioSource {
+    /// A device node, `/dev/vfio/devices/vfioN`.
+    Path(PathBuf),
+    /// A device file a launcher opened and left to this process (the one
+    /// open file through which both may use the device).
+    Fd(RawFd),
+}
+
+/// `--vfio EP=SOURCE`: endpoint EP is this device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VfioEndpoint {
+    pub endpoint: u32,
+    pub source: VfioSource,
+}
+
+/// Parse `EP=PATH` or `EP=fd:N`.
+pub fn parse_vfio(s: &str) -> Result<VfioEndpoint, ConfigError> {
+    let bad = || ConfigError::BadVfio(s.to_string());
+    let (ep, src) = s.split_once('=').ok_or_else(bad)?;
+    let endpoint = to_u32("--vfio", parse_u64("--vfio", ep).map_err(|_| bad())?)?;
+    let source = match src.strip_prefix("fd:") {
+        Some(n) => VfioSource::Fd(n.trim().parse().map_err(|_| bad())?),
+        None if !src.is_empty() => VfioSource::Path(PathBuf::from(src)),
+        None => return Err(bad()),
+    };
+    Ok(VfioEndpoint { endpoint, source })
 }
 
 /// Parse a number, decimal or `0x` hex.
@@ -104,6 +163,9 @@ pub struct RawConfig {
     pub probe_size: Option<u32>,
     /// Boot bypass; `None` = on, as QEMU's own virtio-iommu (`boot-bypass`).
     pub bypass: Option<bool>,
+    pub mode: Mode,
+    /// `--vfio` values.
+    pub vfio: Vec<String>,
 }
 
 /// A checked configuration.
@@ -111,6 +173,9 @@ pub struct RawConfig {
 pub struct Config {
     pub device: DeviceConfig,
     pub endpoints: Vec<u32>,
+    pub mode: Mode,
+    /// The pass-through devices (iommufd mode), in endpoint order.
+    pub vfio: Vec<VfioEndpoint>,
 }
 
 impl RawConfig {
@@ -148,8 +213,57 @@ impl RawConfig {
         // Firmware and early boot DMA must work before the guest's driver
         // runs: bypass at power-on, as QEMU's virtio-iommu does by default.
         device.bypass = self.bypass.unwrap_or(true);
-        let endpoints = parse_endpoints(self.endpoints.as_deref().unwrap_or("0-0xffff"))?;
-        Ok(Config { device, endpoints })
+        let mut vfio = self
+            .vfio
+            .iter()
+            .map(|v| parse_vfio(v))
+            .collect::<Result<Vec<_>, _>>()?;
+        if self.mode == Mode::Emulated && !vfio.is_empty() {
+            return Err(ConfigError::VfioNeedsIommufd);
+        }
+        vfio.sort_by_key(|v| v.endpoint);
+        for pair in vfio.windows(2) {
+            if pair[0].endpoint == pair[1].endpoint {
+                return Err(ConfigError::DuplicateVfioEndpoint(pair[0].endpoint));
+            }
+        }
+        let mut fds: Vec<RawFd> = vfio
+            .iter()
+            .filter_map(|v| match v.source {
+                VfioSource::Fd(fd) => Some(fd),
+                VfioSource::Path(_) => None,
+            })
+            .collect();
+        fds.sort_unstable();
+        if let Some(pair) = fds.windows(2).find(|p| p[0] == p[1]) {
+            return Err(ConfigError::DuplicateVfioFd(pair[0]));
+        }
+        if let Some(&fd) = fds
+            .iter()
+            .find(|&&fd| fd < 3 || !std::path::Path::new(&format!("/proc/self/fd/{fd}")).exists())
+        {
+            return Err(ConfigError::VfioFdNotOpen(fd));
+        }
+        let endpoints = match self.mode {
+            Mode::Emulated => parse_endpoints(self.endpoints.as_deref().unwrap_or("0-0xffff"))?,
+            Mode::Iommufd => {
+                if self.endpoints.is_some() {
+                    return Err(ConfigError::EndpointsWithVfio);
+                }
+                if vfio.is_empty() {
+                    return Err(ConfigError::NoVfio);
+                }
+                // The hardware needs real 1:1 mappings for bypass.
+                device.identity_ioas = true;
+                vfio.iter().map(|v| v.endpoint).collect()
+            }
+        };
+        Ok(Config {
+            device,
+            endpoints,
+            mode: self.mode,
+            vfio,
+        })
     }
 }
 
@@ -232,5 +346,56 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(raw.check(), Err(ConfigError::NoPageSize(0)));
+    }
+
+    #[test]
+    fn vfio_endpoints_are_paths_or_inherited_fds() {
+        assert_eq!(
+            parse_vfio("8=/dev/vfio/devices/vfio0"),
+            Ok(VfioEndpoint {
+                endpoint: 8,
+                source: VfioSource::Path("/dev/vfio/devices/vfio0".into())
+            })
+        );
+        assert_eq!(
+            parse_vfio("0x10=fd:5").map(|v| v.source),
+            Ok(VfioSource::Fd(5))
+        );
+        for bad in ["8", "8=", "x=/dev/a", "8=fd:", "8=fd:x", "0x1_0000_0000=/a"] {
+            assert!(parse_vfio(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn iommufd_mode_takes_its_endpoints_from_vfio() {
+        let iommufd = |vfio: &[&str]| RawConfig {
+            mode: Mode::Iommufd,
+            vfio: vfio.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let c = iommufd(&["16=/dev/b", "8=/dev/a"]).check().unwrap();
+        assert_eq!(c.endpoints, [8, 16]);
+        assert!(c.device.identity_ioas);
+        assert_eq!(iommufd(&[]).check(), Err(ConfigError::NoVfio));
+        assert_eq!(
+            iommufd(&["8=/dev/a", "8=/dev/b"]).check(),
+            Err(ConfigError::DuplicateVfioEndpoint(8))
+        );
+        assert_eq!(
+            iommufd(&["8=fd:1"]).check(),
+            Err(ConfigError::VfioFdNotOpen(1))
+        );
+        assert_eq!(
+            iommufd(&["8=fd:100000"]).check(),
+            Err(ConfigError::VfioFdNotOpen(100000))
+        );
+        let mut both = iommufd(&["8=/dev/a"]);
+        both.endpoints = Some("8".into());
+        assert_eq!(both.check(), Err(ConfigError::EndpointsWithVfio));
+        let emulated = RawConfig {
+            vfio: vec!["8=/dev/a".into()],
+            ..Default::default()
+        };
+        assert_eq!(emulated.check(), Err(ConfigError::VfioNeedsIommufd));
     }
 }

@@ -9,6 +9,7 @@
 //! - [`mirror`]: the translation mirror to QEMU (docs/mirror-protocol.md);
 //! - [`guest_ram`]: guest physical addresses → the daemon's mapping of them;
 //! - [`emulated`]: the device model over the in-process iommufd model;
+//! - [`passthrough`]: the device model over the kernel's `/dev/iommu` and VFIO devices;
 //! - [`config`]: command-line values, checked.
 //!
 //! The device model itself (requests, domains, mappings) is the
@@ -20,5 +21,6 @@ pub mod config;
 pub mod emulated;
 pub mod guest_ram;
 pub mod mirror;
+pub mod passthrough;
 pub mod serve;
 pub mod vhu_iommu;

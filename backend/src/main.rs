@@ -6,19 +6,30 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, ValueEnum};
+use iopt::kernel::KernelIommufd;
 use vhost_user_iommu::config::RawConfig;
 use vhost_user_iommu::mirror::{MirrorHandle, MirrorServer};
 use vhost_user_iommu::serve::{Server, SocketSource};
 use vhost_user_iommu::vhu_iommu::{BackendHooks, IommuBackend};
-use vhost_user_iommu::{capabilities, config, emulated};
+use vhost_user_iommu::{capabilities, config, emulated, passthrough};
 
 /// How guest domains are implemented.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Mode {
     /// Each domain is an IOAS of the in-process iommufd model.
     Emulated,
-    /// Each domain is a kernel IOAS on /dev/iommu with VFIO devices (not yet).
+    /// Each domain is a kernel IOAS on /dev/iommu; endpoints are the --vfio
+    /// devices.
     Iommufd,
+}
+
+impl From<Mode> for config::Mode {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::Emulated => config::Mode::Emulated,
+            Mode::Iommufd => config::Mode::Iommufd,
+        }
+    }
 }
 
 /// vhost-user back-end for a virtio-iommu device (virtio ID 23) whose domains
@@ -80,6 +91,16 @@ struct Cli {
     /// (docs/mirror-protocol.md).
     #[arg(long, value_name = "PATH")]
     mirror_socket: Option<PathBuf>,
+
+    /// Pass-through endpoint EP is this VFIO cdev device (--mode iommufd;
+    /// repeatable): EP=/dev/vfio/devices/vfioN, or EP=fd:N for a device file
+    /// a launcher opened and left open for this process.
+    #[arg(long, value_name = "EP=DEVICE")]
+    vfio: Vec<String>,
+
+    /// The iommufd device node (--mode iommufd).
+    #[arg(long, value_name = "PATH", default_value = KernelIommufd::DEFAULT_PATH)]
+    iommufd: PathBuf,
 }
 
 fn main() -> ExitCode {
@@ -99,9 +120,6 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
-    if cli.mode == Mode::Iommufd {
-        return Err(config::ConfigError::IommufdUnavailable.into());
-    }
     let config = RawConfig {
         endpoints: cli.endpoints,
         page_size_mask: cli.page_size_mask,
@@ -110,9 +128,15 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         msi_window: cli.msi_window,
         probe_size: cli.probe_size,
         bypass: Some(cli.bypass),
+        mode: cli.mode.into(),
+        vfio: cli.vfio,
     }
     .check()?;
-    let device = emulated::device(&config)?;
+    let device = match config.mode {
+        config::Mode::Emulated => emulated::device(&config)?,
+        config::Mode::Iommufd => passthrough::device(&config, &cli.iommufd)?,
+    };
+    let device_config = *device.device_config();
     let source = match (cli.socket_path, cli.fd) {
         (Some(p), None) => SocketSource::Path(p),
         (None, Some(fd)) => SocketSource::Fd(fd),
@@ -134,11 +158,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let backend = IommuBackend::new(device, mirror);
     let _ = hooks.0.set(backend.clone());
     log::info!(
-        "virtio-iommu: {} endpoints, page size mask {:#x}, input range {:#x}-{:#x}",
+        "virtio-iommu ({:?} mode): {} endpoints, page size mask {:#x}, input range {:#x}-{:#x}",
+        config.mode,
         config.endpoints.len(),
-        config.device.page_size_mask,
-        config.device.input_range.0,
-        config.device.input_range.1
+        device_config.page_size_mask,
+        device_config.input_range.0,
+        device_config.input_range.1
     );
     server.run(&backend)?;
     drop(mirror_server);

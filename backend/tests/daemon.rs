@@ -393,7 +393,24 @@ fn bad_command_lines_exit_nonzero_with_a_message() {
         (vec![], "--socket-path"),
         (
             vec!["--socket-path", "/tmp/vui-x.sock", "--mode", "iommufd"],
-            "iommufd",
+            "needs at least one --vfio",
+        ),
+        (
+            vec![
+                "--socket-path",
+                "/tmp/vui-x.sock",
+                "--mode",
+                "iommufd",
+                "--vfio",
+                "8=/dev/vfio/devices/vfio0",
+                "--iommufd",
+                "/nonexistent/iommu",
+            ],
+            "CONFIG_IOMMUFD",
+        ),
+        (
+            vec!["--socket-path", "/tmp/vui-x.sock", "--vfio", "8=fd:9"],
+            "--vfio is for --mode iommufd",
         ),
         (
             vec!["--socket-path", "/tmp/vui-x.sock", "--endpoints", "zz"],

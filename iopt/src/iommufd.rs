@@ -113,7 +113,7 @@ pub trait UserMemory {
 /// the way the merged kernel fails (see [`crate::IoptError`]). Values the
 /// uAPI takes as `__u64` but the kernel keeps in `unsigned long` are checked
 /// the way `ioas.c` checks them.
-pub trait Iommufd {
+pub trait Iommufd: std::fmt::Debug {
     /// `IOMMU_IOAS_ALLOC`: a new, empty IOAS.
     fn ioas_alloc(&mut self) -> Result<IoasId>;
 

@@ -531,6 +531,7 @@ mod tests {
                 }
             }
         }
+        #[derive(Debug)]
         struct Forgetful(ModelIommufd);
         impl Iommufd for Forgetful {
             fn ioas_alloc(&mut self) -> Result<IoasId> {
