@@ -153,17 +153,7 @@ impl Type1 {
 
     /// The file offset of region `index` of the device.
     pub fn region_offset(&self, index: u32) -> io::Result<u64> {
-        let mut info = RegionInfo {
-            argsz: std::mem::size_of::<RegionInfo>() as u32,
-            index,
-            ..Default::default()
-        };
-        check(
-            // SAFETY: `info` is a live vfio_region_info with argsz and index set.
-            unsafe { ioctl_with_mut_ref(&self.device, VFIO_DEVICE_GET_REGION_INFO(), &mut info) },
-            "VFIO_DEVICE_GET_REGION_INFO",
-        )?;
-        Ok(info.offset)
+        region_offset(&self.device, index)
     }
 
     /// The device file (regions are read and written at their offsets).
@@ -173,11 +163,7 @@ impl Type1 {
 
     /// Turn on bus mastering in the PCI command register.
     pub fn enable_bus_master(&self) -> io::Result<()> {
-        let off = self.region_offset(CONFIG_REGION)? + 4;
-        let mut cmd = [0u8; 2];
-        self.device.read_exact_at(&mut cmd, off)?;
-        let v = u16::from_le_bytes(cmd) | 0x6;
-        self.device.write_all_at(&v.to_le_bytes(), off)
+        enable_bus_master(&self.device)
     }
 
     /// `VFIO_IOMMU_MAP_DMA`: map `len` bytes of this process at `vaddr` to
@@ -214,6 +200,31 @@ impl Type1 {
         )
         .map(|_| ())
     }
+}
+
+/// The file offset of region `index` of an open VFIO device (group or cdev;
+/// a cdev must be bound to an iommufd first).
+pub fn region_offset(device: &File, index: u32) -> io::Result<u64> {
+    let mut info = RegionInfo {
+        argsz: std::mem::size_of::<RegionInfo>() as u32,
+        index,
+        ..Default::default()
+    };
+    check(
+        // SAFETY: `info` is a live vfio_region_info with argsz and index set.
+        unsafe { ioctl_with_mut_ref(device, VFIO_DEVICE_GET_REGION_INFO(), &mut info) },
+        "VFIO_DEVICE_GET_REGION_INFO",
+    )?;
+    Ok(info.offset)
+}
+
+/// Turn on memory decoding and bus mastering in the PCI command register.
+pub fn enable_bus_master(device: &File) -> io::Result<()> {
+    let off = region_offset(device, CONFIG_REGION)? + 4;
+    let mut cmd = [0u8; 2];
+    device.read_exact_at(&mut cmd, off)?;
+    let v = u16::from_le_bytes(cmd) | 0x6;
+    device.write_all_at(&v.to_le_bytes(), off)
 }
 
 /// BAR access through the device file at the region's offset.

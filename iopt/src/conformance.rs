@@ -662,15 +662,28 @@ fn huge_pages_option_defaults_on_and_can_be_cleared(c: &mut Ctx) -> CaseResult {
     Ok(())
 }
 
-fn rlimit_mode_option_is_zero_or_one(c: &mut Ctx) -> CaseResult {
-    assert_eq!(
-        c.fd().option(Option_::RlimitMode, OptionOp::Get).unwrap(),
-        0
-    );
-    expect_errno(
-        c.fd().option(Option_::RlimitMode, OptionOp::Set(2)),
-        Errno::EINVAL,
-    );
+fn rlimit_mode_is_set_only_on_an_empty_iommufd(c: &mut Ctx) -> CaseResult {
+    let get = |c: &mut Ctx| c.fd().option(Option_::RlimitMode, OptionOp::Get);
+    assert_eq!(get(c).unwrap(), 0);
+    if c.device().is_err() {
+        // Nothing bound yet: the value is checked, 0 and 1 are taken.
+        expect_errno(
+            c.fd().option(Option_::RlimitMode, OptionOp::Set(2)),
+            Errno::EINVAL,
+        );
+        c.fd()
+            .option(Option_::RlimitMode, OptionOp::Set(1))
+            .unwrap();
+        assert_eq!(get(c).unwrap(), 1);
+    }
+    // Any object (a bound device, an IOAS) makes it busy, whatever the value.
+    c.ioas();
+    for v in [0, 1, 2] {
+        expect_errno(
+            c.fd().option(Option_::RlimitMode, OptionOp::Set(v)),
+            Errno::EBUSY,
+        );
+    }
     Ok(())
 }
 
@@ -965,8 +978,8 @@ pub const CASES: &[Case] = &[
         huge_pages_option_defaults_on_and_can_be_cleared,
     ),
     (
-        "rlimit_mode_option_is_zero_or_one",
-        rlimit_mode_option_is_zero_or_one,
+        "rlimit_mode_is_set_only_on_an_empty_iommufd",
+        rlimit_mode_is_set_only_on_an_empty_iommufd,
     ),
     (
         "attach_reserves_the_device_regions",

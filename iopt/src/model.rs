@@ -317,7 +317,16 @@ impl Iommufd for ModelIommufd {
         r.map(|()| n)
     }
 
+    /// `IOMMU_OPTION` (`iommufd_option_rlimit_mode`, `iommufd_ioas_option`):
+    /// the accounting mode can be set only while the iommufd holds no
+    /// objects (IOAS or bound device) → `EBUSY`, checked before the value.
     fn option(&mut self, option: Option_, op: OptionOp) -> Result<u64> {
+        if option == Option_::RlimitMode
+            && matches!(op, OptionOp::Set(_))
+            && !(self.ioas.is_empty() && self.devices.is_empty())
+        {
+            return Err(IoptError::Busy);
+        }
         let slot = match option {
             Option_::RlimitMode => &mut self.rlimit_mode,
             Option_::HugePages(ioas) => &mut self.get_mut(ioas)?.huge_pages,

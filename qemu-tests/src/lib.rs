@@ -7,9 +7,11 @@
 //!   QEMU of `scripts/qemu/`) served by the daemon, run in this process so the
 //!   test can read its counters;
 //! - [`Viommu::Qemu`]: QEMU's own in-process `virtio-iommu-pci`, the
-//!   reference every test also runs against.
+//!   reference every test also runs against;
+//! - [`Viommu::Intel`]: the pass-through test bed: QEMU's intel-iommu under
+//!   a kernel built with iommufd, and the daemon inside that guest.
 //!
-//! The tier is slow (a boot is tens of seconds under TCG), so the tests run
+//! The tier needs QEMU built and a kernel fetched, so the tests run
 //! only when `VUI_QEMU_TESTS=1` (set by `scripts/qemu-tests.sh`, which also
 //! builds QEMU and fetches the kernel); otherwise each says it skipped and why.
 
@@ -30,6 +32,10 @@ use vhost_user_iommu::vhu_iommu::{BackendHooks, IommuBackend};
 pub enum Viommu {
     Ours,
     Qemu,
+    /// QEMU's intel-iommu (interrupt remapping, caching mode): the host
+    /// IOMMU of the pass-through test bed, where the guest kernel runs
+    /// iommufd and our daemon runs inside the guest.
+    Intel,
 }
 
 /// The repository root.
@@ -86,6 +92,27 @@ pub fn qemu() -> Option<PathBuf> {
     .clone()
 }
 
+/// The cached iommufd guest kernel (`bzImage`), if built.
+pub fn iommufd_kernel() -> Option<PathBuf> {
+    static K: OnceLock<Option<PathBuf>> = OnceLock::new();
+    K.get_or_init(|| {
+        script_output("scripts/kernel/build-iommufd-kernel.sh", &["--print-path"])
+            .map(PathBuf::from)
+    })
+    .clone()
+}
+
+/// Why the pass-through test bed cannot run, if it cannot.
+pub fn passthrough_skip_reason() -> Option<String> {
+    skip_reason().or_else(|| {
+        iommufd_kernel().is_none().then(|| {
+            "the iommufd guest kernel is not built (scripts/kernel/build-iommufd-kernel.sh, \
+             ~13 min; scripts/qemu-tests.sh builds it)"
+                .into()
+        })
+    })
+}
+
 /// The cached guest kernel directory.
 pub fn kernel_dir() -> Option<PathBuf> {
     static K: OnceLock<Option<PathBuf>> = OnceLock::new();
@@ -125,13 +152,24 @@ pub fn scratch(name: &str) -> PathBuf {
     d
 }
 
-/// The initramfs with every guest script, built once per test run.
-pub fn initramfs() -> PathBuf {
-    static I: OnceLock<PathBuf> = OnceLock::new();
-    I.get_or_init(|| {
-        let out = run_dir().join("initrd.gz");
+/// The initramfs with every guest script and program, built once per test
+/// run: with the Debian kernel's modules, or without any (for the iommufd
+/// kernel, which has everything built in).
+pub fn initramfs(modules: bool) -> PathBuf {
+    static WITH: OnceLock<PathBuf> = OnceLock::new();
+    static WITHOUT: OnceLock<PathBuf> = OnceLock::new();
+    let (cell, name) = if modules {
+        (&WITH, "initrd.gz")
+    } else {
+        (&WITHOUT, "initrd-no-modules.gz")
+    };
+    cell.get_or_init(|| {
+        let out = run_dir().join(name);
         let mut cmd = Command::new(repo().join("scripts/guest/build-initramfs.sh"));
         cmd.arg("--out").arg(&out);
+        if !modules {
+            cmd.arg("--no-modules");
+        }
         for e in std::fs::read_dir(repo().join("qemu-tests/guest")).expect("guest scripts") {
             cmd.arg("--add").arg(e.expect("dir entry").path());
         }
@@ -149,7 +187,16 @@ pub fn initramfs() -> PathBuf {
 /// static-pie glibc binary runs in the busybox initramfs without libraries.
 pub fn guest_tools() -> Vec<PathBuf> {
     const TARGET: &str = "x86_64-unknown-linux-gnu";
+    static BUILT: OnceLock<()> = OnceLock::new();
     let target_dir = repo().join("target/guest");
+    BUILT.get_or_init(|| build_guest_tools(TARGET, &target_dir));
+    let bin = target_dir.join(TARGET).join("release");
+    ["edu-dma", "passthrough", "iopt-conformance"]
+        .map(|b| bin.join(b))
+        .to_vec()
+}
+
+fn build_guest_tools(target: &str, target_dir: &Path) {
     let st = Command::new(env!("CARGO"))
         .args([
             "build",
@@ -157,16 +204,18 @@ pub fn guest_tools() -> Vec<PathBuf> {
             "--locked",
             "-p",
             "guest-tools",
+            "-p",
+            "iopt",
+            "--bins",
             "--target",
-            TARGET,
+            target,
         ])
         .arg("--target-dir")
-        .arg(&target_dir)
+        .arg(target_dir)
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .status()
         .expect("cargo build guest-tools");
     assert!(st.success(), "building guest-tools failed");
-    vec![target_dir.join(TARGET).join("release/edu-dma")]
 }
 
 /// The daemon, in this process, with its mirror.
@@ -274,8 +323,11 @@ pub struct Guest {
     pub append: String,
     /// A raw disk image behind the vIOMMU (virtio-blk, iommu_platform=on).
     pub disk: Option<PathBuf>,
-    /// QEMU's `edu` DMA test device behind the vIOMMU.
-    pub edu: bool,
+    /// How many of QEMU's `edu` DMA test devices sit behind the vIOMMU.
+    pub edu: u8,
+    /// The kernel to boot instead of Debian's (then the initramfs carries
+    /// no modules).
+    pub kernel: Option<PathBuf>,
     pub timeout: Duration,
 }
 
@@ -286,7 +338,8 @@ impl Guest {
             test,
             append: String::new(),
             disk: None,
-            edu: false,
+            edu: 0,
+            kernel: None,
             timeout: Duration::from_secs(600),
         }
     }
@@ -315,6 +368,8 @@ impl Guest {
                 );
             }
             Viommu::Qemu => args.extend(["-device", "virtio-iommu-pci"].map(String::from)),
+            Viommu::Intel => args
+                .extend(["-device", "intel-iommu,intremap=on,caching-mode=on"].map(String::from)),
         }
         if let Some(disk) = &self.disk {
             args.extend(
@@ -330,13 +385,17 @@ impl Guest {
                 .map(String::from),
             );
         }
-        if self.edu {
+        for _ in 0..self.edu {
             args.extend(["-device", "edu"].map(String::from));
         }
         let start = Instant::now();
-        let out = Command::new(repo().join("scripts/guest/run-guest.sh"))
+        let mut cmd = Command::new(repo().join("scripts/guest/run-guest.sh"));
+        if let Some(k) = &self.kernel {
+            cmd.arg("--kernel").arg(k);
+        }
+        let out = cmd
             .arg("--initrd")
-            .arg(initramfs())
+            .arg(initramfs(self.kernel.is_none()))
             .arg("--memory")
             .arg(MEM)
             .arg("--timeout")

@@ -130,7 +130,7 @@ fn guest_vfio_dma_through_the_viommu_and_a_fault_after_unmap() {
         "edu",
         |v, _| {
             let mut g = Guest::new(v, "edu.sh");
-            g.edu = true;
+            g.edu = 1;
             // Neither vIOMMU remaps interrupts on x86, so type1 refuses a
             // container unless told MSIs are not isolated (both alike).
             g.append = "vfio_iommu_type1.allow_unsafe_interrupts=1".into();

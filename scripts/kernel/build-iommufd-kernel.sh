@@ -11,7 +11,7 @@ usage: scripts/kernel/build-iommufd-kernel.sh [--help] [--print-path] [--force] 
 
 Downloads Debian's linux-source-6.12 with apt, configures it as defconfig +
 kvm_guest.config + IOMMUFD, VFIO, VFIO_DEVICE_CDEV, VFIO_PCI, INTEL_IOMMU,
-IRQ_REMAP, VIRTIO_IOMMU, ACPI_VIOT (all built in), builds bzImage and caches it under
+IRQ_REMAP, VIRTIO_IOMMU, ACPI_VIOT, TRANSPARENT_HUGEPAGE (all built in), builds bzImage and caches it under
   \${XDG_CACHE_HOME:-\$HOME/.cache}/vhost-user-iommu/kernel/<version>-<config-hash>/bzImage
 A second run prints the cached path at once. The path is the last line on stdout.
 
@@ -42,9 +42,12 @@ CACHE_ROOT=${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-iommu/kernel
 PKG=linux-source-6.12
 
 # The options on top of defconfig + kvm_guest.config; part of the cache key.
+# TRANSPARENT_HUGEPAGE as in Debian's kernels: it changes the iommufd IOVA
+# allocator's alignment cap (PAGE_SIZE without it, HPAGE_SIZE with), which
+# the conformance suite checks.
 OPTIONS="IOMMUFD VFIO VFIO_DEVICE_CDEV VFIO_PCI VFIO_PCI_CORE INTEL_IOMMU INTEL_IOMMU_DEFAULT_ON
 IRQ_REMAP VIRTIO_IOMMU ACPI_VIOT PCI_MSI IOMMU_SUPPORT VIRTIO_PCI VIRTIO_BLK BLK_DEV_INITRD
-DEVTMPFS DEVTMPFS_MOUNT"
+DEVTMPFS DEVTMPFS_MOUNT TRANSPARENT_HUGEPAGE"
 CONFIG_HASH=$(printf '%s\n%s\n' "$OPTIONS" "$(cat "$0")" | sha256sum | cut -c1-12)
 
 if ! VERSION=$(apt-cache policy "$PKG" 2>/dev/null | awk '/Candidate:/ {print $2}') || [ -z "$VERSION" ] || [ "$VERSION" = "(none)" ]; then
@@ -99,7 +102,7 @@ for opt in $OPTIONS; do
     "$SRC/scripts/config" --file "$SRC/.config" --enable "$opt"
 done
 make -C "$SRC" -s olddefconfig >&2
-for opt in IOMMUFD VFIO_DEVICE_CDEV VFIO_PCI INTEL_IOMMU VIRTIO_IOMMU; do
+for opt in IOMMUFD VFIO_DEVICE_CDEV VFIO_PCI INTEL_IOMMU VIRTIO_IOMMU TRANSPARENT_HUGEPAGE; do
     grep -q "^CONFIG_$opt=y" "$SRC/.config" || die "CONFIG_$opt did not stick (dependency missing?)"
 done
 
