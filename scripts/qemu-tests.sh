@@ -7,8 +7,11 @@ usage() {
 usage: scripts/qemu-tests.sh [--help] [TEST-NAME-FILTER]
 
 Builds (or reuses the cache of) the patched QEMU (scripts/qemu/build-qemu.sh,
-~4 min cold) and fetches the Debian guest kernel (scripts/guest/fetch-kernel.sh),
-then runs the guest tests of qemu-tests/ in release mode, one guest at a time.
+~4 min cold), fetches the Debian guest kernel (scripts/guest/fetch-kernel.sh) and
+builds the iommufd guest kernel of the pass-through test bed
+(scripts/kernel/build-iommufd-kernel.sh, ~13 min cold; the test bed runs on
+Debian's stock QEMU, scripts/qemu/install-stock-qemu.sh), then runs the guest
+tests of qemu-tests/ in release mode, one guest at a time.
 Each test boots the guest behind QEMU's virtio-iommu-pci and behind
 vhost-user-iommu (a few seconds per boot under TCG).
 USAGE
@@ -20,5 +23,9 @@ echo "== qemu-tests: QEMU"
 scripts/qemu/build-qemu.sh >/dev/null
 echo "== qemu-tests: guest kernel"
 scripts/guest/fetch-kernel.sh >/dev/null
+echo "== qemu-tests: Debian's stock QEMU (pass-through test bed)"
+scripts/qemu/install-stock-qemu.sh >/dev/null
+echo "== qemu-tests: iommufd guest kernel (pass-through test bed; ~13 min the first time)"
+scripts/kernel/build-iommufd-kernel.sh >/dev/null
 echo "== qemu-tests: guests"
 VUI_QEMU_TESTS=1 cargo test --release --locked -p qemu-tests -- --test-threads=1 --nocapture "$@"

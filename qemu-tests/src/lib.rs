@@ -102,15 +102,34 @@ pub fn iommufd_kernel() -> Option<PathBuf> {
     .clone()
 }
 
+/// Debian's stock QEMU, which the pass-through test bed runs on (it needs
+/// only intel-iommu and edu, not the project's device).
+pub fn stock_qemu() -> Option<PathBuf> {
+    static Q: OnceLock<Option<PathBuf>> = OnceLock::new();
+    Q.get_or_init(|| {
+        script_output("scripts/qemu/install-stock-qemu.sh", &["--print-path"]).map(PathBuf::from)
+    })
+    .clone()
+}
+
 /// Why the pass-through test bed cannot run, if it cannot.
 pub fn passthrough_skip_reason() -> Option<String> {
-    skip_reason().or_else(|| {
-        iommufd_kernel().is_none().then(|| {
+    if std::env::var("VUI_QEMU_TESTS").as_deref() != Ok("1") {
+        return Some("guest tests run from scripts/qemu-tests.sh (VUI_QEMU_TESTS=1)".into());
+    }
+    if stock_qemu().is_none() {
+        return Some(
+            "Debian's qemu-system-x86 is not installed (scripts/qemu/install-stock-qemu.sh)".into(),
+        );
+    }
+    if iommufd_kernel().is_none() {
+        return Some(
             "the iommufd guest kernel is not built (scripts/kernel/build-iommufd-kernel.sh, \
              ~13 min; scripts/qemu-tests.sh builds it)"
-                .into()
-        })
-    })
+                .into(),
+        );
+    }
+    None
 }
 
 /// The cached guest kernel directory.
@@ -328,6 +347,8 @@ pub struct Guest {
     /// The kernel to boot instead of Debian's (then the initramfs carries
     /// no modules).
     pub kernel: Option<PathBuf>,
+    /// The QEMU binary instead of the project's patched build.
+    pub qemu: Option<PathBuf>,
     pub timeout: Duration,
 }
 
@@ -340,6 +361,7 @@ impl Guest {
             disk: None,
             edu: 0,
             kernel: None,
+            qemu: None,
             timeout: Duration::from_secs(600),
         }
     }
@@ -392,6 +414,9 @@ impl Guest {
         let mut cmd = Command::new(repo().join("scripts/guest/run-guest.sh"));
         if let Some(k) = &self.kernel {
             cmd.arg("--kernel").arg(k);
+        }
+        if let Some(q) = &self.qemu {
+            cmd.arg("--qemu").arg(q);
         }
         let out = cmd
             .arg("--initrd")

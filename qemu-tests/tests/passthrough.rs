@@ -1,13 +1,13 @@
 //! The pass-through test bed: real kernel iommufd, a DMA-capable device.
 //!
 //! These machines have no IOMMU, so the host side runs inside a guest that
-//! has one: QEMU's intel-iommu, a kernel built with IOMMUFD and
+//! has one: Debian's stock QEMU with its intel-iommu, a kernel built with IOMMUFD and
 //! VFIO_DEVICE_CDEV, and two `edu` devices on vfio-pci. Inside, the
 //! conformance suite runs against the kernel, then the daemon in
 //! `--mode iommufd` serves the Rust test front-end, which drives the edu
 //! DMA engines (guest-tools `passthrough`).
 
-use qemu_tests::{iommufd_kernel, passthrough_skip_reason, Guest, Viommu};
+use qemu_tests::{iommufd_kernel, passthrough_skip_reason, stock_qemu, Guest, Viommu};
 
 #[test]
 fn guest_maps_become_kernel_ioas_mappings_that_real_dma_obeys() {
@@ -17,6 +17,7 @@ fn guest_maps_become_kernel_ioas_mappings_that_real_dma_obeys() {
     }
     let mut g = Guest::new(Viommu::Intel, "passthrough.sh");
     g.kernel = iommufd_kernel();
+    g.qemu = stock_qemu();
     g.edu = 2;
     g.append = "intel_iommu=on".into();
     let run = g.run(None);
