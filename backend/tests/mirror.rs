@@ -249,3 +249,26 @@ fn a_system_reset_clears_the_state_and_is_answered_with_a_sync_reset() {
     let buf = vm.ram().alloc(0x1000, 0x1000).unwrap();
     assert_eq!(vm.map(1, 0x1000, 0x1fff, buf, 1).unwrap(), Status::NoEnt);
 }
+
+#[test]
+fn when_the_front_end_leaves_its_translations_go_at_once() {
+    let d = Daemon::start("leave");
+    let mut vm = TestVm::connect(&d.socket, VmOptions::default()).unwrap();
+    let mut q = FakeQemu::connect(&d.mirror);
+    let batches = q.auto_ack();
+    batches.recv_timeout(Duration::from_secs(5)).unwrap();
+    let buf = vm.ram().alloc(0x1000, 0x1000).unwrap();
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+    assert_eq!(vm.map(1, 0x1000, 0x1fff, buf, 3).unwrap(), Status::Ok);
+    while let Ok((_, _, recs)) = batches.recv_timeout(Duration::from_millis(500)) {
+        assert!(!recs.iter().any(|r| r.0 == OP_RESET));
+    }
+
+    // The guest memory those mappings point into is gone with the front-end:
+    // the daemon resets now, without waiting for a next front-end.
+    drop(vm);
+    let (_, _, recs) = batches
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a reset batch after the disconnect");
+    assert_eq!(recs[0].0, OP_RESET, "{recs:?}");
+}
