@@ -38,6 +38,8 @@ fn guest_maps_become_kernel_ioas_mappings_that_real_dma_obeys() {
         "domains-isolated",
         "bypass-is-identity",
         "detached-is-blocked",
+        "second-bind-refused",
+        "disconnect-unmaps",
     ] {
         assert_eq!(
             run.lines(&format!("VUI-CHECK pt-{check} ok")).len(),

@@ -335,9 +335,51 @@ fn run() -> Res<u32> {
         "a detached device reached guest RAM".into()
     });
 
+    // 6. A second bind of a device the daemon holds is refused, and says why.
+    let again = RawConfig {
+        mode: Mode::Iommufd,
+        vfio: vec![format!("{EP_A}={}", a.display())],
+        ..Default::default()
+    }
+    .check()?;
+    match passthrough::device(&again, Path::new("/dev/iommu")) {
+        Ok(_) => c.check("second-bind-refused", false, || "it was bound twice".into()),
+        Err(e) => {
+            let msg = e.to_string();
+            println!("passthrough: a second bind: {}", msg.replace('\n', " / "));
+            c.check("second-bind-refused", msg.contains("hint:"), || msg.clone());
+        }
+    }
+
+    // 7. When the front-end goes, its mappings go with it, at once.
+    let last = alloc(1)?;
+    expect_ok("ATTACH 4", vm.attach(4, EP_A, 0))?;
+    expect_ok(
+        "MAP last",
+        vm.map(
+            4,
+            IOVA_DST,
+            IOVA_DST + PAGE - 1,
+            last,
+            MAP_F_READ | MAP_F_WRITE,
+        ),
+    )?;
+    edu_a.write_ram(IOVA_DST)?;
+    let landed = read_page(last)? == p;
+    ram.write(last, &zero)?;
     let (model, queues) = backend.stats();
     println!("passthrough: daemon: {model}; {} requests", queues.requests);
     drop(vm);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while backend.with_device(|d| d.stats().domains) > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    edu_a.write_ram(IOVA_DST)?;
+    c.check(
+        "disconnect-unmaps",
+        landed && read_page(last)? == zero,
+        || format!("mapped DMA landed: {landed}; after the disconnect the page changed"),
+    );
     stopper.stop();
     let _ = serving.join();
     Ok(c.failed)
