@@ -152,6 +152,17 @@ pub fn device(config: &Config, iommufd: &Path) -> Result<IommuDevice, Passthroug
 /// accounting, per user); a MAP beyond the limit fails with NOMEM. Say so
 /// up front when the limit is not unlimited.
 fn warn_about_memlock() {
+    const CAP_IPC_LOCK: u32 = 14;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    if effective & (1 << CAP_IPC_LOCK) != 0 {
+        // The limit does not apply.
+        return;
+    }
     let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else {
         return;
     };
@@ -159,8 +170,8 @@ fn warn_about_memlock() {
         let soft = line.split_whitespace().nth(3).unwrap_or("?");
         if soft != "unlimited" {
             log::warn!(
-                "RLIMIT_MEMLOCK is {soft} bytes: guest mappings pin memory against it \
-                 (unless this process has CAP_IPC_LOCK); MAPs beyond it fail with NOMEM"
+                "RLIMIT_MEMLOCK is {soft} bytes and this process lacks CAP_IPC_LOCK: guest \
+                 mappings pin memory against it; MAPs beyond it fail with NOMEM"
             );
         }
     }

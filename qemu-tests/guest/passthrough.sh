@@ -14,6 +14,25 @@ ls /dev/vfio/devices | sed 's/^/VUI-LOG vfio cdev: /'
 set -- /dev/vfio/devices/vfio*
 [ -c "$1" ] || fail "no VFIO cdev for the edu devices"
 
+# The daemon's own command line on the real kernel: it starts in iommufd
+# mode, a second daemon for the same device is refused with a hint, and
+# SIGTERM ends the first cleanly.
+/tests/vhost-user-iommu --mode iommufd --vfio "1=$1" --socket-path /tmp/cli.sock >/tmp/cli.out 2>&1 &
+daemon=$!
+i=0
+while [ ! -S /tmp/cli.sock ] && [ "$i" -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+if /tests/vhost-user-iommu --mode iommufd --vfio "1=$1" --socket-path /tmp/cli2.sock >/tmp/cli2.out 2>&1; then
+    echo "VUI-CHECK cli-second-daemon-refused NO"
+else
+    sed 's/^/VUI-LOG second daemon: /' /tmp/cli2.out
+    grep -q 'hint:' /tmp/cli2.out && echo "VUI-CHECK cli-second-daemon-refused ok"
+fi
+kill -TERM "$daemon"
+wait "$daemon"
+drc=$?
+sed 's/^/VUI-LOG daemon: /' /tmp/cli.out
+grep -q 'Iommufd mode' /tmp/cli.out && [ "$drc" = 0 ] && echo "VUI-CHECK cli-iommufd-mode ok"
+
 # Output is collected and printed afterwards: the kernel logs DMA faults on
 # the console while the programs print.
 /tests/iopt-conformance --device "$1" >/tmp/conformance.out 2>&1

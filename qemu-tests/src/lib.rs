@@ -210,9 +210,14 @@ pub fn guest_tools() -> Vec<PathBuf> {
     let target_dir = repo().join("target/guest");
     BUILT.get_or_init(|| build_guest_tools(TARGET, &target_dir));
     let bin = target_dir.join(TARGET).join("release");
-    ["edu-dma", "passthrough", "iopt-conformance"]
-        .map(|b| bin.join(b))
-        .to_vec()
+    [
+        "edu-dma",
+        "passthrough",
+        "iopt-conformance",
+        "vhost-user-iommu",
+    ]
+    .map(|b| bin.join(b))
+    .to_vec()
 }
 
 fn build_guest_tools(target: &str, target_dir: &Path) {
@@ -225,6 +230,8 @@ fn build_guest_tools(target: &str, target_dir: &Path) {
             "guest-tools",
             "-p",
             "iopt",
+            "-p",
+            "vhost-user-iommu",
             "--bins",
             "--target",
             target,

@@ -48,6 +48,8 @@ fn guest_maps_become_kernel_ioas_mappings_that_real_dma_obeys() {
         );
     }
     assert_eq!(run.lines("VUI-CHECK pt-fault-logged yes").len(), 1);
+    assert_eq!(run.lines("VUI-CHECK cli-iommufd-mode ok").len(), 1);
+    assert_eq!(run.lines("VUI-CHECK cli-second-daemon-refused ok").len(), 1);
     assert_eq!(run.lines("VUI-CHECK conformance-rc 0").len(), 1);
     assert!(
         run.lines("conformance: kernel:")
