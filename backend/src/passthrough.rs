@@ -149,8 +149,9 @@ pub fn device(config: &Config, iommufd: &Path) -> Result<IommuDevice, Passthroug
 }
 
 /// Every guest MAP pins its pages against RLIMIT_MEMLOCK (iommufd's default
-/// accounting, per user); a MAP beyond the limit fails with NOMEM. Say so
-/// up front when the limit is not unlimited.
+/// accounting, per user; none for a process with CAP_IPC_LOCK); a MAP beyond
+/// the limit fails with NOMEM. Say so up front when the limit applies and is
+/// not unlimited.
 fn warn_about_memlock() {
     const CAP_IPC_LOCK: u32 = 14;
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
