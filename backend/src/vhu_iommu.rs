@@ -132,18 +132,9 @@ impl IommuBackend {
     }
 
     /// Start over for a new front-end connection: the device at power-on,
-    /// no memory, no vrings (the old front-end's state is gone). The reset is
-    /// mirrored so QEMU drops what it held.
+    /// no memory, no vrings (the old front-end's state is gone).
     pub fn new_connection(&self) {
-        let mut st = self.lock();
-        let mut sink = RecordSink::default();
-        st.device.reset(&mut sink);
-        st.device.set_memory(&NoRam);
-        st.mem = None;
-        st.vrings = None;
-        st.faults.clear();
-        st.event_idx = false;
-        self.mirror.publish(&sink.records);
+        self.forget_front_end(&mut self.lock());
     }
 
     /// The front-end is gone, and its guest memory with it: no IOAS may keep
@@ -153,12 +144,20 @@ impl IommuBackend {
     pub fn disconnected(&self) {
         let mut st = self.lock();
         st.last_session = Some(st.device.stats());
+        self.forget_front_end(&mut st);
+    }
+
+    /// Reset the device, unmap every IOAS area, drop the front-end's memory,
+    /// vrings and pending faults. The reset is mirrored so QEMU drops what
+    /// it held.
+    fn forget_front_end(&self, st: &mut State) {
         let mut sink = RecordSink::default();
         st.device.reset(&mut sink);
         st.device.set_memory(&NoRam);
         st.mem = None;
         st.vrings = None;
         st.faults.clear();
+        st.event_idx = false;
         self.mirror.publish(&sink.records);
     }
 

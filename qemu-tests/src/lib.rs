@@ -45,8 +45,8 @@ pub fn repo() -> PathBuf {
 
 /// Why the tier cannot run, if it cannot.
 pub fn skip_reason() -> Option<String> {
-    if std::env::var("VUI_QEMU_TESTS").as_deref() != Ok("1") {
-        return Some("guest tests run from scripts/qemu-tests.sh (VUI_QEMU_TESTS=1)".into());
+    if let Some(why) = tier_off() {
+        return Some(why);
     }
     if qemu().is_none() {
         return Some("the patched QEMU is not built (scripts/qemu/build-qemu.sh)".into());
@@ -55,6 +55,12 @@ pub fn skip_reason() -> Option<String> {
         return Some("the guest kernel is not fetched (scripts/guest/fetch-kernel.sh)".into());
     }
     None
+}
+
+/// Why the tier is off, if it is: it runs from scripts/qemu-tests.sh.
+fn tier_off() -> Option<String> {
+    (std::env::var("VUI_QEMU_TESTS").as_deref() != Ok("1"))
+        .then(|| "guest tests run from scripts/qemu-tests.sh (VUI_QEMU_TESTS=1)".into())
 }
 
 /// Skip the calling test, saying why, if the tier cannot run.
@@ -83,39 +89,36 @@ fn script_output(script: &str, args: &[&str]) -> Option<String> {
     })
 }
 
+/// The path a setup script prints with `--print-path` (what it built or
+/// fetched), asked once per test run; `None` if it has nothing yet.
+fn printed_path(cell: &OnceLock<Option<PathBuf>>, script: &str) -> Option<PathBuf> {
+    cell.get_or_init(|| script_output(script, &["--print-path"]).map(PathBuf::from))
+        .clone()
+}
+
 /// The patched QEMU binary.
 pub fn qemu() -> Option<PathBuf> {
-    static Q: OnceLock<Option<PathBuf>> = OnceLock::new();
-    Q.get_or_init(|| {
-        script_output("scripts/qemu/build-qemu.sh", &["--print-path"]).map(PathBuf::from)
-    })
-    .clone()
+    static P: OnceLock<Option<PathBuf>> = OnceLock::new();
+    printed_path(&P, "scripts/qemu/build-qemu.sh")
 }
 
 /// The cached iommufd guest kernel (`bzImage`), if built.
 pub fn iommufd_kernel() -> Option<PathBuf> {
-    static K: OnceLock<Option<PathBuf>> = OnceLock::new();
-    K.get_or_init(|| {
-        script_output("scripts/kernel/build-iommufd-kernel.sh", &["--print-path"])
-            .map(PathBuf::from)
-    })
-    .clone()
+    static P: OnceLock<Option<PathBuf>> = OnceLock::new();
+    printed_path(&P, "scripts/kernel/build-iommufd-kernel.sh")
 }
 
 /// Debian's stock QEMU, which the pass-through test bed runs on (it needs
 /// only intel-iommu and edu, not the project's device).
 pub fn stock_qemu() -> Option<PathBuf> {
-    static Q: OnceLock<Option<PathBuf>> = OnceLock::new();
-    Q.get_or_init(|| {
-        script_output("scripts/qemu/install-stock-qemu.sh", &["--print-path"]).map(PathBuf::from)
-    })
-    .clone()
+    static P: OnceLock<Option<PathBuf>> = OnceLock::new();
+    printed_path(&P, "scripts/qemu/install-stock-qemu.sh")
 }
 
 /// Why the pass-through test bed cannot run, if it cannot.
 pub fn passthrough_skip_reason() -> Option<String> {
-    if std::env::var("VUI_QEMU_TESTS").as_deref() != Ok("1") {
-        return Some("guest tests run from scripts/qemu-tests.sh (VUI_QEMU_TESTS=1)".into());
+    if let Some(why) = tier_off() {
+        return Some(why);
     }
     if stock_qemu().is_none() {
         return Some(
@@ -134,11 +137,8 @@ pub fn passthrough_skip_reason() -> Option<String> {
 
 /// The cached guest kernel directory.
 pub fn kernel_dir() -> Option<PathBuf> {
-    static K: OnceLock<Option<PathBuf>> = OnceLock::new();
-    K.get_or_init(|| {
-        script_output("scripts/guest/fetch-kernel.sh", &["--print-path"]).map(PathBuf::from)
-    })
-    .clone()
+    static P: OnceLock<Option<PathBuf>> = OnceLock::new();
+    printed_path(&P, "scripts/guest/fetch-kernel.sh")
 }
 
 /// This process's scratch root, `target/qemu-tests/run-<pid>`. Disk images

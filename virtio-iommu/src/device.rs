@@ -1108,42 +1108,43 @@ mod tests {
     const READ: u32 = map_flags::READ;
     const RW: u32 = map_flags::READ | map_flags::WRITE;
 
-    /// 16 MiB of guest RAM at GPA 0.
-    struct Ram;
-    impl GuestRam for Ram {
+    /// Guest RAM as a list of regions.
+    struct Regions(&'static [RamRegion]);
+    impl GuestRam for Regions {
         fn user_addr(&self, gpa: u64, len: u64) -> Option<u64> {
-            (len > 0 && gpa.checked_add(len)? <= RAM).then_some(USER_BASE + gpa)
+            let last = gpa.checked_add(len.checked_sub(1)?)?;
+            self.0
+                .iter()
+                .find(|r| gpa >= r.gpa && last - r.gpa < r.len)
+                .map(|r| r.user_va + (gpa - r.gpa))
         }
         fn for_each_region(&self, f: &mut dyn FnMut(RamRegion)) {
-            f(RamRegion {
-                gpa: 0,
-                len: RAM,
-                user_va: USER_BASE,
-            });
+            self.0.iter().copied().for_each(f);
         }
     }
 
+    /// 16 MiB of guest RAM at GPA 0.
+    const RAM_AT_0: Regions = Regions(&[RamRegion {
+        gpa: 0,
+        len: RAM,
+        user_va: USER_BASE,
+    }]);
+
     /// The same 16 MiB, after the front-end mapped it elsewhere, plus a
     /// region straddling the MSI window.
-    struct MovedRam;
     const MOVED_BASE: u64 = 0x7e00_0000_0000;
-    impl GuestRam for MovedRam {
-        fn user_addr(&self, gpa: u64, len: u64) -> Option<u64> {
-            (len > 0 && gpa.checked_add(len)? <= RAM).then_some(MOVED_BASE + gpa)
-        }
-        fn for_each_region(&self, f: &mut dyn FnMut(RamRegion)) {
-            f(RamRegion {
-                gpa: 0,
-                len: RAM,
-                user_va: MOVED_BASE,
-            });
-            f(RamRegion {
-                gpa: 0xfec0_0000,
-                len: 0x40_0000,
-                user_va: MOVED_BASE + 0x1_0000_0000,
-            });
-        }
-    }
+    const MOVED_RAM: Regions = Regions(&[
+        RamRegion {
+            gpa: 0,
+            len: RAM,
+            user_va: MOVED_BASE,
+        },
+        RamRegion {
+            gpa: 0xfec0_0000,
+            len: 0x40_0000,
+            user_va: MOVED_BASE + 0x1_0000_0000,
+        },
+    ]);
 
     fn device_with(cfg: DeviceConfig) -> Device<ModelIommufd> {
         let mut model = ModelIommufd::new();
@@ -1169,7 +1170,7 @@ mod tests {
             let mut reply = [0u8; 4];
             let n = self
                 .d
-                .handle_request(req, &mut reply, &Ram, &mut self.changes);
+                .handle_request(req, &mut reply, &RAM_AT_0, &mut self.changes);
             assert_eq!(n, 4);
             status_from(reply[0])
         }
@@ -1451,7 +1452,7 @@ mod tests {
         r.endpoint = endpoint.into();
         let size = d.device_config().probe_size as usize;
         let mut reply = vec![0xaau8; size + 4];
-        let n = d.handle_request(r.as_slice(), &mut reply, &Ram, &mut Discard);
+        let n = d.handle_request(r.as_slice(), &mut reply, &RAM_AT_0, &mut Discard);
         assert_eq!(n, size + 4);
         let mut props = vec![];
         let mut at = 0;
@@ -1494,7 +1495,7 @@ mod tests {
         r.head.req_type = req_type::PROBE;
         r.endpoint = 8.into();
         let mut small = [0u8; 8];
-        let n = d.handle_request(r.as_slice(), &mut small, &Ram, &mut Discard);
+        let n = d.handle_request(r.as_slice(), &mut small, &RAM_AT_0, &mut Discard);
         assert_eq!((n, small[4]), (8, Status::IoErr as u8));
         d.set_acked_features(0);
         assert_eq!(probe(&mut d, 8).0, Status::Unsupp);
@@ -1505,19 +1506,22 @@ mod tests {
         let mut d = device();
         let mut reply = [0u8; 3];
         assert_eq!(
-            d.handle_request(&[1, 0, 0, 0], &mut reply, &Ram, &mut Discard),
+            d.handle_request(&[1, 0, 0, 0], &mut reply, &RAM_AT_0, &mut Discard),
             0
         );
         let mut reply = [0xffu8; 4];
         assert_eq!(
-            d.handle_request(&[1, 0, 0, 0], &mut reply, &Ram, &mut Discard),
+            d.handle_request(&[1, 0, 0, 0], &mut reply, &RAM_AT_0, &mut Discard),
             4
         );
         assert_eq!(reply[0], Status::IoErr as u8);
-        assert_eq!(d.handle_request(&[], &mut reply, &Ram, &mut Discard), 4);
+        assert_eq!(
+            d.handle_request(&[], &mut reply, &RAM_AT_0, &mut Discard),
+            4
+        );
         assert_eq!(reply[0], Status::DevErr as u8);
         assert_eq!(
-            d.handle_request(&[0x77, 0, 0, 0], &mut reply, &Ram, &mut Discard),
+            d.handle_request(&[0x77, 0, 0, 0], &mut reply, &RAM_AT_0, &mut Discard),
             4
         );
         assert_eq!(reply[0], Status::Unsupp as u8);
@@ -1603,7 +1607,7 @@ mod tests {
                 *b = kind;
             }
             let mut reply = vec![0u8; reply_len];
-            let n = d.handle_request(&req, &mut reply, &Ram, &mut Discard);
+            let n = d.handle_request(&req, &mut reply, &RAM_AT_0, &mut Discard);
             proptest::prop_assert!(n <= reply_len);
         }
     }
@@ -1624,7 +1628,7 @@ mod tests {
             .attached_to(DeviceId(8))
             .expect("parked at power-on");
         assert_eq!(d.iommufd().attached_to(DeviceId(16)), Some(identity));
-        d.set_memory(&Ram);
+        d.set_memory(&RAM_AT_0);
         let area = *d.iommufd().iopt(identity).unwrap().area_at(0x1234).unwrap();
         assert_eq!(
             (area.iova, area.last, area.user_va),
@@ -1650,7 +1654,7 @@ mod tests {
     #[test]
     fn with_bypass_off_unattached_devices_are_blocked_and_the_config_write_moves_them() {
         let mut d = identity_device(false);
-        d.set_memory(&Ram);
+        d.set_memory(&RAM_AT_0);
         assert_eq!(d.iommufd().attached_to(DeviceId(8)), None);
         d.write_config(36, &[1], &mut Discard).unwrap();
         assert!(d.iommufd().attached_to(DeviceId(8)).is_some());
@@ -1665,7 +1669,7 @@ mod tests {
     #[test]
     fn the_identity_ioas_leaves_out_what_the_devices_reserve() {
         let mut d = identity_device(true);
-        d.set_memory(&MovedRam);
+        d.set_memory(&MOVED_RAM);
         let identity = d.iommufd().attached_to(DeviceId(8)).unwrap();
         let areas: Vec<(u64, u64)> = d
             .iommufd()
@@ -1695,7 +1699,7 @@ mod tests {
             r.map(1, 0x20_0000, 0x20_0fff, 0x1_0000_0000, RW | map_flags::MMIO),
             Status::Ok
         );
-        d.set_memory(&MovedRam);
+        d.set_memory(&MOVED_RAM);
         let ioas = d.domain(1).unwrap().ioas.unwrap();
         let area = *d.iommufd().iopt(ioas).unwrap().area_at(0x10_0000).unwrap();
         assert_eq!(area.user_va, MOVED_BASE + 0x2000);
@@ -1710,7 +1714,7 @@ mod tests {
             d.translate(8, 0x10_0000, true),
             Translation::Mapped { .. }
         ));
-        d.set_memory(&Ram);
+        d.set_memory(&RAM_AT_0);
         let area = *d.iommufd().iopt(ioas).unwrap().area_at(0x10_0000).unwrap();
         assert_eq!(area.user_va, USER_BASE + 0x2000);
     }

@@ -114,6 +114,12 @@ fn expect_ok(what: &str, s: test_frontend::Result<Status>) -> Res<()> {
     }
 }
 
+/// MAP one page, IOVA `iova` → guest page `gpa`, in `domain`; it must succeed.
+fn map_page(vm: &mut TestVm, domain: u32, iova: u64, gpa: u64, flags: u32) -> Res<()> {
+    let status = vm.map(domain, iova, iova + PAGE - 1, gpa, flags);
+    expect_ok(&format!("MAP {iova:#x} in domain {domain}"), status)
+}
+
 fn main() -> ExitCode {
     match run() {
         Ok(0) => ExitCode::SUCCESS,
@@ -208,20 +214,8 @@ fn run() -> Res<u32> {
     let dst_area = alloc(3)?;
     let dst = dst_area + PAGE;
     expect_ok("ATTACH 1", vm.attach(1, EP_A, 0))?;
-    expect_ok(
-        "MAP dst",
-        vm.map(
-            1,
-            IOVA_DST,
-            IOVA_DST + PAGE - 1,
-            dst,
-            MAP_F_READ | MAP_F_WRITE,
-        ),
-    )?;
-    expect_ok(
-        "MAP src",
-        vm.map(1, IOVA_SRC, IOVA_SRC + PAGE - 1, src, MAP_F_READ),
-    )?;
+    map_page(&mut vm, 1, IOVA_DST, dst, MAP_F_READ | MAP_F_WRITE)?;
+    map_page(&mut vm, 1, IOVA_SRC, src, MAP_F_READ)?;
     edu_a.read_ram(IOVA_SRC)?;
     edu_a.write_ram(IOVA_DST)?;
     c.check(
@@ -235,16 +229,7 @@ fn run() -> Res<u32> {
     let p2 = pattern(55);
     ram.write(dst, &p2)?;
     let dst2 = alloc(1)?;
-    expect_ok(
-        "MAP dst2",
-        vm.map(
-            1,
-            IOVA_DST2,
-            IOVA_DST2 + PAGE - 1,
-            dst2,
-            MAP_F_READ | MAP_F_WRITE,
-        ),
-    )?;
+    map_page(&mut vm, 1, IOVA_DST2, dst2, MAP_F_READ | MAP_F_WRITE)?;
     edu_a.read_ram(IOVA_DST)?;
     edu_a.write_ram(IOVA_DST2)?;
     c.check("memory-to-device", read_page(dst2)? == p2, || {
@@ -261,10 +246,7 @@ fn run() -> Res<u32> {
 
     // 3. A read-only mapping refuses device writes.
     let ro = alloc(1)?;
-    expect_ok(
-        "MAP read-only",
-        vm.map(1, IOVA_RO, IOVA_RO + PAGE - 1, ro, MAP_F_READ),
-    )?;
+    map_page(&mut vm, 1, IOVA_RO, ro, MAP_F_READ)?;
     edu_a.write_ram(IOVA_RO)?;
     c.check("read-only-refuses-writes", read_page(ro)? == zero, || {
         "the device wrote through a read-only mapping".into()
@@ -275,41 +257,11 @@ fn run() -> Res<u32> {
     let q = pattern(101);
     let (src_b, dst_b, only_a) = (alloc(1)?, alloc(1)?, alloc(1)?);
     ram.write(src_b, &q)?;
-    expect_ok(
-        "MAP dst again",
-        vm.map(
-            1,
-            IOVA_DST,
-            IOVA_DST + PAGE - 1,
-            dst,
-            MAP_F_READ | MAP_F_WRITE,
-        ),
-    )?;
-    expect_ok(
-        "MAP only-in-1",
-        vm.map(
-            1,
-            IOVA_ONLY_A,
-            IOVA_ONLY_A + PAGE - 1,
-            only_a,
-            MAP_F_READ | MAP_F_WRITE,
-        ),
-    )?;
+    map_page(&mut vm, 1, IOVA_DST, dst, MAP_F_READ | MAP_F_WRITE)?;
+    map_page(&mut vm, 1, IOVA_ONLY_A, only_a, MAP_F_READ | MAP_F_WRITE)?;
     expect_ok("ATTACH 2", vm.attach(2, EP_B, 0))?;
-    expect_ok(
-        "MAP dst in 2",
-        vm.map(
-            2,
-            IOVA_DST,
-            IOVA_DST + PAGE - 1,
-            dst_b,
-            MAP_F_READ | MAP_F_WRITE,
-        ),
-    )?;
-    expect_ok(
-        "MAP src in 2",
-        vm.map(2, IOVA_SRC, IOVA_SRC + PAGE - 1, src_b, MAP_F_READ),
-    )?;
+    map_page(&mut vm, 2, IOVA_DST, dst_b, MAP_F_READ | MAP_F_WRITE)?;
+    map_page(&mut vm, 2, IOVA_SRC, src_b, MAP_F_READ)?;
     edu_b.read_ram(IOVA_SRC)?;
     edu_b.write_ram(IOVA_DST)?;
     edu_b.write_ram(IOVA_ONLY_A)?;
@@ -354,16 +306,7 @@ fn run() -> Res<u32> {
     // 7. When the front-end goes, its mappings go with it, at once.
     let last = alloc(1)?;
     expect_ok("ATTACH 4", vm.attach(4, EP_A, 0))?;
-    expect_ok(
-        "MAP last",
-        vm.map(
-            4,
-            IOVA_DST,
-            IOVA_DST + PAGE - 1,
-            last,
-            MAP_F_READ | MAP_F_WRITE,
-        ),
-    )?;
+    map_page(&mut vm, 4, IOVA_DST, last, MAP_F_READ | MAP_F_WRITE)?;
     edu_a.write_ram(IOVA_DST)?;
     let landed = read_page(last)? == p;
     ram.write(last, &zero)?;
