@@ -17,8 +17,10 @@
 //!   and fault records read from the event queue.
 //!
 //! Users: the daemon's integration tests (including malformed chains via
-//! [`TestVm::submit_raw`]), the `demo` binary, and a load generator
-//! ([`TestVm::submit_batch`] fills the ring and notifies once).
+//! [`TestVm::submit_raw`]), the `demo` binary, and the load generator
+//! `vhost-user-iommu-bench` ([`TestVm::submit_batch`] fills the ring and
+//! notifies once; [`TestVm::submit`] and [`TestVm::poll_completion`] kick
+//! and busy-poll the used ring, as Linux's driver does).
 //!
 //! ```no_run
 //! use test_frontend::{TestVm, VmOptions, Status, MAP_F_READ};

@@ -607,6 +607,43 @@ impl TestVm {
         }
     }
 
+    /// Put as many of `reqs` in the request queue as there are free request
+    /// buffers and descriptors (up to half the queue size), notify the device
+    /// once (if it asked to be), and return how many went in, without
+    /// waiting. Collect them with [`poll_completion`](Self::poll_completion).
+    /// Allocates nothing.
+    pub fn submit(&mut self, reqs: &[Request]) -> Result<usize> {
+        let mut posted = 0;
+        for req in reqs {
+            if self.free_slots.is_empty() || self.reqq.num_free() < 2 {
+                break;
+            }
+            self.post(req)?;
+            posted += 1;
+        }
+        if posted > 0 {
+            self.notify_reqq()?;
+        }
+        Ok(posted)
+    }
+
+    /// Look once at the used ring, as a driver that kicks then busy-polls
+    /// does (Linux's virtio-iommu driver): the next completed request, or
+    /// `None` if the device has used nothing new. No system call, and the
+    /// device is not asked for a notification ([`VirtQueue::poll_used`]).
+    /// A chain from [`submit_raw`](Self::submit_raw) completes with
+    /// `Status::Other(0xff)`.
+    pub fn poll_completion(&mut self) -> Result<Option<Completion>> {
+        let Some((head, used_len)) = self.reqq.poll_used()? else {
+            return Ok(None);
+        };
+        let (_, status) = self.complete(head, used_len)?;
+        Ok(Some(Completion {
+            status: status?,
+            used_len,
+        }))
+    }
+
     /// Wait up to `timeout` for a fault record on the event queue; the buffer
     /// is reposted. `Ok(None)` if none arrived.
     pub fn next_fault(&mut self, timeout: Duration) -> Result<Option<FaultEvent>> {

@@ -371,7 +371,22 @@ impl VirtQueue {
     }
 
     /// Consume one used entry: `(head, len)`. Frees the chain's descriptors.
+    /// With EVENT_IDX, asks for a notification at the next used entry.
     pub fn pop_used(&mut self) -> Result<Option<(u16, u32)>, VringError> {
+        self.take_used(true)
+    }
+
+    /// [`pop_used`](Self::pop_used) for a driver that busy-polls the used
+    /// ring instead of waiting for notifications, as Linux's virtio-iommu
+    /// driver does on its request queue (which has no callback): with
+    /// EVENT_IDX, `used_event` is left where it is, so the device stops
+    /// signalling the call eventfd once it has passed it. No system call.
+    pub fn poll_used(&mut self) -> Result<Option<(u16, u32)>, VringError> {
+        self.take_used(false)
+    }
+
+    /// Consume one used entry; `rearm`: move `used_event` past it.
+    fn take_used(&mut self, rearm: bool) -> Result<Option<(u16, u32)>, VringError> {
         let used_idx = self.used_idx()?;
         let advance = used_idx.wrapping_sub(self.last_used_idx);
         if advance == 0 {
@@ -400,7 +415,7 @@ impl VirtQueue {
             self.free.push(d);
         }
         self.chain_len[head as usize] = 0;
-        if self.event_idx {
+        if self.event_idx && rearm {
             // Ask for an interrupt at the very next used entry.
             self.ram
                 .store_u16_release(self.used_event_gpa(), self.last_used_idx)?;
@@ -677,6 +692,28 @@ mod tests {
         q.ram().write_u16(q.used_event_gpa(), 0).unwrap();
         assert_eq!(q.wait_used(Duration::from_millis(1)).unwrap(), None);
         assert_eq!(q.ram().read_u16(q.used_event_gpa()).unwrap(), 1);
+    }
+
+    #[test]
+    fn poll_used_does_not_ask_for_notifications() {
+        let mut q = queue(8);
+        q.set_event_idx(true);
+        for n in 0..3u32 {
+            let h = q.add_chain(&[Desc::writable(0x2000, 4)]).unwrap();
+            device_use(&q, h, n);
+            assert_eq!(q.poll_used().unwrap(), Some((h, n)));
+        }
+        assert_eq!(q.poll_used().unwrap(), None);
+        assert_eq!(q.last_used_idx(), 3);
+        assert_eq!(q.num_free(), 8);
+        // used_event stayed at 0: a device past it does not signal.
+        assert_eq!(q.ram().read_u16(q.used_event_gpa()).unwrap(), 0);
+        assert!(!need_event(0, 4, 3));
+        // pop_used re-arms it.
+        let h = q.add_chain(&[Desc::writable(0x2000, 4)]).unwrap();
+        device_use(&q, h, 4);
+        q.pop_used().unwrap().unwrap();
+        assert_eq!(q.ram().read_u16(q.used_event_gpa()).unwrap(), 4);
     }
 
     #[test]

@@ -1,0 +1,63 @@
+//! A *leg*: one way of running requests through the device. Both legs run
+//! the same [`Plan`](crate::workload::Plan)s, so their numbers compare.
+
+use std::time::Duration;
+
+use test_frontend::{Request, Status};
+
+use crate::histogram::Histogram;
+
+/// Why a leg could not complete a kick.
+#[derive(Debug, thiserror::Error)]
+pub enum LegError {
+    /// The vhost-user session failed (socket, handshake, rings, ...).
+    #[error("front-end: {0}")]
+    Vm(#[from] test_frontend::Error),
+    /// A request did not succeed: the plan and the device disagree (e.g. an
+    /// external daemon whose endpoints or ranges differ).
+    #[error("{status:?} for a request in a kick of {kick_len} starting with {first:?}")]
+    Status {
+        /// The status the device wrote.
+        status: Status,
+        /// The first request of the kick.
+        first: Request,
+        /// Requests in the kick.
+        kick_len: usize,
+    },
+    /// The device used nothing for too long.
+    #[error("no used buffer after {0:?}: is the daemon stuck?")]
+    Timeout(Duration),
+    /// The in-process device refused its configuration.
+    #[error("device model: {0}")]
+    Device(#[from] virtio_iommu::ConfigError),
+    /// The in-process guest RAM could not be made.
+    #[error("guest RAM: {0}")]
+    Ram(String),
+}
+
+impl LegError {
+    /// A request of `kick` got `status`.
+    pub fn status(status: Status, kick: &[Request]) -> Self {
+        LegError::Status {
+            status,
+            // Kicks are never empty: the caller received a completion.
+            first: kick[0],
+            kick_len: kick.len(),
+        }
+    }
+}
+
+/// Runs kicks of requests.
+pub trait Leg {
+    /// Hand `reqs` to the device as one notification (if it asks for one)
+    /// and wait for all of them; record each request's latency — from the
+    /// submission of the kick to its completion — in `hist`. A status other
+    /// than OK is an error. Must not allocate.
+    fn kick(&mut self, reqs: &[Request], hist: &mut Histogram) -> Result<(), LegError>;
+
+    /// Notifications actually sent to the device so far, if the leg has
+    /// such a thing.
+    fn notifications(&mut self) -> Option<u64> {
+        None
+    }
+}

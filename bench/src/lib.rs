@@ -1,0 +1,28 @@
+//! `vhost-user-iommu-bench`: host-side performance runs of the
+//! `vhost-user-iommu` daemon.
+//!
+//! The bench plays VMM and guest driver with the `test-frontend` crate and
+//! sends the daemon named MAP/UNMAP [`workload`]s the way guest drivers do.
+//! Every workload runs on two [`leg`]s:
+//! - [`daemon_leg`]: over the vhost-user socket, kicking then busy-polling
+//!   the used ring (Linux's virtio-iommu driver);
+//! - [`direct_leg`]: the daemon's own device model called in-process,
+//!   the same requests without the transport.
+//!
+//! [`run`] measures a leg: latency per request into a preallocated
+//! [`histogram`], throughput, and (through [`procstat`]) the daemon's CPU
+//! time and context switches. [`daemon`] starts and stops the daemon,
+//! [`progress`] shows the run on stderr, [`report`] makes the table and the
+//! JSON, [`plot`] the SVG.
+
+pub mod daemon;
+pub mod daemon_leg;
+pub mod direct_leg;
+pub mod histogram;
+pub mod leg;
+pub mod plot;
+pub mod procstat;
+pub mod progress;
+pub mod report;
+pub mod run;
+pub mod workload;

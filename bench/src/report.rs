@@ -1,0 +1,253 @@
+//! The results: the `--json` document and the table on stdout.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::histogram::Histogram;
+use crate::progress::rate;
+use crate::run::LegOutcome;
+
+/// The whole run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// `vhost-user-iommu-bench`.
+    pub tool: &'static str,
+    /// This program's version.
+    pub version: &'static str,
+    /// What was asked for.
+    pub settings: Settings,
+    /// One entry per workload, in the order they ran.
+    pub workloads: Vec<WorkloadReport>,
+}
+
+/// The command line's values, as used.
+#[derive(Clone, Debug, Serialize)]
+pub struct Settings {
+    /// Measured seconds per leg and workload.
+    pub seconds: f64,
+    /// Warm-up seconds per leg and workload.
+    pub warmup_seconds: f64,
+    /// Requests per kick in `batch`.
+    pub qd: usize,
+    /// Domains in `domains`.
+    pub domains: u32,
+    /// Bytes per mapping in `batch` and `domains`.
+    pub size: u64,
+    /// `--smoke` was given.
+    pub smoke: bool,
+    /// The daemon: `spawned PATH` or `external SOCKET`.
+    pub daemon: String,
+}
+
+/// One workload on both legs.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkloadReport {
+    /// Its name (`strict-4k`, ...).
+    pub name: &'static str,
+    /// What it sends.
+    pub description: String,
+    /// Most requests in one kick.
+    pub requests_per_kick: usize,
+    /// Through the daemon, over vhost-user.
+    pub daemon: LegReport,
+    /// The device model called in-process.
+    pub direct: LegReport,
+    /// daemon ÷ direct.
+    pub ratio: Ratio,
+}
+
+/// One leg's numbers.
+#[derive(Clone, Debug, Serialize)]
+pub struct LegReport {
+    /// Requests measured.
+    pub requests: u64,
+    /// Measured wall time.
+    pub seconds: f64,
+    /// Throughput.
+    pub req_per_s: f64,
+    /// Latency from the kick to the completion, in nanoseconds.
+    pub latency_ns: Latency,
+    /// The daemon's CPU time (all threads) per request, if watched.
+    pub cpu_ns_per_req: Option<f64>,
+    /// The daemon's context switches per request, if watched.
+    pub context_switches_per_req: Option<f64>,
+    /// Notifications (kicks) the driver sent per request.
+    pub kicks_per_req: Option<f64>,
+}
+
+/// Latency statistics, nanoseconds.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Latency {
+    /// Fastest.
+    pub min: u64,
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p99_9: u64,
+    /// Slowest.
+    pub max: u64,
+    /// Mean.
+    pub mean: f64,
+}
+
+/// How much more the daemon takes than the device model alone.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Ratio {
+    /// Wall time per request: direct req/s ÷ daemon req/s.
+    pub time_per_req: f64,
+    /// The daemon's CPU time per request ÷ the direct leg's time per
+    /// request, if the daemon was watched.
+    pub cpu_per_req: Option<f64>,
+    /// Median latency.
+    pub p50: f64,
+}
+
+impl Latency {
+    /// The statistics of `h`.
+    pub fn of(h: &Histogram) -> Self {
+        Latency {
+            min: h.min(),
+            p50: h.quantile(0.5),
+            p99: h.quantile(0.99),
+            p99_9: h.quantile(0.999),
+            max: h.max(),
+            mean: h.mean(),
+        }
+    }
+}
+
+fn per_req(total: f64, requests: u64) -> f64 {
+    if requests == 0 {
+        0.0
+    } else {
+        total / requests as f64
+    }
+}
+
+impl LegReport {
+    /// The report of one leg's outcome.
+    pub fn of(o: &LegOutcome) -> Self {
+        LegReport {
+            requests: o.requests,
+            seconds: o.elapsed.as_secs_f64(),
+            req_per_s: rate(o.requests, o.elapsed),
+            latency_ns: Latency::of(&o.latency),
+            cpu_ns_per_req: o.cost.map(|c| per_req(c.cpu.as_nanos() as f64, o.requests)),
+            context_switches_per_req: o
+                .cost
+                .map(|c| per_req(c.context_switches as f64, o.requests)),
+            kicks_per_req: o.notifications.map(|n| per_req(n as f64, o.requests)),
+        }
+    }
+
+    /// Wall nanoseconds per request.
+    fn ns_per_req(&self) -> f64 {
+        if self.req_per_s > 0.0 {
+            1e9 / self.req_per_s
+        } else {
+            f64::INFINITY
+        }
+    }
+}
+
+fn quotient(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        f64::INFINITY
+    }
+}
+
+impl Ratio {
+    /// `daemon` compared with `direct`.
+    pub fn of(daemon: &LegReport, direct: &LegReport) -> Self {
+        Ratio {
+            time_per_req: quotient(daemon.ns_per_req(), direct.ns_per_req()),
+            cpu_per_req: daemon
+                .cpu_ns_per_req
+                .map(|cpu| quotient(cpu, direct.ns_per_req())),
+            p50: quotient(daemon.latency_ns.p50 as f64, direct.latency_ns.p50 as f64),
+        }
+    }
+}
+
+fn us(ns: f64) -> String {
+    format!("{:.2}", ns / 1000.0)
+}
+
+fn opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    v.map(f).unwrap_or_else(|| "-".into())
+}
+
+/// The table printed at the end: one row per workload; latencies in µs.
+pub fn table(report: &Report) -> String {
+    let header = [
+        "workload",
+        "QD",
+        "req/s",
+        "p50",
+        "p99",
+        "p99.9",
+        "CPU/req",
+        "csw/req",
+        "kick/req",
+        "direct req/s",
+        "direct p50",
+        "x time",
+        "x CPU",
+    ];
+    let rows: Vec<[String; 13]> = report
+        .workloads
+        .iter()
+        .map(|w| {
+            let (d, x) = (&w.daemon, &w.direct);
+            [
+                w.name.to_string(),
+                w.requests_per_kick.to_string(),
+                format!("{:.0}", d.req_per_s),
+                us(d.latency_ns.p50 as f64),
+                us(d.latency_ns.p99 as f64),
+                us(d.latency_ns.p99_9 as f64),
+                opt(d.cpu_ns_per_req, us),
+                opt(d.context_switches_per_req, |v| format!("{v:.3}")),
+                opt(d.kicks_per_req, |v| format!("{v:.3}")),
+                format!("{:.0}", x.req_per_s),
+                us(x.latency_ns.p50 as f64),
+                format!("{:.1}", w.ratio.time_per_req),
+                opt(w.ratio.cpu_per_req, |v| format!("{v:.1}")),
+            ]
+        })
+        .collect();
+    let mut width = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in width.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        for (i, (cell, w)) in cells.zip(width).enumerate() {
+            if i == 0 {
+                let _ = write!(out, "{cell:<w$}");
+            } else {
+                let _ = write!(out, "  {cell:>w$}");
+            }
+        }
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for row in &rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out.push_str(
+        "\nlatency (p50, p99, p99.9, direct p50) and CPU/req in µs; daemon columns: through the \
+         daemon over vhost-user,\nthe driver kicking then busy-polling the used ring; CPU/req and \
+         csw/req: the daemon process's CPU time and\ncontext switches per request; direct: the \
+         same requests on the daemon's device model in-process;\nx time = daemon time per request \
+         ÷ direct, x CPU = daemon CPU per request ÷ direct time per request.\n",
+    );
+    out
+}

@@ -1,0 +1,190 @@
+//! The bench binary end to end, against a daemon served in this process
+//! (the backend library, as the daemon's own demo does), so that
+//! `cargo test` needs no daemon binary built beforehand.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::thread::JoinHandle;
+
+use serde_json::Value;
+use vhost_user_iommu::config::RawConfig;
+use vhost_user_iommu::emulated;
+use vhost_user_iommu::mirror::MirrorHandle;
+use vhost_user_iommu::serve::{ServeError, Server, SocketSource, Stopper};
+use vhost_user_iommu::vhu_iommu::IommuBackend;
+
+const BENCH: &str = env!("CARGO_BIN_EXE_vhost-user-iommu-bench");
+const WORKLOADS: [&str; 5] = ["strict-4k", "strict-64k", "strict-2m", "batch", "domains"];
+
+/// The daemon on a thread of this process; stopped when dropped.
+struct InProcessDaemon {
+    socket: PathBuf,
+    stopper: Stopper,
+    thread: Option<JoinHandle<Result<(), ServeError>>>,
+}
+
+impl InProcessDaemon {
+    /// Serving endpoints `endpoints`, without a mirror (no QEMU).
+    fn start(name: &str, endpoints: &str) -> Self {
+        let socket =
+            std::env::temp_dir().join(format!("vui-bench-test-{}-{name}.sock", std::process::id()));
+        let config = RawConfig {
+            endpoints: Some(endpoints.into()),
+            ..RawConfig::default()
+        }
+        .check()
+        .unwrap();
+        let backend = IommuBackend::new(
+            emulated::device(&config).unwrap(),
+            MirrorHandle::disconnected(),
+        );
+        let server = Server::bind(&SocketSource::Path(socket.clone())).unwrap();
+        let stopper = server.stopper();
+        let thread = std::thread::spawn(move || server.run(&backend));
+        InProcessDaemon {
+            socket,
+            stopper,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for InProcessDaemon {
+    fn drop(&mut self) {
+        self.stopper.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn bench(args: &[&str]) -> Output {
+    Command::new(BENCH)
+        .args(args)
+        .output()
+        .expect("run the bench")
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("temporary paths are UTF-8 here")
+}
+
+#[test]
+fn smoke_run_reports_every_workload_with_nonzero_throughput() {
+    let daemon = InProcessDaemon::start("smoke", "8-11");
+    let dir = std::env::temp_dir();
+    let json = dir.join(format!("vui-bench-test-{}.json", std::process::id()));
+    let svg = dir.join(format!("vui-bench-test-{}.svg", std::process::id()));
+    let pid = std::process::id().to_string();
+    let out = bench(&[
+        "--smoke",
+        "--socket",
+        path_str(&daemon.socket),
+        "--daemon-pid",
+        &pid,
+        "--domains",
+        "4",
+        "--qd",
+        "8",
+        "--json",
+        path_str(&json),
+        "--plot",
+        path_str(&svg),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed: {stderr}");
+
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["settings"]["smoke"], true);
+    let workloads = report["workloads"].as_array().unwrap();
+    let names: Vec<&str> = workloads
+        .iter()
+        .map(|w| w["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, WORKLOADS);
+    for w in workloads {
+        for leg in ["daemon", "direct"] {
+            let rate = w[leg]["req_per_s"].as_f64().unwrap();
+            assert!(rate > 0.0, "{} {leg}: {rate} req/s", w["name"]);
+            assert!(w[leg]["latency_ns"]["p50"].as_u64().unwrap() > 0);
+        }
+        assert!(w["daemon"]["cpu_ns_per_req"].as_f64().is_some());
+        assert!(w["ratio"]["time_per_req"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(workloads[3]["requests_per_kick"], 8);
+
+    let table = String::from_utf8_lossy(&out.stdout);
+    for name in WORKLOADS {
+        assert!(table.contains(name), "table lacks {name}: {table}");
+        assert!(
+            stderr.contains(name),
+            "no progress line for {name}: {stderr}"
+        );
+    }
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(plot.starts_with("<svg"));
+    assert!(plot.contains("strict-4k"));
+    let _ = std::fs::remove_file(json);
+    let _ = std::fs::remove_file(svg);
+}
+
+#[test]
+fn a_request_the_daemon_refuses_fails_the_run_with_its_status() {
+    // The daemon serves endpoint 8 only; `domains` needs 8 and 9.
+    let daemon = InProcessDaemon::start("refused", "8");
+    let out = bench(&[
+        "--smoke",
+        "--socket",
+        path_str(&daemon.socket),
+        "--workloads",
+        "domains",
+        "--domains",
+        "2",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("domains, daemon: NoEnt"), "{stderr}");
+}
+
+#[test]
+fn a_missing_daemon_binary_is_named_with_how_to_build_it() {
+    let out = bench(&["--smoke", "--daemon", "/nonexistent/vhost-user-iommu"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/vhost-user-iommu"), "{stderr}");
+    assert!(
+        stderr.contains("cargo build --release -p vhost-user-iommu"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_png_plot_is_refused_before_anything_runs() {
+    let out = bench(&["--socket", "/nonexistent.sock", "--plot", "lat.png"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("only SVG"), "{stderr}");
+}
+
+#[test]
+fn help_explains_every_workload_and_flag() {
+    let out = bench(&["--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for word in WORKLOADS.iter().chain(&[
+        "--seconds",
+        "--warmup",
+        "--qd",
+        "--domains",
+        "--size",
+        "--socket",
+        "--daemon-pid",
+        "--smoke",
+        "--json",
+        "--plot",
+        "SVG",
+    ]) {
+        assert!(help.contains(word), "--help lacks {word}");
+    }
+}
