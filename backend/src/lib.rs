@@ -6,7 +6,9 @@
 //! - [`serve`]: the listening socket, one front-end at a time, signals;
 //! - [`vhu_iommu`]: the `VhostUserBackend`: features, config space, the
 //!   request and event queues;
-//! - [`mirror`]: the translation mirror to QEMU (docs/mirror-protocol.md);
+//! - [`poll`]: the adaptive busy-polling window of the request queue;
+//! - [`mirror`]: what QEMU needs of the state (docs/mirror-protocol.md): a
+//!   shared translation table and the events QEMU acts on;
 //! - [`guest_ram`]: guest physical addresses → the daemon's mapping of them;
 //! - [`emulated`]: the device model over the in-process iommufd model;
 //! - [`passthrough`]: the device model over the kernel's `/dev/iommu` and VFIO devices;
@@ -22,5 +24,6 @@ pub mod emulated;
 pub mod guest_ram;
 pub mod mirror;
 pub mod passthrough;
+pub mod poll;
 pub mod serve;
 pub mod vhu_iommu;

@@ -9,15 +9,16 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use iopt::Iommufd;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_iommu::{Change, ChangeSink, Device, NoRam};
+use virtio_iommu::{Change, Device, NoRam};
 use virtio_queue::QueueT;
 use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -26,7 +27,8 @@ use vmm_sys_util::event::{
 };
 
 use crate::guest_ram::GuestRamView;
-use crate::mirror::{self, MirrorHandle, Record, WaitOutcome};
+use crate::mirror::{self, Batch, MirrorHandle, Record, SharedMem, TranslationTable, WaitOutcome};
+use crate::poll::AdaptivePoll;
 
 /// Queue indexes (virtio 1.2 §5.13.2).
 pub const REQUEST_QUEUE: u16 = 0;
@@ -41,6 +43,9 @@ const MAX_REQUEST: usize = 256;
 pub const MAX_REPLY: usize = 4096 + 4;
 /// Fault events kept while the guest has no event buffer posted.
 const MAX_PENDING_FAULTS: usize = 64;
+/// The daemon's default maximum polling window, in microseconds
+/// (`--poll-us`, src/poll.rs).
+pub const DEFAULT_POLL_US: u64 = 50;
 /// How long a request waits for the mirror's ACK before the link is
 /// declared stuck and closed (then QEMU drops its copy: fail safe).
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,6 +59,13 @@ pub type IommuDevice = Device<Box<dyn Iommufd + Send>>;
 pub struct QueueStats {
     /// Notifications (kicks) of the request queue handled.
     pub kicks: u64,
+    /// Batches of requests processed: one per kick, plus those found by
+    /// polling (no kick, no wake-up).
+    pub batches: u64,
+    /// Batches found by polling.
+    pub polled_batches: u64,
+    /// Time spent polling, in microseconds.
+    pub poll_us: u64,
     /// Requests completed.
     pub requests: u64,
     /// Chains whose buffers were not in guest memory.
@@ -65,20 +77,8 @@ pub struct QueueStats {
     pub faults_dropped: u64,
 }
 
-/// Records of a batch, collected under the device lock.
-#[derive(Debug, Default)]
-struct RecordSink {
-    records: Vec<Record>,
-    /// Whether any record needs the guest to wait for QEMU's ACK.
-    needs_ack: bool,
-}
-
-impl ChangeSink for RecordSink {
-    fn change(&mut self, c: Change) {
-        self.needs_ack = true;
-        self.records.push(mirror::record_of(&c));
-    }
-}
+/// The shared translation table QEMU reads (docs/mirror-protocol.md §11).
+type SharedTable = TranslationTable<Arc<SharedMem>>;
 
 struct State {
     device: IommuDevice,
@@ -90,11 +90,15 @@ struct State {
     /// event queue outside of its own notifications).
     vrings: Option<[VringRwLock; NUM_QUEUES]>,
     stats: QueueStats,
+    /// The translation table shared with QEMU, when there is a mirror.
+    table: Option<SharedTable>,
     /// Reused buffers: no allocation per request once warm.
-    sink: RecordSink,
+    records: Vec<Record>,
     completed: Vec<(u16, u32)>,
     /// The device's counters when the last front-end left.
     last_session: Option<virtio_iommu::Stats>,
+    /// Busy-polling of the request queue after each batch.
+    poll: AdaptivePoll,
 }
 
 /// The virtio-iommu vhost-user backend. Cheap to clone: clones share the
@@ -116,12 +120,21 @@ impl IommuBackend {
                 faults: VecDeque::with_capacity(MAX_PENDING_FAULTS),
                 vrings: None,
                 stats: QueueStats::default(),
-                sink: RecordSink::default(),
+                table: mirror.memory().map(|m| m.writer()),
+                records: Vec::new(),
                 completed: Vec::with_capacity(MAX_QUEUE_SIZE),
                 last_session: None,
+                poll: AdaptivePoll::new(Duration::ZERO),
             })),
             mirror,
         }
+    }
+
+    /// Poll the request queue for up to `max` after each batch (adaptive,
+    /// [`AdaptivePoll`]); zero turns polling off.
+    pub fn with_polling(self, max: Duration) -> Self {
+        self.lock().poll = AdaptivePoll::new(max);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -151,14 +164,49 @@ impl IommuBackend {
     /// vrings and pending faults. The reset is mirrored so QEMU drops what
     /// it held.
     fn forget_front_end(&self, st: &mut State) {
-        let mut sink = RecordSink::default();
-        st.device.reset(&mut sink);
+        self.change(st, |device, sink| device.reset(sink));
         st.device.set_memory(&NoRam);
         st.mem = None;
         st.vrings = None;
         st.faults.clear();
         st.event_idx = false;
-        self.mirror.publish(&sink.records);
+    }
+
+    /// Make a change outside the request path (resets, config writes) and
+    /// mirror it without waiting (docs/mirror-protocol.md §8 rule 1).
+    fn change<R>(
+        &self,
+        st: &mut State,
+        f: impl FnOnce(&mut IommuDevice, &mut Batch<'_, Arc<SharedMem>>) -> R,
+    ) -> R {
+        let State {
+            device,
+            table,
+            records,
+            ..
+        } = st;
+        let mut batch = Batch::new(table.as_mut(), records);
+        let r = f(device, &mut batch);
+        let out = batch.finish(self.mirror.notifier_flags());
+        if self.mirror.publish(out).is_none() {
+            Self::release_table_pages(st, &self.mirror);
+        }
+        r
+    }
+
+    /// Table pages of destroyed domains become reusable once QEMU cannot be
+    /// walking them: after an ACK, or with no QEMU connected.
+    fn release_table_pages(st: &mut State, mirror: &MirrorHandle) {
+        if let Some(t) = st.table.as_mut() {
+            if t.stats().pages_in_limbo > 0 && !mirror.is_connected() {
+                t.release_limbo();
+            }
+        }
+    }
+
+    /// The shared table's counters, if there is one.
+    pub fn table_stats(&self) -> Option<mirror::TableStats> {
+        self.lock().table.as_ref().map(|t| t.stats())
     }
 
     /// The device model's counters and the queue counters. Once a front-end
@@ -235,36 +283,75 @@ impl IommuBackend {
 
     /// Handle one notification of the request queue: every available
     /// request, as one batch, then one mirror wait and one guest
-    /// notification (virtio 1.2 §2.7.10 with EVENT_IDX: re-check after
-    /// re-enabling notifications).
+    /// notification; then poll for the next batch while the guest's
+    /// notifications stay suppressed (src/poll.rs), and only then re-enable
+    /// them and re-check (virtio 1.2 §2.7.10).
     fn process_requests(&self, vring: &VringRwLock) -> io::Result<()> {
+        let (window, mem) = {
+            let mut st = self.lock();
+            st.stats.kicks += 1;
+            st.poll.woken(Instant::now());
+            (st.poll.window(), st.mem.as_ref().map(|m| m.memory()))
+        };
+        let Some(mem) = mem else { return Ok(()) };
+        let mut polled = false;
+        let mut poll_time = Duration::ZERO;
         loop {
-            let event_idx = self.lock().event_idx;
-            if event_idx {
-                vring.disable_notification().map_err(io::Error::other)?;
+            vring.disable_notification().map_err(io::Error::other)?;
+            self.process_batch(vring, polled)?;
+            if !window.is_zero() {
+                let t0 = Instant::now();
+                polled = Self::poll_ring(vring, &mem, t0 + window);
+                poll_time += t0.elapsed();
+                if polled {
+                    continue;
+                }
             }
-            self.process_batch(vring)?;
-            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+            polled = false;
+            if !vring.enable_notification().map_err(io::Error::other)? {
                 break;
             }
         }
+        let mut st = self.lock();
+        st.stats.poll_us += poll_time.as_micros() as u64;
+        st.poll.sleeping(Instant::now());
         Ok(())
     }
 
-    fn process_batch(&self, vring: &VringRwLock) -> io::Result<()> {
+    /// Spin until the driver makes a request available or `deadline`
+    /// passes; true if a request is there.
+    fn poll_ring(vring: &VringRwLock, mem: &GuestMemoryMmap, deadline: Instant) -> bool {
+        loop {
+            {
+                let state = vring.get_ref();
+                let q = state.get_queue();
+                if q.avail_idx(mem, Ordering::Acquire)
+                    .is_ok_and(|idx| idx.0 != q.next_avail())
+                {
+                    return true;
+                }
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    fn process_batch(&self, vring: &VringRwLock, polled: bool) -> io::Result<()> {
         let (completed, ticket) = {
             let mut guard = self.lock();
             let st = &mut *guard;
             let Some(mem) = st.mem.as_ref().map(|m| m.memory()) else {
                 return Ok(());
             };
-            st.stats.kicks += 1;
+            st.stats.batches += 1;
+            st.stats.polled_batches += u64::from(polled);
             let mut req = [0u8; MAX_REQUEST];
             let mut reply = [0u8; MAX_REPLY];
             let ram = GuestRamView::new(&mem);
             st.completed.clear();
-            st.sink.records.clear();
-            st.sink.needs_ack = false;
+            let mut batch = Batch::new(st.table.as_mut(), &mut st.records);
             loop {
                 let chain = vring
                     .get_mut()
@@ -291,7 +378,7 @@ impl IommuBackend {
                 let room = writer.available_bytes().min(MAX_REPLY);
                 let written =
                     st.device
-                        .handle_request(&req[..n], &mut reply[..room], &ram, &mut st.sink);
+                        .handle_request(&req[..n], &mut reply[..room], &ram, &mut batch);
                 let used = match writer.write_all(&reply[..written]) {
                     Ok(()) => written as u32,
                     Err(_) => {
@@ -304,23 +391,27 @@ impl IommuBackend {
             st.stats.requests += st.completed.len() as u64;
             // Publish under the device lock, so the mirror sees changes in
             // the order the device made them (docs/mirror-protocol.md §6).
-            let ticket = if st.sink.needs_ack {
-                self.mirror.publish(&st.sink.records)
-            } else {
-                None
-            };
+            // MAPs and UNMAPs QEMU only translates with are in the shared
+            // table already: nothing to send, nothing to wait for (§11).
+            let records = batch.finish(self.mirror.notifier_flags());
+            let ticket = self.mirror.publish(records);
             if ticket.is_some() {
                 st.stats.acked_batches += 1;
+            } else {
+                Self::release_table_pages(st, &self.mirror);
             }
             (std::mem::take(&mut st.completed), ticket)
         };
         // Wait for QEMU holding neither the device lock nor a vring lock
         // (docs/mirror-protocol.md §8 rules 1-2); stop_vring releases us.
-        if let Some(ticket) = ticket {
-            if self.mirror.wait(ticket, ACK_TIMEOUT) == WaitOutcome::TimedOut {
+        let acked = match ticket.map(|t| self.mirror.wait(t, ACK_TIMEOUT)) {
+            Some(WaitOutcome::TimedOut) => {
                 log::error!("mirror: completing requests after an ACK timeout (link closed)");
+                false
             }
-        }
+            Some(WaitOutcome::Acked) => true,
+            _ => false,
+        };
         for &(head, len) in &completed {
             vring.add_used(head, len).map_err(io::Error::other)?;
         }
@@ -328,7 +419,13 @@ impl IommuBackend {
             vring.signal_used_queue()?;
         }
         // Hand the buffer back for the next batch.
-        self.lock().completed = completed;
+        let mut st = self.lock();
+        st.completed = completed;
+        if acked {
+            if let Some(t) = st.table.as_mut() {
+                t.release_limbo();
+            }
+        }
         Ok(())
     }
 }
@@ -374,10 +471,8 @@ impl VhostUserBackend for IommuBackend {
     /// power-on, and the mirror follows.
     fn reset_device(&self) {
         let mut st = self.lock();
-        let mut sink = RecordSink::default();
-        st.device.reset(&mut sink);
+        self.change(&mut st, |device, sink| device.reset(sink));
         st.faults.clear();
-        self.mirror.publish(&sink.records);
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -403,9 +498,9 @@ impl VhostUserBackend for IommuBackend {
     /// rule 1: the vhost-user thread never waits for QEMU).
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         let mut st = self.lock();
-        let mut sink = RecordSink::default();
-        let r = st.device.write_config(offset, buf, &mut sink);
-        self.mirror.publish(&sink.records);
+        let r = self.change(&mut st, |device, sink| {
+            device.write_config(offset, buf, sink)
+        });
         r.map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
     }
 
@@ -499,9 +594,11 @@ impl mirror::MirrorHooks for BackendHooks {
     fn snapshot(&self, send: &mut dyn FnMut(&[Record])) {
         let Some(backend) = self.0.get() else { return };
         let st = backend.lock();
-        let mut sink = RecordSink::default();
-        st.device.replay(&mut sink);
-        send(&sink.records);
+        let mut changes: Vec<Change> = Vec::new();
+        st.device.replay(&mut changes);
+        let mut records = Vec::with_capacity(changes.len() + 1);
+        mirror::dump(st.table.as_ref(), &changes, &mut records);
+        send(&records);
     }
 
     fn fault(&self, fault: mirror::Fault) {
@@ -514,8 +611,8 @@ impl mirror::MirrorHooks for BackendHooks {
     fn system_reset(&self, id: u32, send: &mut dyn FnMut(&[Record])) {
         let Some(backend) = self.0.get() else { return };
         let mut st = backend.lock();
-        let mut sink = RecordSink::default();
-        st.device.reset(&mut sink);
+        let State { device, table, .. } = &mut *st;
+        device.reset(&mut Batch::new(table.as_mut(), &mut Vec::new()));
         st.faults.clear();
         let bypass = st.device.config().bypass != 0;
         send(&[

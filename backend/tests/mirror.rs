@@ -1,12 +1,15 @@
 //! The daemon with its translation mirror, and a stand-in for QEMU's side of
 //! docs/mirror-protocol.md written from the document (not from the daemon's
-//! code): the full-state dump, strict invalidation, faults on the event
-//! queue, and system reset.
+//! code): the shared translation table, the full-state dump, strict
+//! invalidation for endpoints with notifiers, faults on the event queue, and
+//! system reset.
 
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -71,70 +74,151 @@ impl Drop for Daemon {
 /// One decoded 40-byte record: (op, flags, endpoint, domain, start, end, phys).
 type Rec = (u8, u16, u32, u32, u64, u64, u64);
 
+/// A shared mapping of a file QEMU received (§11).
+struct Shm {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Shm {
+    fn map(fd: &OwnedFd, len: usize, writable: bool) -> Self {
+        let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
+        // SAFETY: a new shared mapping of `len` bytes of a file at least that
+        // long (checked by the caller); unmapped on drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+        Self { ptr, len }
+    }
+
+    fn u64_at(&self, i: u64) -> u64 {
+        assert!(
+            (i as usize + 1) * 8 <= self.len,
+            "entry {i} outside the table"
+        );
+        // SAFETY: inside the mapping (checked above); read atomically since
+        // the daemon writes it concurrently.
+        unsafe { (*self.ptr.cast::<AtomicU64>().add(i as usize)).load(Ordering::Acquire) }
+    }
+
+    fn set_u8(&self, i: usize, v: u8) {
+        assert!(i < self.len);
+        // SAFETY: inside the (writable) mapping; atomic as the daemon reads it.
+        unsafe { (*self.ptr.cast::<AtomicU8>().add(i)).store(v, Ordering::SeqCst) }
+    }
+}
+
+impl Drop for Shm {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
 /// QEMU's end of the mirror, minimal.
 struct FakeQemu {
     s: UnixStream,
+    table: Shm,
+    levels: u32,
+    flags: Shm,
 }
 
 impl FakeQemu {
     fn connect(path: &Path) -> Self {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
         let s = UnixStream::connect(path).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut q = Self { s };
+        // The daemon's HELLO (16 + 40 bytes) comes with two files.
+        let mut buf = [0u8; 56];
+        let mut fds = [-1; 2];
+        let mut iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        // SAFETY: the iovec points at `buf`, which outlives the call.
+        let (n, nfds) = unsafe { s.recv_with_fds(&mut iov, &mut fds) }.unwrap();
+        assert_eq!((n, nfds), (56, 2), "HELLO and its two files");
+        // SAFETY: both descriptors were just received and are ours.
+        let fds = fds.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+        assert_eq!(u16::from_le_bytes([buf[0], buf[1]]), HELLO);
+        let p = &buf[16..];
+        assert_eq!(&p[0..4], &0x4d49_5556u32.to_le_bytes());
+        assert_eq!(u16::from_le_bytes([p[4], p[5]]), 2, "major 2");
+        let pages = u32::from_le_bytes(p[24..28].try_into().unwrap()) as usize;
+        let levels = u32::from(p[28]);
+        let flags_len = u32::from_le_bytes(p[32..36].try_into().unwrap()) as usize;
+        let table = Shm::map(&fds[0], pages * 4096, false);
+        let flags = Shm::map(&fds[1], flags_len, true);
+        // The table is read-only for QEMU: a writable mapping is refused.
+        // SAFETY: a throwaway mapping attempt.
+        let w = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fds[0].as_raw_fd(),
+                0,
+            )
+        };
+        assert_eq!(
+            w,
+            libc::MAP_FAILED,
+            "the table must be sealed against writes"
+        );
+        let mut q = Self {
+            s,
+            table,
+            levels,
+            flags,
+        };
         let mut hello = [0u8; 24];
         hello[0..4].copy_from_slice(&0x4d49_5556u32.to_le_bytes());
-        hello[4..6].copy_from_slice(&1u16.to_le_bytes());
+        hello[4..6].copy_from_slice(&2u16.to_le_bytes());
         q.send(HELLO, 0, 0, &hello);
-        let (t, _, _, payload) = q.recv();
-        assert_eq!(t, HELLO);
-        assert_eq!(&payload[0..4], &0x4d49_5556u32.to_le_bytes());
         q
     }
 
-    fn send(&mut self, t: u16, flags: u16, seq: u64, payload: &[u8]) {
-        let mut h = [0u8; 16];
-        h[0..2].copy_from_slice(&t.to_le_bytes());
-        h[2..4].copy_from_slice(&flags.to_le_bytes());
-        h[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        h[8..16].copy_from_slice(&seq.to_le_bytes());
-        self.s.write_all(&h).unwrap();
-        self.s.write_all(payload).unwrap();
+    /// What QEMU's translate() finds for `iova` in the tree at `root`
+    /// (§11): (guest-physical address, READ, WRITE).
+    fn translate(&self, root: u32, iova: u64) -> Option<(u64, bool, bool)> {
+        let mut page = u64::from(root);
+        for level in (0..self.levels).rev() {
+            let shift = 12 + 9 * level;
+            let e = self.table.u64_at(page * 512 + ((iova >> shift) & 511));
+            if e & 1 == 0 {
+                return None;
+            }
+            if e & 2 != 0 {
+                page = e >> 12;
+                continue;
+            }
+            let mask = (1u64 << shift) - 1;
+            return Some(((e & !0xfff & !mask) | (iova & mask), e & 4 != 0, e & 8 != 0));
+        }
+        None
     }
 
-    /// (type, flags, seq, payload)
-    fn recv(&mut self) -> (u16, u16, u64, Vec<u8>) {
-        let mut h = [0u8; 16];
-        self.s.read_exact(&mut h).unwrap();
-        let t = u16::from_le_bytes([h[0], h[1]]);
-        let flags = u16::from_le_bytes([h[2], h[3]]);
-        let size = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
-        let seq = u64::from_le_bytes(h[8..16].try_into().unwrap());
-        let mut payload = vec![0; size];
-        self.s.read_exact(&mut payload).unwrap();
-        (t, flags, seq, payload)
+    /// Say that endpoint `ep` has IOMMU notifiers (or no longer has).
+    fn set_notified(&self, ep: u32, on: bool) {
+        self.flags.set_u8(ep as usize, u8::from(on));
+    }
+
+    fn send(&mut self, t: u16, flags: u16, seq: u64, payload: &[u8]) {
+        send(&mut self.s, t, flags, seq, payload);
     }
 
     /// The next EVENTS batch: (seq, sync, records).
     fn events(&mut self) -> (u64, bool, Vec<Rec>) {
-        let (t, flags, seq, payload) = self.recv();
-        assert_eq!(t, EVENTS);
-        let recs = payload
-            .chunks(40)
-            .map(|r| {
-                let u32_at = |o: usize| u32::from_le_bytes(r[o..o + 4].try_into().unwrap());
-                let u64_at = |o: usize| u64::from_le_bytes(r[o..o + 8].try_into().unwrap());
-                (
-                    r[0],
-                    u16::from_le_bytes([r[2], r[3]]),
-                    u32_at(4),
-                    u32_at(8),
-                    u64_at(16),
-                    u64_at(24),
-                    u64_at(32),
-                )
-            })
-            .collect();
-        (seq, flags & 1 != 0, recs)
+        events(&mut self.s)
     }
 
     fn ack(&mut self, seq: u64) {
@@ -144,19 +228,17 @@ impl FakeQemu {
     /// Acknowledge every batch from now on, on a thread; the batches arrive
     /// on the returned channel. `self` keeps the write side.
     fn auto_ack(&mut self) -> mpsc::Receiver<(u64, bool, Vec<Rec>)> {
-        let mut reader = FakeQemu {
-            s: self.s.try_clone().unwrap(),
-        };
-        reader.s.set_read_timeout(None).unwrap();
+        let mut s = self.s.try_clone().unwrap();
+        s.set_read_timeout(None).unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || loop {
             // The daemon closes the connection when the test ends.
             let Ok(batch) =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.events()))
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| events(&mut s)))
             else {
                 return;
             };
-            reader.ack(batch.0);
+            send(&mut s, ACK, 0, batch.0, &[]);
             if tx.send(batch).is_err() {
                 return;
             }
@@ -165,9 +247,65 @@ impl FakeQemu {
     }
 }
 
+fn send(s: &mut UnixStream, t: u16, flags: u16, seq: u64, payload: &[u8]) {
+    let mut h = [0u8; 16];
+    h[0..2].copy_from_slice(&t.to_le_bytes());
+    h[2..4].copy_from_slice(&flags.to_le_bytes());
+    h[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    h[8..16].copy_from_slice(&seq.to_le_bytes());
+    s.write_all(&h).unwrap();
+    s.write_all(payload).unwrap();
+}
+
+/// (type, flags, seq, payload)
+fn recv(s: &mut UnixStream) -> (u16, u16, u64, Vec<u8>) {
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).unwrap();
+    let t = u16::from_le_bytes([h[0], h[1]]);
+    let flags = u16::from_le_bytes([h[2], h[3]]);
+    let size = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
+    let seq = u64::from_le_bytes(h[8..16].try_into().unwrap());
+    let mut payload = vec![0; size];
+    s.read_exact(&mut payload).unwrap();
+    (t, flags, seq, payload)
+}
+
+/// The next EVENTS batch: (seq, sync, records).
+fn events(s: &mut UnixStream) -> (u64, bool, Vec<Rec>) {
+    let (t, flags, seq, payload) = recv(s);
+    assert_eq!(t, EVENTS);
+    let recs = payload
+        .chunks(40)
+        .map(|r| {
+            let u32_at = |o: usize| u32::from_le_bytes(r[o..o + 4].try_into().unwrap());
+            let u64_at = |o: usize| u64::from_le_bytes(r[o..o + 8].try_into().unwrap());
+            (
+                r[0],
+                u16::from_le_bytes([r[2], r[3]]),
+                u32_at(4),
+                u32_at(8),
+                u64_at(16),
+                u64_at(24),
+                u64_at(32),
+            )
+        })
+        .collect();
+    (seq, flags & 1 != 0, recs)
+}
+
+/// The root of `domain`'s tree, from its ATTACH record.
+fn root_of(recs: &[Rec], domain: u32) -> u32 {
+    let r = recs
+        .iter()
+        .find(|r| r.0 == OP_ATTACH && r.3 == domain)
+        .expect("an ATTACH of the domain");
+    assert_ne!(r.6, 0, "a translated domain has a tree");
+    r.6 as u32
+}
+
 #[test]
-fn a_connecting_qemu_gets_the_full_state_then_every_change() {
-    let d = Daemon::start("dump");
+fn the_shared_table_translates_maps_and_unmaps_at_once_without_messages() {
+    let d = Daemon::start("table");
     let mut vm = TestVm::connect(&d.socket, VmOptions::default()).unwrap();
     let buf = vm.ram().alloc(0x2000, 0x1000).unwrap();
     assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
@@ -178,9 +316,53 @@ fn a_connecting_qemu_gets_the_full_state_then_every_change() {
     assert_eq!(seq, 1);
     assert!(sync, "the dump ends with SYNC");
     assert!(recs.iter().any(|r| r.0 == OP_GLOBAL_BYPASS));
-    assert!(recs.contains(&(OP_ATTACH, 0, 8, 1, 0, 0, 0)));
-    assert!(recs.contains(&(OP_MAP, 3, 0, 1, 0x1000, 0x2fff, buf)));
+    assert!(
+        !recs.iter().any(|r| r.0 == OP_MAP),
+        "mappings are in the table"
+    );
+    let root = root_of(&recs, 1);
     q.ack(seq);
+    assert_eq!(q.translate(root, 0x1000), Some((buf, true, true)));
+    assert_eq!(q.translate(root, 0x2fff), Some((buf + 0x1fff, true, true)));
+    assert_eq!(q.translate(root, 0x3000), None);
+
+    // No endpoint has notifiers: MAP and UNMAP complete with no message,
+    // and the table has changed when they do.
+    assert_eq!(vm.map(1, 0x10_0000, 0x10_0fff, buf, 1).unwrap(), Status::Ok);
+    assert_eq!(
+        q.translate(root, 0x10_0800),
+        Some((buf + 0x800, true, false))
+    );
+    assert_eq!(vm.unmap(1, 0x1000, 0x2fff).unwrap(), Status::Ok);
+    assert_eq!(q.translate(root, 0x1000), None);
+    q.s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    assert!(q.s.read(&mut b).is_err(), "no message for MAP/UNMAP");
+}
+
+#[test]
+fn with_notifiers_an_unmap_completes_only_after_qemus_ack() {
+    let d = Daemon::start("notifiers");
+    let mut vm = TestVm::connect(&d.socket, VmOptions::default()).unwrap();
+    let buf = vm.ram().alloc(0x2000, 0x1000).unwrap();
+    let mut q = FakeQemu::connect(&d.mirror);
+    let (seq, _, _) = q.events();
+    q.ack(seq);
+    // Endpoint 8 (say, a VFIO device of QEMU's) has notifiers.
+    q.set_notified(8, true);
+    let guest = std::thread::spawn(move || {
+        assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+        assert_eq!(vm.map(1, 0x1000, 0x2fff, buf, 3).unwrap(), Status::Ok);
+        vm
+    });
+    let (seq, _, recs) = q.events();
+    let root = root_of(&recs, 1);
+    q.ack(seq);
+    let (seq, _, recs) = q.events();
+    assert_eq!(recs, vec![(OP_MAP, 3, 0, 1, 0x1000, 0x2fff, buf)]);
+    q.ack(seq);
+    let mut vm = guest.join().unwrap();
 
     // Strict invalidation: the UNMAP completes only after QEMU's ACK.
     let (tx, rx) = mpsc::channel();
@@ -191,6 +373,7 @@ fn a_connecting_qemu_gets_the_full_state_then_every_change() {
     });
     let (seq, _, recs) = q.events();
     assert_eq!(recs, vec![(OP_UNMAP, 0, 0, 1, 0x1000, 0x2fff, 0)]);
+    assert_eq!(q.translate(root, 0x1000), None, "the table goes first");
     std::thread::sleep(Duration::from_millis(200));
     assert!(rx.try_recv().is_err(), "UNMAP completed before the ACK");
     let acked_at = Instant::now();

@@ -9,7 +9,8 @@
 //! - [`Viommu::Qemu`]: QEMU's own in-process `virtio-iommu-pci`, the
 //!   reference every test also runs against;
 //! - [`Viommu::Intel`]: the pass-through test bed: QEMU's intel-iommu under
-//!   a kernel built with iommufd, and the daemon inside that guest.
+//!   a kernel built with iommufd, and the daemon inside that guest;
+//! - [`Viommu::None`]: no vIOMMU at all (the benchmark's baseline).
 //!
 //! The tier needs QEMU built and a kernel fetched, so the tests run
 //! only when `VUI_QEMU_TESTS=1` (set by `scripts/qemu-tests.sh`, which also
@@ -23,9 +24,9 @@ use std::time::{Duration, Instant};
 
 use vhost_user_iommu::config::RawConfig;
 use vhost_user_iommu::emulated;
-use vhost_user_iommu::mirror::MirrorServer;
+use vhost_user_iommu::mirror::{MirrorMemory, MirrorServer};
 use vhost_user_iommu::serve::{ServeError, Server, SocketSource, Stopper};
-use vhost_user_iommu::vhu_iommu::{BackendHooks, IommuBackend};
+use vhost_user_iommu::vhu_iommu::{BackendHooks, IommuBackend, DEFAULT_POLL_US};
 
 /// Which vIOMMU the guest gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,6 +37,8 @@ pub enum Viommu {
     /// IOMMU of the pass-through test bed, where the guest kernel runs
     /// iommufd and our daemon runs inside the guest.
     Intel,
+    /// No vIOMMU: the disk's DMA goes straight to guest memory.
+    None,
 }
 
 /// The repository root.
@@ -183,23 +186,36 @@ pub fn initramfs(modules: bool) -> PathBuf {
         (&WITHOUT, "initrd-no-modules.gz")
     };
     cell.get_or_init(|| {
-        let out = run_dir().join(name);
-        let mut cmd = Command::new(repo().join("scripts/guest/build-initramfs.sh"));
-        cmd.arg("--out").arg(&out);
+        let mut options: Vec<PathBuf> = Vec::new();
         if !modules {
-            cmd.arg("--no-modules");
-        }
-        for e in std::fs::read_dir(repo().join("qemu-tests/guest")).expect("guest scripts") {
-            cmd.arg("--add").arg(e.expect("dir entry").path());
+            options.push("--no-modules".into());
         }
         for tool in guest_tools() {
-            cmd.arg("--add").arg(tool);
+            options.extend(["--add".into(), tool]);
         }
-        let st = cmd.status().expect("run build-initramfs.sh");
-        assert!(st.success(), "build-initramfs.sh failed");
-        out
+        build_initramfs(name, &options)
     })
     .clone()
+}
+
+/// An initramfs with the guest scripts and the Debian kernel's modules,
+/// plus `options` of `scripts/guest/build-initramfs.sh` (e.g. `--with-fio`),
+/// as `name` in this run's scratch root; built on every call.
+pub fn initramfs_with(name: &str, options: &[&str]) -> PathBuf {
+    let options: Vec<PathBuf> = options.iter().map(PathBuf::from).collect();
+    build_initramfs(name, &options)
+}
+
+fn build_initramfs(name: &str, options: &[PathBuf]) -> PathBuf {
+    let out = run_dir().join(name);
+    let mut cmd = Command::new(repo().join("scripts/guest/build-initramfs.sh"));
+    cmd.arg("--out").arg(&out).args(options);
+    for e in std::fs::read_dir(repo().join("qemu-tests/guest")).expect("guest scripts") {
+        cmd.arg("--add").arg(e.expect("dir entry").path());
+    }
+    let st = cmd.status().expect("run build-initramfs.sh");
+    assert!(st.success(), "build-initramfs.sh failed");
+    out
 }
 
 /// The static guest programs (`guest-tools`), built for the guest: a
@@ -268,9 +284,16 @@ impl Daemon {
             mirror.display()
         );
         let hooks = Arc::new(BackendHooks::default());
-        let mirror_server = MirrorServer::start(&mirror, config.device.bypass, hooks.clone())
-            .expect("mirror socket");
-        let backend = IommuBackend::new(device, mirror_server.handle());
+        let memory = MirrorMemory::for_device(device.device_config()).expect("shared table");
+        let mirror_server = MirrorServer::start(
+            &mirror,
+            config.device.bypass,
+            hooks.clone(),
+            Arc::new(memory),
+        )
+        .expect("mirror socket");
+        let backend = IommuBackend::new(device, mirror_server.handle())
+            .with_polling(Duration::from_micros(DEFAULT_POLL_US));
         let _ = hooks.0.set(backend.clone());
         let server = Server::bind(&SocketSource::Path(socket.clone())).expect("vhost-user socket");
         let stopper = server.stopper();
@@ -356,6 +379,11 @@ pub struct Guest {
     pub kernel: Option<PathBuf>,
     /// The QEMU binary instead of the project's patched build.
     pub qemu: Option<PathBuf>,
+    /// The initramfs instead of [`initramfs`]'s (e.g. one from
+    /// [`initramfs_with`]).
+    pub initrd: Option<PathBuf>,
+    /// More QEMU arguments, after the harness's own (a later `-smp` wins).
+    pub qemu_args: Vec<String>,
     pub timeout: Duration,
 }
 
@@ -369,6 +397,8 @@ impl Guest {
             edu: 0,
             kernel: None,
             qemu: None,
+            initrd: None,
+            qemu_args: Vec::new(),
             timeout: Duration::from_secs(600),
         }
     }
@@ -399,6 +429,7 @@ impl Guest {
             Viommu::Qemu => args.extend(["-device", "virtio-iommu-pci"].map(String::from)),
             Viommu::Intel => args
                 .extend(["-device", "intel-iommu,intremap=on,caching-mode=on"].map(String::from)),
+            Viommu::None => {}
         }
         if let Some(disk) = &self.disk {
             args.extend(
@@ -417,6 +448,7 @@ impl Guest {
         for _ in 0..self.edu {
             args.extend(["-device", "edu"].map(String::from));
         }
+        args.extend(self.qemu_args.iter().cloned());
         let start = Instant::now();
         let mut cmd = Command::new(repo().join("scripts/guest/run-guest.sh"));
         if let Some(k) = &self.kernel {
@@ -425,9 +457,13 @@ impl Guest {
         if let Some(q) = &self.qemu {
             cmd.arg("--qemu").arg(q);
         }
+        let initrd = match &self.initrd {
+            Some(i) => i.clone(),
+            None => initramfs(self.kernel.is_none()),
+        };
         let out = cmd
             .arg("--initrd")
-            .arg(initramfs(self.kernel.is_none()))
+            .arg(initrd)
             .arg("--memory")
             .arg(MEM)
             .arg("--timeout")

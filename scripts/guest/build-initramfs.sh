@@ -5,13 +5,15 @@ set -eu
 usage() {
     cat <<USAGE
 usage: scripts/guest/build-initramfs.sh --out FILE [--kernel-dir DIR | --no-modules]
-                                        [--add SRC[:DEST]]... [--help]
+                                        [--add SRC[:DEST]]... [--with-fio] [--help]
 
 Builds a gzip'd cpio initramfs: a static busybox (Debian's busybox-static,
 fetched with apt-get download and cached), the kernel modules of --kernel-dir
 (default: scripts/guest/fetch-kernel.sh --print-path) loaded in their order,
 extra files (--add, e.g. test scripts or static test programs; DEST defaults
-to /tests/<name>), and an /init that:
+to /tests/<name>), with --with-fio Debian's fio and the libraries it loads
+(scripts/guest/fetch-fio.sh, about 30 MiB more; /usr/bin/fio), and an /init
+that:
   - mounts proc, sysfs, devtmpfs, tmpfs on /tmp, loads the modules;
   - runs /tests/<NAME> for the kernel parameter vui.test=NAME (it gets the
     rest of the command line's vui.* parameters in its environment as
@@ -21,7 +23,7 @@ scripts/guest/run-guest.sh boots it and exits with that status.
 USAGE
 }
 
-OUT="" KDIR="" NOMOD=0 ADDS=""
+OUT="" KDIR="" NOMOD=0 ADDS="" FIO=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --help|-h) usage; exit 0 ;;
@@ -29,6 +31,7 @@ while [ $# -gt 0 ]; do
         --kernel-dir) shift; KDIR=${1:?--kernel-dir needs a directory} ;;
         --no-modules) NOMOD=1 ;;
         --add) shift; ADDS="$ADDS ${1:?--add needs SRC[:DEST]}" ;;
+        --with-fio) FIO=1 ;;
         *) echo "build-initramfs.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
     esac
     shift
@@ -67,6 +70,11 @@ if [ "$NOMOD" = 0 ]; then
         die "no guest kernel: run scripts/guest/fetch-kernel.sh"
     cp "$KDIR"/modules/*.ko "$STAGE/lib/modules/"
     cp "$KDIR/modules.order" "$STAGE/etc/modules.order"
+fi
+if [ "$FIO" = 1 ]; then
+    FIO_TREE=$("$HERE/fetch-fio.sh") || die "scripts/guest/fetch-fio.sh failed"
+    [ -x "$FIO_TREE/usr/bin/fio" ] || die "fetch-fio.sh gave no usr/bin/fio"
+    cp -a "$FIO_TREE/." "$STAGE/"
 fi
 for spec in $ADDS; do
     src=${spec%%:*}

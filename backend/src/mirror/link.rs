@@ -15,7 +15,13 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
 use super::proto::{self, FromQemu, Header, ProtoError, Record, HEADER_LEN, MAX_RECORDS};
+use super::MirrorMemory;
 
 /// What the daemon does when QEMU talks (called on the reader thread).
 pub trait MirrorHooks: Send + Sync + 'static {
@@ -87,6 +93,7 @@ impl Shared {
 #[derive(Clone, Debug, Default)]
 pub struct MirrorHandle {
     shared: Arc<Shared>,
+    memory: Option<Arc<MirrorMemory>>,
 }
 
 impl MirrorHandle {
@@ -157,6 +164,16 @@ impl MirrorHandle {
         self.shared.changed.notify_all();
     }
 
+    /// The memory shared with QEMU (none for a handle without a mirror).
+    pub fn memory(&self) -> Option<&Arc<MirrorMemory>> {
+        self.memory.as_ref()
+    }
+
+    /// The notifier flags QEMU writes (§11), if there is a mirror.
+    pub fn notifier_flags(&self) -> Option<&[AtomicU8]> {
+        self.memory.as_ref().map(|m| m.flags.as_u8s())
+    }
+
     /// Whether a QEMU is connected.
     pub fn is_connected(&self) -> bool {
         self.shared.lock().conn.as_ref().is_some_and(|c| !c.closed)
@@ -203,15 +220,24 @@ pub struct MirrorServer {
 
 impl MirrorServer {
     /// Listen on `path` (an existing socket file there is replaced) and serve
-    /// one QEMU at a time; a new connection replaces the old one.
-    pub fn start(path: &Path, boot_bypass: bool, hooks: Arc<dyn MirrorHooks>) -> io::Result<Self> {
+    /// one QEMU at a time; a new connection replaces the old one. Each
+    /// connection is handed `memory` with its HELLO.
+    pub fn start(
+        path: &Path,
+        boot_bypass: bool,
+        hooks: Arc<dyn MirrorHooks>,
+        memory: Arc<MirrorMemory>,
+    ) -> io::Result<Self> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
-        let handle = MirrorHandle::default();
+        let handle = MirrorHandle {
+            shared: Arc::default(),
+            memory: Some(memory.clone()),
+        };
         let shared = handle.shared.clone();
         let listener_thread = std::thread::Builder::new()
             .name("mirror-accept".into())
-            .spawn(move || accept_loop(listener, shared, boot_bypass, hooks))?;
+            .spawn(move || accept_loop(listener, shared, boot_bypass, hooks, memory))?;
         Ok(Self {
             handle,
             path: path.to_owned(),
@@ -248,6 +274,7 @@ fn accept_loop(
     shared: Arc<Shared>,
     boot_bypass: bool,
     hooks: Arc<dyn MirrorHooks>,
+    memory: Arc<MirrorMemory>,
 ) {
     for stream in listener.incoming() {
         if shared.lock().stop {
@@ -260,7 +287,7 @@ fn accept_loop(
                 continue;
             }
         };
-        if let Err(e) = serve(stream, &shared, boot_bypass, &hooks) {
+        if let Err(e) = serve(stream, &shared, boot_bypass, &hooks, &memory) {
             log::error!("mirror: cannot serve the connection: {e}");
         }
     }
@@ -271,6 +298,7 @@ fn serve(
     shared: &Arc<Shared>,
     boot_bypass: bool,
     hooks: &Arc<dyn MirrorHooks>,
+    memory: &MirrorMemory,
 ) -> io::Result<()> {
     let reader = stream.try_clone()?;
     let writer = stream.try_clone()?;
@@ -280,14 +308,34 @@ fn serve(
             log::info!("mirror: a new QEMU connected; dropping the previous connection");
             close(old);
         }
+        // A new QEMU starts with no notifiers (§11): it sets the flags of
+        // the endpoints that have some once it has mapped them.
+        for f in memory.flags.as_u8s() {
+            f.store(0, Ordering::Relaxed);
+        }
+        // The HELLO goes first and alone: it carries the shared memory's
+        // files. It is small, so on a fresh socket this never blocks.
+        let mut hello = Vec::with_capacity(HEADER_LEN + proto::DAEMON_HELLO_LEN);
+        proto::encode_hello(boot_bypass, memory.hello_shm(), &mut hello);
+        let fds = [
+            memory.table.file().as_raw_fd(),
+            memory.flags.file().as_raw_fd(),
+        ];
+        let sent = stream
+            .send_with_fds(&[&hello[..]], &fds)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        if sent != hello.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "short HELLO write",
+            ));
+        }
         st.next_conn_id += 1;
-        let mut conn = Conn {
+        st.conn = Some(Conn {
             id: st.next_conn_id,
             stream: Some(stream),
             ..Default::default()
-        };
-        proto::encode_hello(boot_bypass, &mut conn.out);
-        st.conn = Some(conn);
+        });
         st.next_conn_id
     };
     log::info!("mirror: QEMU connected (connection {id})");
@@ -424,6 +472,7 @@ fn read_loop(
 mod tests {
     use super::*;
     use crate::mirror::proto::{MsgType, EVENTS_F_SYNC, HELLO_LEN, MAGIC, RECORD_LEN};
+    use std::os::fd::FromRawFd;
 
     /// Hooks that report a fixed state and record what QEMU told them.
     #[derive(Default)]
@@ -477,7 +526,7 @@ mod tests {
         fn hello(&mut self) {
             let mut p = [0u8; HELLO_LEN];
             p[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-            p[4..6].copy_from_slice(&1u16.to_le_bytes());
+            p[4..6].copy_from_slice(&proto::MAJOR.to_le_bytes());
             self.send(MsgType::Hello as u16, 0, &p);
         }
         fn ack(&mut self, seq: u64) {
@@ -504,7 +553,8 @@ mod tests {
             state: Mutex::new(state),
             ..Default::default()
         });
-        let server = MirrorServer::start(&path, true, rec.clone()).unwrap();
+        let memory = Arc::new(MirrorMemory::new(64, 0xffff_ffff).unwrap());
+        let server = MirrorServer::start(&path, true, rec.clone(), memory).unwrap();
         (server, rec, path)
     }
 
@@ -540,13 +590,40 @@ mod tests {
                 endpoint: 8,
                 domain: 1,
                 bypass: false,
+                root: 5,
             },
         ];
         let (_server, _rec, path) = start("dump", state.clone());
         let mut q = FakeQemu::connect(&path);
-        let (h, p) = q.recv().unwrap();
+        // The HELLO arrives with the table and the notifier flags.
+        let mut buf = [0u8; HEADER_LEN + proto::DAEMON_HELLO_LEN];
+        let mut files = [0; 4];
+        let mut iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        // SAFETY: the iovec points at `buf`, which outlives the call.
+        let (n, nfds) = unsafe { q.0.recv_with_fds(&mut iov, &mut files) }.unwrap();
+        assert_eq!((n, nfds), (buf.len(), 2));
+        let h = Header::decode(buf[..HEADER_LEN].try_into().unwrap());
+        let p = &buf[HEADER_LEN..];
         assert_eq!(h.msg_type, MsgType::Hello as u16);
         assert_eq!(p[16], 1, "boot_bypass from start()");
+        assert_eq!(
+            u32::from_le_bytes(p[24..28].try_into().unwrap()),
+            64,
+            "table pages"
+        );
+        assert_eq!(p[28], 3, "levels for a 32-bit input range");
+        assert_eq!(
+            u32::from_le_bytes(p[32..36].try_into().unwrap()) as usize,
+            crate::mirror::NOTIFIER_FLAGS_LEN
+        );
+        for fd in &files[..2] {
+            // SAFETY: the descriptors just received are ours to close.
+            let f = unsafe { std::fs::File::from_raw_fd(*fd) };
+            assert!(f.metadata().unwrap().len() > 0);
+        }
         let (h, p) = q.recv().unwrap();
         assert_eq!(h.msg_type, MsgType::Events as u16);
         assert_eq!((h.seq, h.flags), (1, EVENTS_F_SYNC));

@@ -1,4 +1,4 @@
-//! Wire format of the translation mirror (docs/mirror-protocol.md, version 1.0).
+//! Wire format of the translation mirror (docs/mirror-protocol.md, version 2.0).
 //!
 //! Pure encoding and decoding: no sockets here. Every integer is
 //! little-endian; every message is a 16-byte [`Header`] and a payload.
@@ -13,13 +13,16 @@ pub const MAX_PAYLOAD_LEN: usize = MAX_MESSAGE_LEN - HEADER_LEN;
 pub const RECORD_LEN: usize = 40;
 /// Most records one EVENTS message carries (§3).
 pub const MAX_RECORDS: usize = MAX_PAYLOAD_LEN / RECORD_LEN;
-/// Size of the HELLO and FAULT payloads (§4).
+/// Size of QEMU's HELLO payload and of the FAULT payload (§4).
 pub const HELLO_LEN: usize = 24;
+/// Size of the daemon's HELLO payload: QEMU's, plus the shared memory's
+/// geometry (§4, §11).
+pub const DAEMON_HELLO_LEN: usize = 40;
 pub const FAULT_LEN: usize = 24;
 
 /// `magic` of HELLO: the bytes `V U I M`.
 pub const MAGIC: u32 = 0x4d49_5556;
-pub const MAJOR: u16 = 1;
+pub const MAJOR: u16 = 2;
 pub const MINOR: u16 = 0;
 
 /// EVENTS flag: QEMU's copy is complete with this batch (§4).
@@ -126,16 +129,33 @@ fn le_u64(b: &[u8]) -> u64 {
     u64::from_le_bytes(a)
 }
 
+/// The shared memory a daemon HELLO describes (§4, §11); its two files
+/// travel with the HELLO message (SCM_RIGHTS: the table, then the flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HelloShm {
+    /// 4 KiB pages in the table file.
+    pub table_pages: u32,
+    /// Levels of every domain's tree.
+    pub table_levels: u8,
+    /// Bytes in the notifier-flags file.
+    pub flags_len: u32,
+}
+
 /// The daemon's HELLO payload (§4): `boot_bypass` is the bypass value the
-/// device takes on a system reset.
-pub fn encode_hello(boot_bypass: bool, out: &mut Vec<u8>) {
-    push_header(out, MsgType::Hello, 0, HELLO_LEN, 0);
+/// device takes on a system reset; `shm` the shared memory sent with it.
+pub fn encode_hello(boot_bypass: bool, shm: HelloShm, out: &mut Vec<u8>) {
+    push_header(out, MsgType::Hello, 0, DAEMON_HELLO_LEN, 0);
     out.extend_from_slice(&MAGIC.to_le_bytes());
     out.extend_from_slice(&MAJOR.to_le_bytes());
     out.extend_from_slice(&MINOR.to_le_bytes());
     out.extend_from_slice(&0u64.to_le_bytes());
     out.push(u8::from(boot_bypass));
     out.extend_from_slice(&[0; 7]);
+    out.extend_from_slice(&shm.table_pages.to_le_bytes());
+    out.push(shm.table_levels);
+    out.extend_from_slice(&[0; 3]);
+    out.extend_from_slice(&shm.flags_len.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
 }
 
 fn push_header(out: &mut Vec<u8>, t: MsgType, flags: u16, size: usize, seq: u64) {
@@ -154,10 +174,13 @@ fn push_header(out: &mut Vec<u8>, t: MsgType, flags: u16, size: usize, seq: u64)
 /// One state change (§5), as the daemon sends it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Record {
+    /// `root`: the page index of the domain's tree in the shared table
+    /// (0 for a bypass domain), §11.
     Attach {
         endpoint: u32,
         domain: u32,
         bypass: bool,
+        root: u32,
     },
     Detach {
         endpoint: u32,
@@ -192,7 +215,17 @@ impl Record {
                 endpoint,
                 domain,
                 bypass,
-            } => (1u8, u16::from(bypass), endpoint, domain, 0, 0, 0, 0),
+                root,
+            } => (
+                1u8,
+                u16::from(bypass),
+                endpoint,
+                domain,
+                0,
+                0,
+                0,
+                u64::from(root),
+            ),
             Record::Detach { endpoint, domain } => (2, 0, endpoint, domain, 0, 0, 0, 0),
             Record::Map {
                 domain,
@@ -322,6 +355,7 @@ mod tests {
                     endpoint: 0x18,
                     domain: 1,
                     bypass: false,
+                    root: 5,
                 },
                 Record::Map {
                     domain: 1,
@@ -336,7 +370,7 @@ mod tests {
         let want = hex("02 00 00 00 50 00 00 00  07 00 00 00 00 00 00 00
              01 00 00 00 18 00 00 00  01 00 00 00 00 00 00 00
              00 00 00 00 00 00 00 00  00 00 00 00 00 00 00 00
-             00 00 00 00 00 00 00 00
+             05 00 00 00 00 00 00 00
              03 00 03 00 00 00 00 00  01 00 00 00 00 00 00 00
              00 10 00 00 00 00 00 00  ff 1f 00 00 00 00 00 00
              00 00 00 02 00 00 00 00");
@@ -344,12 +378,20 @@ mod tests {
     }
 
     #[test]
-    fn hello_is_forty_bytes_with_magic_and_boot_bypass() {
+    fn hello_carries_magic_boot_bypass_and_the_shared_memory_geometry() {
         let mut out = Vec::new();
-        encode_hello(true, &mut out);
-        assert_eq!(out.len(), HEADER_LEN + HELLO_LEN);
+        let shm = HelloShm {
+            table_pages: 0x40000,
+            table_levels: 3,
+            flags_len: 0x10000,
+        };
+        encode_hello(true, shm, &mut out);
+        assert_eq!(out.len(), HEADER_LEN + DAEMON_HELLO_LEN);
         assert_eq!(&out[16..20], b"VUIM");
+        assert_eq!(&out[20..22], &[2, 0], "major 2");
         assert_eq!(out[32], 1);
+        assert_eq!(&out[40..48], &[0, 0, 4, 0, 3, 0, 0, 0]);
+        assert_eq!(&out[48..56], &[0, 0, 1, 0, 0, 0, 0, 0]);
         let h = Header::decode(out[..16].try_into().unwrap());
         assert_eq!(decode_from_qemu(&h, &out[16..]), Ok(FromQemu::Hello));
     }
@@ -405,10 +447,11 @@ mod tests {
         ));
         let mut bad = [0u8; HELLO_LEN];
         bad[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-        bad[4] = 2;
+        bad[4] = 1;
         assert_eq!(
             decode_from_qemu(&h(1, 24, 0), &bad),
-            Err(ProtoError::BadMajor(2))
+            Err(ProtoError::BadMajor(1)),
+            "a version 1 QEMU has no shared table"
         );
         assert_eq!(
             h(3, MAX_PAYLOAD_LEN as u32 + 1, 0).payload_len(),
