@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use iopt::{DeviceId, IoasId, Iommufd, IoptError, IovaRange, MapRequest, Prot};
 use vm_memory::ByteValued;
 
-use crate::domain::{Domain, Mapping, UnmapPlan};
+use crate::domain::{Domain, Mapping};
 use crate::probe::PropertyWriter;
 use crate::request::{self, Request};
 use crate::wire::{
@@ -816,13 +816,11 @@ impl<F: Iommufd> Device<F> {
         if virt_start > virt_end {
             return Status::Inval;
         }
-        let victims = match d.plan_unmap(virt_start, virt_end) {
-            UnmapPlan::WouldSplit => return Status::Range,
-            UnmapPlan::Remove(v) => v,
-        };
+        if d.unmap_would_split(virt_start, virt_end) {
+            return Status::Range;
+        }
         let mut status = Status::Ok;
-        for start in victims {
-            let Some(m) = d.remove(start) else { continue };
+        while let Some(m) = d.pop_in(virt_start, virt_end) {
             if m.in_ioas {
                 let len = m.virt_end - m.virt_start + 1;
                 if let Err(e) = self.iommufd.unmap(ioas, m.virt_start, len) {

@@ -19,15 +19,6 @@ pub struct Mapping {
     pub in_ioas: bool,
 }
 
-/// What an UNMAP of a range would do to a domain's mappings.
-#[derive(Debug, PartialEq, Eq)]
-pub enum UnmapPlan {
-    /// Remove these mappings (by `virt_start`); possibly none.
-    Remove(Vec<u64>),
-    /// A mapping reaches outside the range: removing it would split it.
-    WouldSplit,
-}
-
 /// A domain (virtio 1.2 §5.13.6.3): created by the first ATTACH, gone with
 /// its last endpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,20 +88,23 @@ impl Domain {
         self.mappings.insert(m.virt_start, m);
     }
 
-    /// The mappings an UNMAP of `[start, end]` removes: those wholly inside;
-    /// one that straddles a boundary makes the whole UNMAP a split.
-    pub fn plan_unmap(&self, start: u64, end: u64) -> UnmapPlan {
-        if self.lookup(start).is_some_and(|m| m.virt_start < start) {
-            return UnmapPlan::WouldSplit;
-        }
-        let mut v = Vec::new();
-        for m in self.mappings.range(start..=end).map(|(_, m)| m) {
-            if m.virt_end > end {
-                return UnmapPlan::WouldSplit;
-            }
-            v.push(m.virt_start);
-        }
-        UnmapPlan::Remove(v)
+    /// Whether an UNMAP of `[start, end]` would split a mapping: one that
+    /// straddles a boundary of the range (virtio 1.2 §5.13.6.6: the device
+    /// fails the whole request with RANGE then). Allocates nothing.
+    pub fn unmap_would_split(&self, start: u64, end: u64) -> bool {
+        self.lookup(start).is_some_and(|m| m.virt_start < start)
+            || self
+                .mappings
+                .range(start..=end)
+                .next_back()
+                .is_some_and(|(_, m)| m.virt_end > end)
+    }
+
+    /// Remove the first mapping that starts inside `[start, end]` (an UNMAP
+    /// takes them one by one, after [`Domain::unmap_would_split`]).
+    pub fn pop_in(&mut self, start: u64, end: u64) -> Option<Mapping> {
+        let first = *self.mappings.range(start..=end).next()?.0;
+        self.mappings.remove(&first)
     }
 
     /// Remove the mapping starting at `virt_start`.
@@ -163,14 +157,20 @@ mod tests {
     }
 
     #[test]
-    fn unmap_plans_whole_mappings_or_refuses_a_split() {
-        let d = domain();
+    fn unmap_takes_whole_mappings_or_refuses_a_split() {
+        let mut d = domain();
         assert_eq!(
-            d.plan_unmap(0, u64::MAX),
-            UnmapPlan::Remove(vec![0x1000, 0x3000])
+            (
+                d.unmap_would_split(0, u64::MAX),
+                d.unmap_would_split(0x2000, 0x2fff)
+            ),
+            (false, false)
         );
-        assert_eq!(d.plan_unmap(0x2000, 0x2fff), UnmapPlan::Remove(vec![]));
-        assert_eq!(d.plan_unmap(0x1800, 0x5000), UnmapPlan::WouldSplit);
-        assert_eq!(d.plan_unmap(0x0, 0x3fff), UnmapPlan::WouldSplit);
+        assert!(d.unmap_would_split(0x1800, 0x5000));
+        assert!(d.unmap_would_split(0x0, 0x3fff));
+        assert_eq!(d.pop_in(0x2000, 0x2fff), None);
+        assert_eq!(d.pop_in(0, u64::MAX).map(|m| m.virt_start), Some(0x1000));
+        assert_eq!(d.pop_in(0, u64::MAX).map(|m| m.virt_start), Some(0x3000));
+        assert_eq!(d.pop_in(0, u64::MAX), None);
     }
 }
