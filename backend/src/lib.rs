@@ -6,6 +6,7 @@
 //! - [`serve`]: the listening socket, one front-end at a time, signals;
 //! - [`vhu_iommu`]: the `VhostUserBackend`: features, config space, the
 //!   request and event queues;
+//! - [`chain`]: a request's descriptor chain, read and written in place;
 //! - [`poll`]: the adaptive busy-polling window of the request queue;
 //! - [`mirror`]: what QEMU needs of the state (docs/mirror-protocol.md): a
 //!   shared translation table and the events QEMU acts on;
@@ -19,6 +20,7 @@
 //! about sockets.
 
 pub mod capabilities;
+pub mod chain;
 pub mod config;
 pub mod emulated;
 pub mod guest_ram;

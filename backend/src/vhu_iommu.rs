@@ -8,7 +8,7 @@
 //! docs/mirror-protocol.md §7), and delivers fault events.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -26,6 +26,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::chain;
 use crate::guest_ram::GuestRamView;
 use crate::mirror::{self, Batch, MirrorHandle, Record, SharedMem, TranslationTable, WaitOutcome};
 use crate::poll::AdaptivePoll;
@@ -359,28 +360,26 @@ impl IommuBackend {
                     .pop_descriptor_chain(mem.clone());
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
-                // Guest-supplied buffers are checked once, by the Reader and
-                // Writer constructors: every descriptor must lie in guest
-                // memory, or the chain is completed with nothing written.
-                let reader = chain.clone().reader(&mem);
-                let writer = chain.writer(&mem);
-                let (Ok(mut reader), Ok(mut writer)) = (reader, writer) else {
-                    st.stats.bad_chains += 1;
-                    st.completed.push((head, 0));
-                    continue;
+                // Guest-supplied buffers are checked once, all of them: a
+                // descriptor outside guest memory, or out of order, and the
+                // chain is completed with nothing written.
+                let layout = match chain::read_request(chain.clone(), &mem, &mut req) {
+                    Ok(l) => l,
+                    Err(_) => {
+                        st.stats.bad_chains += 1;
+                        st.completed.push((head, 0));
+                        continue;
+                    }
                 };
-                let n = reader.available_bytes().min(MAX_REQUEST);
-                if reader.read_exact(&mut req[..n]).is_err() {
-                    st.stats.bad_chains += 1;
-                    st.completed.push((head, 0));
-                    continue;
-                }
-                let room = writer.available_bytes().min(MAX_REPLY);
-                let written =
-                    st.device
-                        .handle_request(&req[..n], &mut reply[..room], &ram, &mut batch);
-                let used = match writer.write_all(&reply[..written]) {
-                    Ok(()) => written as u32,
+                let room = usize::try_from(layout.writable).map_or(MAX_REPLY, |w| w.min(MAX_REPLY));
+                let written = st.device.handle_request(
+                    &req[..layout.request_len],
+                    &mut reply[..room],
+                    &ram,
+                    &mut batch,
+                );
+                let used = match chain::write_reply(chain, &mem, &reply[..written]) {
+                    Ok(n) => n as u32,
                     Err(_) => {
                         st.stats.bad_chains += 1;
                         0
