@@ -60,28 +60,37 @@ pub fn locate(explicit: Option<&Path>) -> Result<PathBuf, DaemonError> {
     }
 }
 
-/// A daemon process listening on a socket of its own; stopped (SIGTERM,
-/// then SIGKILL) and its socket removed when dropped.
+/// A daemon process listening on a socket of its own (and on a mirror
+/// socket, if asked); stopped (SIGTERM, then SIGKILL) and its sockets
+/// removed when dropped.
 #[derive(Debug)]
 pub struct DaemonProcess {
     child: Child,
     socket: PathBuf,
+    mirror: Option<PathBuf>,
 }
 
 impl DaemonProcess {
     /// Start `binary` on `socket` with the extra daemon flags `args`, and
-    /// wait until it listens. Its stderr is this program's.
-    pub fn spawn(binary: &Path, socket: &Path, args: &[String]) -> Result<Self, DaemonError> {
+    /// wait until it listens. With `mirror` it also gets
+    /// `--mirror-socket mirror` (for a QEMU stand-in, docs/mirror-protocol.md)
+    /// and is waited for there too; without a QEMU connected it publishes
+    /// nothing and waits for no acknowledgement. Its stderr is this
+    /// program's.
+    pub fn spawn(
+        binary: &Path,
+        socket: &Path,
+        mirror: Option<&Path>,
+        args: &[String],
+    ) -> Result<Self, DaemonError> {
         let _ = std::fs::remove_file(socket);
-        // The QEMU leg: with the mirror, the daemon would get
-        // `--mirror-socket PATH` here and a QEMU stand-in would connect to
-        // it and acknowledge every batch of changes before the guest sees its
-        // requests complete (docs/mirror-protocol.md, being rewritten).
-        // Without a QEMU connected the daemon publishes nothing and waits for
-        // no acknowledgement.
-        let child = Command::new(binary)
-            .arg("--socket-path")
-            .arg(socket)
+        let mut cmd = Command::new(binary);
+        cmd.arg("--socket-path").arg(socket);
+        if let Some(m) = mirror {
+            let _ = std::fs::remove_file(m);
+            cmd.arg("--mirror-socket").arg(m);
+        }
+        let child = cmd
             .args(args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -94,18 +103,26 @@ impl DaemonProcess {
         let mut daemon = DaemonProcess {
             child,
             socket: socket.to_path_buf(),
+            mirror: mirror.map(Path::to_path_buf),
         };
         let deadline = Instant::now() + START_TIMEOUT;
-        while !socket.exists() {
-            if let Some(status) = daemon.child.try_wait().map_err(DaemonError::Wait)? {
-                return Err(DaemonError::Exited(status));
+        for path in std::iter::once(socket).chain(mirror) {
+            while !path.exists() {
+                if let Some(status) = daemon.child.try_wait().map_err(DaemonError::Wait)? {
+                    return Err(DaemonError::Exited(status));
+                }
+                if Instant::now() > deadline {
+                    return Err(DaemonError::NoSocket(path.to_path_buf()));
+                }
+                std::thread::sleep(Duration::from_millis(5));
             }
-            if Instant::now() > deadline {
-                return Err(DaemonError::NoSocket(socket.to_path_buf()));
-            }
-            std::thread::sleep(Duration::from_millis(5));
         }
         Ok(daemon)
+    }
+
+    /// The mirror socket it listens on, if it was given one.
+    pub fn mirror(&self) -> Option<&Path> {
+        self.mirror.as_deref()
     }
 
     /// Its process ID.
@@ -143,6 +160,9 @@ impl Drop for DaemonProcess {
             self.terminate();
         }
         let _ = std::fs::remove_file(&self.socket);
+        if let Some(m) = &self.mirror {
+            let _ = std::fs::remove_file(m);
+        }
     }
 }
 
@@ -164,7 +184,7 @@ mod tests {
     #[test]
     fn a_daemon_that_exits_at_once_is_reported() {
         let socket = std::env::temp_dir().join(format!("vui-bench-t-{}.sock", std::process::id()));
-        let err = DaemonProcess::spawn(Path::new("/bin/false"), &socket, &[]).unwrap_err();
+        let err = DaemonProcess::spawn(Path::new("/bin/false"), &socket, None, &[]).unwrap_err();
         assert!(
             matches!(err, DaemonError::Exited(s) if !s.success()),
             "{err}"

@@ -45,23 +45,36 @@ impl DirectLeg {
     }
 }
 
+impl DirectLeg {
+    /// Run one request on the device; its status.
+    pub fn request(&mut self, r: &Request) -> Status {
+        let ram = GuestRamView::new(&self.mem);
+        let n = r.encode(&mut self.req);
+        // With a mirror the daemon writes these changes into the shared
+        // translation table (and, for notified endpoints, sends them to
+        // QEMU); here they are dropped, as in a daemon without
+        // --mirror-socket.
+        let written =
+            self.device
+                .handle_request(&self.req[..n], &mut self.reply, &ram, &mut Discard);
+        match written.checked_sub(TAIL_LEN) {
+            Some(at) => Status::from(self.reply[at]),
+            None => Status::Other(0xff),
+        }
+    }
+
+    /// The device model.
+    pub fn device(&self) -> &IommuDevice {
+        &self.device
+    }
+}
+
 impl Leg for DirectLeg {
     fn kick(&mut self, reqs: &[Request], hist: &mut Histogram) -> Result<(), LegError> {
-        let ram = GuestRamView::new(&self.mem);
         let start = Instant::now();
         for r in reqs {
-            let n = r.encode(&mut self.req);
-            // The QEMU leg: the daemon hands these changes to the translation
-            // mirror; here they are dropped, as in a daemon with no QEMU on
-            // its --mirror-socket.
-            let written =
-                self.device
-                    .handle_request(&self.req[..n], &mut self.reply, &ram, &mut Discard);
+            let status = self.request(r);
             hist.record_duration(start.elapsed());
-            let status = match written.checked_sub(TAIL_LEN) {
-                Some(at) => Status::from(self.reply[at]),
-                None => Status::Other(0xff),
-            };
             if !status.is_ok() {
                 return Err(LegError::status(status, reqs));
             }

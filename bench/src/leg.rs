@@ -6,6 +6,8 @@ use std::time::Duration;
 use test_frontend::{Request, Status};
 
 use crate::histogram::Histogram;
+use crate::qemu_leg::StrictnessError;
+use crate::qemu_standin::StandInFailure;
 
 /// Why a leg could not complete a kick.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +35,13 @@ pub enum LegError {
     /// The in-process guest RAM could not be made.
     #[error("guest RAM: {0}")]
     Ram(String),
+    /// After a request completed, QEMU's walk of the shared table did not
+    /// find what the request did: a strictness bug of the daemon.
+    #[error("strictness: {0}")]
+    Strictness(#[from] StrictnessError),
+    /// The QEMU stand-in stopped on an error.
+    #[error("QEMU stand-in: {0}")]
+    Qemu(#[from] StandInFailure),
 }
 
 impl LegError {
@@ -59,5 +68,35 @@ pub trait Leg {
     /// such a thing.
     fn notifications(&mut self) -> Option<u64> {
         None
+    }
+
+    /// What the QEMU side saw so far, if the leg has a QEMU.
+    fn mirror(&self) -> Option<MirrorCounters> {
+        None
+    }
+}
+
+/// Counters of a leg with a QEMU on the daemon's translation mirror.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MirrorCounters {
+    /// Translations checked through the shared table after MAP/UNMAP.
+    pub checks: u64,
+    /// MAP and UNMAP records QEMU received (only for domains whose
+    /// endpoints have notifiers).
+    pub map_unmap_records: u64,
+    /// EVENTS batches QEMU acknowledged.
+    pub batches: u64,
+}
+
+impl MirrorCounters {
+    /// What happened between `earlier` and `self`.
+    pub fn since(&self, earlier: &MirrorCounters) -> MirrorCounters {
+        MirrorCounters {
+            checks: self.checks.saturating_sub(earlier.checks),
+            map_unmap_records: self
+                .map_unmap_records
+                .saturating_sub(earlier.map_unmap_records),
+            batches: self.batches.saturating_sub(earlier.batches),
+        }
     }
 }

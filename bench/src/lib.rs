@@ -7,7 +7,13 @@
 //! - [`daemon_leg`]: over the vhost-user socket, kicking then busy-polling
 //!   the used ring (Linux's virtio-iommu driver);
 //! - [`direct_leg`]: the daemon's own device model called in-process,
-//!   the same requests without the transport.
+//!   the same requests without the transport;
+//!
+//! and with `--qemu-leg` on a third, [`qemu_leg`]: the daemon leg with a
+//! QEMU stand-in ([`qemu_standin`], the shared memory through
+//! [`mapped_file`]) on the daemon's translation mirror, every MAP/UNMAP
+//! checked in the shared table. [`scaling`] measures how request costs grow
+//! with the mappings a domain holds.
 //!
 //! [`run`] measures a leg: latency per request into a preallocated
 //! [`histogram`], throughput, and (through [`procstat`]) the daemon's CPU
@@ -20,9 +26,13 @@ pub mod daemon_leg;
 pub mod direct_leg;
 pub mod histogram;
 pub mod leg;
+pub mod mapped_file;
 pub mod plot;
 pub mod procstat;
 pub mod progress;
+pub mod qemu_leg;
+pub mod qemu_standin;
 pub mod report;
 pub mod run;
+pub mod scaling;
 pub mod workload;

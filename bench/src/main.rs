@@ -1,5 +1,7 @@
 //! `vhost-user-iommu-bench`: the command line.
 
+mod counting_alloc;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -12,9 +14,17 @@ use vhost_user_iommu_bench::direct_leg::DirectLeg;
 use vhost_user_iommu_bench::leg::LegError;
 use vhost_user_iommu_bench::plot::{self, PlotError, Series};
 use vhost_user_iommu_bench::progress::Progress;
-use vhost_user_iommu_bench::report::{self, LegReport, Ratio, Report, Settings, WorkloadReport};
-use vhost_user_iommu_bench::run::{run_leg, LegOutcome, RunError, Timing};
-use vhost_user_iommu_bench::workload::{Params, Workload};
+use vhost_user_iommu_bench::qemu_leg::{QemuLeg, QemuVariant};
+use vhost_user_iommu_bench::qemu_standin::{QemuError, QemuStandIn};
+use vhost_user_iommu_bench::report::{
+    self, LegReport, QemuReport, Ratio, Report, Settings, WorkloadReport,
+};
+use vhost_user_iommu_bench::run::{run_leg, LegOutcome, RunError, Timing, Watch};
+use vhost_user_iommu_bench::scaling::{self, ScalingError, ScalingPoint};
+use vhost_user_iommu_bench::workload::{Params, Plan, Workload};
+
+#[global_allocator]
+static ALLOCATOR: counting_alloc::CountingAlloc = counting_alloc::CountingAlloc;
 
 /// Measured and warm-up time per leg with --smoke.
 const SMOKE: Timing = Timing {
@@ -52,15 +62,39 @@ Workloads:
   domains     strict, --size, round-robin over --domains domains, one endpoint each
 
 Domain d uses endpoint --first-endpoint + d - 1; a spawned daemon is given
-exactly those (--endpoints). The daemon runs without --mirror-socket (no QEMU).
+exactly those (--endpoints). The daemon runs without --mirror-socket (no QEMU)
+unless --qemu-leg is given.
+
+--qemu-leg: the daemon gets --mirror-socket, and each workload runs again
+with a QEMU stand-in connected there (row `NAME +qemu`): it speaks the mirror
+protocol (docs/mirror-protocol.md), maps the shared translation table, and
+acknowledges every batch of events at once. After each MAP completes the
+driver walks the table for the mapped IOVA, as QEMU's emulated devices do on
+their next DMA, and checks it gives the mapped GPA; after each UNMAP, that it
+is gone. A failed check stops the run (a strictness bug). --notifiers adds a
+row `NAME +qemu+notif` where the stand-in has set the notifier flags of the
+workload's endpoints (a VFIO device behind the vIOMMU): every MAP/UNMAP is
+then a record the daemon waits for QEMU to acknowledge.
+
+--scaling: instead of the workloads, the device model in-process (and the
+shared translation table alone) with one domain holding N existing 4 KiB
+mappings, N = 100 ... 1 000 000 (up to 10 000 with --smoke): ns per MAP or
+UNMAP of a new 4 KiB mapping (p50, p99), per translation of an existing
+IOVA, and allocations per request; --seconds and --warmup are per N.
+
+The alloc/req column counts this program's heap allocations per request in
+the direct leg after warm-up: whether the device model allocates.
 
 Output: one progress line per workload on stderr, a table on stdout, --json
-FILE for the numbers, --plot FILE.svg for the latency distributions (SVG
-only: PNG would need a font rasteriser from system libraries).
+FILE for the numbers, --plot FILE.svg for the latency distributions (or the
+--scaling curve; SVG only: PNG would need a font rasteriser from system
+libraries).
 
 Build both binaries, then run:
   cargo build --release -p vhost-user-iommu -p vhost-user-iommu-bench
-  target/release/vhost-user-iommu-bench --seconds 3 --json bench.json --plot bench.svg";
+  target/release/vhost-user-iommu-bench --seconds 3 --json bench.json --plot bench.svg
+  target/release/vhost-user-iommu-bench --seconds 2 --qemu-leg --notifiers
+  target/release/vhost-user-iommu-bench --scaling --plot scaling.svg";
 
 /// Host-side load generator for the vhost-user-iommu daemon: MAP/UNMAP
 /// workloads, latency percentiles, throughput, the daemon's CPU time and
@@ -113,8 +147,31 @@ struct Cli {
     #[arg(long, value_name = "PID", requires = "socket")]
     daemon_pid: Option<u32>,
 
+    /// Also run each workload with a QEMU stand-in on the daemon's
+    /// translation mirror, checking every MAP/UNMAP through the shared
+    /// table (rows `NAME +qemu`).
+    #[arg(long)]
+    qemu_leg: bool,
+
+    /// With --qemu-leg: also with the workload's endpoints having IOMMU
+    /// notifiers, so that every MAP/UNMAP is acknowledged by QEMU (rows
+    /// `NAME +qemu+notif`).
+    #[arg(long, requires = "qemu_leg")]
+    notifiers: bool,
+
+    /// With --socket and --qemu-leg: the running daemon's --mirror-socket.
+    #[arg(long, value_name = "PATH", requires_all = ["socket", "qemu_leg"])]
+    mirror_socket: Option<PathBuf>,
+
+    /// Instead of the workloads: MAP/UNMAP and translation cost on the
+    /// device model (and on the shared translation table alone) against
+    /// the number of mappings already in the domain, 100 to 1 000 000.
+    #[arg(long, conflicts_with_all = ["workloads", "socket", "daemon", "qemu_leg"])]
+    scaling: bool,
+
     /// Run every workload for about 0.2 s (for CI): checks that everything
-    /// works, measures nothing worth keeping.
+    /// works, measures nothing worth keeping. With --scaling: 0.2 s per
+    /// point, up to 10 000 mappings.
     #[arg(long)]
     smoke: bool,
 
@@ -122,7 +179,8 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
 
-    /// Draw the latency histograms into this SVG file.
+    /// Draw the latency histograms (with --scaling: the scaling curve)
+    /// into this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
 }
@@ -140,6 +198,13 @@ enum BenchError {
         leg: &'static str,
         source: RunError,
     },
+    #[error("{workload}: the QEMU stand-in: {source}")]
+    Qemu {
+        workload: &'static str,
+        source: QemuError,
+    },
+    #[error("--scaling: {0}")]
+    Scaling(#[from] ScalingError),
     #[error("the direct leg's configuration: {0}")]
     Config(#[from] ConfigError),
     #[error("--json {path}: {source}")]
@@ -184,10 +249,21 @@ fn seconds(flag: &str, s: f64) -> Result<Duration, BenchError> {
 /// Where the daemon is, and whether we started it.
 enum Target {
     Spawned(DaemonProcess),
-    External { socket: PathBuf, pid: Option<u32> },
+    External {
+        socket: PathBuf,
+        mirror: Option<PathBuf>,
+        pid: Option<u32>,
+    },
 }
 
 impl Target {
+    fn mirror(&self) -> Option<&Path> {
+        match self {
+            Target::Spawned(d) => d.mirror(),
+            Target::External { mirror, .. } => mirror.as_deref(),
+        }
+    }
+
     fn socket(&self) -> &Path {
         match self {
             Target::Spawned(d) => d.socket(),
@@ -207,6 +283,7 @@ impl Target {
 struct Outcome {
     report: WorkloadReport,
     daemon: LegOutcome,
+    qemu: Vec<(String, LegOutcome)>,
     direct: LegOutcome,
 }
 
@@ -218,6 +295,15 @@ fn main() -> ExitCode {
             eprintln!("vhost-user-iommu-bench: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What every leg watches: the daemon's `/proc` counters (not for the
+/// direct leg) and this process's allocations.
+fn watch(pid: Option<u32>) -> Watch {
+    Watch {
+        pid,
+        allocations: Some(counting_alloc::allocations),
     }
 }
 
@@ -245,85 +331,174 @@ fn run(cli: Cli) -> Result<(), BenchError> {
             cli.first_endpoint, cli.domains
         )));
     }
-    let workloads = if cli.workloads.is_empty() {
-        Workload::ALL.to_vec()
-    } else {
-        cli.workloads.clone()
-    };
+    if cli.qemu_leg && cli.socket.is_some() && cli.mirror_socket.is_none() {
+        return Err(BenchError::Usage(
+            "--qemu-leg with --socket needs the daemon's --mirror-socket PATH".into(),
+        ));
+    }
     // The device the daemon runs: its defaults, serving our endpoints.
     let config = RawConfig {
         endpoints: Some(params.endpoint_list()),
         ..RawConfig::default()
     }
     .check()?;
+    let mut settings = Settings {
+        seconds: timing.measure.as_secs_f64(),
+        warmup_seconds: timing.warmup.as_secs_f64(),
+        qd: params.qd,
+        domains: params.domains,
+        size: params.size,
+        smoke: cli.smoke,
+        daemon: String::new(),
+        qemu_leg: cli.qemu_leg,
+        notifiers: cli.notifiers,
+        mirror_socket: None,
+        scaling: cli.scaling,
+    };
+    if cli.scaling {
+        return run_scaling(&cli, &config, timing, settings);
+    }
 
+    let workloads = if cli.workloads.is_empty() {
+        Workload::ALL.to_vec()
+    } else {
+        cli.workloads.clone()
+    };
     let target = match &cli.socket {
         Some(socket) => Target::External {
             socket: socket.clone(),
+            mirror: cli.mirror_socket.clone(),
             pid: cli.daemon_pid,
         },
         None => {
             let binary = daemon::locate(cli.daemon.as_deref())?;
-            let socket =
-                std::env::temp_dir().join(format!("vui-bench-{}.sock", std::process::id()));
+            let base = std::env::temp_dir().join(format!("vui-bench-{}", std::process::id()));
+            let socket = base.with_extension("sock");
+            let mirror = cli.qemu_leg.then(|| base.with_extension("mirror"));
             let args = ["--endpoints".to_string(), params.endpoint_list()];
-            Target::Spawned(DaemonProcess::spawn(&binary, &socket, &args)?)
+            Target::Spawned(DaemonProcess::spawn(
+                &binary,
+                &socket,
+                mirror.as_deref(),
+                &args,
+            )?)
         }
     };
-    let daemon_desc = match &target {
+    settings.daemon = match &target {
         Target::Spawned(d) => format!("spawned (pid {}) on {}", d.pid(), d.socket().display()),
         Target::External { socket, .. } => format!("external on {}", socket.display()),
+    };
+    settings.mirror_socket = target.mirror().map(|m| m.display().to_string());
+    let variants: &[QemuVariant] = match (cli.qemu_leg, cli.notifiers) {
+        (false, _) => &[],
+        (true, false) => &[QemuVariant::Table],
+        (true, true) => &[QemuVariant::Table, QemuVariant::Notifiers],
     };
 
     let mut outcomes = Vec::with_capacity(workloads.len());
     for &w in &workloads {
-        outcomes.push(run_workload(w, &params, timing, &target, &config)?);
+        outcomes.push(run_workload(
+            w, &params, timing, &target, variants, &config,
+        )?);
     }
     drop(target);
 
     let report = Report {
         tool: env!("CARGO_PKG_NAME"),
         version: env!("CARGO_PKG_VERSION"),
-        settings: Settings {
-            seconds: timing.measure.as_secs_f64(),
-            warmup_seconds: timing.warmup.as_secs_f64(),
-            qd: params.qd,
-            domains: params.domains,
-            size: params.size,
-            smoke: cli.smoke,
-            daemon: daemon_desc,
-        },
+        settings,
         workloads: outcomes.iter().map(|o| o.report.clone()).collect(),
+        scaling: None,
     };
     print!("{}", report::table(&report));
-    if let Some(path) = &cli.json {
-        let json_err = |source| BenchError::Json {
-            path: path.clone(),
-            source,
-        };
-        let text = serde_json::to_string_pretty(&report).map_err(|e| json_err(e.into()))?;
-        std::fs::write(path, text + "\n").map_err(json_err)?;
-    }
+    write_json(cli.json.as_deref(), &report)?;
     if let Some(path) = &cli.plot {
-        let series: Vec<Series<'_>> = outcomes
+        let mut daemon = Vec::new();
+        for o in &outcomes {
+            daemon.push(Series {
+                name: o.report.name,
+                latency: &o.daemon.latency,
+            });
+            daemon.extend(o.qemu.iter().map(|(name, leg)| Series {
+                name,
+                latency: &leg.latency,
+            }));
+        }
+        let direct: Vec<Series<'_>> = outcomes
             .iter()
             .map(|o| Series {
                 name: o.report.name,
-                daemon: &o.daemon.latency,
-                direct: &o.direct.latency,
+                latency: &o.direct.latency,
             })
             .collect();
-        plot::write_svg(path, &series)?;
+        plot::write_svg(path, &daemon, &direct)?;
     }
     Ok(())
 }
 
-/// Run `w` through the daemon, then on the device model in-process.
+fn write_json(path: Option<&Path>, report: &Report) -> Result<(), BenchError> {
+    let Some(path) = path else {
+        return Ok(());
+    };
+    let json_err = |source| BenchError::Json {
+        path: path.to_path_buf(),
+        source,
+    };
+    let text = serde_json::to_string_pretty(report).map_err(|e| json_err(e.into()))?;
+    std::fs::write(path, text + "\n").map_err(json_err)
+}
+
+/// `--scaling`: the curve, its table, JSON and plot.
+fn run_scaling(
+    cli: &Cli,
+    config: &Config,
+    timing: Timing,
+    settings: Settings,
+) -> Result<(), BenchError> {
+    let points = scaling::points(cli.smoke);
+    let curve: Vec<ScalingPoint> = scaling::run(
+        config,
+        &points,
+        timing,
+        Some(counting_alloc::allocations),
+        &mut |p| {
+            eprintln!(
+                "scaling {:>9} mappings: device MAP/UNMAP p50 {} ns, table p50 {} ns",
+                p.existing, p.device.map_unmap_ns.p50, p.table.map_unmap_ns.p50
+            )
+        },
+    )?;
+    print!("{}", report::scaling_table(&curve));
+    if let Some(path) = &cli.plot {
+        plot::write_scaling_svg(path, &curve)?;
+    }
+    let report = Report {
+        tool: env!("CARGO_PKG_NAME"),
+        version: env!("CARGO_PKG_VERSION"),
+        settings,
+        workloads: Vec::new(),
+        scaling: Some(curve),
+    };
+    write_json(cli.json.as_deref(), &report)
+}
+
+/// The endpoints `plan` attaches.
+fn endpoints_of(plan: &Plan) -> impl Iterator<Item = u32> + '_ {
+    plan.setup.iter().filter_map(|r| match *r {
+        test_frontend::Request::Attach { endpoint, .. } => Some(endpoint),
+        _ => None,
+    })
+}
+
+/// Run `w` through the daemon (then once per QEMU variant, each with a
+/// fresh QEMU stand-in on the daemon's mirror), then on the device model
+/// in-process.
 fn run_workload(
     w: Workload,
     params: &Params,
     timing: Timing,
     target: &Target,
+    variants: &[QemuVariant],
     config: &Config,
 ) -> Result<Outcome, BenchError> {
     let name = w.name();
@@ -337,32 +512,80 @@ fn run_workload(
     let size = w.mapping_size(params);
     let ram = RAM_OVERHEAD + 2 * size.max(2 << 20);
     let mut progress = Progress::new(name);
+    let connect = || -> Result<(DaemonLeg, Plan), RunError> {
+        // A fresh connection: the daemon starts each front-end with a fresh device.
+        let leg = DaemonLeg::connect(target.socket(), w.requests_per_kick(params), ram)?;
+        let buffer = leg.alloc(size, size.min(2 << 20))?;
+        Ok((leg, w.plan(params, buffer)))
+    };
 
-    // A fresh connection: the daemon starts each front-end with a fresh device.
-    let mut leg = DaemonLeg::connect(target.socket(), w.requests_per_kick(params), ram)
-        .map_err(|e| failed("daemon")(e.into()))?;
-    let buffer = leg
-        .alloc(size, size.min(2 << 20))
-        .map_err(|e| failed("daemon")(e.into()))?;
-    let plan = w.plan(params, buffer);
+    let (mut leg, plan) = connect().map_err(failed("daemon"))?;
     let daemon = run_leg(
         &mut leg,
         &plan,
         timing,
-        target.pid(),
+        watch(target.pid()),
         &mut progress,
         "daemon",
     )
     .map_err(failed("daemon"))?;
     drop(leg);
 
+    let mut qemu = Vec::with_capacity(variants.len());
+    if let (Some(mirror), false) = (target.mirror(), variants.is_empty()) {
+        let qemu_err = |source| BenchError::Qemu {
+            workload: name,
+            source,
+        };
+        for &v in variants {
+            let label = v.label();
+            let standin = QemuStandIn::connect(mirror).map_err(qemu_err)?;
+            let (leg, plan) = connect().map_err(failed(label))?;
+            if v.notifiers() {
+                standin
+                    .set_notified(endpoints_of(&plan))
+                    .map_err(qemu_err)?;
+            }
+            let mut leg = QemuLeg::new(leg, &standin);
+            let outcome = run_leg(
+                &mut leg,
+                &plan,
+                timing,
+                watch(target.pid()),
+                &mut progress,
+                label,
+            )
+            .map_err(failed(label))?;
+            qemu.push((v, outcome));
+        }
+    }
+
     let mut leg = DirectLeg::new(config, ram).map_err(|e: LegError| failed("direct")(e.into()))?;
     let plan = w.plan(params, DIRECT_BUFFER);
-    let direct = run_leg(&mut leg, &plan, timing, None, &mut progress, "direct")
-        .map_err(failed("direct"))?;
+    let direct = run_leg(
+        &mut leg,
+        &plan,
+        timing,
+        watch(None),
+        &mut progress,
+        "direct",
+    )
+    .map_err(failed("direct"))?;
 
     let (d, x) = (LegReport::of(&daemon), LegReport::of(&direct));
     progress.finish(d.req_per_s, x.req_per_s);
+    let qemu_reports = qemu
+        .iter()
+        .map(|(v, o)| {
+            let r = LegReport::of(o);
+            QemuReport {
+                label: v.label(),
+                notifiers: v.notifiers(),
+                ratio: Ratio::of(&r, &x),
+                daemon: r,
+            }
+        })
+        .collect();
     Ok(Outcome {
         report: WorkloadReport {
             name,
@@ -371,8 +594,13 @@ fn run_workload(
             ratio: Ratio::of(&d, &x),
             daemon: d,
             direct: x,
+            qemu: qemu_reports,
         },
         daemon,
+        qemu: qemu
+            .into_iter()
+            .map(|(v, o)| (format!("{name} {}", v.label()), o))
+            .collect(),
         direct,
     })
 }

@@ -86,6 +86,28 @@ pub fn parse_status_switches(status: &str) -> Option<u64> {
     Some(field("voluntary_ctxt_switches:")? + field("nonvoluntary_ctxt_switches:")?)
 }
 
+/// Resident memory in bytes, from the `VmRSS:` line of a `status` file.
+pub fn parse_status_rss(status: &str) -> Option<u64> {
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    kb.checked_mul(1024)
+}
+
+/// `pid`'s resident memory now, in bytes.
+pub fn rss_bytes(pid: u32) -> Result<u64, ProcError> {
+    let path = PathBuf::from(format!("/proc/{pid}/status"));
+    parse_status_rss(&read(&path)?).ok_or(ProcError::Parse {
+        path,
+        what: "VmRSS",
+    })
+}
+
 /// Read `pid`'s counters now.
 pub fn sample(pid: u32) -> Result<Sample, ProcError> {
     let dir = PathBuf::from(format!("/proc/{pid}"));
@@ -139,6 +161,14 @@ mod tests {
                       nonvoluntary_ctxt_switches:\t7\n";
         assert_eq!(parse_status_switches(status), Some(127));
         assert_eq!(parse_status_switches("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn rss_is_read_in_kilobytes() {
+        let status = "Name:\tx\nVmRSS:\t    2048 kB\nThreads:\t1\n";
+        assert_eq!(parse_status_rss(status), Some(2 << 20));
+        assert_eq!(parse_status_rss("Name:\tx\n"), None);
+        assert!(rss_bytes(std::process::id()).unwrap() > 0);
     }
 
     #[test]

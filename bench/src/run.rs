@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use crate::histogram::Histogram;
-use crate::leg::{Leg, LegError};
+use crate::leg::{Leg, LegError, MirrorCounters};
 use crate::procstat::{self, ProcError, Sample};
 use crate::progress::Progress;
 use crate::workload::Plan;
@@ -29,6 +29,16 @@ pub struct Timing {
     pub measure: Duration,
 }
 
+/// What to watch besides the leg's own latencies.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Watch {
+    /// The process whose `/proc` counters to read (the daemon).
+    pub pid: Option<u32>,
+    /// This process's allocation counter (the bench binary's global
+    /// allocator counts them; a library cannot).
+    pub allocations: Option<fn() -> u64>,
+}
+
 /// What one leg measured.
 #[derive(Clone, Debug)]
 pub struct LegOutcome {
@@ -42,16 +52,20 @@ pub struct LegOutcome {
     pub cost: Option<Sample>,
     /// Notifications sent to the device meanwhile.
     pub notifications: Option<u64>,
+    /// Allocations this process made meanwhile, if counted.
+    pub allocations: Option<u64>,
+    /// What the QEMU side saw meanwhile, if the leg has one.
+    pub mirror: Option<MirrorCounters>,
 }
 
 /// Run `plan` on `leg`: set up, warm up, measure (reading `watch`'s
-/// `/proc` counters before and after, if given), tear down. `progress`
-/// shows the measured part under the name `leg_name`.
+/// counters before and after), tear down. `progress` shows the measured
+/// part under the name `leg_name`.
 pub fn run_leg(
     leg: &mut impl Leg,
     plan: &Plan,
     timing: Timing,
-    watch: Option<u32>,
+    watch: Watch,
     progress: &mut Progress,
     leg_name: &str,
 ) -> Result<LegOutcome, RunError> {
@@ -62,8 +76,10 @@ pub fn run_leg(
     cycles(leg, plan, timing.warmup, &mut scratch, &mut |_, _, _| {})?;
 
     let mut latency = Histogram::new();
-    let before = watch.map(procstat::sample).transpose()?;
+    let before = watch.pid.map(procstat::sample).transpose()?;
     let kicks_before = leg.notifications();
+    let mirror_before = leg.mirror();
+    let allocs_before = watch.allocations.map(|count| count());
     let (requests, elapsed) = cycles(
         leg,
         plan,
@@ -73,7 +89,12 @@ pub fn run_leg(
             progress.update(now, leg_name, requests, elapsed, timing.measure)
         },
     )?;
-    let after = watch.map(procstat::sample).transpose()?;
+    let allocations = watch
+        .allocations
+        .zip(allocs_before)
+        .map(|(count, before)| count().saturating_sub(before));
+    let mirror = mirror_before.zip(leg.mirror()).map(|(b, a)| a.since(&b));
+    let after = watch.pid.map(procstat::sample).transpose()?;
     let notifications = match (kicks_before, leg.notifications()) {
         (Some(b), Some(a)) => Some(a - b),
         _ => None,
@@ -88,6 +109,8 @@ pub fn run_leg(
         latency,
         cost: before.zip(after).map(|(b, a)| a.since(&b)),
         notifications,
+        allocations,
+        mirror,
     })
 }
 

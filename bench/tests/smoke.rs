@@ -4,14 +4,15 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use serde_json::Value;
 use vhost_user_iommu::config::RawConfig;
 use vhost_user_iommu::emulated;
-use vhost_user_iommu::mirror::MirrorHandle;
+use vhost_user_iommu::mirror::{MirrorHandle, MirrorMemory, MirrorServer};
 use vhost_user_iommu::serve::{ServeError, Server, SocketSource, Stopper};
-use vhost_user_iommu::vhu_iommu::IommuBackend;
+use vhost_user_iommu::vhu_iommu::{BackendHooks, IommuBackend};
 
 const BENCH: &str = env!("CARGO_BIN_EXE_vhost-user-iommu-bench");
 const WORKLOADS: [&str; 5] = ["strict-4k", "strict-64k", "strict-2m", "batch", "domains"];
@@ -19,32 +20,55 @@ const WORKLOADS: [&str; 5] = ["strict-4k", "strict-64k", "strict-2m", "batch", "
 /// The daemon on a thread of this process; stopped when dropped.
 struct InProcessDaemon {
     socket: PathBuf,
+    /// The translation mirror's socket, if it has one.
+    mirror: Option<PathBuf>,
     stopper: Stopper,
     thread: Option<JoinHandle<Result<(), ServeError>>>,
+    mirror_server: Option<MirrorServer>,
 }
 
 impl InProcessDaemon {
     /// Serving endpoints `endpoints`, without a mirror (no QEMU).
     fn start(name: &str, endpoints: &str) -> Self {
-        let socket =
-            std::env::temp_dir().join(format!("vui-bench-test-{}-{name}.sock", std::process::id()));
+        Self::start_with(name, endpoints, false)
+    }
+
+    /// Serving endpoints `endpoints`, with a translation mirror if `mirror`
+    /// (set up as the daemon's main does for --mirror-socket).
+    fn start_with(name: &str, endpoints: &str, mirror: bool) -> Self {
+        let base =
+            std::env::temp_dir().join(format!("vui-bench-test-{}-{name}", std::process::id()));
+        let socket = base.with_extension("sock");
         let config = RawConfig {
             endpoints: Some(endpoints.into()),
             ..RawConfig::default()
         }
         .check()
         .unwrap();
-        let backend = IommuBackend::new(
-            emulated::device(&config).unwrap(),
-            MirrorHandle::disconnected(),
-        );
+        let device = emulated::device(&config).unwrap();
+        let hooks = Arc::new(BackendHooks::default());
+        let (mirror_server, handle, mirror_path) = if mirror {
+            let path = base.with_extension("mirror");
+            let memory = MirrorMemory::for_device(device.device_config()).unwrap();
+            let s =
+                MirrorServer::start(&path, config.device.bypass, hooks.clone(), Arc::new(memory))
+                    .unwrap();
+            let h = s.handle();
+            (Some(s), h, Some(path))
+        } else {
+            (None, MirrorHandle::disconnected(), None)
+        };
+        let backend = IommuBackend::new(device, handle);
+        let _ = hooks.0.set(backend.clone());
         let server = Server::bind(&SocketSource::Path(socket.clone())).unwrap();
         let stopper = server.stopper();
         let thread = std::thread::spawn(move || server.run(&backend));
         InProcessDaemon {
             socket,
+            mirror: mirror_path,
             stopper,
             thread: Some(thread),
+            mirror_server,
         }
     }
 }
@@ -55,6 +79,7 @@ impl Drop for InProcessDaemon {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        drop(self.mirror_server.take());
         let _ = std::fs::remove_file(&self.socket);
     }
 }
@@ -72,7 +97,8 @@ fn path_str(p: &Path) -> &str {
 
 #[test]
 fn smoke_run_reports_every_workload_with_nonzero_throughput() {
-    let daemon = InProcessDaemon::start("smoke", "8-11");
+    let daemon = InProcessDaemon::start_with("smoke", "8-11", true);
+    let mirror = daemon.mirror.clone().unwrap();
     let dir = std::env::temp_dir();
     let json = dir.join(format!("vui-bench-test-{}.json", std::process::id()));
     let svg = dir.join(format!("vui-bench-test-{}.svg", std::process::id()));
@@ -81,6 +107,10 @@ fn smoke_run_reports_every_workload_with_nonzero_throughput() {
         "--smoke",
         "--socket",
         path_str(&daemon.socket),
+        "--mirror-socket",
+        path_str(&mirror),
+        "--qemu-leg",
+        "--notifiers",
         "--daemon-pid",
         &pid,
         "--domains",
@@ -97,6 +127,9 @@ fn smoke_run_reports_every_workload_with_nonzero_throughput() {
 
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["settings"]["smoke"], true);
+    assert_eq!(report["settings"]["qemu_leg"], true);
+    assert_eq!(report["settings"]["notifiers"], true);
+    assert_eq!(report["settings"]["mirror_socket"], path_str(&mirror));
     let workloads = report["workloads"].as_array().unwrap();
     let names: Vec<&str> = workloads
         .iter()
@@ -111,12 +144,30 @@ fn smoke_run_reports_every_workload_with_nonzero_throughput() {
         }
         assert!(w["daemon"]["cpu_ns_per_req"].as_f64().is_some());
         assert!(w["ratio"]["time_per_req"].as_f64().unwrap() > 0.0);
+        assert!(w["direct"]["allocations_per_req"].as_f64().is_some());
+        // The QEMU stand-in: every MAP/UNMAP was walked in the shared
+        // table; with notifiers each one was also a record QEMU acked.
+        let qemu = w["qemu"].as_array().unwrap();
+        let labels: Vec<&str> = qemu.iter().map(|q| q["label"].as_str().unwrap()).collect();
+        assert_eq!(labels, ["+qemu", "+qemu+notif"]);
+        for q in qemu {
+            let leg = &q["daemon"];
+            assert!(leg["req_per_s"].as_f64().unwrap() > 0.0);
+            assert!(leg["translation_checks"].as_u64().unwrap() > 0, "{q}");
+        }
+        assert_eq!(qemu[0]["daemon"]["mirror_records_per_req"], 0.0);
+        assert_eq!(qemu[1]["daemon"]["mirror_records_per_req"], 1.0);
     }
     assert_eq!(workloads[3]["requests_per_kick"], 8);
 
     let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("alloc/req"), "{table}");
     for name in WORKLOADS {
         assert!(table.contains(name), "table lacks {name}: {table}");
+        assert!(
+            table.contains(&format!("{name} +qemu+notif")),
+            "table lacks {name} +qemu+notif: {table}"
+        );
         assert!(
             stderr.contains(name),
             "no progress line for {name}: {stderr}"
@@ -127,6 +178,57 @@ fn smoke_run_reports_every_workload_with_nonzero_throughput() {
     assert!(plot.contains("strict-4k"));
     let _ = std::fs::remove_file(json);
     let _ = std::fs::remove_file(svg);
+}
+
+#[test]
+fn scaling_smoke_run_reports_each_point_up_to_ten_thousand() {
+    let dir = std::env::temp_dir();
+    let json = dir.join(format!(
+        "vui-bench-test-{}-scaling.json",
+        std::process::id()
+    ));
+    let svg = dir.join(format!("vui-bench-test-{}-scaling.svg", std::process::id()));
+    let out = bench(&[
+        "--scaling",
+        "--smoke",
+        "--json",
+        path_str(&json),
+        "--plot",
+        path_str(&svg),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed: {stderr}");
+
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["settings"]["scaling"], true);
+    let points = report["scaling"].as_array().unwrap();
+    let existing: Vec<u64> = points
+        .iter()
+        .map(|p| p["existing"].as_u64().unwrap())
+        .collect();
+    assert_eq!(existing, [100, 1_000, 10_000]);
+    for p in points {
+        for subject in ["device", "table"] {
+            let s = &p[subject];
+            assert!(s["map_unmap_ns"]["p50"].as_u64().unwrap() > 0, "{p}");
+            assert!(s["translate_ns"].as_f64().unwrap() > 0.0, "{p}");
+        }
+        assert!(p["device"]["allocations_per_req"].as_f64().is_some());
+    }
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("10000"), "{table}");
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(plot.starts_with("<svg") && plot.contains("table translate"));
+    let _ = std::fs::remove_file(json);
+    let _ = std::fs::remove_file(svg);
+}
+
+#[test]
+fn qemu_leg_on_an_external_daemon_needs_its_mirror_socket() {
+    let out = bench(&["--smoke", "--socket", "/nonexistent.sock", "--qemu-leg"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--mirror-socket"), "{stderr}");
 }
 
 #[test]
@@ -184,6 +286,11 @@ fn help_explains_every_workload_and_flag() {
         "--json",
         "--plot",
         "SVG",
+        "--qemu-leg",
+        "--notifiers",
+        "--mirror-socket",
+        "--scaling",
+        "alloc/req",
     ]) {
         assert!(help.contains(word), "--help lacks {word}");
     }
