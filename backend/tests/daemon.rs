@@ -431,3 +431,63 @@ fn bad_command_lines_exit_nonzero_with_a_message() {
         );
     }
 }
+
+/// Send `n` MAP/UNMAP pairs back to back, the way Linux's driver does
+/// (post, notify if the device asked for it, spin on the used ring); the
+/// kicks it took.
+fn strict_pairs(vm: &mut TestVm, n: usize) -> u64 {
+    use test_frontend::Request;
+    let buf = vm.ram().alloc(0x1000, 0x1000).unwrap();
+    let before = vm.request_queue().kicks();
+    for i in 0..n {
+        let iova = 0x10_0000 + (i as u64 % 64) * 0x1000;
+        let reqs = [
+            Request::Map {
+                domain: 1,
+                virt_start: iova,
+                virt_end: iova + 0xfff,
+                phys_start: buf,
+                flags: READ | WRITE,
+            },
+            Request::Unmap {
+                domain: 1,
+                virt_start: iova,
+                virt_end: iova + 0xfff,
+            },
+        ];
+        for r in &reqs {
+            assert_eq!(vm.submit(std::slice::from_ref(r)).unwrap(), 1);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                if let Some(c) = vm.poll_completion().unwrap() {
+                    assert_eq!(c.status, Status::Ok);
+                    break;
+                }
+                assert!(Instant::now() < deadline, "request {i} never completed");
+                std::hint::spin_loop();
+            }
+        }
+    }
+    vm.request_queue().kicks() - before
+}
+
+#[test]
+fn while_the_daemon_polls_back_to_back_requests_need_no_kick() {
+    // A generous window, so that a loaded test machine still shows it.
+    let d = Daemon::start("poll", &["--poll-us", "200000"]);
+    let mut vm = d.connect();
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+    // The window opens as short sleeps show polling would pay.
+    strict_pairs(&mut vm, 50);
+    let kicks = strict_pairs(&mut vm, 200);
+    assert!(kicks < 40, "{kicks} kicks for 400 requests");
+
+    let d = Daemon::start("nopoll", &["--poll-us", "0"]);
+    let mut vm = d.connect();
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+    assert_eq!(
+        strict_pairs(&mut vm, 50),
+        100,
+        "without polling, a kick each"
+    );
+}
