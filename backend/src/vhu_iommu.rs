@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,10 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_iommu::{Change, Device, NoRam};
 use virtio_queue::QueueT;
-use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    ByteValued, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryMmap, VolatileMemory,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -47,6 +50,8 @@ const MAX_PENDING_FAULTS: usize = 64;
 /// The daemon's default maximum polling window, in microseconds
 /// (`--poll-us`, src/poll.rs).
 pub const DEFAULT_POLL_US: u64 = 50;
+/// Spins of the polling loop between two readings of the clock.
+const POLL_SPINS_PER_CLOCK: u32 = 64;
 /// How long a request waits for the mirror's ACK before the link is
 /// declared stuck and closed (then QEMU drops its copy: fail safe).
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -320,22 +325,32 @@ impl IommuBackend {
     }
 
     /// Spin until the driver makes a request available or `deadline`
-    /// passes; true if a request is there.
+    /// passes; true if a request is there. The available index is found
+    /// once and then read directly (the guard on `mem` keeps the mapping
+    /// alive even if a new memory table arrives meanwhile); the clock is
+    /// read every few spins.
     fn poll_ring(vring: &VringRwLock, mem: &GuestMemoryMmap, deadline: Instant) -> bool {
+        let (avail_idx_at, next_avail) = {
+            let state = vring.get_ref();
+            let q = state.get_queue();
+            (q.avail_ring().wrapping_add(2), q.next_avail())
+        };
+        let Ok(slice) = mem.get_slice(GuestAddress(avail_idx_at), 2) else {
+            return false;
+        };
+        let Ok(idx) = slice.get_atomic_ref::<AtomicU16>(0) else {
+            return false;
+        };
         loop {
-            {
-                let state = vring.get_ref();
-                let q = state.get_queue();
-                if q.avail_idx(mem, Ordering::Acquire)
-                    .is_ok_and(|idx| idx.0 != q.next_avail())
-                {
+            for _ in 0..POLL_SPINS_PER_CLOCK {
+                if u16::from_le(idx.load(Ordering::Acquire)) != next_avail {
                     return true;
                 }
+                std::hint::spin_loop();
             }
             if Instant::now() >= deadline {
                 return false;
             }
-            std::hint::spin_loop();
         }
     }
 
