@@ -1,0 +1,49 @@
+#!/bin/sh
+# The guest benchmark (qemu-tests/src/bin/guest-bench.rs): fio reads the
+# virtio-blk disk behind the vIOMMU with O_DIRECT, one job after another,
+# and prints one line per job for the host:
+#   VUI-FIO job=NAME iops=N kibps=N lat_us=N ios=N
+# (fio's terse v3 fields 8, 7, 40 and 6/bs; lat is the mean total latency).
+# Kernel parameters: vui.secs=S (per job, default 5), vui.jobs=A,B (default
+# all of rand4k-qd1, rand4k-qd32, seq128k-qd1). Needs the initramfs of
+# build-initramfs.sh --with-fio.
+fail() { echo "VUI-FAIL $*"; exit 1; }
+SECS=${VUI_SECS:-5}
+JOBS=$(echo "${VUI_JOBS:-rand4k-qd1,rand4k-qd32,seq128k-qd1}" | tr ',' ' ')
+FIO=/usr/bin/fio
+[ -x "$FIO" ] || fail "no $FIO (build the initramfs with --with-fio)"
+[ -b /dev/vda ] || fail "no /dev/vda"
+echo "VUI-LOG $($FIO --version), $(nproc) CPU(s), iommu cmdline: $(tr ' ' '\n' </proc/cmdline | grep '^iommu' | tr '\n' ' ')"
+dmesg | grep -E 'virtio_iommu|TLB invalidation' | sed 's/^/VUI-LOG dmesg: /'
+# The domain of the disk's group: DMA (strict), DMA-FQ (lazy), or none
+# without a vIOMMU.
+grp=$(readlink /sys/block/vda/device/../iommu_group 2>/dev/null)
+domain=none
+[ -n "$grp" ] && domain=$(cat "/sys/kernel/iommu_groups/$(basename "$grp")/type")
+echo "VUI-CHECK vda-domain $domain"
+
+rc=0
+for job in $JOBS; do
+    case "$job" in
+        rand4k-qd1) args="--rw=randread --bs=4k --ioengine=psync --iodepth=1" bs=4096 ;;
+        rand4k-qd32) args="--rw=randread --bs=4k --ioengine=libaio --iodepth=32" bs=4096 ;;
+        seq128k-qd1) args="--rw=read --bs=128k --ioengine=psync --iodepth=1" bs=131072 ;;
+        *) fail "unknown job $job" ;;
+    esac
+    # shellcheck disable=SC2086 # one word per option
+    $FIO --name="$job" --filename=/dev/vda --readonly --direct=1 $args \
+        --time_based --runtime="$SECS" --norandommap --randrepeat=0 \
+        --clocksource=clock_gettime --output-format=terse --terse-version=3 \
+        >/tmp/fio.out 2>/tmp/fio.err
+    frc=$?
+    line=$(grep "^3;fio-" /tmp/fio.out | tail -n1)
+    if [ "$frc" != 0 ] || [ -z "$line" ]; then
+        sed 's/^/VUI-LOG fio: /' /tmp/fio.out /tmp/fio.err
+        echo "VUI-FAIL fio $job exited $frc"
+        rc=1
+        continue
+    fi
+    echo "$line" | awk -F';' -v job="$job" -v bs="$bs" \
+        '{ printf "VUI-FIO job=%s iops=%s kibps=%s lat_us=%s ios=%d\n", job, $8, $7, $40, $6 * 1024 / bs }'
+done
+exit "$rc"
