@@ -10,6 +10,7 @@
 
 use std::sync::atomic::{fence, AtomicU8, Ordering};
 
+use virtio_iommu::wire::map_flags;
 use virtio_iommu::{Change, ChangeSink};
 
 use super::proto::Record;
@@ -70,78 +71,46 @@ impl<'a, S: TableStore> Batch<'a, S> {
 
 impl<S: TableStore> ChangeSink for Batch<'_, S> {
     fn change(&mut self, c: Change) {
-        let record = match c {
-            Change::Attach {
-                endpoint,
-                domain,
-                bypass,
-            } => Record::Attach {
-                endpoint,
-                domain,
-                bypass,
-                root: self
-                    .table
-                    .as_mut()
-                    .map_or(0, |t| t.attach(endpoint, domain, bypass)),
-            },
-            Change::Detach { endpoint, domain } => {
-                if let Some(t) = self.table.as_mut() {
-                    t.detach(endpoint, domain);
-                }
-                Record::Detach { endpoint, domain }
-            }
-            Change::Map {
-                domain,
-                virt_start,
-                virt_end,
-                phys_start,
-                flags,
-            } => {
-                if let Some(t) = self.table.as_mut() {
-                    t.map(
-                        domain,
-                        virt_start,
-                        virt_end,
-                        phys_start,
-                        flags & virtio_iommu::wire::map_flags::READ != 0,
-                        flags & virtio_iommu::wire::map_flags::WRITE != 0,
-                    );
-                }
-                Record::Map {
+        let mut record = super::record_of(&c);
+        if let Some(t) = self.table.as_mut() {
+            match c {
+                Change::Attach {
+                    endpoint,
+                    domain,
+                    bypass,
+                } => set_root(&mut record, t.attach(endpoint, domain, bypass)),
+                Change::Detach { endpoint, domain } => t.detach(endpoint, domain),
+                Change::Map {
                     domain,
                     virt_start,
                     virt_end,
                     phys_start,
-                    // virtio-iommu MAP flags fit in 16 bits (READ, WRITE, MMIO).
-                    flags: flags as u16,
-                }
-            }
-            Change::Unmap {
-                domain,
-                virt_start,
-                virt_end,
-            } => {
-                if let Some(t) = self.table.as_mut() {
-                    t.unmap(domain, virt_start, virt_end);
-                }
-                Record::Unmap {
+                    flags,
+                } => t.map(
                     domain,
                     virt_start,
                     virt_end,
-                }
+                    phys_start,
+                    flags & map_flags::READ != 0,
+                    flags & map_flags::WRITE != 0,
+                ),
+                Change::Unmap {
+                    domain,
+                    virt_start,
+                    virt_end,
+                } => t.unmap(domain, virt_start, virt_end),
+                Change::GlobalBypass(_) => {}
+                Change::Reset => t.reset(),
             }
-            Change::GlobalBypass(on) => Record::GlobalBypass(on),
-            Change::Reset => {
-                if let Some(t) = self.table.as_mut() {
-                    t.reset();
-                }
-                Record::Reset {
-                    system: false,
-                    reset_id: 0,
-                }
-            }
-        };
+        }
         self.records.push(record);
+    }
+}
+
+/// An ATTACH record carries its domain's root (§5).
+fn set_root(record: &mut Record, root: u32) {
+    if let Record::Attach { root: r, .. } = record {
+        *r = root;
     }
 }
 
@@ -154,20 +123,12 @@ pub fn dump<S: TableStore>(
     out: &mut Vec<Record>,
 ) {
     for c in replay {
-        let r = match *c {
-            Change::Attach {
-                endpoint,
-                domain,
-                bypass,
-            } => Record::Attach {
-                endpoint,
-                domain,
-                bypass,
-                root: table.map_or(0, |t| t.root(domain)),
-            },
-            Change::Map { .. } | Change::Unmap { .. } if table.is_some() => continue,
-            ref other => super::record_of(other),
-        };
+        let mut r = super::record_of(c);
+        match (c, table) {
+            (Change::Map { .. } | Change::Unmap { .. }, Some(_)) => continue,
+            (Change::Attach { domain, .. }, Some(t)) => set_root(&mut r, t.root(*domain)),
+            _ => {}
+        }
         out.push(r);
     }
 }
