@@ -8,6 +8,14 @@
 //! `avail_event` update, or `VRING_USED_F_NO_NOTIFY`): a request that
 //! arrives meanwhile costs the guest no exit and the daemon no wake-up.
 //!
+//! The maximum window must span what the guest does between two requests:
+//! in strict mode Linux maps a buffer, runs the device's I/O, then unmaps,
+//! so the gap is a disk I/O — hundreds of microseconds under TCG. Measured
+//! on 2 cores (TCG guest, fio 4 KiB random reads at QD1): a 50 µs window
+//! caught 75 % of requests and left the guest at 0.2× QEMU's in-process
+//! device; 1000 µs caught 99.6 % and gave 1.4×. While polling, the worker
+//! yields the CPU between looks (src/vhu_iommu.rs, `poll_ring`).
+//!
 //! The window adapts as KVM's halt polling does (virt/kvm/kvm_main.c,
 //! `grow_halt_poll_ns` / `shrink_halt_poll_ns`): after a sleep short enough
 //! that a longer window would have caught the request, it doubles (up to the

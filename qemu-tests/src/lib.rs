@@ -270,6 +270,16 @@ pub struct Daemon {
     _mirror_server: MirrorServer,
 }
 
+/// The daemon's `--poll-us`: `VUI_POLL_US` from the environment (to
+/// compare polling windows in the guest benchmark), else the daemon's
+/// default.
+pub fn poll_us() -> u64 {
+    std::env::var("VUI_POLL_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_POLL_US)
+}
+
 impl Daemon {
     /// Start serving in `dir` with the default configuration.
     pub fn start(dir: &Path) -> Self {
@@ -293,7 +303,7 @@ impl Daemon {
         )
         .expect("mirror socket");
         let backend = IommuBackend::new(device, mirror_server.handle())
-            .with_polling(Duration::from_micros(DEFAULT_POLL_US));
+            .with_polling(Duration::from_micros(poll_us()));
         let _ = hooks.0.set(backend.clone());
         let server = Server::bind(&SocketSource::Path(socket.clone())).expect("vhost-user socket");
         let stopper = server.stopper();
@@ -312,6 +322,12 @@ impl Daemon {
     /// The device model's counters.
     pub fn stats(&self) -> virtio_iommu::Stats {
         self.backend.stats().0
+    }
+
+    /// The queue counters: kicks, batches, batches found by polling, time
+    /// spent polling, batches that waited for QEMU's ACK.
+    pub fn queue_stats(&self) -> vhost_user_iommu::vhu_iommu::QueueStats {
+        self.backend.stats().1
     }
 }
 

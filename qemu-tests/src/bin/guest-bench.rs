@@ -261,6 +261,11 @@ fn boot(
         }
     }
     let daemon = daemon.map(|d| {
+        let q = d.queue_stats();
+        println!(
+            "   daemon queue: {} requests, {} kicks, {} batches ({} found polling, {} µs polling), {} waited for an ACK, {} used signals, {} µs awake",
+            q.requests, q.kicks, q.batches, q.polled_batches, q.poll_us, q.acked_batches, q.used_signals, q.awake_us
+        );
         let s = d.stats();
         (s.ok[3], s.ok[4])
     });
