@@ -13,7 +13,8 @@ builds the iommufd guest kernel of the pass-through test bed
 Debian's stock QEMU, scripts/qemu/install-stock-qemu.sh), then runs the guest
 tests of qemu-tests/ in release mode, one guest at a time.
 Each test boots the guest behind QEMU's virtio-iommu-pci and behind
-vhost-user-iommu (a few seconds per boot under TCG).
+vhost-user-iommu (a few seconds per boot under TCG). Without a filter, a
+smoke run of the guest benchmark follows (guest-bench --quick, ~1.5 min).
 USAGE
 }
 case "${1:-}" in --help|-h) usage; exit 0 ;; esac
@@ -29,3 +30,9 @@ echo "== qemu-tests: iommufd guest kernel (pass-through test bed; ~13 min the fi
 scripts/kernel/build-iommufd-kernel.sh >/dev/null
 echo "== qemu-tests: guests"
 VUI_QEMU_TESTS=1 cargo test --release --locked -p qemu-tests -- --test-threads=1 --nocapture "$@"
+if [ $# -eq 0 ]; then
+    # A smoke run of the guest benchmark (a benchmark is not a test: its
+    # figures are printed, not checked; it fails only if a guest does).
+    echo "== qemu-tests: guest benchmark smoke (guest-bench --quick)"
+    cargo run --release --locked -p qemu-tests --bin guest-bench -- --quick
+fi

@@ -488,5 +488,8 @@ fn while_the_daemon_polls_back_to_back_requests_need_no_kick() {
     // Without polling, a request needs a kick unless it arrives before the
     // daemon re-enabled notifications after the previous one.
     let kicks = strict_pairs(&mut vm, 50);
-    assert!(kicks >= 50, "without polling: {kicks} kicks for 100 requests");
+    assert!(
+        kicks >= 50,
+        "without polling: {kicks} kicks for 100 requests"
+    );
 }
