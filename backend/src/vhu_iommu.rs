@@ -304,7 +304,7 @@ impl IommuBackend {
         let (window, mem) = {
             let mut st = self.lock();
             st.stats.kicks += 1;
-            st.poll.woken(Instant::now());
+            st.poll.woken(woke);
             (st.poll.window(), st.mem.as_ref().map(|m| m.memory()))
         };
         let Some(mem) = mem else { return Ok(()) };
