@@ -520,11 +520,7 @@ impl<F: Iommufd> Device<F> {
                 flags,
                 reserved_clear,
             } => self.attach(domain, endpoint, flags, reserved_clear, sink),
-            Request::Detach {
-                domain,
-                endpoint,
-                reserved_clear,
-            } => self.detach(domain, endpoint, reserved_clear, sink),
+            Request::Detach { domain, endpoint } => self.detach(domain, endpoint, sink),
             Request::Map {
                 domain,
                 virt_start,
@@ -654,18 +650,10 @@ impl<F: Iommufd> Device<F> {
         }
     }
 
-    /// DETACH (virtio 1.2 §5.13.6.4): reserved bytes set → INVAL; unknown
-    /// endpoint or domain → NOENT; endpoint not in that domain → INVAL.
-    fn detach(
-        &mut self,
-        domain: u32,
-        endpoint: u32,
-        reserved_clear: bool,
-        sink: &mut impl ChangeSink,
-    ) -> Status {
-        if !reserved_clear {
-            return Status::Inval;
-        }
+    /// DETACH (virtio 1.3 §5.13.6.4): reserved bytes are ignored (the
+    /// device MUST ignore them, unlike ATTACH's); unknown endpoint or domain
+    /// → NOENT; endpoint not in that domain → INVAL.
+    fn detach(&mut self, domain: u32, endpoint: u32, sink: &mut impl ChangeSink) -> Status {
         let Some(&ep) = self.endpoints.get(&endpoint) else {
             return Status::NoEnt;
         };
@@ -689,7 +677,7 @@ impl<F: Iommufd> Device<F> {
     /// MAP (virtio 1.2 §5.13.6.5):
     /// - unknown domain → NOENT; a bypass domain → INVAL;
     /// - unknown flags, or MMIO without the MMIO feature → INVAL;
-    /// - `virt_start > virt_end` → INVAL;
+    /// - `virt_start > virt_end` → INVAL; a physical range past 2^64 → RANGE;
     /// - `virt_start`, `virt_end + 1` or `phys_start` not aligned to the
     ///   page granule → RANGE; outside `input_range` → RANGE;
     /// - overlapping an existing mapping → INVAL, nothing changes;
@@ -737,6 +725,11 @@ impl<F: Iommufd> Device<F> {
         let Some(length) = (virt_end - virt_start).checked_add(1) else {
             return Status::Range;
         };
+        // A physical range past 2^64 exists nowhere (an MMIO mapping is not
+        // checked against RAM, so it would get through otherwise).
+        if phys_start.checked_add(length - 1).is_none() {
+            return Status::Range;
+        }
         if d.overlaps(virt_start, virt_end) {
             return Status::Inval;
         }
@@ -1305,6 +1298,13 @@ mod tests {
         assert_eq!(r.attach(2, 16, 0), Status::Ok);
         assert_eq!(r.detach(2, 8), Status::Inval);
         assert_eq!(r.detach(1, 99), Status::NoEnt);
+        // Reserved bytes are ignored (virtio 1.3 §5.13.6.4.2).
+        let mut req = ReqDetach::default();
+        req.head.req_type = req_type::DETACH;
+        req.domain = 1.into();
+        req.endpoint = 8.into();
+        req.reserved = [0xff; 8];
+        assert_eq!(r.send(req.as_slice()), Status::Ok);
     }
 
     #[test]
@@ -1359,6 +1359,8 @@ mod tests {
         assert_eq!(r.map(1, 0x1000, 0x1fff, 0xfe00_0000, f), Status::Inval);
         r.d.set_acked_features(u64::MAX);
         assert_eq!(r.map(1, 0x1000, 0x1fff, 0xfe00_0000, f), Status::Ok);
+        // A physical range that wraps past 2^64 is refused.
+        assert_eq!(r.map(1, 0x4000, 0x5fff, u64::MAX - 0xfff, f), Status::Range);
     }
 
     #[test]

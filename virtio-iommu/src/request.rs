@@ -16,10 +16,11 @@ pub enum Request {
         flags: u32,
         reserved_clear: bool,
     },
+    /// Its reserved bytes are not kept: the device ignores them (virtio 1.3
+    /// §5.13.6.4.2).
     Detach {
         domain: u32,
         endpoint: u32,
-        reserved_clear: bool,
     },
     Map {
         domain: u32,
@@ -85,7 +86,6 @@ pub fn parse(bytes: &[u8]) -> Result<Request, Status> {
             Ok(Request::Detach {
                 domain: r.domain.into(),
                 endpoint: r.endpoint.into(),
-                reserved_clear: r.reserved == [0; 8],
             })
         }
         req_type::MAP => {
