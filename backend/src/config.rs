@@ -31,7 +31,7 @@ pub enum ConfigError {
     NoEndpoints,
     #[error("--endpoints: {0} endpoints is more than the 65536 a PCI segment has")]
     TooManyEndpoints(u64),
-    #[error("--probe-size: {0} is not a multiple of 4 between 64 and 4096")]
+    #[error("--probe-size: {0} is not a multiple of 4 between 24 and 4096")]
     BadProbeSize(u32),
     #[error("--msi-window {start:#x}-{end:#x} is outside --input-range")]
     MsiOutsideInput { start: u64, end: u64 },
@@ -205,7 +205,7 @@ impl RawConfig {
             return Err(ConfigError::MsiOutsideInput { start: ms, end: me });
         }
         if let Some(p) = self.probe_size {
-            if !(64..=4096).contains(&p) || !p.is_multiple_of(4) {
+            if !virtio_iommu::DeviceConfig::probe_size_ok(p) {
                 return Err(ConfigError::BadProbeSize(p));
             }
             device.probe_size = p;
@@ -333,6 +333,14 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(raw.check(), Err(ConfigError::BadProbeSize(30)));
+        // One rule with the device model's: 24..=4096, multiples of 4.
+        for (p, ok) in [(24, true), (4096, true), (20, false), (4100, false)] {
+            let raw = RawConfig {
+                probe_size: Some(p),
+                ..Default::default()
+            };
+            assert_eq!(raw.check().is_ok(), ok, "--probe-size {p}");
+        }
         let raw = RawConfig {
             input_range: Some("0-0xffff".into()),
             ..Default::default()

@@ -44,7 +44,7 @@ pub const MAX_QUEUE_SIZE: usize = 1024;
 /// (PROBE, 72 bytes) with room to spare; longer requests are cut here.
 const MAX_REQUEST: usize = 256;
 /// Writable bytes the daemon fills: the largest PROBE reply it offers.
-pub const MAX_REPLY: usize = 4096 + 4;
+pub const MAX_REPLY: usize = *virtio_iommu::PROBE_SIZES.end() as usize + 4;
 /// Fault events kept while the guest has no event buffer posted.
 const MAX_PENDING_FAULTS: usize = 64;
 /// The daemon's default maximum polling window, in microseconds

@@ -42,6 +42,19 @@ pub struct DeviceConfig {
     pub identity_ioas: bool,
 }
 
+/// The PROBE property area sizes a device may offer: room for at least one
+/// RESV_MEM property (24 bytes), at most a page (the driver allocates
+/// `probe_size` + the tail for every PROBE). A multiple of 4 (properties
+/// are 4-byte aligned, virtio 1.3 §5.13.6.8).
+pub const PROBE_SIZES: std::ops::RangeInclusive<u32> = 24..=4096;
+
+impl DeviceConfig {
+    /// Whether `probe_size` is one a device may offer ([`PROBE_SIZES`]).
+    pub fn probe_size_ok(probe_size: u32) -> bool {
+        PROBE_SIZES.contains(&probe_size) && probe_size.is_multiple_of(4)
+    }
+}
+
 impl Default for DeviceConfig {
     /// 4 KiB and larger pages, 48-bit IOVAs, any 32-bit domain ID, 512 bytes
     /// of PROBE properties, no boot bypass, the x86 MSI window.
@@ -65,7 +78,7 @@ pub enum ConfigError {
     NoPageSize,
     #[error("{0} range is empty (start > end)")]
     EmptyRange(&'static str),
-    #[error("probe_size {0} is not a multiple of 4 of at least 24")]
+    #[error("probe_size {0} is not a multiple of 4 between 24 and 4096")]
     BadProbeSize(u32),
     #[error("endpoint {0} is listed twice")]
     DuplicateEndpoint(u32),
@@ -295,7 +308,7 @@ impl<F: Iommufd> Device<F> {
         if cfg.msi_window.0 > cfg.msi_window.1 {
             return Err(ConfigError::EmptyRange("MSI"));
         }
-        if cfg.probe_size < 24 || !cfg.probe_size.is_multiple_of(4) {
+        if !DeviceConfig::probe_size_ok(cfg.probe_size) {
             return Err(ConfigError::BadProbeSize(cfg.probe_size));
         }
         let mut map = BTreeMap::new();

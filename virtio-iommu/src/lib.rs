@@ -20,6 +20,6 @@ pub mod wire;
 
 pub use device::{
     encode_fault, Change, ChangeSink, ConfigError, Device, DeviceConfig, Discard, GuestRam, NoRam,
-    RamRegion, Stats, Translation,
+    RamRegion, Stats, Translation, PROBE_SIZES,
 };
 pub use wire::{ConfigSpace, FaultEvent, Status, VIRTIO_ID_IOMMU};
