@@ -74,7 +74,8 @@ struct Cli {
     #[arg(long, value_name = "A-B")]
     msi_window: Option<String>,
 
-    /// Bytes of PROBE properties per endpoint [default: 512].
+    /// Bytes of PROBE properties per endpoint: a multiple of 4 from 24 to
+    /// 4096 [default: 512].
     #[arg(long, value_name = "BYTES")]
     probe_size: Option<u32>,
 
