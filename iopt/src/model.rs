@@ -128,6 +128,11 @@ impl ModelIommufd {
             .ok_or(IoptError::NotFound("no such IOAS"))
     }
 
+    /// How many IOAS objects exist, for inspection.
+    pub fn ioas_count(&self) -> usize {
+        self.ioas.len()
+    }
+
     /// The IOAS a device is attached to.
     pub fn attached_to(&self, dev: DeviceId) -> Option<IoasId> {
         self.devices.get(&dev).and_then(|d| d.ioas)

@@ -327,11 +327,69 @@ impl<F: Iommufd> Device<F> {
             identity: None,
             stats: Stats::default(),
         };
-        if cfg.identity_ioas {
+        // With no endpoint yet (they arrive with the front-end), the identity
+        // IOAS waits for the first one: its iommufd may not exist before.
+        if cfg.identity_ioas && !d.endpoints.is_empty() {
             d.identity = Some(d.iommufd.ioas_alloc().map_err(ConfigError::Identity)?);
             d.park_unattached().map_err(ConfigError::Identity)?;
         }
         Ok(d)
+    }
+
+    /// A new endpoint, standing for IOAS device `dev`, appears (a VFIO
+    /// device hot-added, or forwarded by the front-end): it starts in no
+    /// domain, so it bypasses (through the identity IOAS, rebuilt over `ram`
+    /// to respect the new device's reserved regions) or is blocked, as
+    /// `bypass` says. On failure nothing changed.
+    pub fn add_endpoint(
+        &mut self,
+        endpoint: u32,
+        dev: DeviceId,
+        ram: &impl GuestRam,
+    ) -> Result<(), ConfigError> {
+        if self.endpoints.contains_key(&endpoint) {
+            return Err(ConfigError::DuplicateEndpoint(endpoint));
+        }
+        let fresh_identity = self.cfg.identity_ioas && self.identity.is_none();
+        if fresh_identity {
+            self.identity = Some(self.iommufd.ioas_alloc().map_err(ConfigError::Identity)?);
+        }
+        self.endpoints
+            .insert(endpoint, Endpoint { dev, domain: None });
+        if let Some(identity) = self.identity {
+            self.rebuild_identity(identity, ram);
+        }
+        if let Err(e) = self.place(dev, self.parking()) {
+            self.endpoints.remove(&endpoint);
+            if fresh_identity {
+                if let Some(identity) = self.identity.take() {
+                    let _ = self.iommufd.ioas_destroy(identity);
+                }
+            }
+            return Err(ConfigError::Identity(e));
+        }
+        Ok(())
+    }
+
+    /// An endpoint goes away (its device was unplugged, or the front-end
+    /// that forwarded it left): it leaves its domain as on DETACH, and its
+    /// device is detached, that is blocked. Returns its IOAS device, if the
+    /// endpoint existed.
+    pub fn remove_endpoint(
+        &mut self,
+        endpoint: u32,
+        sink: &mut impl ChangeSink,
+    ) -> Option<DeviceId> {
+        let ep = self.endpoints.remove(&endpoint)?;
+        if let Err(e) = self.iommufd.detach(ep.dev) {
+            // Detaching a device in no IOAS fails; it is blocked either way.
+            log::debug!("endpoint {endpoint}: detaching its device: {e}");
+        }
+        if let Some(domain) = ep.domain {
+            sink.change(Change::Detach { endpoint, domain });
+            self.leave(domain, sink);
+        }
+        Some(ep.dev)
     }
 
     /// Where an endpoint in no domain goes: the identity IOAS when `bypass`
@@ -1662,6 +1720,53 @@ mod tests {
         let mut r = run(&mut d);
         assert_eq!(r.attach(2, 16, ATTACH_F_BYPASS), Status::Ok);
         assert_eq!(d.iommufd().attached_to(DeviceId(16)), Some(identity));
+    }
+
+    #[test]
+    fn endpoints_added_later_bypass_or_block_and_removal_takes_them_out_of_their_domain() {
+        let mut model = ModelIommufd::new();
+        for dev in [1, 2] {
+            model.add_device(DeviceId(dev), MockDevice::x86()).unwrap();
+        }
+        let cfg = DeviceConfig {
+            bypass: true,
+            identity_ioas: true,
+            ..DeviceConfig::default()
+        };
+        // No endpoint yet: no IOAS is allocated (the iommufd may not exist).
+        let mut d = Device::new(cfg, model, []).unwrap();
+        d.set_acked_features(u64::MAX);
+        assert_eq!(d.iommufd().ioas_count(), 0);
+
+        d.add_endpoint(0x18, DeviceId(1), &RAM_AT_0).unwrap();
+        let identity = d.iommufd().attached_to(DeviceId(1)).expect("bypassing");
+        let area = *d.iommufd().iopt(identity).unwrap().area_at(0).unwrap();
+        assert_eq!((area.iova, area.user_va), (0, USER_BASE));
+        assert_eq!(
+            d.add_endpoint(0x18, DeviceId(2), &RAM_AT_0),
+            Err(ConfigError::DuplicateEndpoint(0x18))
+        );
+
+        let mut r = run(&mut d);
+        assert_eq!(r.attach(3, 0x18, 0), Status::Ok);
+        assert_eq!(
+            r.map(3, 0x1000, 0x1fff, 0x4000, map_flags::READ),
+            Status::Ok
+        );
+        let mut changes = Vec::new();
+        assert_eq!(d.remove_endpoint(0x18, &mut changes), Some(DeviceId(1)));
+        assert_eq!(d.iommufd().attached_to(DeviceId(1)), None, "blocked");
+        assert!(d.domain(3).is_none(), "its last endpoint left");
+        assert!(matches!(
+            changes[0],
+            Change::Detach {
+                endpoint: 0x18,
+                domain: 3
+            }
+        ));
+        assert_eq!(d.remove_endpoint(0x18, &mut changes), None);
+        let mut r = run(&mut d);
+        assert_eq!(r.attach(3, 0x18, 0), Status::NoEnt);
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub use vfio::VfioDevice;
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use crate::{
@@ -107,6 +107,56 @@ impl KernelIommufd {
             fd,
             devices: BTreeMap::new(),
         })
+    }
+
+    /// Take an iommufd file another process opened and shares with this one
+    /// (a VMM's `-object iommufd`, passed over a socket): object IDs are per
+    /// open file, so a device that process bound is reachable only through
+    /// that same file.
+    pub fn from_fd(fd: OwnedFd) -> Self {
+        Self {
+            fd: File::from(fd),
+            devices: BTreeMap::new(),
+        }
+    }
+
+    /// Adopt a device that another holder of this same iommufd file already
+    /// bound (it got `id` back from `VFIO_DEVICE_BIND_IOMMUFD`; a second bind
+    /// of the device fails, Linux 6.12 `vfio_df_ioctl_bind_iommufd`), and
+    /// measure its IOVA ranges as [`Self::bind`] does. Attaching a bound
+    /// device replaces its current attachment (`VFIO_DEVICE_ATTACH_IOMMUFD_PT`
+    /// on an attached device), so the device ends up detached: blocked.
+    pub fn adopt(
+        &mut self,
+        device: VfioDevice,
+        id: DeviceId,
+    ) -> std::result::Result<(), OpenError> {
+        let what = device.describe();
+        if self.devices.contains_key(&id) {
+            return Err(OpenError::Probe {
+                what,
+                source: IoptError::Exists,
+            });
+        }
+        let iova_ranges = self
+            .probe_ranges(&device)
+            .map_err(|source| OpenError::Probe { what, source })?;
+        self.devices.insert(
+            id,
+            Bound {
+                device,
+                iova_ranges,
+            },
+        );
+        Ok(())
+    }
+
+    /// Give up a device: it is detached (blocked) and its file returned.
+    pub fn release(&mut self, id: DeviceId) -> Option<VfioDevice> {
+        let bound = self.devices.remove(&id)?;
+        // Detaching a device that is in no IOAS fails: nothing to undo then.
+        let _ = detach_device(bound.device.file());
+        Some(bound.device)
     }
 
     /// Bind a VFIO cdev device (`VFIO_DEVICE_BIND_IOMMUFD`) and measure the
