@@ -43,7 +43,10 @@ pub enum ConfigError {
     DuplicateVfioFd(RawFd),
     #[error("--vfio: fd {0} is not an open file descriptor of this process (fds 0-2 are stdio)")]
     VfioFdNotOpen(RawFd),
-    #[error("--mode iommufd needs at least one --vfio EP=DEVICE: its endpoints are VFIO devices")]
+    #[error(
+        "--mode iommufd needs --vfio EP=DEVICE, or --mirror-socket for QEMU to forward its \
+         iommufd-backed VFIO devices: its endpoints are VFIO devices"
+    )]
     NoVfio,
     #[error("--vfio is for --mode iommufd (emulated mode has no real devices)")]
     VfioNeedsIommufd,
@@ -168,6 +171,15 @@ pub struct RawConfig {
     pub vfio: Vec<String>,
 }
 
+impl Config {
+    /// Pass-through mode whose VFIO devices come from the front-end, which
+    /// bound them to its own iommufd and forwards both files over the
+    /// mirror (docs/mirror-protocol.md §14).
+    pub fn vfio_from_front_end(&self) -> bool {
+        self.mode == Mode::Iommufd && self.vfio.is_empty()
+    }
+}
+
 /// A checked configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -250,10 +262,8 @@ impl RawConfig {
                 if self.endpoints.is_some() {
                     return Err(ConfigError::EndpointsWithVfio);
                 }
-                if vfio.is_empty() {
-                    return Err(ConfigError::NoVfio);
-                }
-                // The hardware needs real 1:1 mappings for bypass.
+                // With no --vfio, the endpoints are the devices QEMU forwards
+                // (Config::vfio_from_front_end). The hardware needs real 1:1 mappings for bypass.
                 device.identity_ioas = true;
                 vfio.iter().map(|v| v.endpoint).collect()
             }
@@ -384,7 +394,10 @@ mod tests {
         let c = iommufd(&["16=/dev/b", "8=/dev/a"]).check().unwrap();
         assert_eq!(c.endpoints, [8, 16]);
         assert!(c.device.identity_ioas);
-        assert_eq!(iommufd(&[]).check(), Err(ConfigError::NoVfio));
+        let from_qemu = iommufd(&[]).check().unwrap();
+        assert!(from_qemu.vfio_from_front_end() && from_qemu.endpoints.is_empty());
+        assert!(from_qemu.device.identity_ioas);
+        assert!(!c.vfio_from_front_end());
         assert_eq!(
             iommufd(&["8=/dev/a", "8=/dev/b"]).check(),
             Err(ConfigError::DuplicateVfioEndpoint(8))

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use iopt::kernel::KernelIommufd;
 use vhost_user_iommu::config::RawConfig;
-use vhost_user_iommu::mirror::{MirrorHandle, MirrorMemory, MirrorServer};
+use vhost_user_iommu::mirror::{Hello, MirrorHandle, MirrorMemory, MirrorServer};
 use vhost_user_iommu::serve::{Server, SocketSource};
 use vhost_user_iommu::vhu_iommu::{BackendHooks, IommuBackend, DEFAULT_POLL_US};
 use vhost_user_iommu::{capabilities, config, emulated, passthrough};
@@ -96,7 +96,10 @@ struct Cli {
 
     /// Pass-through endpoint EP is this VFIO cdev device (--mode iommufd;
     /// repeatable): EP=/dev/vfio/devices/vfioN, or EP=fd:N for a device file
-    /// a launcher opened and left open for this process.
+    /// a launcher opened and left open for this process. Without --vfio,
+    /// --mode iommufd takes the iommufd-backed VFIO devices QEMU forwards
+    /// over --mirror-socket (`-device vfio-pci,iommufd=...` behind
+    /// vhost-user-iommu-pci).
     #[arg(long, value_name = "EP=DEVICE")]
     vfio: Vec<String>,
 
@@ -142,8 +145,13 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         vfio: cli.vfio,
     }
     .check()?;
+    let vfio_from_qemu = config.vfio_from_front_end();
+    if vfio_from_qemu && cli.mirror_socket.is_none() {
+        return Err(config::ConfigError::NoVfio.into());
+    }
     let device = match config.mode {
         config::Mode::Emulated => emulated::device(&config)?,
+        config::Mode::Iommufd if vfio_from_qemu => passthrough::device_for_front_end(&config)?,
         config::Mode::Iommufd => passthrough::device(&config, &cli.iommufd)?,
     };
     let device_config = *device.device_config();
@@ -159,11 +167,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let (mirror_server, mirror) = match &cli.mirror_socket {
         Some(path) => {
             let memory = MirrorMemory::for_device(&device_config)?;
-            let s =
-                MirrorServer::start(path, config.device.bypass, hooks.clone(), Arc::new(memory))
-                    .map_err(|e| {
-                        format!("cannot listen on --mirror-socket {}: {e}", path.display())
-                    })?;
+            let hello = Hello {
+                boot_bypass: config.device.bypass,
+                vfio_devices: vfio_from_qemu,
+            };
+            let s = MirrorServer::start_with(path, hello, hooks.clone(), Arc::new(memory))
+                .map_err(|e| format!("cannot listen on --mirror-socket {}: {e}", path.display()))?;
             let h = s.handle();
             (Some(s), h)
         }

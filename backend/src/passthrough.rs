@@ -9,11 +9,15 @@
 //! device model as in emulated mode.
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use iopt::kernel::{KernelIommufd, OpenError, VfioDevice};
-use iopt::{DeviceId, Errno, Iommufd, IoptError, IovaRange};
-use virtio_iommu::Device;
+use iopt::{
+    CopyRequest, DeviceId, Errno, IoasId, Iommufd, IoptError, IovaRange, IovaRanges, MapRequest,
+    OptionOp, Option_,
+};
+use virtio_iommu::{ChangeSink, Device, GuestRam};
 
 use crate::config::{Config, VfioEndpoint, VfioSource};
 use crate::vhu_iommu::IommuDevice;
@@ -148,6 +152,168 @@ pub fn device(config: &Config, iommufd: &Path) -> Result<IommuDevice, Passthroug
     Ok(Device::new(cfg, fd, endpoints)?)
 }
 
+/// The iommufd of pass-through mode when QEMU owns the files
+/// (docs/mirror-protocol.md §14): nothing until QEMU forwards its first
+/// VFIO device with its iommufd, then the kernel driver over that same open
+/// file (iommufd object IDs are per open file, and QEMU bound the devices
+/// through it).
+#[derive(Debug, Default)]
+pub struct FrontEndIommufd(Option<KernelIommufd>);
+
+impl FrontEndIommufd {
+    fn kernel(&mut self) -> iopt::Result<&mut KernelIommufd> {
+        self.0.as_mut().ok_or(Self::NOT_YET)
+    }
+
+    const NOT_YET: IoptError = IoptError::NotFound("QEMU has not forwarded an iommufd yet");
+}
+
+impl Iommufd for FrontEndIommufd {
+    fn ioas_alloc(&mut self) -> iopt::Result<IoasId> {
+        self.kernel()?.ioas_alloc()
+    }
+    fn ioas_destroy(&mut self, ioas: IoasId) -> iopt::Result<()> {
+        self.kernel()?.ioas_destroy(ioas)
+    }
+    fn iova_ranges(&self, ioas: IoasId, out: &mut [IovaRange]) -> iopt::Result<IovaRanges> {
+        self.0.as_ref().ok_or(Self::NOT_YET)?.iova_ranges(ioas, out)
+    }
+    fn allow_iovas(&mut self, ioas: IoasId, allowed: &[IovaRange]) -> iopt::Result<()> {
+        self.kernel()?.allow_iovas(ioas, allowed)
+    }
+    fn map(&mut self, ioas: IoasId, req: MapRequest) -> iopt::Result<u64> {
+        self.kernel()?.map(ioas, req)
+    }
+    fn copy(&mut self, req: CopyRequest) -> iopt::Result<u64> {
+        self.kernel()?.copy(req)
+    }
+    fn unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> iopt::Result<u64> {
+        self.kernel()?.unmap(ioas, iova, length)
+    }
+    fn option(&mut self, option: Option_, op: OptionOp) -> iopt::Result<u64> {
+        self.kernel()?.option(option, op)
+    }
+    fn attach(&mut self, dev: DeviceId, ioas: IoasId) -> iopt::Result<()> {
+        self.kernel()?.attach(dev, ioas)
+    }
+    fn detach(&mut self, dev: DeviceId) -> iopt::Result<()> {
+        self.kernel()?.detach(dev)
+    }
+    fn device_iova_ranges(&mut self, dev: DeviceId) -> iopt::Result<Vec<IovaRange>> {
+        self.kernel()?.device_iova_ranges(dev)
+    }
+}
+
+/// The device in pass-through mode with devices from QEMU: no endpoint
+/// until QEMU forwards one ([`adopt`]).
+pub fn device_for_front_end(config: &Config) -> Result<IommuDevice, PassthroughError> {
+    let mut cfg = config.device;
+    cfg.identity_ioas = true;
+    warn_about_memlock();
+    let fd: Box<dyn Iommufd + Send> = Box::<FrontEndIommufd>::default();
+    Ok(Device::new(cfg, fd, [])?)
+}
+
+/// Why a forwarded VFIO device was not taken (it stays blocked).
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    #[error("the daemon is not in --mode iommufd without --vfio")]
+    NotFromFrontEnd,
+    #[error("{0}")]
+    Open(#[from] OpenError),
+    #[error("cannot measure the device's IOVA alignment: {0}")]
+    Alignment(IoptError),
+    #[error(
+        "the device needs {align:#x}-byte IOVA alignment; the smallest page the guest was \
+         offered is {page:#x}"
+    )]
+    PageSize { align: u64, page: u64 },
+    #[error(transparent)]
+    Endpoint(#[from] virtio_iommu::ConfigError),
+}
+
+fn front_end_iommufd(device: &mut IommuDevice) -> Option<&mut FrontEndIommufd> {
+    let any: &mut dyn std::any::Any = &mut **device.iommufd_mut();
+    any.downcast_mut::<FrontEndIommufd>()
+}
+
+/// Take a VFIO device QEMU bound to its iommufd and forwarded with it
+/// (docs/mirror-protocol.md §14) as `endpoint`: the first device's iommufd
+/// becomes the one every domain's IOAS is made in (QEMU puts all of them in
+/// one); the device leaves QEMU's IOAS for the identity IOAS (bypass, over
+/// `ram`) or for none (blocked).
+pub fn adopt(
+    device: &mut IommuDevice,
+    endpoint: u32,
+    devid: u32,
+    iommufd: OwnedFd,
+    file: OwnedFd,
+    ram: &impl GuestRam,
+) -> Result<(), AdoptError> {
+    let page = 1u64 << device.device_config().page_size_mask.trailing_zeros();
+    let fe = front_end_iommufd(device).ok_or(AdoptError::NotFromFrontEnd)?;
+    let kernel = fe.0.get_or_insert_with(|| KernelIommufd::from_fd(iommufd));
+    let id = DeviceId(devid);
+    let added = match kernel.adopt(VfioDevice::from_fd(file), id) {
+        // Nothing to undo: a device adopted twice (Exists) keeps its first
+        // adoption.
+        Err(e) => return Err(drop_unused_iommufd(device, e.into())),
+        Ok(()) => match iova_alignment(kernel, &[id]) {
+            Err(e) => Err(AdoptError::Alignment(e)),
+            Ok(align) if align > page => Err(AdoptError::PageSize { align, page }),
+            Ok(_) => device
+                .add_endpoint(endpoint, id, ram)
+                .map_err(AdoptError::from),
+        },
+    };
+    added.map_err(|e| {
+        if let Some(fe) = front_end_iommufd(device) {
+            release(fe, id);
+        }
+        drop_unused_iommufd(device, e)
+    })
+}
+
+/// After a failed [`adopt`]: an iommufd no held device came with is not
+/// kept.
+fn drop_unused_iommufd(device: &mut IommuDevice, e: AdoptError) -> AdoptError {
+    if device.endpoint_ids().next().is_none() {
+        if let Some(fe) = front_end_iommufd(device) {
+            fe.0 = None;
+        }
+    }
+    e
+}
+
+fn release(fe: &mut FrontEndIommufd, id: DeviceId) {
+    if let Some(k) = fe.0.as_mut() {
+        drop(k.release(id));
+    }
+}
+
+/// QEMU took back the device of `endpoint`: it leaves its domain and is
+/// blocked, and the daemon closes its files.
+pub fn forget(device: &mut IommuDevice, endpoint: u32, sink: &mut impl ChangeSink) {
+    let Some(id) = device.remove_endpoint(endpoint, sink) else {
+        return;
+    };
+    if let Some(fe) = front_end_iommufd(device) {
+        release(fe, id);
+    }
+}
+
+/// The connection that forwarded the devices ended: all of them go, and
+/// with them the iommufd (a new QEMU brings its own).
+pub fn forget_all(device: &mut IommuDevice, sink: &mut impl ChangeSink) {
+    let endpoints: Vec<u32> = device.endpoint_ids().collect();
+    for ep in endpoints {
+        forget(device, ep, sink);
+    }
+    if let Some(fe) = front_end_iommufd(device) {
+        fe.0 = None;
+    }
+}
+
 /// Every guest MAP pins its pages against RLIMIT_MEMLOCK (iommufd's default
 /// accounting, per user; none for a process with CAP_IPC_LOCK); a MAP beyond
 /// the limit fails with NOMEM. Say so up front when the limit applies and is
@@ -200,6 +366,55 @@ mod tests {
         );
         assert_eq!(model.attached_to(DeviceId(1)), None);
         assert_eq!(model.attached_to(DeviceId(2)), None);
+    }
+
+    fn front_end_config() -> Config {
+        crate::config::RawConfig {
+            mode: crate::config::Mode::Iommufd,
+            ..Default::default()
+        }
+        .check()
+        .unwrap()
+    }
+
+    fn memfd() -> OwnedFd {
+        crate::mirror::SharedMem::new(c"not-vfio", 4096)
+            .unwrap()
+            .file()
+            .try_clone()
+            .unwrap()
+            .into()
+    }
+
+    #[test]
+    fn with_devices_from_qemu_the_device_starts_empty_and_refuses_what_is_not_vfio() {
+        let mut d = device_for_front_end(&front_end_config()).unwrap();
+        assert_eq!(d.endpoint_ids().count(), 0);
+        // No iommufd yet: every IOAS operation says so.
+        assert_eq!(d.iommufd_mut().ioas_alloc(), Err(FrontEndIommufd::NOT_YET));
+        // A file that is no VFIO device: refused, and nothing is left behind.
+        let e = adopt(&mut d, 0x18, 1, memfd(), memfd(), &virtio_iommu::NoRam).unwrap_err();
+        assert!(
+            matches!(e, AdoptError::Open(OpenError::Probe { .. })),
+            "{e}"
+        );
+        assert_eq!(d.endpoint_ids().count(), 0);
+        assert_eq!(d.iommufd_mut().ioas_alloc(), Err(FrontEndIommufd::NOT_YET));
+        forget(&mut d, 0x18, &mut virtio_iommu::Discard);
+        forget_all(&mut d, &mut virtio_iommu::Discard);
+        assert_eq!(
+            d.iommufd_mut().ioas_alloc(),
+            Err(FrontEndIommufd::NOT_YET),
+            "the iommufd went with the connection"
+        );
+    }
+
+    #[test]
+    fn an_emulated_device_takes_no_vfio_device() {
+        let config = crate::config::RawConfig::default().check().unwrap();
+        let mut d = crate::emulated::device(&config).unwrap();
+        let e = adopt(&mut d, 1, 1, memfd(), memfd(), &virtio_iommu::NoRam).unwrap_err();
+        assert!(matches!(e, AdoptError::NotFromFrontEnd), "{e}");
     }
 
     #[test]

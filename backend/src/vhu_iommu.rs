@@ -240,6 +240,37 @@ impl IommuBackend {
         f(&mut self.lock().device)
     }
 
+    /// Take a VFIO device QEMU forwarded (pass-through mode with devices
+    /// from QEMU, docs/mirror-protocol.md §14).
+    pub fn adopt_vfio(
+        &self,
+        endpoint: u32,
+        devid: u32,
+        iommufd: std::os::fd::OwnedFd,
+        file: std::os::fd::OwnedFd,
+    ) -> Result<(), crate::passthrough::AdoptError> {
+        let mut st = self.lock();
+        let State { device, mem, .. } = &mut *st;
+        match mem {
+            Some(m) => {
+                let guard = m.memory();
+                let ram = GuestRamView::new(&guard);
+                crate::passthrough::adopt(device, endpoint, devid, iommufd, file, &ram)
+            }
+            None => crate::passthrough::adopt(device, endpoint, devid, iommufd, file, &NoRam),
+        }
+    }
+
+    /// QEMU took back the VFIO device of `endpoint` (`None`: all of them,
+    /// its connection ended).
+    pub fn forget_vfio(&self, endpoint: Option<u32>) {
+        let mut st = self.lock();
+        self.change(&mut st, |device, sink| match endpoint {
+            Some(ep) => crate::passthrough::forget(device, ep, sink),
+            None => crate::passthrough::forget_all(device, sink),
+        });
+    }
+
     /// Queue a fault event for the guest and deliver what fits in the event
     /// queue (virtio 1.2 §5.13.6.9: the device reports faults on the
     /// eventq; without a buffer the event is dropped, the spec allows it).
@@ -653,5 +684,31 @@ impl mirror::MirrorHooks for BackendHooks {
             },
             Record::GlobalBypass(bypass),
         ]);
+    }
+
+    fn vfio_device_added(
+        &self,
+        endpoint: u32,
+        devid: u32,
+        iommufd: std::os::fd::OwnedFd,
+        device: std::os::fd::OwnedFd,
+    ) -> Result<(), String> {
+        let backend = self.0.get().ok_or("the daemon is still starting")?;
+        backend
+            .adopt_vfio(endpoint, devid, iommufd, device)
+            .map_err(|e| e.to_string())
+    }
+
+    fn vfio_device_removed(&self, endpoint: u32) {
+        if let Some(backend) = self.0.get() {
+            backend.forget_vfio(Some(endpoint));
+            log::info!("mirror: endpoint {endpoint:#x}: QEMU took its VFIO device back");
+        }
+    }
+
+    fn vfio_devices_gone(&self) {
+        if let Some(backend) = self.0.get() {
+            backend.forget_vfio(None);
+        }
     }
 }

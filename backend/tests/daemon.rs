@@ -393,7 +393,7 @@ fn bad_command_lines_exit_nonzero_with_a_message() {
         (vec![], "--socket-path"),
         (
             vec!["--socket-path", "/tmp/vui-x.sock", "--mode", "iommufd"],
-            "needs at least one --vfio",
+            "needs --vfio EP=DEVICE, or --mirror-socket",
         ),
         (
             vec![

@@ -389,7 +389,22 @@ impl<F: Iommufd> Device<F> {
             sink.change(Change::Detach { endpoint, domain });
             self.leave(domain, sink);
         }
+        // The identity IOAS lives while there are endpoints (it was made
+        // with the first one, in the iommufd they came with).
+        if self.endpoints.is_empty() {
+            if let Some(identity) = self.identity.take() {
+                let _ = self.iommufd.unmap(identity, 0, u64::MAX);
+                if let Err(e) = self.iommufd.ioas_destroy(identity) {
+                    log::warn!("destroying the identity IOAS: {e}");
+                }
+            }
+        }
         Some(ep.dev)
+    }
+
+    /// The endpoint IDs the device manages.
+    pub fn endpoint_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.endpoints.keys().copied()
     }
 
     /// Where an endpoint in no domain goes: the identity IOAS when `bypass`
@@ -1765,6 +1780,8 @@ mod tests {
             }
         ));
         assert_eq!(d.remove_endpoint(0x18, &mut changes), None);
+        assert_eq!(d.iommufd().ioas_count(), 0, "the identity IOAS went too");
+        assert_eq!(d.endpoint_ids().count(), 0);
         let mut r = run(&mut d);
         assert_eq!(r.attach(3, 0x18, 0), Status::NoEnt);
     }

@@ -8,19 +8,22 @@
 //! waits with [`MirrorHandle::wait`], holding no lock the vhost-user thread
 //! needs (§8 rule 2).
 
-use std::io::{self, Read, Write};
+use std::collections::VecDeque;
+use std::io::{self, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use super::proto::{self, FromQemu, Header, ProtoError, Record, HEADER_LEN, MAX_RECORDS};
+use super::proto::{
+    self, FromQemu, Header, ProtoError, Record, FEATURE_VFIO_DEVICES, HEADER_LEN, MAX_RECORDS,
+};
 use super::MirrorMemory;
 
 /// What the daemon does when QEMU talks (called on the reader thread).
@@ -34,6 +37,24 @@ pub trait MirrorHooks: Send + Sync + 'static {
     /// QEMU reset the machine (§9): reset the translation state and call
     /// `send` with `RESET(system, id)` + `GLOBAL_BYPASS`, under the state lock.
     fn system_reset(&self, id: u32, send: &mut dyn FnMut(&[Record]));
+    /// QEMU forwarded an iommufd-backed VFIO device (§14): its endpoint,
+    /// the device ID QEMU's bind returned, QEMU's iommufd file and the
+    /// device's file. Only called when the daemon offered
+    /// [`FEATURE_VFIO_DEVICES`]. An error is logged; the device stays
+    /// blocked.
+    fn vfio_device_added(
+        &self,
+        _endpoint: u32,
+        _devid: u32,
+        _iommufd: OwnedFd,
+        _device: OwnedFd,
+    ) -> Result<(), String> {
+        Err("this daemon does not take VFIO devices".into())
+    }
+    /// QEMU took back the device of `endpoint` (hot-unplug).
+    fn vfio_device_removed(&self, _endpoint: u32) {}
+    /// The connection that forwarded devices ended: they go with it (§14).
+    fn vfio_devices_gone(&self) {}
 }
 
 /// A batch to wait for: acknowledged when QEMU's highest ACK reaches `seq`
@@ -210,6 +231,25 @@ fn close(conn: &mut Conn) {
     }
 }
 
+/// What the daemon's HELLO announces (§4).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Hello {
+    /// The `bypass` value the device takes on a system reset.
+    pub boot_bypass: bool,
+    /// The daemon takes the VFIO devices QEMU forwards (§14).
+    pub vfio_devices: bool,
+}
+
+impl Hello {
+    fn features(self) -> u64 {
+        if self.vfio_devices {
+            FEATURE_VFIO_DEVICES
+        } else {
+            0
+        }
+    }
+}
+
 /// The listening mirror socket and its threads.
 #[derive(Debug)]
 pub struct MirrorServer {
@@ -228,6 +268,20 @@ impl MirrorServer {
         hooks: Arc<dyn MirrorHooks>,
         memory: Arc<MirrorMemory>,
     ) -> io::Result<Self> {
+        let hello = Hello {
+            boot_bypass,
+            vfio_devices: false,
+        };
+        Self::start_with(path, hello, hooks, memory)
+    }
+
+    /// [`Self::start`], announcing `hello` (e.g. taking VFIO devices, §14).
+    pub fn start_with(
+        path: &Path,
+        hello: Hello,
+        hooks: Arc<dyn MirrorHooks>,
+        memory: Arc<MirrorMemory>,
+    ) -> io::Result<Self> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
         let handle = MirrorHandle {
@@ -237,7 +291,7 @@ impl MirrorServer {
         let shared = handle.shared.clone();
         let listener_thread = std::thread::Builder::new()
             .name("mirror-accept".into())
-            .spawn(move || accept_loop(listener, shared, boot_bypass, hooks, memory))?;
+            .spawn(move || accept_loop(listener, shared, hello, hooks, memory))?;
         Ok(Self {
             handle,
             path: path.to_owned(),
@@ -272,7 +326,7 @@ impl Drop for MirrorServer {
 fn accept_loop(
     listener: UnixListener,
     shared: Arc<Shared>,
-    boot_bypass: bool,
+    hello: Hello,
     hooks: Arc<dyn MirrorHooks>,
     memory: Arc<MirrorMemory>,
 ) {
@@ -287,7 +341,7 @@ fn accept_loop(
                 continue;
             }
         };
-        if let Err(e) = serve(stream, &shared, boot_bypass, &hooks, &memory) {
+        if let Err(e) = serve(stream, &shared, hello, &hooks, &memory) {
             log::error!("mirror: cannot serve the connection: {e}");
         }
     }
@@ -296,7 +350,7 @@ fn accept_loop(
 fn serve(
     stream: UnixStream,
     shared: &Arc<Shared>,
-    boot_bypass: bool,
+    hello_info: Hello,
     hooks: &Arc<dyn MirrorHooks>,
     memory: &MirrorMemory,
 ) -> io::Result<()> {
@@ -316,7 +370,12 @@ fn serve(
         // The HELLO goes first and alone: it carries the shared memory's
         // files. It is small, so on a fresh socket this never blocks.
         let mut hello = Vec::with_capacity(HEADER_LEN + proto::DAEMON_HELLO_LEN);
-        proto::encode_hello(boot_bypass, memory.hello_shm(), &mut hello);
+        proto::encode_hello(
+            hello_info.boot_bypass,
+            hello_info.features(),
+            memory.hello_shm(),
+            &mut hello,
+        );
         let fds = [
             memory.table.file().as_raw_fd(),
             memory.flags.file().as_raw_fd(),
@@ -358,7 +417,14 @@ fn serve(
     std::thread::Builder::new()
         .name("mirror-read".into())
         .spawn(move || {
-            let outcome = read_loop(reader, &sh, id, hooks.as_ref());
+            let inbound = Inbound {
+                stream: reader,
+                files: VecDeque::new(),
+            };
+            let outcome = read_loop(inbound, &sh, id, hello_info, hooks.as_ref());
+            if hello_info.vfio_devices {
+                hooks.vfio_devices_gone();
+            }
             match outcome {
                 Ok(()) => log::info!("mirror: QEMU closed the connection {id}"),
                 Err(e) => log::error!("mirror: connection {id}: {e}; closing it"),
@@ -410,30 +476,78 @@ pub enum ReadError {
     Protocol(#[from] ProtoError),
 }
 
+/// Most files QEMU may have in flight: one VFIO_DEVICE ADD carries two.
+const MAX_PENDING_FILES: usize = 8;
+
+/// The reading end of a connection: bytes, and the files that come with
+/// them (`SCM_RIGHTS`), kept in arrival order until a message claims them.
+/// The kernel hands files over with the first byte of the `sendmsg` that
+/// carried them, so a message's files are here once its header is read.
+struct Inbound {
+    stream: UnixStream,
+    files: VecDeque<OwnedFd>,
+}
+
+impl Inbound {
+    /// Fill `buf`. `Ok(false)`: the peer closed, even mid-message (§12).
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<bool, ReadError> {
+        let mut got = 0;
+        while got < buf.len() {
+            let rest = &mut buf[got..];
+            let mut iov = [libc::iovec {
+                iov_base: rest.as_mut_ptr().cast(),
+                iov_len: rest.len(),
+            }];
+            let mut fds = [-1; MAX_PENDING_FILES];
+            // SAFETY: the iovec covers `rest`, a live, exclusively borrowed
+            // byte slice any data may be written to.
+            let received = unsafe { self.stream.recv_with_fds(&mut iov, &mut fds) };
+            let (n, nfds) = match received {
+                Ok(r) => r,
+                Err(e) if e.errno() == libc::EINTR => continue,
+                Err(e) => return Err(io::Error::from_raw_os_error(e.errno()).into()),
+            };
+            for &fd in &fds[..nfds] {
+                // SAFETY: recvmsg installed `fd` in this process for us;
+                // nothing else knows of it.
+                self.files.push_back(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+            if self.files.len() > MAX_PENDING_FILES {
+                return Err(ProtoError::StrayFiles(self.files.len()).into());
+            }
+            if n == 0 {
+                return Ok(false);
+            }
+            got += n;
+        }
+        Ok(true)
+    }
+}
+
 fn read_loop(
-    mut stream: UnixStream,
+    mut inbound: Inbound,
     shared: &Shared,
     id: u64,
+    offered: Hello,
     hooks: &dyn MirrorHooks,
 ) -> Result<(), ReadError> {
     let mut hello = false;
     let mut payload = vec![0u8; proto::MAX_PAYLOAD_LEN];
     loop {
         let mut h = [0u8; HEADER_LEN];
-        match stream.read_exact(&mut h) {
-            Ok(()) => {}
-            // EOF, even in the middle of a message, is a close (§12).
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.into()),
+        if !inbound.read_exact(&mut h)? {
+            return Ok(());
         }
         let header = Header::decode(&h);
         let len = header.payload_len()?;
-        match stream.read_exact(&mut payload[..len]) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.into()),
+        if !inbound.read_exact(&mut payload[..len])? {
+            return Ok(());
         }
         let msg = proto::decode_from_qemu(&header, &payload[..len])?;
+        // Files belong to a VFIO_DEVICE ADD and nothing else.
+        if !matches!(msg, FromQemu::VfioDevice(d) if d.add) && !inbound.files.is_empty() {
+            return Err(ProtoError::StrayFiles(inbound.files.len()).into());
+        }
         match (hello, msg) {
             (false, FromQemu::Hello) => hello = true,
             (true, FromQemu::Hello) => return Err(ProtoError::SecondHello.into()),
@@ -464,6 +578,29 @@ fn read_loop(
                 });
                 shared.changed.notify_all();
             }
+            (true, FromQemu::VfioDevice(_)) if !offered.vfio_devices => {
+                return Err(ProtoError::VfioNotOffered.into());
+            }
+            (true, FromQemu::VfioDevice(d)) if d.add => {
+                let (Some(iommufd), Some(device)) =
+                    (inbound.files.pop_front(), inbound.files.pop_front())
+                else {
+                    return Err(ProtoError::MissingFiles.into());
+                };
+                match hooks.vfio_device_added(d.endpoint, d.devid, iommufd, device) {
+                    Ok(()) => log::info!(
+                        "mirror: endpoint {:#x}: QEMU's VFIO device (iommufd device {}) is ours",
+                        d.endpoint,
+                        d.devid
+                    ),
+                    Err(e) => log::error!(
+                        "mirror: endpoint {:#x}: cannot take QEMU's VFIO device: {e}; \
+                         its DMA stays blocked",
+                        d.endpoint
+                    ),
+                }
+            }
+            (true, FromQemu::VfioDevice(d)) => hooks.vfio_device_removed(d.endpoint),
         }
     }
 }
@@ -472,6 +609,7 @@ fn read_loop(
 mod tests {
     use super::*;
     use crate::mirror::proto::{MsgType, EVENTS_F_SYNC, HELLO_LEN, MAGIC, RECORD_LEN};
+    use std::io::Read;
     use std::os::fd::FromRawFd;
 
     /// Hooks that report a fixed state and record what QEMU told them.
@@ -480,6 +618,18 @@ mod tests {
         state: Mutex<Vec<Record>>,
         faults: Mutex<Vec<proto::Fault>>,
         resets: Mutex<Vec<u32>>,
+        /// (endpoint, devid, inode of the iommufd file, of the device file)
+        vfio: Mutex<Vec<(u32, u32, u64, u64)>>,
+        vfio_removed: Mutex<Vec<u32>>,
+        vfio_gone: std::sync::atomic::AtomicUsize,
+    }
+
+    fn inode(fd: &OwnedFd) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::File::from(fd.try_clone().unwrap())
+            .metadata()
+            .unwrap()
+            .ino()
     }
 
     impl MirrorHooks for Recorder {
@@ -499,6 +649,23 @@ mod tests {
                 },
                 Record::GlobalBypass(false),
             ]);
+        }
+        fn vfio_device_added(
+            &self,
+            endpoint: u32,
+            devid: u32,
+            iommufd: OwnedFd,
+            device: OwnedFd,
+        ) -> Result<(), String> {
+            let entry = (endpoint, devid, inode(&iommufd), inode(&device));
+            self.vfio.lock().unwrap().push(entry);
+            Ok(())
+        }
+        fn vfio_device_removed(&self, endpoint: u32) {
+            self.vfio_removed.lock().unwrap().push(endpoint);
+        }
+        fn vfio_devices_gone(&self) {
+            self.vfio_gone.fetch_add(1, Ordering::SeqCst);
         }
     }
 
@@ -529,6 +696,24 @@ mod tests {
             p[4..6].copy_from_slice(&proto::MAJOR.to_le_bytes());
             self.send(MsgType::Hello as u16, 0, &p);
         }
+        /// A VFIO_DEVICE message, with `files` attached to its first byte.
+        fn vfio_device(&mut self, endpoint: u32, devid: u32, op: u32, files: &[&OwnedFd]) {
+            let mut m = [0u8; HEADER_LEN + proto::VFIO_DEVICE_LEN];
+            let mut h = [0u8; HEADER_LEN];
+            Header {
+                msg_type: MsgType::VfioDevice as u16,
+                flags: 0,
+                size: proto::VFIO_DEVICE_LEN as u32,
+                seq: 0,
+            }
+            .encode(&mut h);
+            m[..HEADER_LEN].copy_from_slice(&h);
+            m[16..20].copy_from_slice(&endpoint.to_le_bytes());
+            m[20..24].copy_from_slice(&devid.to_le_bytes());
+            m[24..28].copy_from_slice(&op.to_le_bytes());
+            let fds: Vec<_> = files.iter().map(|f| f.as_raw_fd()).collect();
+            assert_eq!(self.0.send_with_fds(&[&m[..]], &fds).unwrap(), m.len());
+        }
         fn ack(&mut self, seq: u64) {
             self.send(MsgType::Ack as u16, seq, &[]);
         }
@@ -548,14 +733,109 @@ mod tests {
     }
 
     fn start(name: &str, state: Vec<Record>) -> (MirrorServer, Arc<Recorder>, PathBuf) {
+        start_offering(name, state, false)
+    }
+
+    fn start_offering(
+        name: &str,
+        state: Vec<Record>,
+        vfio_devices: bool,
+    ) -> (MirrorServer, Arc<Recorder>, PathBuf) {
         let path = socket_path(name);
         let rec = Arc::new(Recorder {
             state: Mutex::new(state),
             ..Default::default()
         });
         let memory = Arc::new(MirrorMemory::new(64, 0xffff_ffff).unwrap());
-        let server = MirrorServer::start(&path, true, rec.clone(), memory).unwrap();
+        let hello = Hello {
+            boot_bypass: true,
+            vfio_devices,
+        };
+        let server = MirrorServer::start_with(&path, hello, rec.clone(), memory).unwrap();
         (server, rec, path)
+    }
+
+    /// Two files to forward, told apart by inode.
+    fn two_files() -> (OwnedFd, OwnedFd) {
+        let file = || -> OwnedFd {
+            crate::mirror::SharedMem::new(c"vui-test", 4096)
+                .unwrap()
+                .file()
+                .try_clone()
+                .unwrap()
+                .into()
+        };
+        (file(), file())
+    }
+
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let t0 = Instant::now();
+        while !done() {
+            assert!(t0.elapsed() < Duration::from_secs(5), "{what}: timed out");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn forwarded_vfio_devices_reach_the_hooks_with_their_files_and_go_with_the_connection() {
+        let (server, rec, path) = start_offering("vfio", vec![], true);
+        let h = server.handle();
+        let mut q = FakeQemu::connect(&path);
+        q.hello();
+        let (hello, p) = q.recv().unwrap();
+        assert_eq!(hello.msg_type, MsgType::Hello as u16);
+        let features = u64::from_le_bytes(p[8..16].try_into().unwrap());
+        assert_eq!(features, proto::FEATURE_VFIO_DEVICES);
+        let (_dump, _) = q.recv().unwrap();
+        q.ack(1);
+        wait_connected(&h);
+
+        let (iommufd, device) = two_files();
+        q.vfio_device(0x18, 7, proto::VFIO_DEVICE_ADD, &[&iommufd, &device]);
+        q.vfio_device(0x18, 0, proto::VFIO_DEVICE_REMOVE, &[]);
+        wait_for("removal", || !rec.vfio_removed.lock().unwrap().is_empty());
+        assert_eq!(
+            *rec.vfio.lock().unwrap(),
+            vec![(0x18, 7, inode(&iommufd), inode(&device))]
+        );
+        assert_eq!(rec.vfio_gone.load(Ordering::SeqCst), 0);
+        drop(q);
+        wait_for("gone", || rec.vfio_gone.load(Ordering::SeqCst) == 1);
+    }
+
+    #[test]
+    fn files_without_an_add_and_an_add_without_files_or_offer_are_protocol_errors() {
+        let (iommufd, device) = two_files();
+        // Files on an ACK.
+        let (server, _rec, path) = start_offering("vfio-stray", vec![], true);
+        let h = server.handle();
+        let mut q = connect_synced(&path, &h);
+        let mut ack = [0u8; HEADER_LEN];
+        Header {
+            msg_type: MsgType::Ack as u16,
+            flags: 0,
+            size: 0,
+            seq: 2,
+        }
+        .encode(&mut ack);
+        q.0.send_with_fds(&[&ack[..]], &[iommufd.as_raw_fd()])
+            .unwrap();
+        assert!(q.recv().is_none(), "closed");
+        // An ADD with one file.
+        let (server, rec, path) = start_offering("vfio-short", vec![], true);
+        let h = server.handle();
+        let mut q = connect_synced(&path, &h);
+        q.vfio_device(1, 1, proto::VFIO_DEVICE_ADD, &[&device]);
+        assert!(q.recv().is_none(), "closed");
+        assert!(rec.vfio.lock().unwrap().is_empty());
+        // An ADD to a daemon that did not offer it.
+        let (server, rec, path) = start_offering("vfio-unoffered", vec![], false);
+        let h = server.handle();
+        let mut q = connect_synced(&path, &h);
+        q.vfio_device(1, 1, proto::VFIO_DEVICE_ADD, &[&iommufd, &device]);
+        assert!(q.recv().is_none(), "closed");
+        assert!(rec.vfio.lock().unwrap().is_empty());
+        assert_eq!(rec.vfio_gone.load(Ordering::SeqCst), 0, "nothing offered");
     }
 
     fn wait_connected(h: &MirrorHandle) {

@@ -13,7 +13,7 @@ use std::io;
 use std::sync::Arc;
 
 pub use batch::{dump, Batch, NOTIFIER_FLAGS_LEN};
-pub use link::{MirrorHandle, MirrorHooks, MirrorServer, ReadError, Ticket, WaitOutcome};
+pub use link::{Hello, MirrorHandle, MirrorHooks, MirrorServer, ReadError, Ticket, WaitOutcome};
 pub use proto::{Fault, Record};
 pub use shm::SharedMem;
 pub use table::{TableStats, TranslationTable};

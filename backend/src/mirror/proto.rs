@@ -1,4 +1,4 @@
-//! Wire format of the translation mirror (docs/mirror-protocol.md, version 2.0).
+//! Wire format of the translation mirror (docs/mirror-protocol.md, version 2.1).
 //!
 //! Pure encoding and decoding: no sockets here. Every integer is
 //! little-endian; every message is a 16-byte [`Header`] and a payload.
@@ -19,11 +19,21 @@ pub const HELLO_LEN: usize = 24;
 /// geometry (§4, §11).
 pub const DAEMON_HELLO_LEN: usize = 40;
 pub const FAULT_LEN: usize = 24;
+/// Size of the VFIO_DEVICE payload (§4).
+pub const VFIO_DEVICE_LEN: usize = 16;
 
 /// `magic` of HELLO: the bytes `V U I M`.
 pub const MAGIC: u32 = 0x4d49_5556;
 pub const MAJOR: u16 = 2;
-pub const MINOR: u16 = 0;
+pub const MINOR: u16 = 1;
+
+/// HELLO `features` bit (daemon, 2.1): the daemon owns the DMA translation
+/// of the iommufd-backed VFIO devices QEMU forwards with VFIO_DEVICE (§14).
+pub const FEATURE_VFIO_DEVICES: u64 = 1 << 0;
+
+/// VFIO_DEVICE `op` values (§14).
+pub const VFIO_DEVICE_ADD: u32 = 1;
+pub const VFIO_DEVICE_REMOVE: u32 = 2;
 
 /// EVENTS flag: QEMU's copy is complete with this batch (§4).
 pub const EVENTS_F_SYNC: u16 = 1;
@@ -37,6 +47,7 @@ pub enum MsgType {
     Ack = 3,
     Fault = 4,
     SystemReset = 5,
+    VfioDevice = 6,
 }
 
 impl MsgType {
@@ -47,6 +58,7 @@ impl MsgType {
             3 => Self::Ack,
             4 => Self::Fault,
             5 => Self::SystemReset,
+            6 => Self::VfioDevice,
             _ => return None,
         })
     }
@@ -79,6 +91,14 @@ pub enum ProtoError {
     AckOutOfOrder { got: u64, expected: u64 },
     #[error("SYSTEM_RESET with id 0")]
     ResetIdZero,
+    #[error("VFIO_DEVICE with unknown op {0}")]
+    BadVfioOp(u32),
+    #[error("VFIO_DEVICE, but this daemon did not offer VFIO_DEVICES in its HELLO")]
+    VfioNotOffered,
+    #[error("VFIO_DEVICE ADD without its two files")]
+    MissingFiles,
+    #[error("{0} files received with no VFIO_DEVICE ADD to carry them")]
+    StrayFiles(usize),
 }
 
 /// The message header (§3).
@@ -143,12 +163,12 @@ pub struct HelloShm {
 
 /// The daemon's HELLO payload (§4): `boot_bypass` is the bypass value the
 /// device takes on a system reset; `shm` the shared memory sent with it.
-pub fn encode_hello(boot_bypass: bool, shm: HelloShm, out: &mut Vec<u8>) {
+pub fn encode_hello(boot_bypass: bool, features: u64, shm: HelloShm, out: &mut Vec<u8>) {
     push_header(out, MsgType::Hello, 0, DAEMON_HELLO_LEN, 0);
     out.extend_from_slice(&MAGIC.to_le_bytes());
     out.extend_from_slice(&MAJOR.to_le_bytes());
     out.extend_from_slice(&MINOR.to_le_bytes());
-    out.extend_from_slice(&0u64.to_le_bytes());
+    out.extend_from_slice(&features.to_le_bytes());
     out.push(u8::from(boot_bypass));
     out.extend_from_slice(&[0; 7]);
     out.extend_from_slice(&shm.table_pages.to_le_bytes());
@@ -276,6 +296,18 @@ pub struct Fault {
     pub reason: u8,
 }
 
+/// A VFIO_DEVICE message (§14): an iommufd-backed VFIO device behind the
+/// vIOMMU appeared (ADD, with its iommufd file and device file) or went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VfioDevice {
+    /// Its endpoint ID (requester ID).
+    pub endpoint: u32,
+    /// The device ID `VFIO_DEVICE_BIND_IOMMUFD` gave QEMU (ADD only).
+    pub devid: u32,
+    /// ADD (true) or REMOVE.
+    pub add: bool,
+}
+
 /// A message from QEMU, decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FromQemu {
@@ -283,6 +315,7 @@ pub enum FromQemu {
     Ack(u64),
     Fault(Fault),
     SystemReset(u32),
+    VfioDevice(VfioDevice),
 }
 
 /// Decode a message QEMU sent, given its header and payload.
@@ -329,6 +362,25 @@ pub fn decode_from_qemu(h: &Header, payload: &[u8]) -> Result<FromQemu, ProtoErr
                 return Err(ProtoError::ResetIdZero);
             }
             Ok(FromQemu::SystemReset(id))
+        }
+        MsgType::VfioDevice => {
+            if payload.len() < VFIO_DEVICE_LEN {
+                return Err(ProtoError::TooShort {
+                    what: "VFIO_DEVICE",
+                    size: payload.len(),
+                    min: VFIO_DEVICE_LEN,
+                });
+            }
+            let add = match le_u32(&payload[8..12]) {
+                VFIO_DEVICE_ADD => true,
+                VFIO_DEVICE_REMOVE => false,
+                op => return Err(ProtoError::BadVfioOp(op)),
+            };
+            Ok(FromQemu::VfioDevice(VfioDevice {
+                endpoint: le_u32(&payload[0..4]),
+                devid: le_u32(&payload[4..8]),
+                add,
+            }))
         }
         MsgType::Events => Err(ProtoError::WrongDirection(t)),
     }
@@ -385,7 +437,7 @@ mod tests {
             table_levels: 3,
             flags_len: 0x10000,
         };
-        encode_hello(true, shm, &mut out);
+        encode_hello(true, 0, shm, &mut out);
         assert_eq!(out.len(), HEADER_LEN + DAEMON_HELLO_LEN);
         assert_eq!(&out[16..20], b"VUIM");
         assert_eq!(&out[20..22], &[2, 0], "major 2");
@@ -459,6 +511,39 @@ mod tests {
                 size: MAX_PAYLOAD_LEN as u32 + 1
             })
         );
+    }
+
+    #[test]
+    fn vfio_device_decodes_add_and_remove_and_refuses_other_ops() {
+        let h = |size| Header {
+            msg_type: 6,
+            flags: 0,
+            size,
+            seq: 0,
+        };
+        let add = hex("18 00 00 00 05 00 00 00 01 00 00 00 00 00 00 00");
+        assert_eq!(
+            decode_from_qemu(&h(16), &add),
+            Ok(FromQemu::VfioDevice(VfioDevice {
+                endpoint: 0x18,
+                devid: 5,
+                add: true
+            }))
+        );
+        let remove = hex("18 00 00 00 00 00 00 00 02 00 00 00 00 00 00 00");
+        assert!(matches!(
+            decode_from_qemu(&h(16), &remove),
+            Ok(FromQemu::VfioDevice(VfioDevice { add: false, .. }))
+        ));
+        let bad = hex("18 00 00 00 00 00 00 00 03 00 00 00 00 00 00 00");
+        assert_eq!(
+            decode_from_qemu(&h(16), &bad),
+            Err(ProtoError::BadVfioOp(3))
+        );
+        assert!(matches!(
+            decode_from_qemu(&h(12), &add[..12]),
+            Err(ProtoError::TooShort { .. })
+        ));
     }
 
     #[test]
