@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use iopt::kernel::KernelIommufd;
 use vhost_user_iommu::config::RawConfig;
+use vhost_user_iommu::guest_ram::MemoryFiles;
 use vhost_user_iommu::mirror::{Hello, MirrorHandle, MirrorMemory, MirrorServer};
 use vhost_user_iommu::serve::{Server, SocketSource};
 use vhost_user_iommu::vhu_iommu::{BackendHooks, IommuBackend, DEFAULT_POLL_US};
@@ -111,6 +112,13 @@ struct Cli {
     #[arg(long, value_name = "US", default_value_t = DEFAULT_POLL_US)]
     poll_us: u64,
 
+    /// Accept guest memory files that are not sealed against shrinking
+    /// (QEMU's memory-backend-file on hugetlbfs or /dev/shm). By default only
+    /// sealed files are (memory-backend-memfd, seal=on by default): a
+    /// front-end that shrinks an unsealed file kills the daemon (SIGBUS).
+    #[arg(long)]
+    allow_unsealed_memory: bool,
+
     /// The iommufd device node (--mode iommufd).
     #[arg(long, value_name = "PATH", default_value = KernelIommufd::DEFAULT_PATH)]
     iommufd: PathBuf,
@@ -178,8 +186,13 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
         None => (None, MirrorHandle::disconnected()),
     };
-    let backend =
-        IommuBackend::new(device, mirror).with_polling(Duration::from_micros(cli.poll_us));
+    let memory_files = match cli.allow_unsealed_memory {
+        true => MemoryFiles::AllowUnsealed,
+        false => MemoryFiles::SealedOnly,
+    };
+    let backend = IommuBackend::new(device, mirror)
+        .with_polling(Duration::from_micros(cli.poll_us))
+        .with_memory_files(memory_files);
     let _ = hooks.0.set(backend.clone());
     log::info!(
         "virtio-iommu ({:?} mode): {} endpoints, page size mask {:#x}, input range {:#x}-{:#x}",

@@ -30,7 +30,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::chain;
-use crate::guest_ram::GuestRamView;
+use crate::guest_ram::{self, GuestRamView, MemoryFiles};
 use crate::mirror::{self, Batch, MirrorHandle, Record, SharedMem, TranslationTable, WaitOutcome};
 use crate::poll::AdaptivePoll;
 
@@ -120,6 +120,8 @@ struct State {
 pub struct IommuBackend {
     state: Arc<Mutex<State>>,
     mirror: MirrorHandle,
+    /// Which memory files a front-end may share (src/guest_ram.rs).
+    memory_files: MemoryFiles,
 }
 
 impl IommuBackend {
@@ -140,6 +142,7 @@ impl IommuBackend {
                 poll: AdaptivePoll::new(Duration::ZERO),
             })),
             mirror,
+            memory_files: MemoryFiles::default(),
         }
     }
 
@@ -147,6 +150,13 @@ impl IommuBackend {
     /// [`AdaptivePoll`]); zero turns polling off.
     pub fn with_polling(self, max: Duration) -> Self {
         self.lock().poll = AdaptivePoll::new(max);
+        self
+    }
+
+    /// Which memory files front-ends may share (default: only files sealed
+    /// against shrinking, [`MemoryFiles::SealedOnly`]).
+    pub fn with_memory_files(mut self, accept: MemoryFiles) -> Self {
+        self.memory_files = accept;
         self
     }
 
@@ -568,11 +578,40 @@ impl VhostUserBackend for IommuBackend {
 
     /// `SET_MEM_TABLE` (and memory hot-(un)plug): every IOAS area moves to
     /// the new mapping of its guest pages before the old one can go away.
+    ///
+    /// The table is checked first ([`guest_ram::check_table`]): a region
+    /// past the end of its file, or in a file the front-end can shrink,
+    /// would kill the daemon with SIGBUS at its first access. vhost-user-
+    /// backend has mapped the table and handed it to the vrings already, so
+    /// a refused table is swapped for an empty one before anything reads it;
+    /// the error then ends the connection (the front-end gets a failed
+    /// REPLY_ACK first, if it asked for one).
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        let table = mem.memory();
         let mut st = self.lock();
-        st.device.set_memory(&GuestRamView::new(&mem.memory()));
-        st.mem = Some(mem);
-        Ok(())
+        match guest_ram::check_table(&table, self.memory_files) {
+            Ok(unsealed) => {
+                for gpa in unsealed {
+                    log::warn!(
+                        "memory region at guest {gpa:#x}: its file is not sealed against \
+                         shrinking; a front-end that shrinks it kills the daemon \
+                         (--allow-unsealed-memory)"
+                    );
+                }
+                st.device.set_memory(&GuestRamView::new(&table));
+                st.mem = Some(mem);
+                Ok(())
+            }
+            Err(e) => {
+                drop(table);
+                mem.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .replace(GuestMemoryMmap::new());
+                st.device.set_memory(&NoRam);
+                log::error!("front-end memory table refused: {e}");
+                Err(io::Error::new(io::ErrorKind::InvalidInput, e))
+            }
+        }
     }
 
     /// A fresh exit event per worker thread: the library keeps both ends and

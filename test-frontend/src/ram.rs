@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
@@ -38,7 +38,7 @@ pub const DEFAULT_RAM: RegionSpec = RegionSpec::new(0, 16 << 20);
 /// Errors from guest RAM set-up and access.
 #[derive(Debug, thiserror::Error)]
 pub enum RamError {
-    /// memfd_create/ftruncate failed.
+    /// memfd_create/ftruncate/sealing failed.
     #[error("memfd: {0}")]
     Memfd(#[source] io::Error),
     /// The region list was rejected by vm-memory (overlap, overflow, ...).
@@ -77,7 +77,8 @@ pub struct GuestRam {
 fn memfd(name: &std::ffi::CStr, size: u64) -> io::Result<File> {
     // SAFETY: `name` is a valid NUL-terminated string; memfd_create does not
     // retain the pointer. The returned value is checked before use.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -85,6 +86,19 @@ fn memfd(name: &std::ffi::CStr, size: u64) -> io::Result<File> {
     // nobody else.
     let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
     file.set_len(size)?;
+    // Sealed against resizing, as QEMU's memory-backend-memfd does by
+    // default: the daemon refuses memory a front-end could shrink.
+    // SAFETY: fcntl with integer arguments on the descriptor `file` owns.
+    let sealed = unsafe {
+        libc::fcntl(
+            file.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+        )
+    };
+    if sealed != 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(file)
 }
 
