@@ -178,6 +178,9 @@ impl IommuBackend {
     /// devices reaching them), so the device is reset and every area
     /// unmapped now, not at the next connection.
     pub fn disconnected(&self) {
+        // A request parked for a mirror ACK must not hold the worker (and so
+        // the next front-end) until the ACK timeout (mirror protocol §7).
+        self.mirror.release_waiters();
         let mut st = self.lock();
         st.last_session = Some(st.device.stats());
         self.forget_front_end(&mut st);
@@ -283,7 +286,9 @@ impl IommuBackend {
 
     /// Queue a fault event for the guest and deliver what fits in the event
     /// queue (virtio 1.2 §5.13.6.9: the device reports faults on the
-    /// eventq; without a buffer the event is dropped, the spec allows it).
+    /// eventq). Without a buffer it waits for one, up to
+    /// [`MAX_PENDING_FAULTS`], the oldest dropped beyond (mirror protocol
+    /// §10).
     pub fn report_fault(&self, fault: virtio_iommu::FaultEvent) {
         let mut st = self.lock();
         if st.faults.len() == MAX_PENDING_FAULTS {
@@ -332,6 +337,13 @@ impl IommuBackend {
         }
         if delivered && vring.needs_notification().unwrap_or(true) {
             let _ = vring.signal_used_queue();
+        }
+        // Out of buffers with faults waiting: ask the driver to kick when it
+        // adds one (with EVENT_IDX this moves avail_event, which a delivery
+        // from the mirror thread does not), and deliver at once if it
+        // already has.
+        if !st.faults.is_empty() && vring.enable_notification().unwrap_or(false) {
+            Self::deliver_faults(st, vring);
         }
     }
 

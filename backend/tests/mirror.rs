@@ -411,6 +411,95 @@ fn a_fault_from_qemu_reaches_the_guest_on_the_event_queue() {
     assert_eq!(f.flags, 2 | 0x100, "WRITE | ADDRESS");
 }
 
+/// A FAULT message for endpoint 8: a write to `address`, no mapping.
+fn fault_msg(address: u64) -> [u8; 24] {
+    let mut fault = [0u8; 24];
+    fault[0..4].copy_from_slice(&8u32.to_le_bytes());
+    fault[4..8].copy_from_slice(&2u32.to_le_bytes());
+    fault[8..16].copy_from_slice(&address.to_le_bytes());
+    fault[16] = 2;
+    fault
+}
+
+#[test]
+fn faults_wait_for_an_event_buffer_and_beyond_64_the_oldest_are_dropped() {
+    let d = Daemon::start("fault-queue");
+    let opts = VmOptions {
+        event_buffers: 1,
+        ..VmOptions::default()
+    };
+    let mut vm = TestVm::connect(&d.socket, opts).unwrap();
+    let mut q = FakeQemu::connect(&d.mirror);
+    let batches = q.auto_ack();
+    batches.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+    for address in 0..70u64 {
+        q.send(FAULT, 0, 0, &fault_msg(address << 12));
+    }
+    // Let the daemon read them all before the driver gives a new buffer.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut seen = Vec::new();
+    while let Some(f) = vm.next_fault(Duration::from_secs(2)).unwrap() {
+        seen.push(f.address >> 12);
+    }
+    // The first took the only buffer; of the 69 that waited, the newest 64.
+    let expected: Vec<u64> = std::iter::once(0).chain(6..70).collect();
+    assert_eq!(seen, expected);
+}
+
+#[test]
+fn a_fault_with_an_undefined_reason_closes_the_mirror_and_reaches_no_guest() {
+    let d = Daemon::start("fault-bad");
+    let mut vm = TestVm::connect(&d.socket, VmOptions::default()).unwrap();
+    let mut q = FakeQemu::connect(&d.mirror);
+    let (seq, _, _) = q.events();
+    q.ack(seq);
+    let guest = std::thread::spawn(move || {
+        assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+        vm
+    });
+    let (seq, _, _) = q.events();
+    q.ack(seq);
+    let mut vm = guest.join().unwrap();
+    let mut bad = fault_msg(0x1000);
+    bad[16] = 9;
+    q.send(FAULT, 0, 0, &bad);
+    let mut buf = [0u8; 64];
+    let closed = loop {
+        match q.s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => continue,
+            Err(_) => break false,
+        }
+    };
+    assert!(closed, "a protocol error closes the connection");
+    assert!(vm.next_fault(Duration::from_millis(300)).unwrap().is_none());
+}
+
+#[test]
+fn a_front_end_leaving_while_its_request_waits_for_an_ack_does_not_hold_up_the_next() {
+    let d = Daemon::start("leave-waiting");
+    let mut q = FakeQemu::connect(&d.mirror);
+    let (seq, _, _) = q.events();
+    q.ack(seq);
+    // QEMU stops acknowledging; the guest's ATTACH waits for its ACK.
+    let opts = VmOptions {
+        timeout: Duration::from_millis(300),
+        ..VmOptions::default()
+    };
+    let mut vm = TestVm::connect(&d.socket, opts).unwrap();
+    assert!(vm.attach(1, 8, 0).is_err(), "completed without the ACK");
+    while !q.events().2.iter().any(|r| r.0 == OP_ATTACH) {}
+    let left = Instant::now();
+    drop(vm);
+    // The next front-end is served at once, not after the 10 s ACK timeout.
+    let vm = TestVm::connect(&d.socket, VmOptions::default()).unwrap();
+    let waited = left.elapsed();
+    assert!(waited < Duration::from_secs(5), "waited {waited:?}");
+    drop(vm);
+    drop(q);
+}
+
 #[test]
 fn a_system_reset_clears_the_state_and_is_answered_with_a_sync_reset() {
     let d = Daemon::start("reset");

@@ -260,7 +260,7 @@ pub struct MirrorServer {
 
 impl MirrorServer {
     /// Listen on `path` (an existing socket file there is replaced) and serve
-    /// one QEMU at a time; a new connection replaces the old one. Each
+    /// one QEMU at a time: a connection while one is up is refused. Each
     /// connection is handed `memory` with its HELLO.
     pub fn start(
         path: &Path,
@@ -358,9 +358,16 @@ fn serve(
     let writer = stream.try_clone()?;
     let id = {
         let mut st = shared.lock();
-        if let Some(old) = st.conn.as_mut() {
-            log::info!("mirror: a new QEMU connected; dropping the previous connection");
-            close(old);
+        // One QEMU at a time: whoever else can reach the socket must not
+        // knock the connected one off (§6). Its own reconnection comes after
+        // its old connection closed.
+        if let Some(old) = st.conn.as_ref().filter(|c| !c.closed) {
+            log::warn!(
+                "mirror: refusing a second connection while QEMU (connection {}) is connected",
+                old.id
+            );
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            return Ok(());
         }
         // A new QEMU starts with no notifiers (§11): it sets the flags of
         // the endpoints that have some once it has mapped them.
@@ -1027,6 +1034,25 @@ mod tests {
             .encode()
         );
         assert_eq!(*rec.resets.lock().unwrap(), vec![3]);
+    }
+
+    #[test]
+    fn a_second_peer_is_refused_while_qemu_is_connected_and_served_once_it_left() {
+        let (server, _rec, path) = start("second", vec![]);
+        let h = server.handle();
+        let mut q = connect_synced(&path, &h);
+        let mut intruder = FakeQemu::connect(&path);
+        intruder.hello();
+        assert!(intruder.recv().is_none(), "refused without a HELLO");
+        // The first one is still served.
+        let t = h.publish(&[Record::GlobalBypass(false)]).unwrap();
+        let (batch, _) = q.recv().unwrap();
+        q.ack(batch.seq);
+        assert_eq!(h.wait(t, Duration::from_secs(5)), WaitOutcome::Acked);
+        // Once it has gone, the next QEMU gets in.
+        drop(q);
+        wait_for("the close", || !h.is_connected());
+        let _next = connect_synced(&path, &h);
     }
 
     #[test]

@@ -31,6 +31,11 @@ pub const MINOR: u16 = 1;
 /// of the iommufd-backed VFIO devices QEMU forwards with VFIO_DEVICE (§14).
 pub const FEATURE_VFIO_DEVICES: u64 = 1 << 0;
 
+/// FAULT `flags` bits QEMU may set: READ, WRITE (§4).
+pub const FAULT_FLAGS: u32 = 0b11;
+/// FAULT `reason` values QEMU may send: DOMAIN, MAPPING (§4).
+pub const FAULT_REASONS: [u8; 2] = [1, 2];
+
 /// VFIO_DEVICE `op` values (§14).
 pub const VFIO_DEVICE_ADD: u32 = 1;
 pub const VFIO_DEVICE_REMOVE: u32 = 2;
@@ -91,6 +96,10 @@ pub enum ProtoError {
     AckOutOfOrder { got: u64, expected: u64 },
     #[error("SYSTEM_RESET with id 0")]
     ResetIdZero,
+    #[error("FAULT with undefined flags {0:#x}")]
+    BadFaultFlags(u32),
+    #[error("FAULT with undefined reason {0}")]
+    BadFaultReason(u8),
     #[error("VFIO_DEVICE with unknown op {0}")]
     BadVfioOp(u32),
     #[error("VFIO_DEVICE, but this daemon did not offer VFIO_DEVICES in its HELLO")]
@@ -349,11 +358,21 @@ pub fn decode_from_qemu(h: &Header, payload: &[u8]) -> Result<FromQemu, ProtoErr
                     min: FAULT_LEN,
                 });
             }
+            // The guest's driver acts on these values: only those §4 defines
+            // reach it.
+            let flags = le_u32(&payload[4..8]);
+            if flags & !FAULT_FLAGS != 0 {
+                return Err(ProtoError::BadFaultFlags(flags));
+            }
+            let reason = payload[16];
+            if !FAULT_REASONS.contains(&reason) {
+                return Err(ProtoError::BadFaultReason(reason));
+            }
             Ok(FromQemu::Fault(Fault {
                 endpoint: le_u32(&payload[0..4]),
-                flags: le_u32(&payload[4..8]),
+                flags,
                 address: le_u64(&payload[8..16]),
-                reason: payload[16],
+                reason,
             }))
         }
         MsgType::SystemReset => {
@@ -511,6 +530,27 @@ mod tests {
                 size: MAX_PAYLOAD_LEN as u32 + 1
             })
         );
+    }
+
+    #[test]
+    fn a_fault_with_an_undefined_reason_or_flag_is_a_protocol_error() {
+        let h = Header {
+            msg_type: MsgType::Fault as u16,
+            flags: 0,
+            size: 24,
+            seq: 0,
+        };
+        let fault = |flags: u32, reason: u8| {
+            let mut p = [0u8; FAULT_LEN];
+            p[4..8].copy_from_slice(&flags.to_le_bytes());
+            p[16] = reason;
+            decode_from_qemu(&h, &p)
+        };
+        assert!(fault(1, 1).is_ok());
+        assert!(fault(3, 2).is_ok());
+        assert_eq!(fault(1, 0), Err(ProtoError::BadFaultReason(0)));
+        assert_eq!(fault(1, 3), Err(ProtoError::BadFaultReason(3)));
+        assert_eq!(fault(4, 1), Err(ProtoError::BadFaultFlags(4)));
     }
 
     #[test]
