@@ -11,6 +11,7 @@
 //! - [`mirror`]: what QEMU needs of the state (docs/mirror-protocol.md): a
 //!   shared translation table and the events QEMU acts on;
 //! - [`guest_ram`]: guest physical addresses → the daemon's mapping of them;
+//! - [`exit_event`]: the vring workers' exit events, closed after each connection;
 //! - [`emulated`]: the device model over the in-process iommufd model;
 //! - [`passthrough`]: the device model over the kernel's `/dev/iommu` and VFIO devices;
 //! - [`config`]: command-line values, checked.
@@ -23,6 +24,7 @@ pub mod capabilities;
 pub mod chain;
 pub mod config;
 pub mod emulated;
+pub mod exit_event;
 pub mod guest_ram;
 pub mod mirror;
 pub mod passthrough;

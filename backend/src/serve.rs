@@ -6,18 +6,25 @@
 //! daemonize, and a front-end that disconnects can come back (QEMU's
 //! `reconnect-ms`). A signal ends the wait for a front-end at once and ends a
 //! live connection by shutting its socket down.
+//!
+//! Nothing a connection needs outlives it (src/exit_event.rs), and a
+//! connection that cannot be set up — out of open files, threads or memory
+//! — is an error in the log and a closed socket for that front-end, never
+//! the end of the daemon nor a handshake left hanging.
 
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringEpollHandler};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -44,9 +51,50 @@ pub enum ServeError {
     Signals(io::Error),
     #[error("cannot set up the accept loop: {0}")]
     Poll(io::Error),
-    #[error("vhost-user daemon: {0}")]
-    Daemon(String),
 }
+
+/// Open files one connection may need, checked for before it is taken:
+/// its exit event, epoll set and socket (8), the front-end's memory files
+/// (up to 8 regions, old and new table both open during a SET_MEM_TABLE),
+/// the kick, call and error eventfds of both queues, the back-end request
+/// socket, and room to spare. A vhost-user message whose descriptors the
+/// kernel had to drop at the limit leaves vhost's reader waiting for bytes
+/// that never come — a silent stall — so a connection is only taken with
+/// room for all of it.
+pub const CONNECTION_FILES: u64 = 64;
+
+/// Why one front-end could not be served (the daemon goes on listening).
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error(
+        "too many open files: {open} open under a limit of {limit} (RLIMIT_NOFILE), and a \
+         connection may need {CONNECTION_FILES} more; raise the limit (ulimit -n)"
+    )]
+    NoRoom { open: u64, limit: u64 },
+    #[error("cannot make the exit event of its vring worker: {0}")]
+    ExitEvent(io::Error),
+    #[error("{0}")]
+    Setup(vhost_user_backend::Error),
+    #[error("{0}")]
+    Start(vhost_user_backend::Error),
+}
+
+impl ConnectionError {
+    /// Whether the front-end's connection is still waiting to be accepted
+    /// (the failure came before the accept).
+    fn left_waiting(&self) -> bool {
+        match self {
+            Self::NoRoom { .. } | Self::ExitEvent(_) | Self::Setup(_) => true,
+            Self::Start(e) => matches!(e, vhost_user_backend::Error::CreateBackendListener(_)),
+        }
+    }
+}
+
+/// The pause after a front-end could not be served, doubling with each
+/// failure in a row up to [`MAX_RETRY_PAUSE`]: a limit that stays hit costs
+/// a log line now and then, not a busy loop.
+const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(50);
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(2);
 
 /// Asks the serve loop to stop: from a signal, or from a test.
 #[derive(Clone)]
@@ -99,6 +147,10 @@ pub struct Server {
     listener: UnixListener,
     path: Option<PathBuf>,
     stopper: Stopper,
+    /// One open file held in reserve: at the open-file limit it is given up
+    /// for a moment to accept a waiting front-end and close its connection,
+    /// so the front-end learns at once instead of waiting in the backlog.
+    spare: Option<File>,
 }
 
 impl Server {
@@ -119,6 +171,7 @@ impl Server {
             listener,
             path,
             stopper: Stopper::new().map_err(ServeError::Poll)?,
+            spare: Some(File::open("/dev/null").map_err(ServeError::Poll)?),
         })
     }
 
@@ -143,8 +196,10 @@ impl Server {
         Ok(())
     }
 
-    /// Serve front-ends one after the other until stopped.
-    pub fn run(self, backend: &IommuBackend) -> Result<(), ServeError> {
+    /// Serve front-ends one after the other until stopped. A front-end that
+    /// cannot be served is logged and its connection closed; only failing
+    /// to listen at all is an error.
+    pub fn run(mut self, backend: &IommuBackend) -> Result<(), ServeError> {
         let epoll = Epoll::new().map_err(ServeError::Poll)?;
         for (fd, token) in [
             (self.listener.as_raw_fd(), 0u64),
@@ -163,6 +218,7 @@ impl Server {
         let fd = self.listener.try_clone().map_err(ServeError::Poll)?;
         let mut listener = Listener::from(fd);
         let mut events = [EpollEvent::default(); 2];
+        let mut failures = 0u32;
         log::info!("listening on {}", self.describe());
         while !self.stopper.stopped() {
             let n = match epoll.wait(-1, &mut events) {
@@ -176,20 +232,64 @@ impl Server {
             if !events[..n].iter().any(|e| e.data() == 0) {
                 continue;
             }
-            self.serve_one(backend, &mut listener)?;
+            match self.serve_one(backend, &mut listener) {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    log::error!(
+                        "cannot serve a front-end: {e}; closing its connection, still listening"
+                    );
+                    if e.left_waiting() {
+                        self.refuse_waiting_front_end();
+                    }
+                    failures = failures.saturating_add(1);
+                    self.pause(retry_pause(failures));
+                }
+            }
         }
         log::info!("stopped");
         Ok(())
     }
 
-    fn serve_one(&self, backend: &IommuBackend, listener: &mut Listener) -> Result<(), ServeError> {
+    /// One front-end, from its exit events to the release of everything it
+    /// held.
+    fn serve_one(
+        &self,
+        backend: &IommuBackend,
+        listener: &mut Listener,
+    ) -> Result<(), ConnectionError> {
+        let (open, limit) = open_files();
+        if open.saturating_add(CONNECTION_FILES) > limit {
+            return Err(ConnectionError::NoRoom { open, limit });
+        }
+        backend
+            .exit_events()
+            .prepare(backend.queues_per_thread().len())
+            .map_err(ConnectionError::ExitEvent)?;
+        let mut workers = Vec::new();
+        let result = self.connection(backend, listener, &mut workers);
+        // The daemon is gone, and with it the worker threads (its handler
+        // joins them) unless something still holds their epoll handlers.
+        if workers.iter().all(|w| w.strong_count() == 0) {
+            let closed = backend.exit_events().reclaim();
+            log::debug!("closed {closed} exit event(s) the connection left open");
+        } else {
+            log::warn!("a vring worker outlived its connection; its exit event stays open");
+        }
+        result
+    }
+
+    fn connection(
+        &self,
+        backend: &IommuBackend,
+        listener: &mut Listener,
+        workers: &mut Vec<Weak<VringEpollHandler<IommuBackend>>>,
+    ) -> Result<(), ConnectionError> {
         backend.new_connection();
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new("vhost-user-iommu".into(), backend.clone(), mem)
-            .map_err(|e| ServeError::Daemon(e.to_string()))?;
-        daemon
-            .start(listener)
-            .map_err(|e| ServeError::Daemon(e.to_string()))?;
+            .map_err(ConnectionError::Setup)?;
+        workers.extend(daemon.get_epoll_handlers().iter().map(Arc::downgrade));
+        daemon.start(listener).map_err(ConnectionError::Start)?;
         log::info!("front-end connected");
         *self
             .stopper
@@ -209,6 +309,11 @@ impl Server {
             handler.send_exit_event();
         }
         backend.disconnected();
+        // The workers end with the daemon (its handler joins them); a queue
+        // event one of them handled meanwhile may have cached the vrings
+        // again, and with them the front-end's eventfds and memory.
+        drop(daemon);
+        backend.release_vrings();
         match result {
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(
@@ -221,6 +326,41 @@ impl Server {
         let (model, queues) = backend.stats();
         log::info!("stats: {model}; {queues:?}");
         Ok(())
+    }
+
+    /// Accept the front-end waiting in the backlog and close its connection
+    /// at once, so its handshake fails instead of waiting for nothing. At
+    /// the open-file limit the reserve file makes room for the accept.
+    fn refuse_waiting_front_end(&mut self) {
+        // Non-blocking for this one look: nobody may be waiting after all.
+        if self.listener.set_nonblocking(true).is_err() {
+            return;
+        }
+        let mut accepted = self.listener.accept();
+        if matches!(&accepted, Err(e) if out_of_files(e)) {
+            self.spare = None;
+            accepted = self.listener.accept();
+            self.spare = File::open("/dev/null").ok();
+        }
+        if let Err(e) = self.listener.set_nonblocking(false) {
+            log::error!("cannot make the listening socket blocking again: {e}");
+        }
+        match accepted {
+            Ok((stream, _)) => drop(stream),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => log::error!("cannot close the waiting front-end's connection: {e}"),
+        }
+    }
+
+    /// Sleep for `d`, or less if the server is stopped meanwhile.
+    fn pause(&self, d: Duration) {
+        let step = Duration::from_millis(20);
+        let mut left = d;
+        while !left.is_zero() && !self.stopper.stopped() {
+            let s = left.min(step);
+            std::thread::sleep(s);
+            left -= s;
+        }
     }
 
     fn describe(&self) -> String {
@@ -237,6 +377,41 @@ impl Drop for Server {
             let _ = std::fs::remove_file(p);
         }
     }
+}
+
+/// The pause after the `failures`-th failure in a row.
+fn retry_pause(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    FIRST_RETRY_PAUSE
+        .saturating_mul(1 << doublings)
+        .min(MAX_RETRY_PAUSE)
+}
+
+/// This process's open files and its soft limit on them. When even the
+/// count cannot be taken (no file left to read /proc with), all the room is
+/// taken.
+fn open_files() -> (u64, u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the limits into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return (0, u64::MAX);
+    }
+    let limit = limit.rlim_cur;
+    match std::fs::read_dir("/proc/self/fd") {
+        // Less the directory's own descriptor.
+        Ok(dir) => ((dir.count() as u64).saturating_sub(1), limit),
+        Err(e) if out_of_files(&e) => (limit, limit),
+        // No /proc: nothing to go by, no check.
+        Err(_) => (0, limit),
+    }
+}
+
+/// EMFILE (this process) or ENFILE (the system) is out of open files.
+fn out_of_files(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 /// Replace a socket file left by an earlier run; leave anything else for

@@ -25,11 +25,10 @@ use vm_memory::{
     GuestMemoryMmap, VolatileMemory,
 };
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::chain;
+use crate::exit_event::ExitEvents;
 use crate::guest_ram::{self, GuestRamView, MemoryFiles};
 use crate::mirror::{self, Batch, MirrorHandle, Record, SharedMem, TranslationTable, WaitOutcome};
 use crate::poll::AdaptivePoll;
@@ -122,6 +121,8 @@ pub struct IommuBackend {
     mirror: MirrorHandle,
     /// Which memory files a front-end may share (src/guest_ram.rs).
     memory_files: MemoryFiles,
+    /// The vring workers' exit events of the current connection.
+    exit_events: Arc<ExitEvents>,
 }
 
 impl IommuBackend {
@@ -143,6 +144,7 @@ impl IommuBackend {
             })),
             mirror,
             memory_files: MemoryFiles::default(),
+            exit_events: Arc::new(ExitEvents::default()),
         }
     }
 
@@ -158,6 +160,12 @@ impl IommuBackend {
     pub fn with_memory_files(mut self, accept: MemoryFiles) -> Self {
         self.memory_files = accept;
         self
+    }
+
+    /// The exit events the serve loop prepares before each connection and
+    /// reclaims after it (src/exit_event.rs).
+    pub fn exit_events(&self) -> &ExitEvents {
+        &self.exit_events
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -184,6 +192,13 @@ impl IommuBackend {
         let mut st = self.lock();
         st.last_session = Some(st.device.stats());
         self.forget_front_end(&mut st);
+    }
+
+    /// Drop the vrings a queue event cached after [`Self::disconnected`]:
+    /// once the connection's workers are gone, nothing may keep the
+    /// front-end's eventfds and memory open until the next connection.
+    pub fn release_vrings(&self) {
+        self.lock().vrings = None;
     }
 
     /// Reset the device, unmap every IOAS area, drop the front-end's memory,
@@ -626,10 +641,11 @@ impl VhostUserBackend for IommuBackend {
         }
     }
 
-    /// A fresh exit event per worker thread: the library keeps both ends and
-    /// signals it when the connection ends.
+    /// The exit event the serve loop prepared for this connection's worker
+    /// (made beforehand, so running out of files is reported there rather
+    /// than leaving a worker that cannot be stopped; src/exit_event.rs).
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+        self.exit_events.take()
     }
 
     /// `GET_VRING_BASE`: the front-end stops the queue. Requests parked for

@@ -1,6 +1,7 @@
 //! A front-end that lies or misbehaves must not take the daemon down
-//! (issue 11): memory tables that reach past the end of their files, and
-//! memory files shrunk under the daemon's feet.
+//! (issue 11, defects 1-3): memory tables that reach past the end of their
+//! files, memory files shrunk under the daemon's feet, and connections that
+//! come and go by the thousand or arrive at the open-file limit.
 //!
 //! Each test drives the real daemon binary over its socket, then checks
 //! that the process is still alive, that a well-behaved front-end is served
@@ -12,6 +13,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use test_frontend::{Status, TestVm, VmOptions};
@@ -94,6 +96,25 @@ impl Daemon {
         assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
         drop(vm);
         self.assert_alive();
+    }
+
+    fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// The daemon's open-file count once it has settled at or below `want`
+    /// (a front-end's resources are released after its socket closes).
+    fn settled_fds(&self, want: usize, limit: Duration) -> usize {
+        let deadline = Instant::now() + limit;
+        loop {
+            let n = self.open_fds();
+            if n <= want || Instant::now() > deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -311,4 +332,121 @@ fn allow_unsealed_memory_accepts_a_file_that_can_shrink_and_says_so() {
     let log = d.wait_log("not sealed", Duration::from_secs(5));
     assert!(log.contains("not sealed"), "a warning per table:\n{log}");
     d.assert_serves();
+}
+
+// ---- defect 3: file descriptors across connections ------------------------
+
+/// How many front-ends come and go in the leak test (`VUI_RECONNECTS`
+/// overrides it, e.g. 10000 for the issue's figure).
+fn reconnects() -> usize {
+    std::env::var("VUI_RECONNECTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300)
+}
+
+#[test]
+fn front_ends_coming_and_going_leave_no_open_files_behind() {
+    let mut d = Daemon::start("fd-leak", &[]);
+    d.assert_serves();
+    let baseline = d.settled_fds(0, Duration::from_millis(200));
+    let n = reconnects();
+    let t0 = Instant::now();
+    for i in 0..n {
+        if i % 10 == 0 {
+            // A full handshake with rings and a request ...
+            let mut vm = d.connect(VmOptions::default()).expect("connect");
+            assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+        } else {
+            // ... or a front-end that gives up after SET_OWNER.
+            let stream = UnixStream::connect(&d.socket).unwrap();
+            let fe = Frontend::from_stream(stream, 2);
+            fe.set_owner().unwrap();
+        }
+    }
+    let after = d.settled_fds(baseline, Duration::from_secs(10));
+    eprintln!(
+        "open files of the daemon: {baseline} before, {after} after {n} front-ends ({:?})",
+        t0.elapsed()
+    );
+    assert_eq!(after, baseline, "no file stays open per connection");
+    d.assert_serves();
+}
+
+/// `prlimit(2)` on the daemon: its soft open-file limit (the hard one
+/// stays, so the limit can be raised again without privileges).
+fn set_nofile(pid: u32, limit: u64) {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    let pid = pid as libc::pid_t;
+    // SAFETY: prlimit reading the current limits into a valid struct.
+    let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    assert_eq!(r, 0, "prlimit: {}", io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: limit.min(old.rlim_max),
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: prlimit with a valid struct to read and no old value to write.
+    let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    assert_eq!(r, 0, "prlimit: {}", io::Error::last_os_error());
+}
+
+/// A full handshake, given up after `limit`: Ok(true) served, Ok(false)
+/// refused, Err if it did not finish in time (a silent stall).
+fn try_handshake(d: &Daemon, limit: Duration) -> Result<bool, String> {
+    let socket = d.socket.clone();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let served = TestVm::connect(&socket, VmOptions::default())
+            .and_then(|mut vm| vm.attach(1, 8, 0))
+            .map(|s| s == Status::Ok)
+            .unwrap_or(false);
+        let _ = tx.send(served);
+    });
+    rx.recv_timeout(limit)
+        .map_err(|_| format!("no answer in {limit:?}"))
+}
+
+#[test]
+fn at_the_open_file_limit_a_front_end_is_refused_with_a_logged_error_never_a_stall() {
+    let mut d = Daemon::start("emfile", &[]);
+    d.assert_serves();
+    let pid = d.child.id();
+    let baseline = d.settled_fds(0, Duration::from_millis(200)) as u64;
+    // Every limit from "no room at all" up, and around the room the daemon
+    // wants before it takes a connection (64 files): no limit may leave a
+    // handshake hanging halfway.
+    let mut refused = 0;
+    for extra in (0..12u64).chain(56..72) {
+        set_nofile(pid, baseline + extra);
+        match try_handshake(&d, Duration::from_secs(10)) {
+            Ok(served) => refused += u32::from(!served),
+            Err(e) => panic!(
+                "at {baseline}+{extra} open files the handshake stalled ({e}); log:\n{}",
+                d.log_text()
+            ),
+        }
+        d.assert_alive();
+        // Back to a roomy limit: the next front-end is served.
+        set_nofile(pid, 1024);
+        if try_handshake(&d, Duration::from_secs(10)) != Ok(true) {
+            panic!(
+                "after the limit at {baseline}+{extra} was lifted no front-end was served; log:\n{}",
+                d.log_text()
+            );
+        }
+    }
+    assert!(
+        refused > 0,
+        "some limit was low enough to refuse a front-end"
+    );
+    let log = d.log_text();
+    assert!(
+        log.contains("open files"),
+        "the log says the daemon ran out of open files:\n{log}"
+    );
+    let after = d.settled_fds(baseline as usize, Duration::from_secs(10));
+    assert_eq!(after as u64, baseline, "nothing leaked on the error paths");
 }
