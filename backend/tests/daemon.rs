@@ -246,14 +246,17 @@ fn bypass_domains_take_no_mappings_and_the_bypass_bit_is_writable() {
 }
 
 #[test]
-fn an_unknown_request_type_is_unsupp() {
-    let d = Daemon::start("unsupp", &["--endpoints", "8"]);
+fn an_unknown_request_type_is_used_unwritten_with_length_0() {
+    // virtio 1.3 §5.13.6: the device SHOULD NOT write the buffer and SHOULD
+    // set the used length to zero.
+    let d = Daemon::start("unknown-type", &["--endpoints", "8"]);
     let mut vm = d.connect();
     let req = vm.ram().alloc(0x100, 8).unwrap();
     let reply = vm.ram().alloc(0x100, 8).unwrap();
     let mut bytes = [0u8; 20];
     bytes[0] = 0x42;
     vm.ram().write(req, &bytes).unwrap();
+    vm.ram().write(reply, &[0xaa; 4]).unwrap();
     let used = vm
         .submit_raw(&[
             Desc {
@@ -268,10 +271,27 @@ fn an_unknown_request_type_is_unsupp() {
             },
         ])
         .unwrap();
-    assert_eq!(used, 4);
+    assert_eq!(used, 0);
     let mut tail = [0u8; 4];
     vm.ram().read(reply, &mut tail).unwrap();
-    assert_eq!(tail[0], 2, "VIRTIO_IOMMU_S_UNSUPP");
+    assert_eq!(tail, [0xaa; 4], "nothing written");
+    // The device goes on serving.
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+}
+
+#[test]
+fn the_last_page_of_a_full_64_bit_input_range_maps_and_unmaps() {
+    let d = Daemon::start(
+        "last-page",
+        &["--endpoints", "8", "--input-range", "0-0xffffffffffffffff"],
+    );
+    let mut vm = d.connect();
+    let buf = vm.ram().alloc(0x1000, 0x1000).unwrap();
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+    let last = u64::MAX - 0xfff;
+    assert_eq!(vm.map(1, last, u64::MAX, buf, 3).unwrap(), Status::Ok);
+    assert_eq!(vm.unmap(1, last, u64::MAX).unwrap(), Status::Ok);
+    assert_eq!(vm.map(1, last, u64::MAX, buf, 3).unwrap(), Status::Ok);
 }
 
 #[test]

@@ -57,14 +57,15 @@ impl DeviceConfig {
 
 impl Default for DeviceConfig {
     /// 4 KiB and larger pages, 48-bit IOVAs, any 32-bit domain ID, 512 bytes
-    /// of PROBE properties, no boot bypass, the x86 MSI window.
+    /// of PROBE properties, boot bypass on (as the CLI and QEMU's own
+    /// virtio-iommu), the x86 MSI window.
     fn default() -> Self {
         Self {
             page_size_mask: !0xfff,
             input_range: (0, (1 << 48) - 1),
             domain_range: (0, u32::MAX),
             probe_size: 512,
-            bypass: false,
+            bypass: true,
             msi_window: (0xfee0_0000, 0xfeef_ffff),
             identity_ioas: false,
         }
@@ -558,7 +559,8 @@ impl<F: Iommufd> Device<F> {
     /// Handle one request: `req` is the device-readable part of the chain,
     /// `reply` its device-writable part. Returns the bytes written to
     /// `reply` (the used length): the tail, after `probe_size` property
-    /// bytes for PROBE; 0 when `reply` cannot hold a tail.
+    /// bytes for PROBE; 0 when `reply` cannot hold a tail, and for a request
+    /// type the device does not recognise (then `reply` is not written).
     pub fn handle_request(
         &mut self,
         req: &[u8],
@@ -572,12 +574,20 @@ impl<F: Iommufd> Device<F> {
         }
         let parsed = request::parse(req);
         let (status, tail_at) = match parsed {
+            // virtio 1.3 §5.13.6.1: an unrecognised type leaves the buffer
+            // unwritten, used length 0.
+            Err(Status::Unsupp) => {
+                self.stats.failed[0] += 1;
+                return 0;
+            }
             Err(status) => (status, 0),
             Ok(Request::Probe { endpoint }) => {
                 let props = self.cfg.probe_size as usize;
                 if reply.len() < props + tail_len {
-                    // The tail cannot go where the driver expects it.
-                    (Status::IoErr, reply.len() - tail_len)
+                    // §5.13.6.7.2: properties shorter than probe_size → no
+                    // property, INVAL; the tail goes at the end of the
+                    // buffer, where the driver reads it.
+                    (Status::Inval, reply.len() - tail_len)
                 } else {
                     (self.probe(endpoint, &mut reply[..props]), props)
                 }
@@ -766,7 +776,8 @@ impl<F: Iommufd> Device<F> {
     /// - `virt_start > virt_end` → INVAL; a physical range past 2^64 → RANGE;
     /// - `virt_start`, `virt_end + 1` or `phys_start` not aligned to the
     ///   page granule → RANGE; outside `input_range` → RANGE;
-    /// - overlapping an existing mapping → INVAL, nothing changes;
+    /// - overlapping an existing mapping, or the MSI window (reserved,
+    ///   §5.13.6.7: RESV_MEM MSI), → INVAL, nothing changes;
     /// - guest memory not entirely inside guest RAM → INVAL (the spec leaves
     ///   this to the device; a mapping of nothing would fault later) unless
     ///   the mapping is MMIO;
@@ -817,6 +828,13 @@ impl<F: Iommufd> Device<F> {
             return Status::Range;
         }
         if d.overlaps(virt_start, virt_end) {
+            return Status::Inval;
+        }
+        // The MSI window PROBE reports is reserved whatever the flags: a
+        // mapping the IOAS never sees (no access flag, or MMIO outside RAM)
+        // must not claim it either.
+        let (msi_start, msi_end) = self.cfg.msi_window;
+        if virt_start <= msi_end && virt_end >= msi_start {
             return Status::Inval;
         }
         let prot = prot_of(flags);
@@ -1233,8 +1251,13 @@ mod tests {
         d
     }
 
+    /// A device whose unattached endpoints are blocked (boot bypass off),
+    /// so that the tests see faults.
     fn device() -> Device<ModelIommufd> {
-        device_with(DeviceConfig::default())
+        device_with(DeviceConfig {
+            bypass: false,
+            ..DeviceConfig::default()
+        })
     }
 
     struct Run<'a> {
@@ -1436,6 +1459,94 @@ mod tests {
     }
 
     #[test]
+    fn the_msi_window_cannot_be_mapped_whatever_the_flags() {
+        let mut d = device();
+        assert_eq!(run(&mut d).attach(1, 8, 0), Status::Ok);
+        let mut r = run(&mut d);
+        let (msi, _) = DeviceConfig::default().msi_window;
+        // As READ/WRITE already are: a mapping that records nothing in the
+        // IOAS (no access flag, or MMIO outside RAM) must not claim it either.
+        assert_eq!(r.map(1, msi, msi + 0xfff, 0, 0), Status::Inval);
+        assert_eq!(
+            r.map(1, msi, msi + 0xfff, 0x1_0000_0000, map_flags::MMIO),
+            Status::Inval
+        );
+        assert_eq!(
+            r.map(1, msi - 0x1000, msi + 0xfff, 0, map_flags::MMIO),
+            Status::Inval,
+            "straddling"
+        );
+        assert!(r.changes.is_empty());
+        assert_eq!(d.stats().mappings, 0);
+        // Next to it is fine.
+        let mut r = run(&mut d);
+        assert_eq!(r.map(1, msi - 0x1000, msi - 1, 0, 0), Status::Ok);
+    }
+
+    #[test]
+    fn the_last_page_of_a_full_64_bit_input_range_can_be_mapped_and_unmapped() {
+        // A device that can address all of it (as emulated mode's are).
+        let mut model = ModelIommufd::new();
+        let full = MockDevice {
+            aperture: IovaRange {
+                start: 0,
+                last: u64::MAX,
+            },
+            ..MockDevice::x86()
+        };
+        model.add_device(DeviceId(8), full).unwrap();
+        let cfg = DeviceConfig {
+            input_range: (0, u64::MAX),
+            ..DeviceConfig::default()
+        };
+        let mut d = Device::new(cfg, model, [(8, DeviceId(8))]).unwrap();
+        d.set_acked_features(u64::MAX);
+        let mut r = run(&mut d);
+        assert_eq!(r.attach(1, 8, 0), Status::Ok);
+        let last = u64::MAX - 0xfff;
+        assert_eq!(r.map(1, last, u64::MAX, 0x1000, READ), Status::Ok);
+        assert!(matches!(
+            d.translate(8, u64::MAX, false),
+            Translation::Mapped { gpa: 0x1fff, .. }
+        ));
+        let mut r = run(&mut d);
+        assert_eq!(r.unmap(1, last, u64::MAX), Status::Ok);
+        assert_eq!(d.stats().mappings, 0);
+    }
+
+    #[test]
+    fn an_unknown_request_type_leaves_the_buffer_unwritten_with_used_length_0() {
+        let mut d = device();
+        for t in [0u8, 6, 0x7f, 0xff] {
+            let mut req = [0u8; 64];
+            req[0] = t;
+            let mut reply = [0xaau8; 8];
+            let n = d.handle_request(&req, &mut reply, &RAM_AT_0, &mut Discard);
+            assert_eq!(n, 0, "type {t}");
+            assert_eq!(reply, [0xaa; 8], "type {t}: nothing written");
+        }
+    }
+
+    #[test]
+    fn a_probe_buffer_shorter_than_probe_size_gets_inval_at_its_end() {
+        let mut d = device();
+        let mut r = ReqProbe::default();
+        r.head.req_type = req_type::PROBE;
+        r.endpoint = 8u32.into();
+        let size = d.device_config().probe_size as usize;
+        let mut reply = vec![0xaau8; size];
+        let n = d.handle_request(r.as_slice(), &mut reply, &RAM_AT_0, &mut Discard);
+        assert_eq!(n, size, "the tail is where the driver reads it: at the end");
+        assert_eq!(reply[size - 4], Status::Inval as u8);
+        assert!(reply[..size - 4].iter().all(|&b| b == 0xaa), "no property");
+    }
+
+    #[test]
+    fn the_default_config_bypasses_at_boot_as_the_cli_and_qemu_do() {
+        assert!(DeviceConfig::default().bypass);
+    }
+
+    #[test]
     fn mmio_mappings_need_the_feature_and_may_point_outside_ram() {
         let mut d = device();
         d.set_acked_features(d.features() & !(1 << feature::MMIO));
@@ -1582,7 +1693,7 @@ mod tests {
         r.endpoint = 8.into();
         let mut small = [0u8; 8];
         let n = d.handle_request(r.as_slice(), &mut small, &RAM_AT_0, &mut Discard);
-        assert_eq!((n, small[4]), (8, Status::IoErr as u8));
+        assert_eq!((n, small[4]), (8, Status::Inval as u8));
         d.set_acked_features(0);
         assert_eq!(probe(&mut d, 8).0, Status::Unsupp);
     }
@@ -1606,11 +1717,13 @@ mod tests {
             4
         );
         assert_eq!(reply[0], Status::DevErr as u8);
+        let mut reply = [0xaau8; 4];
         assert_eq!(
             d.handle_request(&[0x77, 0, 0, 0], &mut reply, &RAM_AT_0, &mut Discard),
-            4
+            0,
+            "unknown type: used length 0"
         );
-        assert_eq!(reply[0], Status::Unsupp as u8);
+        assert_eq!(reply, [0xaa; 4]);
     }
 
     #[test]

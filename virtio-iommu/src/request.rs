@@ -64,8 +64,9 @@ fn read<T: ByteValued + Default>(bytes: &[u8]) -> Option<T> {
 ///
 /// - Fewer bytes than a head: `DEVERR` (the device cannot even tell what was
 ///   asked).
-/// - An unknown type: `UNSUPP` (virtio 1.2 §5.13.6.1: requests the device
-///   does not recognise).
+/// - An unknown type: `UNSUPP`, which the device answers by leaving the
+///   buffer unwritten with used length 0 (virtio 1.3 §5.13.6.1: a request
+///   `type` the device does not recognise).
 /// - Fewer bytes than the request's structure: `IOERR`, the spec's status for
 ///   a malformed buffer. Extra bytes are ignored.
 pub fn parse(bytes: &[u8]) -> Result<Request, Status> {

@@ -224,6 +224,23 @@ fn enqueue(conn: &mut Conn, records: &[Record], sync_last: bool) -> Option<Ticke
     })
 }
 
+/// Whether the peer of `conn` has closed its end (or the socket failed),
+/// without reading from it.
+fn peer_gone(conn: &Conn) -> bool {
+    let Some(stream) = conn.stream.as_ref() else {
+        return true;
+    };
+    let mut pfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, a zero timeout; the fd is open while `conn`
+    // holds the stream.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
 fn close(conn: &mut Conn) {
     conn.closed = true;
     if let Some(s) = conn.stream.take() {
@@ -361,6 +378,11 @@ fn serve(
         // One QEMU at a time: whoever else can reach the socket must not
         // knock the connected one off (§6). Its own reconnection comes after
         // its old connection closed.
+        // A peer that has just hung up (its reader may not have seen the EOF
+        // yet) is no longer connected: its successor is welcome.
+        if let Some(old) = st.conn.as_mut().filter(|c| !c.closed && peer_gone(c)) {
+            close(old);
+        }
         if let Some(old) = st.conn.as_ref().filter(|c| !c.closed) {
             log::warn!(
                 "mirror: refusing a second connection while QEMU (connection {}) is connected",
@@ -1049,9 +1071,9 @@ mod tests {
         let (batch, _) = q.recv().unwrap();
         q.ack(batch.seq);
         assert_eq!(h.wait(t, Duration::from_secs(5)), WaitOutcome::Acked);
-        // Once it has gone, the next QEMU gets in.
+        // Once it has gone, the next QEMU gets in, even before the daemon
+        // has read the close.
         drop(q);
-        wait_for("the close", || !h.is_connected());
         let _next = connect_synced(&path, &h);
     }
 
