@@ -23,6 +23,7 @@
 pub mod capabilities;
 pub mod chain;
 pub mod config;
+pub mod device_state;
 pub mod emulated;
 pub mod exit_event;
 pub mod guest_ram;

@@ -14,7 +14,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use iopt::Iommufd;
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -28,6 +31,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::chain;
+use crate::device_state::{Finished, Transfer};
 use crate::exit_event::ExitEvents;
 use crate::guest_ram::{self, GuestRamView, MemoryFiles};
 use crate::mirror::{self, Batch, MirrorHandle, Record, SharedMem, TranslationTable, WaitOutcome};
@@ -111,6 +115,8 @@ struct State {
     last_session: Option<virtio_iommu::Stats>,
     /// Busy-polling of the request queue after each batch.
     poll: AdaptivePoll,
+    /// A migration state transfer in flight (SET_DEVICE_STATE_FD).
+    transfer: Option<Transfer>,
 }
 
 /// The virtio-iommu vhost-user backend. Cheap to clone: clones share the
@@ -141,6 +147,7 @@ impl IommuBackend {
                 completed: Vec::with_capacity(MAX_QUEUE_SIZE),
                 last_session: None,
                 poll: AdaptivePoll::new(Duration::ZERO),
+                transfer: None,
             })),
             mirror,
             memory_files: MemoryFiles::default(),
@@ -564,6 +571,89 @@ impl VhostUserBackend for IommuBackend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::DEVICE_STATE
+    }
+
+    /// Migration (docs/device-state.md): with the device stopped, save its
+    /// state into `file`, or load one from it; the bytes move on a thread
+    /// of their own and [`Self::check_device_state`] waits for them.
+    fn set_device_state_fd(
+        &self,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        file: std::fs::File,
+    ) -> io::Result<Option<std::fs::File>> {
+        if phase != VhostTransferStatePhase::STOPPED {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "state transfer is only possible with the device stopped",
+            ));
+        }
+        let mut st = self.lock();
+        if let Some(old) = st.transfer.take() {
+            log::warn!("migration: a new state transfer replaces an unfinished one");
+            drop(old);
+        }
+        st.transfer = Some(match direction {
+            VhostTransferStateDirection::SAVE => {
+                let state = st.device.save_state();
+                log::info!(
+                    "migration: saving the state: {} attachments and mappings",
+                    state.entries.len()
+                );
+                Transfer::save(state.encode(), file)?
+            }
+            VhostTransferStateDirection::LOAD => Transfer::load(file)?,
+        });
+        Ok(None)
+    }
+
+    /// The end of a state transfer: for a load, the state is decoded and
+    /// applied, every entry checked as a guest request would be; a refused
+    /// state leaves the device reset and fails the migration.
+    fn check_device_state(&self) -> io::Result<()> {
+        let Some(transfer) = self.lock().transfer.take() else {
+            return Ok(());
+        };
+        let bytes = match transfer.finish() {
+            Ok(Finished::Saved) => return Ok(()),
+            Ok(Finished::Loaded(bytes)) => bytes,
+            Err(e) => {
+                log::error!("migration: state transfer failed: {e}");
+                return Err(e);
+            }
+        };
+        let invalid = |e: String| {
+            log::error!("migration: refusing the loaded state: {e}");
+            io::Error::new(io::ErrorKind::InvalidData, e)
+        };
+        let mut st = self.lock();
+        let state = match virtio_iommu::DeviceState::decode(&bytes) {
+            Ok(state) => state,
+            Err(e) => {
+                // As for a state the device refuses: nothing half-loaded.
+                self.change(&mut st, |device, sink| device.reset(sink));
+                return Err(invalid(e.to_string()));
+            }
+        };
+        let restored = match st.mem.clone() {
+            Some(m) => {
+                let guard = m.memory();
+                let ram = GuestRamView::new(&guard);
+                self.change(&mut st, |device, sink| {
+                    device.restore_state(&state, &ram, sink)
+                })
+            }
+            None => self.change(&mut st, |device, sink| {
+                device.restore_state(&state, &NoRam, sink)
+            }),
+        };
+        restored.map_err(|e| invalid(e.to_string()))?;
+        log::info!(
+            "migration: state loaded: {} attachments and mappings",
+            state.entries.len()
+        );
+        Ok(())
     }
 
     /// A device reset (virtio 1.2 §2.4): the translation state goes back to

@@ -280,6 +280,37 @@ fn an_unknown_request_type_is_used_unwritten_with_length_0() {
 }
 
 #[test]
+fn a_saved_state_loads_into_a_fresh_daemon_with_its_domains_and_mappings() {
+    let src = Daemon::start("state-src", &["--endpoints", "8,16"]);
+    let mut vm = src.connect();
+    let buf = vm.ram().alloc(0x2000, 0x1000).unwrap();
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+    assert_eq!(vm.map(1, 0x1000, 0x2fff, buf, 3).unwrap(), Status::Ok);
+    assert_eq!(vm.attach(2, 16, 0).unwrap(), Status::Ok);
+    let state = vm.save_state().unwrap();
+    drop(vm);
+
+    let dst = Daemon::start("state-dst", &["--endpoints", "8,16"]);
+    let mut vm = dst.connect();
+    vm.load_state(&state).unwrap();
+    // Domain 1 holds the mapping: mapping over it is refused, unmapping it
+    // works, and then the range is free again.
+    assert_eq!(vm.map(1, 0x1000, 0x1fff, buf, 3).unwrap(), Status::Inval);
+    assert_eq!(vm.unmap(1, 0x1000, 0x2fff).unwrap(), Status::Ok);
+    assert_eq!(vm.map(1, 0x1000, 0x1fff, buf, 3).unwrap(), Status::Ok);
+    // Endpoint 16 is in domain 2.
+    assert_eq!(vm.detach(2, 16).unwrap(), Status::Ok);
+
+    // A damaged state fails the load and leaves a reset device that serves.
+    let mut bad = state.clone();
+    bad[0] ^= 0xff;
+    assert!(vm.load_state(&bad).is_err());
+    assert_eq!(vm.unmap(1, 0, 0xfff).unwrap(), Status::NoEnt, "reset");
+    assert!(vm.load_state(&state[..state.len() - 3]).is_err());
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+}
+
+#[test]
 fn the_last_page_of_a_full_64_bit_input_range_maps_and_unmaps() {
     let d = Daemon::start(
         "last-page",

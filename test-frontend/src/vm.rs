@@ -191,7 +191,7 @@ impl TestVm {
 
         let mut fe = frontend;
         let protocol_offered = fe.get_protocol_features()?;
-        let mut proto = VhostUserProtocolFeatures::CONFIG;
+        let mut proto = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::DEVICE_STATE;
         if opts.reply_ack {
             proto |= VhostUserProtocolFeatures::REPLY_ACK;
         }
@@ -313,6 +313,46 @@ impl TestVm {
     }
 
     /// The vhost-user front-end, for messages this type does not wrap.
+    /// Migration, source side: the device's state, as vhost-user
+    /// `SET_DEVICE_STATE_FD(SAVE, STOPPED)` + `CHECK_DEVICE_STATE` give it.
+    pub fn save_state(&mut self) -> Result<Vec<u8>> {
+        use std::io::Read;
+        use vhost::vhost_user::message::{VhostTransferStateDirection, VhostTransferStatePhase};
+        let (mut r, w) = pipe()?;
+        let other = self.frontend.set_device_state_fd(
+            VhostTransferStateDirection::SAVE,
+            VhostTransferStatePhase::STOPPED,
+            w,
+        )?;
+        let mut bytes = Vec::new();
+        match other {
+            Some(mut f) => f.read_to_end(&mut bytes)?,
+            None => r.read_to_end(&mut bytes)?,
+        };
+        self.frontend.check_device_state()?;
+        Ok(bytes)
+    }
+
+    /// Migration, destination side: hand the device a saved state.
+    pub fn load_state(&mut self, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        use vhost::vhost_user::message::{VhostTransferStateDirection, VhostTransferStatePhase};
+        let (r, w) = pipe()?;
+        let mut w = std::fs::File::from(w);
+        let other = self.frontend.set_device_state_fd(
+            VhostTransferStateDirection::LOAD,
+            VhostTransferStatePhase::STOPPED,
+            r.into(),
+        )?;
+        match other {
+            Some(mut f) => f.write_all(bytes)?,
+            None => w.write_all(bytes)?,
+        }
+        drop(w);
+        self.frontend.check_device_state()?;
+        Ok(())
+    }
+
     pub fn frontend(&mut self) -> &mut Frontend {
         &mut self.frontend
     }
@@ -667,4 +707,22 @@ impl TestVm {
         }
         Ok(Some(FaultEvent::decode(&rec)))
     }
+}
+
+/// A close-on-exec pipe: (read end, write end).
+fn pipe() -> std::io::Result<(std::fs::File, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [-1; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and nothing else owns them.
+    let (r, w) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    Ok((r, w))
 }

@@ -4,6 +4,7 @@
 //! - [`request`]: decoding the device-readable part of a request;
 //! - [`domain`]: a domain and the mappings the driver made in it;
 //! - [`probe`]: PROBE property writing;
+//! - [`state`]: the migration state and its format;
 //! - [`device`]: the device model — endpoints, domains, mappings, bypass,
 //!   translation — over one [`iopt::Iommufd`] IOAS per domain.
 //!
@@ -16,10 +17,12 @@ pub mod device;
 pub mod domain;
 pub mod probe;
 pub mod request;
+pub mod state;
 pub mod wire;
 
 pub use device::{
     encode_fault, Change, ChangeSink, ConfigError, Device, DeviceConfig, Discard, GuestRam, NoRam,
-    RamRegion, Stats, Translation, PROBE_SIZES,
+    RamRegion, RestoreError, Stats, Translation, PROBE_SIZES,
 };
+pub use state::{DeviceState, StateError};
 pub use wire::{ConfigSpace, FaultEvent, Status, VIRTIO_ID_IOMMU};
