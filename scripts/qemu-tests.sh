@@ -10,8 +10,12 @@ Builds (or reuses the cache of) the patched QEMU (scripts/qemu/build-qemu.sh,
 ~4 min cold), fetches the Debian guest kernel (scripts/guest/fetch-kernel.sh) and
 builds the iommufd guest kernel of the pass-through test bed
 (scripts/kernel/build-iommufd-kernel.sh, ~13 min cold; the test bed runs on
-Debian's stock QEMU, scripts/qemu/install-stock-qemu.sh), then runs the guest
-tests of qemu-tests/ in release mode, one guest at a time.
+Debian's stock QEMU, scripts/qemu/install-stock-qemu.sh) and the minimal
+kernel of the nested test bed's second-level guest
+(scripts/kernel/build-minimal-kernel.sh, ~5 min cold), then runs the guest
+tests of qemu-tests/ in release mode, one guest at a time. The nested test bed
+(qemu-tests/tests/nested.rs, ~10 min under nested TCG) runs only with
+VUI_NESTED=1 in the environment; otherwise it says it skipped.
 Each test boots the guest behind QEMU's virtio-iommu-pci and behind
 vhost-user-iommu (a few seconds per boot under TCG). Without a filter, a
 smoke run of the guest benchmark follows (guest-bench --quick, ~1.5 min).
@@ -28,6 +32,8 @@ echo "== qemu-tests: Debian's stock QEMU (pass-through test bed)"
 scripts/qemu/install-stock-qemu.sh >/dev/null
 echo "== qemu-tests: iommufd guest kernel (pass-through test bed; ~13 min the first time)"
 scripts/kernel/build-iommufd-kernel.sh >/dev/null
+echo "== qemu-tests: minimal kernel (nested test bed's second level; ~5 min the first time)"
+scripts/kernel/build-minimal-kernel.sh >/dev/null
 echo "== qemu-tests: guests"
 VUI_QEMU_TESTS=1 cargo test --release --locked -p qemu-tests -- --test-threads=1 --nocapture "$@"
 if [ $# -eq 0 ]; then

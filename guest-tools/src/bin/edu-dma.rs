@@ -3,15 +3,27 @@
 //! DMA must not touch the buffer (the vIOMMU refuses it and reports a fault
 //! to the guest, which the test script looks for in dmesg).
 //!
-//! usage: edu-dma [BDF]   (default: the first 1234:11e8 device)
+//! The nested test bed (issue 12) runs it in the second-level guest, whose
+//! edu devices are the first level's, given to it with QEMU's vfio-pci:
+//!
+//! ```text
+//! usage: edu-dma [BDF]              the guest test 4 sequence (default: the first 1234:11e8)
+//!        edu-dma suite BDF1 BDF2    exact placement, UNMAP, read-only, two domains
+//!        edu-dma rates BDF          map/unmap rate; DMA throughput with a map/unmap per transfer
+//!        edu-dma hold BDF           keep a mapping and DMA into it until the DMA stops
+//!                                   landing (the vIOMMU went away), then wait to be killed
+//! ```
+//! Checks print `VUI-CHECK <name> ok|<what went wrong>`, figures `VUI-LOG`.
 
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use guest_tools::edu::{self, Direction};
 use guest_tools::vfio::{FileBar, Type1};
 
 const IOVA: u64 = 0x10_0000;
 const LEN: u64 = 4096;
+const PAGE: usize = 4096;
 
 fn find_edu() -> Option<String> {
     for e in std::fs::read_dir("/sys/bus/pci/devices").ok()? {
@@ -24,8 +36,78 @@ fn find_edu() -> Option<String> {
     None
 }
 
-fn run() -> std::io::Result<bool> {
-    let bdf = match std::env::args().nth(1).or_else(find_edu) {
+/// Page-aligned memory of this process, `pages` pages.
+struct Pages {
+    mem: Vec<u8>,
+    off: usize,
+    pages: usize,
+}
+
+impl Pages {
+    fn new(pages: usize) -> Self {
+        let mem = vec![0u8; (pages + 1) * PAGE];
+        let off = mem.as_ptr().align_offset(PAGE);
+        Self { mem, off, pages }
+    }
+    fn page(&mut self, i: usize) -> &mut [u8] {
+        assert!(i < self.pages);
+        let s = self.off + i * PAGE;
+        &mut self.mem[s..s + PAGE]
+    }
+    fn vaddr(&self, i: usize) -> u64 {
+        self.mem[self.off + i * PAGE..].as_ptr() as u64
+    }
+    fn all(&mut self) -> &mut [u8] {
+        let s = self.off;
+        &mut self.mem[s..s + self.pages * PAGE]
+    }
+}
+
+/// One edu device in its own VFIO type1 container (its own domain).
+struct Edu {
+    bdf: String,
+    vfio: Type1,
+    base: u64,
+}
+
+impl Edu {
+    fn open(bdf: &str) -> std::io::Result<Self> {
+        let vfio = Type1::open(bdf)?;
+        vfio.enable_bus_master()?;
+        let base = vfio.region_offset(0)?;
+        let e = Self {
+            bdf: bdf.to_string(),
+            vfio,
+            base,
+        };
+        println!("EDU: {bdf} id {:#x}", edu::check_id(&e.bar())?);
+        Ok(e)
+    }
+    fn bar(&self) -> FileBar<'_> {
+        FileBar {
+            file: self.vfio.device(),
+            base: self.base,
+        }
+    }
+    fn dma(&self, dir: Direction, iova: u64, len: u64) -> std::io::Result<()> {
+        edu::dma(&self.bar(), dir, iova, len)
+    }
+}
+
+fn pattern(seed: u8) -> Vec<u8> {
+    (0..PAGE)
+        .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
+        .collect()
+}
+
+fn check(name: &str, ok: bool, bad: &str) -> bool {
+    println!("VUI-CHECK {name} {}", if ok { "ok" } else { bad });
+    ok
+}
+
+/// The guest test 4 sequence.
+fn basic(bdf: Option<String>) -> std::io::Result<bool> {
+    let bdf = match bdf.or_else(find_edu) {
         Some(b) => b,
         None => return Err(std::io::Error::other("no edu device")),
     };
@@ -69,8 +151,208 @@ fn run() -> std::io::Result<bool> {
     Ok(both_ways && untouched)
 }
 
+/// The IOVAs of the suite: away from 0 and from each other, below the
+/// edu's 28-bit DMA limit.
+const EXACT: u64 = 0x0123_0000;
+const RO: u64 = 0x0234_0000;
+const SHARED: u64 = 0x0345_0000;
+const ONLY_A: u64 = 0x0456_0000;
+
+/// Exact placement, nothing after UNMAP, read-only, two domains.
+fn suite(a: &str, b: &str) -> std::io::Result<bool> {
+    let ea = Edu::open(a)?;
+    let eb = Edu::open(b)?;
+    let mut ok = true;
+
+    // Exact placement: three pages mapped at three consecutive IOVAs; a DMA
+    // into the middle one, at an offset, changes exactly those bytes.
+    let mut m = Pages::new(3);
+    m.all().fill(0x11);
+    for i in 0..3 {
+        ea.vfio
+            .map_dma(m.vaddr(i), EXACT + (i as u64) * LEN, LEN, true)?;
+    }
+    let src = pattern(3);
+    m.page(1).copy_from_slice(&src);
+    ea.dma(Direction::FromRam, EXACT + LEN, LEN)?;
+    m.all().fill(0x11);
+    let (off, len) = (0x100usize, 0x200usize);
+    ea.dma(Direction::ToRam, EXACT + LEN + off as u64, len as u64)?;
+    let all = m.all().to_vec();
+    let changed: Vec<usize> = (0..all.len()).filter(|&i| all[i] != 0x11).collect();
+    let want_lo = PAGE + off;
+    let exact = all[want_lo..want_lo + len] == src[..len]
+        && changed
+            .iter()
+            .all(|&i| (want_lo..want_lo + len).contains(&i));
+    println!(
+        "VUI-LOG nested: DMA of {len:#x} bytes to IOVA {:#x}: bytes changed at buffer offsets {:#x}..{:#x} (want {want_lo:#x}..{:#x})",
+        EXACT + LEN + off as u64,
+        changed.first().copied().unwrap_or(0),
+        changed.last().map_or(0, |l| l + 1),
+        want_lo + len
+    );
+    ok &= check("nested-dma-lands-exactly", exact, "MISPLACED");
+
+    // After UNMAP of the middle page, a DMA to it lands nowhere.
+    ea.vfio.unmap_dma(EXACT + LEN, LEN)?;
+    m.all().fill(0x55);
+    println!("VUI-LOG nested: DMA to unmapped IOVA {:#x}", EXACT + LEN);
+    ea.dma(Direction::ToRam, EXACT + LEN, LEN)?;
+    let untouched = m.all().iter().all(|&x| x == 0x55);
+    ok &= check("nested-after-unmap-untouched", untouched, "WRITTEN");
+    ea.vfio.unmap_dma(EXACT, LEN)?;
+    ea.vfio.unmap_dma(EXACT + 2 * LEN, LEN)?;
+
+    // Read-only: the device reads it, its writes are refused.
+    let mut r = Pages::new(2);
+    let ro_src = pattern(9);
+    r.page(0).copy_from_slice(&ro_src);
+    ea.vfio.map_dma(r.vaddr(0), RO, LEN, false)?;
+    ea.vfio.map_dma(r.vaddr(1), RO + LEN, LEN, true)?;
+    ea.dma(Direction::FromRam, RO, LEN)?;
+    ea.dma(Direction::ToRam, RO + LEN, LEN)?;
+    let readable = r.page(1) == ro_src.as_slice();
+    ok &= check("nested-read-only-readable", readable, "UNREADABLE");
+    let edu_pattern = pattern(5);
+    r.page(1).copy_from_slice(&edu_pattern);
+    ea.dma(Direction::FromRam, RO + LEN, LEN)?;
+    println!("VUI-LOG nested: device write to read-only IOVA {RO:#x}");
+    ea.dma(Direction::ToRam, RO, LEN)?;
+    let refused = r.page(0) == ro_src.as_slice();
+    ok &= check("nested-read-only-refuses-writes", refused, "WRITTEN");
+    ea.vfio.unmap_dma(RO, 2 * LEN)?;
+
+    // Two domains: the same IOVA maps a different page in each container;
+    // an IOVA mapped only in A's is nothing for B.
+    let mut d = Pages::new(3);
+    d.all().fill(0);
+    ea.vfio.map_dma(d.vaddr(0), SHARED, LEN, true)?;
+    eb.vfio.map_dma(d.vaddr(1), SHARED, LEN, true)?;
+    ea.vfio.map_dma(d.vaddr(2), ONLY_A, LEN, true)?;
+    let (pa, pb) = (pattern(21), pattern(42));
+    d.page(0).copy_from_slice(&pa);
+    ea.dma(Direction::FromRam, SHARED, LEN)?;
+    d.page(1).copy_from_slice(&pb);
+    eb.dma(Direction::FromRam, SHARED, LEN)?;
+    d.all().fill(0);
+    ea.dma(Direction::ToRam, SHARED, LEN)?;
+    eb.dma(Direction::ToRam, SHARED, LEN)?;
+    let split = d.page(0) == pa.as_slice() && d.page(1) == pb.as_slice();
+    println!(
+        "VUI-LOG nested: {} and {} each DMA to IOVA {SHARED:#x}; device {} to IOVA {ONLY_A:#x} (mapped only for {})",
+        ea.bdf, eb.bdf, eb.bdf, ea.bdf
+    );
+    eb.dma(Direction::ToRam, ONLY_A, LEN)?;
+    let isolated = split && d.page(2).iter().all(|&x| x == 0);
+    ok &= check("nested-domains-isolated", isolated, "LEAKED");
+    ea.vfio.unmap_dma(SHARED, LEN)?;
+    ea.vfio.unmap_dma(ONLY_A, LEN)?;
+    eb.vfio.unmap_dma(SHARED, LEN)?;
+    Ok(ok)
+}
+
+/// Map/unmap rate, and DMA throughput with and without a map/unmap per
+/// transfer. Each edu DMA takes at least 100 ms of virtual time (the
+/// device completes it from a timer), which bounds the throughput.
+fn rates(bdf: &str) -> std::io::Result<bool> {
+    let e = Edu::open(bdf)?;
+    let mut p = Pages::new(1);
+    let v = p.vaddr(0);
+    let budget = Duration::from_secs(2);
+    let start = Instant::now();
+    let mut pairs = 0u32;
+    while pairs < 500 && start.elapsed() < budget {
+        e.vfio.map_dma(v, IOVA, LEN, true)?;
+        e.vfio.unmap_dma(IOVA, LEN)?;
+        pairs += 1;
+    }
+    let t = start.elapsed().as_secs_f64();
+    println!(
+        "VUI-LOG nested-rate map+unmap: {pairs} pairs in {t:.2} s = {:.0} pairs/s ({:.0} us per pair)",
+        f64::from(pairs) / t,
+        t * 1e6 / f64::from(pairs)
+    );
+    let n = 6u32;
+    p.page(0).copy_from_slice(&pattern(1));
+    let start = Instant::now();
+    for _ in 0..n {
+        e.vfio.map_dma(v, IOVA, LEN, true)?;
+        e.dma(Direction::FromRam, IOVA, LEN)?;
+        e.vfio.unmap_dma(IOVA, LEN)?;
+    }
+    let with = start.elapsed().as_secs_f64();
+    e.vfio.map_dma(v, IOVA, LEN, true)?;
+    let start = Instant::now();
+    for _ in 0..n {
+        e.dma(Direction::FromRam, IOVA, LEN)?;
+    }
+    let without = start.elapsed().as_secs_f64();
+    e.vfio.unmap_dma(IOVA, LEN)?;
+    let kib = f64::from(n) * LEN as f64 / 1024.0;
+    println!(
+        "VUI-LOG nested-rate dma 4KiB with map+unmap each: {n} in {with:.2} s = {:.1} KiB/s ({:.1} ms per transfer)",
+        kib / with,
+        with * 1e3 / f64::from(n)
+    );
+    println!(
+        "VUI-LOG nested-rate dma 4KiB, one mapping: {n} in {without:.2} s = {:.1} KiB/s ({:.1} ms per transfer; the edu device completes a DMA after 100 ms)",
+        kib / without,
+        without * 1e3 / f64::from(n)
+    );
+    Ok(true)
+}
+
+/// Keep a mapping; DMA into it until the DMA stops landing. Never returns
+/// normally: closing the container would send UNMAPs to a vIOMMU that may
+/// be gone, so the caller powers the guest off around it.
+fn hold(bdf: &str) -> std::io::Result<bool> {
+    let e = Edu::open(bdf)?;
+    let mut p = Pages::new(1);
+    e.vfio.map_dma(p.vaddr(0), IOVA, LEN, true)?;
+    let src = pattern(77);
+    p.page(0).copy_from_slice(&src);
+    e.dma(Direction::FromRam, IOVA, LEN)?;
+    p.page(0).fill(0);
+    e.dma(Direction::ToRam, IOVA, LEN)?;
+    let mapped = p.page(0) == src.as_slice();
+    check("nested-hold-mapped", mapped, "MISMATCH");
+    println!("VUI-LOG nested-hold: mapped at IOVA {IOVA:#x}, waiting for the vIOMMU to go");
+    let start = Instant::now();
+    let mut gone = false;
+    while start.elapsed() < Duration::from_secs(90) {
+        p.page(0).fill(0x55);
+        e.dma(Direction::ToRam, IOVA, LEN)?;
+        if p.page(0).iter().all(|&x| x == 0x55) {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "VUI-LOG nested-hold: DMA stopped landing after {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    check(
+        "nested-vanished-viommu-unmaps",
+        mapped && gone,
+        "STILL-MAPPED",
+    );
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
 fn main() -> ExitCode {
-    match run() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or("");
+    let r = match arg(0) {
+        "suite" => suite(arg(1), arg(2)),
+        "rates" => rates(arg(1)),
+        "hold" => hold(arg(1)),
+        _ => basic(args.first().cloned()),
+    };
+    match r {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
