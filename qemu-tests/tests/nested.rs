@@ -84,9 +84,9 @@ fn skip_reason(path: VfioPath) -> Option<String> {
     if std::env::var("VUI_NESTED").as_deref() != Ok("1") {
         return Some(format!(
             "the nested test bed ({}) runs with VUI_NESTED=1: nested TCG is too slow for \
-             tier 2's budget on these 2-core machines (measured 2026-11-26 under load: the \
-             second-level minimal kernel reaches userspace after ~90 s of its own clock, \
-             ~270 s after its QEMU started; a run takes 8-10 min)",
+             tier 2's budget on these 2-core machines (measured 2026-11-26: the second-level \
+             minimal kernel reaches userspace 90-180 s into its own clock, 270-390 s after its \
+             QEMU starts; a whole run takes about 10 min)",
             path.name()
         ));
     }
