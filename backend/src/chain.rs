@@ -11,7 +11,9 @@
 use std::ops::Deref;
 
 use virtio_queue::{desc::split::Descriptor, DescriptorChain};
-use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{Bytes, GuestMemory, Permissions};
+
+use crate::guest_ram::GuestMem;
 
 /// Why a chain was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -31,7 +33,7 @@ pub struct ChainLayout {
     pub writable: u64,
 }
 
-fn in_memory(mem: &GuestMemoryMmap, d: &Descriptor) -> bool {
+fn in_memory(mem: &GuestMem, d: &Descriptor) -> bool {
     let access = if d.is_write_only() {
         Permissions::Write
     } else {
@@ -44,7 +46,7 @@ fn in_memory(mem: &GuestMemoryMmap, d: &Descriptor) -> bool {
 /// part into `request`.
 pub fn read_request<M>(
     chain: DescriptorChain<M>,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     request: &mut [u8],
 ) -> Result<ChainLayout, ChainError>
 where
@@ -55,15 +57,19 @@ where
         request_len: 0,
         writable: 0,
     };
+    // A zero-length writable descriptor counts too: the order rule is about
+    // descriptors, not bytes.
+    let mut seen_writable = false;
     for d in chain {
         if !in_memory(mem, &d) {
             return Err(ChainError::OutsideMemory);
         }
         if d.is_write_only() {
             layout.writable += u64::from(d.len());
+            seen_writable = true;
             continue;
         }
-        if layout.writable > 0 {
+        if seen_writable {
             return Err(ChainError::ReadableAfterWritable);
         }
         let room = request.len() - layout.request_len;
@@ -84,7 +90,7 @@ where
 /// [`read_request`]), in order; returns the bytes written.
 pub fn write_reply<M>(
     chain: DescriptorChain<M>,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     reply: &[u8],
 ) -> Result<usize, ChainError>
 where
@@ -114,15 +120,15 @@ mod tests {
 
     const WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    fn mem() -> GuestMem {
+        GuestMem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
     }
 
     fn chain_of<'a>(
-        m: &'a GuestMemoryMmap,
-        q: &MockSplitQueue<'a, GuestMemoryMmap>,
+        m: &'a GuestMem,
+        q: &MockSplitQueue<'a, GuestMem>,
         descs: &[(u64, u32, u16)],
-    ) -> DescriptorChain<&'a GuestMemoryMmap> {
+    ) -> DescriptorChain<&'a GuestMem> {
         let raw: Vec<RawDescriptor> = descs
             .iter()
             .map(|&(addr, len, flags)| RawDescriptor::from(Descriptor::new(addr, len, flags, 0)))
@@ -174,6 +180,14 @@ mod tests {
         );
         let q = MockSplitQueue::new(&m, 16);
         let chain = chain_of(&m, &q, &[(0x1000, 4, WRITE), (0x2000, 4, 0)]);
+        assert_eq!(
+            read_request(chain, &m, &mut [0; 8]),
+            Err(ChainError::ReadableAfterWritable)
+        );
+        // Even after a zero-length writable descriptor (found by vui-fuzz,
+        // seed 1, chain input 353).
+        let q = MockSplitQueue::new(&m, 16);
+        let chain = chain_of(&m, &q, &[(0x3000, 0, WRITE), (0x2000, 0x55, 0)]);
         assert_eq!(
             read_request(chain, &m, &mut [0; 8]),
             Err(ChainError::ReadableAfterWritable)

@@ -18,6 +18,10 @@ use std::os::fd::AsRawFd;
 
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+/// Guest memory as the daemon maps it: with a dirty log for migration
+/// ([`crate::dirty_log`]).
+pub type GuestMem = GuestMemoryMmap<crate::dirty_log::DirtyLog>;
+
 /// Which memory files the daemon accepts from a front-end.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MemoryFiles {
@@ -135,7 +139,7 @@ fn shrink_sealed(file: &File) -> bool {
 /// Check every region of a memory table the front-end sent (see
 /// [`check_region`]); on success, the regions whose files can shrink (only
 /// under [`MemoryFiles::AllowUnsealed`]).
-pub fn check_table(mem: &GuestMemoryMmap, accept: MemoryFiles) -> Result<Vec<u64>, MemTableError> {
+pub fn check_table(mem: &GuestMem, accept: MemoryFiles) -> Result<Vec<u64>, MemTableError> {
     let mut unsealed = Vec::new();
     for (index, region) in mem.iter().enumerate() {
         let gpa = region.start_addr().raw_value();
@@ -153,12 +157,12 @@ pub fn check_table(mem: &GuestMemoryMmap, accept: MemoryFiles) -> Result<Vec<u64
 /// A snapshot of the guest memory table.
 #[derive(Debug)]
 pub struct GuestRamView<'a> {
-    mem: &'a GuestMemoryMmap,
+    mem: &'a GuestMem,
 }
 
 impl<'a> GuestRamView<'a> {
     /// View the regions of `mem`.
-    pub fn new(mem: &'a GuestMemoryMmap) -> Self {
+    pub fn new(mem: &'a GuestMem) -> Self {
         Self { mem }
     }
 }
@@ -197,8 +201,8 @@ mod tests {
     use super::*;
     use virtio_iommu::GuestRam;
 
-    fn two_regions() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[
+    fn two_regions() -> GuestMem {
+        GuestMem::from_ranges(&[
             (GuestAddress(0), 0x10_0000),
             (GuestAddress(0x1_0000_0000), 0x10_0000),
         ])
@@ -309,7 +313,7 @@ mod tests {
         use vm_memory::FileOffset;
         let f = Arc::new(memfd(0x20000, SHRINK));
         let table = |second_len: usize| {
-            GuestMemoryMmap::from_ranges_with_files([
+            GuestMem::from_ranges_with_files([
                 (
                     GuestAddress(0),
                     0x10000,

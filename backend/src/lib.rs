@@ -24,6 +24,7 @@ pub mod capabilities;
 pub mod chain;
 pub mod config;
 pub mod device_state;
+pub mod dirty_log;
 pub mod emulated;
 pub mod exit_event;
 pub mod guest_ram;

@@ -25,7 +25,9 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringEpollHandler};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
+
+use crate::guest_ram::GuestMem;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -285,7 +287,7 @@ impl Server {
         workers: &mut Vec<Weak<VringEpollHandler<IommuBackend>>>,
     ) -> Result<(), ConnectionError> {
         backend.new_connection();
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mem = GuestMemoryAtomic::new(GuestMem::new());
         let mut daemon = VhostUserDaemon::new("vhost-user-iommu".into(), backend.clone(), mem)
             .map_err(ConnectionError::Setup)?;
         workers.extend(daemon.get_epoll_handlers().iter().map(Arc::downgrade));

@@ -18,14 +18,14 @@ use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
     VhostUserVirtioFeatures,
 };
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_iommu::{Change, Device, NoRam};
 use virtio_queue::QueueT;
 use vm_memory::{
     ByteValued, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
-    GuestMemoryMmap, VolatileMemory,
+    VolatileMemory,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
@@ -33,7 +33,10 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use crate::chain;
 use crate::device_state::{Finished, Transfer};
 use crate::exit_event::ExitEvents;
-use crate::guest_ram::{self, GuestRamView, MemoryFiles};
+use crate::guest_ram::{self, GuestMem, GuestRamView, MemoryFiles};
+
+/// The daemon's vrings, over its logged guest memory.
+type Vring = vhost_user_backend::VringRwLock<GuestMemoryAtomic<GuestMem>>;
 use crate::mirror::{self, Batch, MirrorHandle, Record, SharedMem, TranslationTable, WaitOutcome};
 use crate::poll::AdaptivePoll;
 
@@ -98,13 +101,13 @@ type SharedTable = TranslationTable<Arc<SharedMem>>;
 
 struct State {
     device: IommuDevice,
-    mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+    mem: Option<GuestMemoryAtomic<GuestMem>>,
     event_idx: bool,
     /// Faults waiting for an event buffer.
     faults: VecDeque<virtio_iommu::FaultEvent>,
     /// The vrings, learnt at the first queue event (fault delivery needs the
     /// event queue outside of its own notifications).
-    vrings: Option<[VringRwLock; NUM_QUEUES]>,
+    vrings: Option<[Vring; NUM_QUEUES]>,
     stats: QueueStats,
     /// The translation table shared with QEMU, when there is a mirror.
     table: Option<SharedTable>,
@@ -324,7 +327,7 @@ impl IommuBackend {
     }
 
     /// Write pending faults into posted event buffers.
-    fn deliver_faults(st: &mut State, vring: &VringRwLock) {
+    fn deliver_faults(st: &mut State, vring: &Vring) {
         let Some(mem) = st.mem.as_ref().map(|m| m.memory()) else {
             return;
         };
@@ -374,7 +377,7 @@ impl IommuBackend {
     /// notification; then poll for the next batch while the guest's
     /// notifications stay suppressed (src/poll.rs), and only then re-enable
     /// them and re-check (virtio 1.2 §2.7.10).
-    fn process_requests(&self, vring: &VringRwLock) -> io::Result<()> {
+    fn process_requests(&self, vring: &Vring) -> io::Result<()> {
         let woke = Instant::now();
         let (window, mem) = {
             let mut st = self.lock();
@@ -418,7 +421,7 @@ impl IommuBackend {
     /// vCPU wakes slowly, tens to hundreds of microseconds — yet QEMU's
     /// threads sharing it still run (measured under TCG on 2 cores: the
     /// yield lifted the guest's 128 KiB reads by 40 %).
-    fn poll_ring(vring: &VringRwLock, mem: &GuestMemoryMmap, deadline: Instant) -> bool {
+    fn poll_ring(vring: &Vring, mem: &GuestMem, deadline: Instant) -> bool {
         let (avail_idx_at, next_avail) = {
             let state = vring.get_ref();
             let q = state.get_queue();
@@ -444,7 +447,7 @@ impl IommuBackend {
         }
     }
 
-    fn process_batch(&self, vring: &VringRwLock, polled: bool) -> io::Result<()> {
+    fn process_batch(&self, vring: &Vring, polled: bool) -> io::Result<()> {
         let (completed, ticket) = {
             let mut guard = self.lock();
             let st = &mut *guard;
@@ -537,8 +540,8 @@ impl IommuBackend {
 }
 
 impl VhostUserBackend for IommuBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = crate::dirty_log::DirtyLog;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         NUM_QUEUES
@@ -556,6 +559,9 @@ impl VhostUserBackend for IommuBackend {
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            // Writes to guest memory are logged once QEMU sets a log
+            // (src/dirty_log.rs): QEMU migrates only back-ends that can.
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
             | self.lock().device.features()
     }
 
@@ -572,6 +578,7 @@ impl VhostUserBackend for IommuBackend {
             | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::DEVICE_STATE
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     /// Migration (docs/device-state.md): with the device stopped, save its
@@ -703,7 +710,7 @@ impl VhostUserBackend for IommuBackend {
     /// a refused table is swapped for an empty one before anything reads it;
     /// the error then ends the connection (the front-end gets a failed
     /// REPLY_ACK first, if it asked for one).
-    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
         let table = mem.memory();
         let mut st = self.lock();
         match guest_ram::check_table(&table, self.memory_files) {
@@ -723,7 +730,7 @@ impl VhostUserBackend for IommuBackend {
                 drop(table);
                 mem.lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .replace(GuestMemoryMmap::new());
+                    .replace(GuestMem::new());
                 st.device.set_memory(&NoRam);
                 log::error!("front-end memory table refused: {e}");
                 Err(io::Error::new(io::ErrorKind::InvalidInput, e))
@@ -749,7 +756,7 @@ impl VhostUserBackend for IommuBackend {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         _thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {

@@ -1,6 +1,7 @@
 //! The real daemon, over a real Unix socket, driven by the Rust test
 //! front-end acting as VMM and guest driver.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -308,6 +309,55 @@ fn a_saved_state_loads_into_a_fresh_daemon_with_its_domains_and_mappings() {
     assert_eq!(vm.unmap(1, 0, 0xfff).unwrap(), Status::NoEnt, "reset");
     assert!(vm.load_state(&state[..state.len() - 3]).is_err());
     assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+}
+
+#[test]
+fn with_a_dirty_log_the_pages_the_daemon_writes_are_logged() {
+    // QEMU migrates a vhost-user device only if its back-end logs the guest
+    // pages it writes (VHOST_USER_PROTOCOL_F_LOG_SHMFD, SET_LOG_BASE).
+    let d = Daemon::start("dirty-log", &["--endpoints", "8"]);
+    let mut vm = d.connect();
+    let pages = 16 << 20 >> 12;
+    let log = tempfile_of(pages / 8);
+    vm.set_dirty_log(&log, pages as u64 / 8).unwrap();
+    let req = vm.ram().alloc(0x1000, 0x1000).unwrap();
+    let reply = vm.ram().alloc(0x1000, 0x1000).unwrap();
+    vm.ram()
+        .write(req, &[1, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0])
+        .unwrap();
+    let used = vm
+        .submit_raw(&[
+            Desc {
+                gpa: req,
+                len: 16,
+                write: false,
+            },
+            Desc {
+                gpa: reply,
+                len: 4,
+                write: true,
+            },
+        ])
+        .unwrap();
+    assert_eq!(used, 4);
+    let bits = std::fs::read(format!("/proc/self/fd/{}", log.as_raw_fd())).unwrap();
+    let logged = |gpa: u64| bits[(gpa >> 12) as usize / 8] & (1 << ((gpa >> 12) % 8)) != 0;
+    assert!(logged(reply), "the reply's page");
+    assert!(!logged(req), "the request was only read");
+}
+
+fn tempfile_of(len: usize) -> std::fs::File {
+    let path = std::env::temp_dir().join(format!("vui-log-{}", std::process::id()));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    f.set_len(len as u64).unwrap();
+    f
 }
 
 #[test]

@@ -8,10 +8,10 @@ use test_frontend::wire::{MAX_REQ_LEN, TAIL_LEN};
 use test_frontend::{Request, Status};
 use vhost_user_iommu::config::Config;
 use vhost_user_iommu::emulated;
-use vhost_user_iommu::guest_ram::GuestRamView;
+use vhost_user_iommu::guest_ram::{GuestMem, GuestRamView};
 use vhost_user_iommu::vhu_iommu::IommuDevice;
 use virtio_iommu::Discard;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use crate::histogram::Histogram;
 use crate::leg::{Leg, LegError};
@@ -20,7 +20,7 @@ use crate::leg::{Leg, LegError};
 #[derive(Debug)]
 pub struct DirectLeg {
     device: IommuDevice,
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     req: [u8; MAX_REQ_LEN],
     /// The request tail: all the device writes for MAP/UNMAP/ATTACH/DETACH.
     reply: [u8; TAIL_LEN],
@@ -32,7 +32,7 @@ impl DirectLeg {
     pub fn new(config: &Config, ram: u64) -> Result<Self, LegError> {
         let mut device = emulated::device(config)?;
         let len = usize::try_from(ram).map_err(|e| LegError::Ram(e.to_string()))?;
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), len)])
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), len)])
             .map_err(|e| LegError::Ram(e.to_string()))?;
         device.set_acked_features(device.features());
         device.set_memory(&GuestRamView::new(&mem));

@@ -191,7 +191,9 @@ impl TestVm {
 
         let mut fe = frontend;
         let protocol_offered = fe.get_protocol_features()?;
-        let mut proto = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::DEVICE_STATE;
+        let mut proto = VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::DEVICE_STATE
+            | VhostUserProtocolFeatures::LOG_SHMFD;
         if opts.reply_ack {
             proto |= VhostUserProtocolFeatures::REPLY_ACK;
         }
@@ -350,6 +352,19 @@ impl TestVm {
         }
         drop(w);
         self.frontend.check_device_state()?;
+        Ok(())
+    }
+
+    /// Migration: hand the device a dirty log (`SET_LOG_BASE`): `len` bytes
+    /// of `file`, bit `n` for guest page `n`.
+    pub fn set_dirty_log(&mut self, file: &std::fs::File, len: u64) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let region = vhost::VhostUserDirtyLogRegion {
+            mmap_size: len,
+            mmap_offset: 0,
+            mmap_handle: file.as_raw_fd(),
+        };
+        self.frontend.set_log_base(0, Some(region))?;
         Ok(())
     }
 

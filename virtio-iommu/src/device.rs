@@ -1261,7 +1261,11 @@ impl<F: Iommufd> Device<F> {
             .collect();
         for dev in attached {
             if let Err(e) = self.place(dev, target) {
-                log::warn!("reset: moving device {dev:?} out of its domain: {e}");
+                // Blocked rather than left in a domain IOAS that could then
+                // not be destroyed (found by vui-fuzz: a device whose page is
+                // larger than the identity IOAS's areas' alignment).
+                log::warn!("reset: moving device {dev:?} out of its domain: {e}; blocking it");
+                let _ = self.iommufd.detach(dev);
             }
         }
         let ids: Vec<u32> = self.domains.keys().copied().collect();
