@@ -230,6 +230,17 @@ impl IommuBackend {
         st: &mut State,
         f: impl FnOnce(&mut IommuDevice, &mut Batch<'_, Arc<SharedMem>>) -> R,
     ) -> R {
+        self.change_then(st, false, f)
+    }
+
+    /// [`Self::change`]; with `sync`, the records end in a SYNC batch
+    /// (sent even if empty) that tells QEMU its copy is whole again.
+    fn change_then<R>(
+        &self,
+        st: &mut State,
+        sync: bool,
+        f: impl FnOnce(&mut IommuDevice, &mut Batch<'_, Arc<SharedMem>>) -> R,
+    ) -> R {
         let State {
             device,
             table,
@@ -239,7 +250,11 @@ impl IommuBackend {
         let mut batch = Batch::new(table.as_mut(), records);
         let r = f(device, &mut batch);
         let out = batch.finish(self.mirror.notifier_flags());
-        if self.mirror.publish(out).is_none() {
+        let ticket = match sync {
+            true => self.mirror.publish_sync(out),
+            false => self.mirror.publish(out),
+        };
+        if ticket.is_none() {
             Self::release_table_pages(st, &self.mirror);
         }
         r
@@ -647,11 +662,11 @@ impl VhostUserBackend for IommuBackend {
             Some(m) => {
                 let guard = m.memory();
                 let ram = GuestRamView::new(&guard);
-                self.change(&mut st, |device, sink| {
+                self.change_then(&mut st, true, |device, sink| {
                     device.restore_state(&state, &ram, sink)
                 })
             }
-            None => self.change(&mut st, |device, sink| {
+            None => self.change_then(&mut st, true, |device, sink| {
                 device.restore_state(&state, &NoRam, sink)
             }),
         };

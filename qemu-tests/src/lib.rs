@@ -380,7 +380,7 @@ impl Run {
 }
 
 /// A guest to boot.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Guest {
     pub viommu: Viommu,
     pub test: &'static str,
@@ -421,6 +421,24 @@ impl Guest {
 
     /// Boot it (with `daemon` for [`Viommu::Ours`]) and wait for the end.
     pub fn run(&self, daemon: Option<&Daemon>) -> Run {
+        let start = Instant::now();
+        let out = self
+            .command(daemon)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run-guest.sh");
+        let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
+        output.push_str(&String::from_utf8_lossy(&out.stderr));
+        Run {
+            status: out.status.code().unwrap_or(-1),
+            output,
+            took: start.elapsed(),
+        }
+    }
+
+    /// The `scripts/guest/run-guest.sh` command that boots it, for a caller
+    /// that drives it while it runs (a monitor, a migration).
+    pub fn command(&self, daemon: Option<&Daemon>) -> Command {
         const MEM: &str = "1G";
         let mut args: Vec<String> = Vec::new();
         match self.viommu {
@@ -465,7 +483,6 @@ impl Guest {
             args.extend(["-device", "edu"].map(String::from));
         }
         args.extend(self.qemu_args.iter().cloned());
-        let start = Instant::now();
         let mut cmd = Command::new(repo().join("scripts/guest/run-guest.sh"));
         if let Some(k) = &self.kernel {
             cmd.arg("--kernel").arg(k);
@@ -477,8 +494,7 @@ impl Guest {
             Some(i) => i.clone(),
             None => initramfs(self.kernel.is_none()),
         };
-        let out = cmd
-            .arg("--initrd")
+        cmd.arg("--initrd")
             .arg(initrd)
             .arg("--memory")
             .arg(MEM)
@@ -487,17 +503,8 @@ impl Guest {
             .arg("--append")
             .arg(format!("vui.test={} {}", self.test, self.append))
             .arg("--")
-            .args(&args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run-guest.sh");
-        let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
-        output.push_str(&String::from_utf8_lossy(&out.stderr));
-        Run {
-            status: out.status.code().unwrap_or(-1),
-            output,
-            took: start.elapsed(),
-        }
+            .args(&args);
+        cmd
     }
 }
 

@@ -137,6 +137,17 @@ impl MirrorHandle {
         ticket
     }
 
+    /// [`Self::publish`], the last batch flagged SYNC: QEMU's copy is
+    /// complete with it (§4) — after a migration load, QEMU waits for that
+    /// before the devices loaded after the vIOMMU translate through it.
+    pub fn publish_sync(&self, records: &[Record]) -> Option<Ticket> {
+        let mut st = self.shared.lock();
+        let ticket = enqueue(st.conn.as_mut()?, records, true);
+        drop(st);
+        self.shared.changed.notify_all();
+        ticket
+    }
+
     /// Wait until the batch of `ticket` is acknowledged, the connection
     /// closes, waiters are released, or `timeout` passes (then the
     /// connection is closed so that QEMU drops its copy: fail safe).
