@@ -81,12 +81,11 @@ fn skip_reason(path: VfioPath) -> Option<String> {
                 .into(),
         );
     }
-    if std::env::var("VUI_NESTED").as_deref() != Ok("1") {
+    if std::env::var("VUI_NESTED").as_deref() == Ok("0") {
         return Some(format!(
-            "the nested test bed ({}) runs with VUI_NESTED=1: nested TCG is too slow for \
-             tier 2's budget on these 2-core machines (measured 2026-11-26: the second-level \
-             minimal kernel reaches userspace 90-180 s into its own clock, 270-390 s after its \
-             QEMU starts; a whole run takes about 10 min)",
+            "the nested test bed ({}) is off: VUI_NESTED=0 (it takes about 4 min a path on \
+             these 2-core machines: measured 2026-11-26, the second-level minimal kernel \
+             reaches userspace 108-119 s into its own clock, 154-170 s after its QEMU starts)",
             path.name()
         ));
     }
