@@ -42,8 +42,32 @@ fn alive(daemon: &mut Child) -> bool {
     daemon.try_wait().unwrap().is_none()
 }
 
-/// Kills the daemon however the test ends.
+/// The daemon, listening on `socket`; killed however the test ends.
 struct Reaper(Child);
+
+impl Reaper {
+    fn start(socket: &Path, endpoints: &str) -> Self {
+        let _ = std::fs::remove_file(socket);
+        let child = Command::new(BIN)
+            .arg("--socket-path")
+            .arg(socket)
+            .args(["--endpoints", endpoints])
+            .env("RUST_LOG", "error")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start the daemon");
+        let daemon = Self(child);
+        let t = Instant::now();
+        while !socket.exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the daemon did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        daemon
+    }
+}
 
 impl Drop for Reaper {
     fn drop(&mut self) {
@@ -97,24 +121,7 @@ fn child_front_end_under_load() {
 fn a_front_end_killed_anywhere_under_load_leaves_nothing_behind() {
     let dir = std::env::temp_dir();
     let socket: PathBuf = dir.join(format!("vui-kill-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&socket);
-    let daemon = Command::new(BIN)
-        .arg("--socket-path")
-        .arg(&socket)
-        .args(["--endpoints", "8,16"])
-        .env("RUST_LOG", "error")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("start the daemon");
-    let mut daemon = Reaper(daemon);
-    let t = Instant::now();
-    while !socket.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "the daemon did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut daemon = Reaper::start(&socket, "8,16");
     // One well-behaved front-end first: the daemon's steady state.
     drop(TestVm::connect(&socket, VmOptions::default()).unwrap());
     std::thread::sleep(Duration::from_millis(100));
@@ -191,24 +198,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 fn a_guest_whose_available_index_runs_ahead_of_its_ring_costs_no_spinning_core() {
     let dir = std::env::temp_dir();
     let socket: PathBuf = dir.join(format!("vui-bogus-avail-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&socket);
-    let daemon = Command::new(BIN)
-        .arg("--socket-path")
-        .arg(&socket)
-        .args(["--endpoints", "8"])
-        .env("RUST_LOG", "error")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("start the daemon");
-    let mut daemon = Reaper(daemon);
-    let t = Instant::now();
-    while !socket.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "the daemon did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut daemon = Reaper::start(&socket, "8");
     let mut vm = TestVm::connect(&socket, VmOptions::default()).unwrap();
     assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
     // The available index jumps a thousand entries past a 256-entry ring

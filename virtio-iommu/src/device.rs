@@ -1056,14 +1056,35 @@ impl<F: Iommufd> Device<F> {
     /// The whole state as changes, for a mirror that just connected:
     /// `GlobalBypass`, then each attachment, then each domain's mappings.
     pub fn replay(&self, sink: &mut impl ChangeSink) {
-        self.replay_inner(sink)
+        sink.change(Change::GlobalBypass(self.bypass));
+        for (&endpoint, ep) in &self.endpoints {
+            if let Some(domain) = ep.domain {
+                let bypass = self.domains.get(&domain).is_some_and(Domain::is_bypass);
+                sink.change(Change::Attach {
+                    endpoint,
+                    domain,
+                    bypass,
+                });
+            }
+        }
+        for (&domain, d) in &self.domains {
+            for m in d.mappings() {
+                sink.change(Change::Map {
+                    domain,
+                    virt_start: m.virt_start,
+                    virt_end: m.virt_end,
+                    phys_start: m.phys_start,
+                    flags: m.flags,
+                });
+            }
+        }
     }
 
     /// The state to migrate (docs/device-state.md): features, `bypass`,
     /// attachments and mappings, by guest-physical address.
     pub fn save_state(&self) -> DeviceState {
         let mut entries = Vec::new();
-        self.replay_inner(&mut entries);
+        self.replay(&mut entries);
         entries.retain(|c| !matches!(c, Change::GlobalBypass(_)));
         DeviceState {
             acked_features: self.acked,
@@ -1125,31 +1146,6 @@ impl<F: Iommufd> Device<F> {
             }
         }
         Ok(())
-    }
-
-    fn replay_inner(&self, sink: &mut impl ChangeSink) {
-        sink.change(Change::GlobalBypass(self.bypass));
-        for (&endpoint, ep) in &self.endpoints {
-            if let Some(domain) = ep.domain {
-                let bypass = self.domains.get(&domain).is_some_and(Domain::is_bypass);
-                sink.change(Change::Attach {
-                    endpoint,
-                    domain,
-                    bypass,
-                });
-            }
-        }
-        for (&domain, d) in &self.domains {
-            for m in d.mappings() {
-                sink.change(Change::Map {
-                    domain,
-                    virt_start: m.virt_start,
-                    virt_end: m.virt_end,
-                    phys_start: m.phys_start,
-                    flags: m.flags,
-                });
-            }
-        }
     }
 
     /// The front-end's guest memory table changed, or went away ([`NoRam`]).
