@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use test_frontend::fds::quiet_fds;
 use test_frontend::{Request, Status, TestVm, VmOptions};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-iommu");
@@ -30,12 +31,6 @@ impl Rng {
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
     }
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
 }
 
 fn alive(daemon: &mut Child) -> bool {
@@ -124,8 +119,7 @@ fn a_front_end_killed_anywhere_under_load_leaves_nothing_behind() {
     let mut daemon = Reaper::start(&socket, "8,16");
     // One well-behaved front-end first: the daemon's steady state.
     drop(TestVm::connect(&socket, VmOptions::default()).unwrap());
-    std::thread::sleep(Duration::from_millis(100));
-    let baseline = open_fds(daemon.0.id());
+    let baseline = quiet_fds(daemon.0.id());
 
     let kills = std::env::var("VUI_KILLS")
         .ok()
@@ -164,8 +158,7 @@ fn a_front_end_killed_anywhere_under_load_leaves_nothing_behind() {
         assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
         drop(vm);
     }
-    std::thread::sleep(Duration::from_millis(200));
-    let after = open_fds(daemon.0.id());
+    let after = quiet_fds(daemon.0.id());
     println!("daemon open files: {baseline} before, {after} after {kills} kills");
     assert!(
         after <= baseline,

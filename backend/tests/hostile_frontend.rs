@@ -16,6 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use test_frontend::fds::{open_fds, quiet_fds};
 use test_frontend::{Status, TestVm, VmOptions};
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -99,9 +100,7 @@ impl Daemon {
     }
 
     fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
-            .map(|d| d.count())
-            .unwrap_or(0)
+        open_fds(self.child.id())
     }
 
     /// The daemon's open-file count once it has settled at or below `want`
@@ -115,6 +114,11 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The daemon's idle open-file count (see [`quiet_fds`]).
+    fn quiet_fds(&self) -> usize {
+        quiet_fds(self.child.id())
     }
 }
 
@@ -349,7 +353,7 @@ fn reconnects() -> usize {
 fn front_ends_coming_and_going_leave_no_open_files_behind() {
     let mut d = Daemon::start("fd-leak", &[]);
     d.assert_serves();
-    let baseline = d.settled_fds(0, Duration::from_millis(200));
+    let baseline = d.quiet_fds();
     let n = reconnects();
     let t0 = Instant::now();
     for i in 0..n {
@@ -414,7 +418,7 @@ fn at_the_open_file_limit_a_front_end_is_refused_with_a_logged_error_never_a_sta
     let mut d = Daemon::start("emfile", &[]);
     d.assert_serves();
     let pid = d.child.id();
-    let baseline = d.settled_fds(0, Duration::from_millis(200)) as u64;
+    let baseline = d.quiet_fds() as u64;
     // Every limit from "no room at all" up, and around the room the daemon
     // wants before it takes a connection (64 files): no limit may leave a
     // handshake hanging halfway.
@@ -448,5 +452,9 @@ fn at_the_open_file_limit_a_front_end_is_refused_with_a_logged_error_never_a_sta
         "the log says the daemon ran out of open files:\n{log}"
     );
     let after = d.settled_fds(baseline as usize, Duration::from_secs(10));
-    assert_eq!(after as u64, baseline, "nothing leaked on the error paths");
+    assert!(
+        after as u64 <= baseline,
+        "{} files leaked on the error paths ({baseline} before, {after} after)",
+        after as u64 - baseline
+    );
 }

@@ -31,6 +31,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod fds;
 pub mod ram;
 pub mod vm;
 pub mod vring;
