@@ -10,6 +10,7 @@
 //! - [`poll`]: the adaptive busy-polling window of the request queue;
 //! - [`mirror`]: what QEMU needs of the state (docs/mirror-protocol.md): a
 //!   shared translation table and the events QEMU acts on;
+//! - [`journal`]: the state file a restarted daemon recovers from;
 //! - [`guest_ram`]: guest physical addresses → the daemon's mapping of them;
 //! - [`exit_event`]: the vring workers' exit events, closed after each connection;
 //! - [`emulated`]: the device model over the in-process iommufd model;
@@ -28,6 +29,7 @@ pub mod dirty_log;
 pub mod emulated;
 pub mod exit_event;
 pub mod guest_ram;
+pub mod journal;
 pub mod mirror;
 pub mod passthrough;
 pub mod poll;

@@ -10,6 +10,7 @@ use clap::{Parser, ValueEnum};
 use iopt::kernel::KernelIommufd;
 use vhost_user_iommu::config::RawConfig;
 use vhost_user_iommu::guest_ram::MemoryFiles;
+use vhost_user_iommu::journal::Journal;
 use vhost_user_iommu::mirror::{Hello, MirrorHandle, MirrorMemory, MirrorServer};
 use vhost_user_iommu::serve::{Server, SocketSource};
 use vhost_user_iommu::vhu_iommu::{BackendHooks, IommuBackend, DEFAULT_POLL_US};
@@ -119,6 +120,14 @@ struct Cli {
     #[arg(long)]
     allow_unsealed_memory: bool,
 
+    /// Journal the device's state to this file (create it if missing; best
+    /// on a tmpfs, private to this daemon, about 32 MiB at most), and
+    /// recover it at start: a daemon restarted under a running guest (QEMU
+    /// with `reconnect-ms=` on both chardevs) comes back with every
+    /// attachment and mapping the guest made (docs/state-journal.md).
+    #[arg(long, value_name = "PATH")]
+    state_file: Option<PathBuf>,
+
     /// The iommufd device node (--mode iommufd).
     #[arg(long, value_name = "PATH", default_value = KernelIommufd::DEFAULT_PATH)]
     iommufd: PathBuf,
@@ -190,9 +199,20 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         true => MemoryFiles::AllowUnsealed,
         false => MemoryFiles::SealedOnly,
     };
-    let backend = IommuBackend::new(device, mirror)
+    let mut backend = IommuBackend::new(device, mirror)
         .with_polling(Duration::from_micros(cli.poll_us))
         .with_memory_files(memory_files);
+    if let Some(path) = &cli.state_file {
+        let (journal, found) = Journal::open(path)?;
+        let recovered = found.unwrap_or_else(|e| {
+            log::error!(
+                "state file {}: {e}: nothing recovered, starting over",
+                path.display()
+            );
+            None
+        });
+        backend = backend.with_journal(journal, recovered);
+    }
     let _ = hooks.0.set(backend.clone());
     log::info!(
         "virtio-iommu ({:?} mode): {} endpoints, page size mask {:#x}, input range {:#x}-{:#x}",

@@ -310,6 +310,9 @@ impl Server {
         for handler in daemon.get_epoll_handlers() {
             handler.send_exit_event();
         }
+        if self.stopper.stopped() {
+            backend.stopping();
+        }
         backend.disconnected();
         // The workers end with the daemon (its handler joins them); a queue
         // event one of them handled meanwhile may have cached the vrings

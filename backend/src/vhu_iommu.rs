@@ -21,6 +21,7 @@ use vhost::vhost_user::message::{
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_iommu::journal::{self, Answered, Completion};
 use virtio_iommu::{Change, Device, NoRam};
 use virtio_queue::QueueT;
 use vm_memory::{
@@ -34,6 +35,7 @@ use crate::chain;
 use crate::device_state::{Finished, Transfer};
 use crate::exit_event::ExitEvents;
 use crate::guest_ram::{self, GuestMem, GuestRamView, MemoryFiles};
+use crate::journal::{Journal, Journaled, Recovered};
 
 /// The daemon's vrings, over its logged guest memory.
 type Vring = vhost_user_backend::VringRwLock<GuestMemoryAtomic<GuestMem>>;
@@ -99,6 +101,9 @@ pub struct QueueStats {
 /// The shared translation table QEMU reads (docs/mirror-protocol.md §11).
 type SharedTable = TranslationTable<Arc<SharedMem>>;
 
+/// Where the device's changes go: the mirror's batch, and the state file.
+type Sink<'j, 'b> = Journaled<'j, Batch<'b, Arc<SharedMem>>>;
+
 struct State {
     device: IommuDevice,
     mem: Option<GuestMemoryAtomic<GuestMem>>,
@@ -120,6 +125,14 @@ struct State {
     poll: AdaptivePoll,
     /// A migration state transfer in flight (SET_DEVICE_STATE_FD).
     transfer: Option<Transfer>,
+    /// The state file, with `--state-file` (src/journal.rs).
+    journal: Option<Journal>,
+    /// Requests a previous daemon carried out whose completion the driver
+    /// may not have seen: answered from the journal, not carried out again.
+    answered: Answered,
+    /// The device was recovered from the state file: the next front-end
+    /// (QEMU reconnecting) finds it as the guest left it, not reset.
+    recovered: bool,
 }
 
 /// The virtio-iommu vhost-user backend. Cheap to clone: clones share the
@@ -151,6 +164,9 @@ impl IommuBackend {
                 last_session: None,
                 poll: AdaptivePoll::new(Duration::ZERO),
                 transfer: None,
+                journal: None,
+                answered: Answered::default(),
+                recovered: false,
             })),
             mirror,
             memory_files: MemoryFiles::default(),
@@ -172,6 +188,46 @@ impl IommuBackend {
         self
     }
 
+    /// Journal every change to the state file `journal` (src/journal.rs),
+    /// after becoming the device `recovered` describes, if a previous
+    /// daemon left one: its attachments and mappings (entering the IOASes
+    /// when the front-end's memory table arrives), and the requests it
+    /// carried out that the driver may not have seen completed. A state
+    /// the device refuses (a daemon started with other options) is logged
+    /// and the device starts reset.
+    pub fn with_journal(self, journal: Journal, recovered: Option<Recovered>) -> Self {
+        {
+            let mut st = self.lock();
+            let mut answered = Answered::default();
+            if let Some(r) = recovered {
+                let restored = self.change_then(&mut st, true, |device, sink| {
+                    device.restore_state(&r.state, &NoRam, sink)
+                });
+                match restored {
+                    Ok(()) => {
+                        log::info!(
+                            "state file: recovered {} attachments and mappings ({} records, \
+                             {} completions to answer again)",
+                            r.state.entries.len(),
+                            r.records,
+                            r.answered.pending().len()
+                        );
+                        st.recovered = true;
+                        answered = r.answered;
+                    }
+                    Err(e) => log::error!(
+                        "state file: the recovered state was refused ({e}): starting reset"
+                    ),
+                }
+            }
+            let mut journal = journal;
+            journal.start(&st.device, &answered);
+            st.answered = answered;
+            st.journal = Some(journal);
+        }
+        self
+    }
+
     /// The exit events the serve loop prepares before each connection and
     /// reclaims after it (src/exit_event.rs).
     pub fn exit_events(&self) -> &ExitEvents {
@@ -188,7 +244,14 @@ impl IommuBackend {
     /// Start over for a new front-end connection: the device at power-on,
     /// no memory, no vrings (the old front-end's state is gone).
     pub fn new_connection(&self) {
-        self.forget_front_end(&mut self.lock());
+        let mut st = self.lock();
+        if std::mem::take(&mut st.recovered) {
+            // The front-end of the recovered device reconnecting: keep it.
+            st.mem = None;
+            st.vrings = None;
+            return;
+        }
+        self.forget_front_end(&mut st);
     }
 
     /// The front-end is gone, and its guest memory with it: no IOAS may keep
@@ -202,6 +265,16 @@ impl IommuBackend {
         let mut st = self.lock();
         st.last_session = Some(st.device.stats());
         self.forget_front_end(&mut st);
+    }
+
+    /// The daemon is stopping (a signal) under a front-end that is still
+    /// there: the state file keeps the state as it is, for the daemon that
+    /// will take over (nothing after this is journalled; the reset that
+    /// follows releases this process's resources only).
+    pub fn stopping(&self) {
+        if self.lock().journal.take().is_some() {
+            log::info!("state file: kept for the next daemon");
+        }
     }
 
     /// Drop the vrings a queue event cached after [`Self::disconnected`]:
@@ -228,7 +301,7 @@ impl IommuBackend {
     fn change<R>(
         &self,
         st: &mut State,
-        f: impl FnOnce(&mut IommuDevice, &mut Batch<'_, Arc<SharedMem>>) -> R,
+        f: impl FnOnce(&mut IommuDevice, &mut Sink<'_, '_>) -> R,
     ) -> R {
         self.change_then(st, false, f)
     }
@@ -239,16 +312,26 @@ impl IommuBackend {
         &self,
         st: &mut State,
         sync: bool,
-        f: impl FnOnce(&mut IommuDevice, &mut Batch<'_, Arc<SharedMem>>) -> R,
+        f: impl FnOnce(&mut IommuDevice, &mut Sink<'_, '_>) -> R,
     ) -> R {
         let State {
             device,
             table,
             records,
+            journal,
             ..
         } = st;
         let mut batch = Batch::new(table.as_mut(), records);
-        let r = f(device, &mut batch);
+        let r = f(
+            device,
+            &mut Journaled {
+                sink: &mut batch,
+                journal: journal.as_mut(),
+            },
+        );
+        if let Some(j) = journal.as_mut() {
+            j.commit(device);
+        }
         let out = batch.finish(self.mirror.notifier_flags());
         let ticket = match sync {
             true => self.mirror.publish_sync(out),
@@ -496,10 +579,11 @@ impl IommuBackend {
             st.completed.clear();
             let mut batch = Batch::new(st.table.as_mut(), &mut st.records);
             loop {
-                let chain = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(mem.clone());
+                let (pos, chain) = {
+                    let mut vr = vring.get_mut();
+                    let q = vr.get_queue_mut();
+                    (q.next_avail(), q.pop_descriptor_chain(mem.clone()))
+                };
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
                 // Guest-supplied buffers are checked once, all of them: a
@@ -514,12 +598,44 @@ impl IommuBackend {
                     }
                 };
                 let room = usize::try_from(layout.writable).map_or(MAX_REPLY, |w| w.min(MAX_REPLY));
-                let written = st.device.handle_request(
-                    &req[..layout.request_len],
-                    &mut reply[..room],
-                    &ram,
-                    &mut batch,
-                );
+                let request = &req[..layout.request_len];
+                let reply = &mut reply[..room];
+                let answered = match st.answered.is_empty() {
+                    true => None,
+                    false => st.answered.take(pos, journal::digest(request)),
+                };
+                let written = match answered {
+                    // Carried out by the daemon before a restart: its
+                    // status again, nothing carried out twice.
+                    Some(status) => journal::write_status(reply, status),
+                    None => {
+                        let written = st.device.handle_request(
+                            request,
+                            reply,
+                            &ram,
+                            &mut Journaled {
+                                sink: &mut batch,
+                                journal: st.journal.as_mut(),
+                            },
+                        );
+                        if let Some(j) = st.journal.as_mut() {
+                            if let Some(status) =
+                                journal::changing_status(request, &reply[..written])
+                            {
+                                let digest = journal::digest(request);
+                                j.done(
+                                    Completion {
+                                        pos,
+                                        status,
+                                        digest,
+                                    },
+                                    &st.device,
+                                );
+                            }
+                        }
+                        written
+                    }
+                };
                 let used = match chain::write_reply(chain, &mem, &reply[..written]) {
                     Ok(n) => n as u32,
                     Err(_) => {
@@ -600,7 +716,12 @@ impl VhostUserBackend for IommuBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        self.lock().device.set_acked_features(features);
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        st.device.set_acked_features(features);
+        if let Some(j) = st.journal.as_mut() {
+            j.commit(&st.device);
+        }
     }
 
     /// CONFIG is required by QEMU's vhost-user-base; REPLY_ACK lets a

@@ -491,6 +491,11 @@ impl<F: Iommufd> Device<F> {
         self.acked = features & self.features();
     }
 
+    /// The features the driver acknowledged (offered ones only).
+    pub fn acked_features(&self) -> u64 {
+        self.acked
+    }
+
     fn acked(&self, bit: u32) -> bool {
         has(self.acked, bit)
     }

@@ -5,6 +5,8 @@
 //! - [`domain`]: a domain and the mappings the driver made in it;
 //! - [`probe`]: PROBE property writing;
 //! - [`state`]: the migration state and its format;
+//! - [`journal`]: the state journal's records, and folding them into a
+//!   state (a restarted daemon's recovery);
 //! - [`device`]: the device model — endpoints, domains, mappings, bypass,
 //!   translation — over one [`iopt::Iommufd`] IOAS per domain.
 //!
@@ -15,6 +17,7 @@
 
 pub mod device;
 pub mod domain;
+pub mod journal;
 pub mod probe;
 pub mod request;
 pub mod state;

@@ -57,11 +57,64 @@ pub enum StateError {
     BadKind { index: usize, kind: u8 },
 }
 
-fn le_u32(b: &[u8]) -> u32 {
+/// One entry's bytes: ATTACH and MAP; `None` for the changes that are not
+/// state. The state journal (src/journal.rs) records them in the same layout.
+pub(crate) fn encode_entry(c: &Change) -> Option<[u8; ENTRY_LEN]> {
+    let mut e = [0u8; ENTRY_LEN];
+    match *c {
+        Change::Attach {
+            endpoint,
+            domain,
+            bypass,
+        } => {
+            e[0] = KIND_ATTACH;
+            e[1] = if bypass { ATTACH_F_BYPASS } else { 0 };
+            e[4..8].copy_from_slice(&endpoint.to_le_bytes());
+            e[8..12].copy_from_slice(&domain.to_le_bytes());
+        }
+        Change::Map {
+            domain,
+            virt_start,
+            virt_end,
+            phys_start,
+            flags,
+        } => {
+            e[0] = KIND_MAP;
+            e[8..12].copy_from_slice(&domain.to_le_bytes());
+            e[12..16].copy_from_slice(&flags.to_le_bytes());
+            e[16..24].copy_from_slice(&virt_start.to_le_bytes());
+            e[24..32].copy_from_slice(&virt_end.to_le_bytes());
+            e[32..40].copy_from_slice(&phys_start.to_le_bytes());
+        }
+        _ => return None,
+    }
+    Some(e)
+}
+
+/// The ATTACH or MAP an entry holds; `None` for any other kind.
+pub(crate) fn decode_entry(e: &[u8]) -> Option<Change> {
+    Some(match e[0] {
+        KIND_ATTACH => Change::Attach {
+            endpoint: le_u32(&e[4..8]),
+            domain: le_u32(&e[8..12]),
+            bypass: e[1] & ATTACH_F_BYPASS != 0,
+        },
+        KIND_MAP => Change::Map {
+            domain: le_u32(&e[8..12]),
+            flags: le_u32(&e[12..16]),
+            virt_start: le_u64(&e[16..24]),
+            virt_end: le_u64(&e[24..32]),
+            phys_start: le_u64(&e[32..40]),
+        },
+        _ => return None,
+    })
+}
+
+pub(crate) fn le_u32(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
-fn le_u64(b: &[u8]) -> u64 {
+pub(crate) fn le_u64(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[..8]);
     u64::from_le_bytes(a)
@@ -85,35 +138,7 @@ impl DeviceState {
         out.extend_from_slice(&[0; 3]);
         out.extend_from_slice(&(n as u32).to_le_bytes());
         out.extend_from_slice(&[0; 8]);
-        for c in kept {
-            let mut e = [0u8; ENTRY_LEN];
-            match *c {
-                Change::Attach {
-                    endpoint,
-                    domain,
-                    bypass,
-                } => {
-                    e[0] = KIND_ATTACH;
-                    e[1] = if bypass { ATTACH_F_BYPASS } else { 0 };
-                    e[4..8].copy_from_slice(&endpoint.to_le_bytes());
-                    e[8..12].copy_from_slice(&domain.to_le_bytes());
-                }
-                Change::Map {
-                    domain,
-                    virt_start,
-                    virt_end,
-                    phys_start,
-                    flags,
-                } => {
-                    e[0] = KIND_MAP;
-                    e[8..12].copy_from_slice(&domain.to_le_bytes());
-                    e[12..16].copy_from_slice(&flags.to_le_bytes());
-                    e[16..24].copy_from_slice(&virt_start.to_le_bytes());
-                    e[24..32].copy_from_slice(&virt_end.to_le_bytes());
-                    e[32..40].copy_from_slice(&phys_start.to_le_bytes());
-                }
-                _ => continue,
-            }
+        for e in kept.filter_map(encode_entry) {
             out.extend_from_slice(&e);
         }
         out
@@ -152,21 +177,10 @@ impl DeviceState {
         }
         let mut out = Vec::with_capacity(entries as usize);
         for (index, e) in body.chunks_exact(ENTRY_LEN).enumerate() {
-            out.push(match e[0] {
-                KIND_ATTACH => Change::Attach {
-                    endpoint: le_u32(&e[4..8]),
-                    domain: le_u32(&e[8..12]),
-                    bypass: e[1] & ATTACH_F_BYPASS != 0,
-                },
-                KIND_MAP => Change::Map {
-                    domain: le_u32(&e[8..12]),
-                    flags: le_u32(&e[12..16]),
-                    virt_start: le_u64(&e[16..24]),
-                    virt_end: le_u64(&e[24..32]),
-                    phys_start: le_u64(&e[32..40]),
-                },
-                kind => return Err(StateError::BadKind { index, kind }),
-            });
+            match decode_entry(e) {
+                Some(c) => out.push(c),
+                None => return Err(StateError::BadKind { index, kind: e[0] }),
+            }
         }
         Ok(Self {
             acked_features: le_u64(&b[8..16]),

@@ -1,0 +1,213 @@
+//! A daemon restarted with `--state-file` comes back as the device its
+//! front-end left: killed (SIGKILL) or stopped (SIGTERM) under a connected
+//! front-end, the next daemon has every domain, attachment and mapping.
+//! A front-end that leaves takes the state with it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use test_frontend::{Status, TestVm, VmOptions, MAP_F_READ, MAP_F_WRITE};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-iommu");
+const RW: u32 = MAP_F_READ | MAP_F_WRITE;
+
+/// The daemon with a state file; killed however the test ends.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path, n: u32) -> Self {
+        let socket = dir.join("viommu.sock");
+        let _ = std::fs::remove_file(&socket);
+        let log = dir.join(format!("daemon-{n}.log"));
+        let child = Command::new(BIN)
+            .arg("--socket-path")
+            .arg(&socket)
+            .arg("--state-file")
+            .arg(dir.join("state"))
+            .args(["--endpoints", "8,16"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start the daemon");
+        let t = Instant::now();
+        while !socket.exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the daemon did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self { child, socket, log }
+    }
+
+    fn connect(&self) -> TestVm {
+        TestVm::connect(&self.socket, VmOptions::default()).expect("connect")
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, or SIGTERM and wait for the exit.
+    fn end(mut self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vui-restart-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Domain 1 (endpoint 8) with two mappings, domain 2 (endpoint 16) with
+/// one.
+fn make_state(vm: &mut TestVm) {
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+    assert_eq!(vm.attach(2, 16, 0).unwrap(), Status::Ok);
+    assert_eq!(
+        vm.map(1, 0x1000, 0x1fff, 0x10_0000, RW).unwrap(),
+        Status::Ok
+    );
+    assert_eq!(
+        vm.map(1, 0x8000, 0xbfff, 0x20_0000, MAP_F_READ).unwrap(),
+        Status::Ok
+    );
+    assert_eq!(
+        vm.map(2, 0x4000, 0x4fff, 0x30_0000, RW).unwrap(),
+        Status::Ok
+    );
+    // Made and gone again: must not come back.
+    assert_eq!(
+        vm.map(2, 0x6000, 0x6fff, 0x30_0000, RW).unwrap(),
+        Status::Ok
+    );
+    assert_eq!(vm.unmap(2, 0x6000, 0x6fff).unwrap(), Status::Ok);
+}
+
+/// The state `make_state` made is there: each mapping exists (a MAP over
+/// it is refused, its UNMAP succeeds once), the unmapped one does not.
+fn assert_state(vm: &mut TestVm, log: &str) {
+    for (domain, start, end) in [
+        (1, 0x1000, 0x1fff),
+        (1, 0x8000, 0xbfff),
+        (2, 0x4000, 0x4fff),
+    ] {
+        assert_ne!(
+            vm.map(domain, start, end, 0x40_0000, RW).unwrap(),
+            Status::Ok,
+            "domain {domain} {start:#x}-{end:#x} is mapped already; daemon log:\n{log}"
+        );
+    }
+    assert_eq!(
+        vm.map(2, 0x6000, 0x6fff, 0x30_0000, RW).unwrap(),
+        Status::Ok,
+        "the mapping unmapped before the restart stayed unmapped"
+    );
+    // Attached as before: attaching again is a no-op; a domain that was
+    // never made is not there.
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+    assert_eq!(vm.unmap(3, 0, 0xfff).unwrap(), Status::NoEnt);
+    // Splitting a recovered mapping is refused like any other (§5.13.6.6).
+    assert_eq!(vm.unmap(1, 0x8000, 0x8fff).unwrap(), Status::Range);
+    assert_eq!(vm.unmap(1, 0x8000, 0xbfff).unwrap(), Status::Ok);
+}
+
+fn restart_keeps_the_state(signal: i32, name: &str) {
+    let dir = scratch(name);
+    let first = Daemon::start(&dir, 1);
+    let mut vm = first.connect();
+    make_state(&mut vm);
+    // The front-end stays connected: the daemon goes first.
+    first.end(signal);
+    let second = Daemon::start(&dir, 2);
+    drop(vm);
+    let mut vm = second.connect();
+    let log = second.log_text();
+    assert!(
+        log.contains("recovered 5 attachments and mappings"),
+        "the second daemon says what it recovered:\n{log}"
+    );
+    assert_state(&mut vm, &log);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_daemon_killed_under_its_front_end_comes_back_with_every_mapping() {
+    restart_keeps_the_state(libc::SIGKILL, "kill");
+}
+
+#[test]
+fn a_daemon_stopped_under_its_front_end_leaves_its_state_to_the_next() {
+    restart_keeps_the_state(libc::SIGTERM, "term");
+}
+
+#[test]
+fn a_front_end_that_leaves_takes_the_state_with_it() {
+    let dir = scratch("leave");
+    let first = Daemon::start(&dir, 1);
+    let mut vm = first.connect();
+    make_state(&mut vm);
+    drop(vm);
+    // The daemon resets the device when its front-end leaves (after the
+    // socket closes, on its own time).
+    std::thread::sleep(Duration::from_millis(300));
+    first.end(libc::SIGKILL);
+    let second = Daemon::start(&dir, 2);
+    let mut vm = second.connect();
+    assert_eq!(
+        vm.unmap(1, 0, 0xfff).unwrap(),
+        Status::NoEnt,
+        "domain 1 outlived its front-end:\n{}",
+        second.log_text()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_state_file_another_daemon_holds_is_refused() {
+    let dir = scratch("busy");
+    let _first = Daemon::start(&dir, 1);
+    let out = Command::new(BIN)
+        .arg("--socket-path")
+        .arg(dir.join("other.sock"))
+        .arg("--state-file")
+        .arg(dir.join("state"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another daemon"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_damaged_state_file_is_logged_and_the_device_starts_reset() {
+    let dir = scratch("damaged");
+    std::fs::write(dir.join("state"), b"not a journal at all").unwrap();
+    let d = Daemon::start(&dir, 1);
+    let mut vm = d.connect();
+    assert_eq!(vm.unmap(1, 0, 0xfff).unwrap(), Status::NoEnt);
+    assert!(
+        d.log_text().contains("nothing recovered"),
+        "{}",
+        d.log_text()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
