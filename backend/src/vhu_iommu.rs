@@ -344,10 +344,13 @@ impl IommuBackend {
     }
 
     /// Table pages of destroyed domains become reusable once QEMU cannot be
-    /// walking them: after an ACK, or with no QEMU connected.
+    /// walking them: after an ACK, or if no QEMU ever connected.
     fn release_table_pages(st: &mut State, mirror: &MirrorHandle) {
         if let Some(t) = st.table.as_mut() {
-            if t.stats().pages_in_limbo > 0 && !mirror.is_connected() {
+            // A QEMU whose link closed keeps translating with its frozen
+            // copy (docs/mirror-protocol.md §6 rule 4): the pages it may
+            // walk are reused only after the next connection's ACK.
+            if t.stats().pages_in_limbo > 0 && mirror.never_connected() {
                 t.release_limbo();
             }
         }

@@ -379,6 +379,18 @@ impl Run {
     }
 }
 
+/// Where QEMU finds the daemon.
+#[derive(Clone, Copy, Debug)]
+pub struct Sockets<'a> {
+    /// The vhost-user socket.
+    pub socket: &'a Path,
+    /// The mirror socket.
+    pub mirror: &'a Path,
+    /// QEMU reconnects the vhost-user socket too (`reconnect-ms=`), so a
+    /// daemon can be restarted under the guest.
+    pub reconnect: bool,
+}
+
 /// A guest to boot.
 #[derive(Clone, Debug)]
 pub struct Guest {
@@ -439,11 +451,24 @@ impl Guest {
     /// The `scripts/guest/run-guest.sh` command that boots it, for a caller
     /// that drives it while it runs (a monitor, a migration).
     pub fn command(&self, daemon: Option<&Daemon>) -> Command {
+        self.command_with(daemon.map(|d| Sockets {
+            socket: &d.socket,
+            mirror: &d.mirror,
+            reconnect: false,
+        }))
+    }
+
+    /// [`Self::command`] for a daemon that is not in this process.
+    pub fn command_with(&self, daemon: Option<Sockets<'_>>) -> Command {
         const MEM: &str = "1G";
         let mut args: Vec<String> = Vec::new();
         match self.viommu {
             Viommu::Ours => {
                 let d = daemon.expect("our vIOMMU needs the daemon");
+                let vhost_user = match d.reconnect {
+                    true => ",reconnect-ms=200",
+                    false => "",
+                };
                 args.extend(
                     [
                         "-object",
@@ -451,9 +476,9 @@ impl Guest {
                         "-numa",
                         "node,memdev=mem",
                         "-chardev",
-                        &format!("socket,id=c0,path={}", d.socket.display()),
+                        &format!("socket,id=c0,path={}{vhost_user}", d.socket.display()),
                         "-chardev",
-                        &format!("socket,id=m0,path={},reconnect-ms=1000", d.mirror.display()),
+                        &format!("socket,id=m0,path={},reconnect-ms=200", d.mirror.display()),
                         "-device",
                         "vhost-user-iommu,chardev=c0,mirror=m0",
                     ]
@@ -514,4 +539,60 @@ pub fn disk_image(dir: &Path, mib: u64) -> PathBuf {
     let f = std::fs::File::create(&p).expect("disk image");
     f.set_len(mib << 20).expect("disk size");
     p
+}
+
+/// A guest running while the test drives it, its serial output going to a
+/// file; killed however the test ends.
+#[derive(Debug)]
+pub struct Running {
+    pub child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Running {
+    /// Spawn `cmd` (a [`Guest::command`]) with its output to `log`.
+    pub fn start(mut cmd: Command, log: &Path) -> Self {
+        let out = std::fs::File::create(log).expect("guest log");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("guest log"))
+            .stderr(out)
+            .spawn()
+            .expect("run-guest.sh");
+        Self {
+            child,
+            log: log.to_owned(),
+        }
+    }
+
+    /// The output so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Wait until the output holds `needle`; panics (with the output) on
+    /// timeout, a failure line, or QEMU's end.
+    #[track_caller]
+    pub fn wait_for(&mut self, needle: &str, limit: Duration) {
+        let t0 = Instant::now();
+        loop {
+            let out = self.output();
+            assert!(!out.contains("VUI-FAIL"), "the guest failed:\n{out}");
+            if out.contains(needle) {
+                return;
+            }
+            if let Some(status) = self.child.try_wait().expect("QEMU's status") {
+                panic!("QEMU ended ({status}) before {needle:?}:\n{out}");
+            }
+            assert!(t0.elapsed() < limit, "no {needle:?} in {limit:?}:\n{out}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

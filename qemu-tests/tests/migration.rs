@@ -6,66 +6,13 @@
 //! DEVICE_STATE, docs/device-state.md); the guest's DMA must keep verifying,
 //! including through mappings made before the move (the virtqueues').
 
-use std::fs::File;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Stdio};
+
 use std::time::{Duration, Instant};
 
-use qemu_tests::{disk_image, scratch, skip_unless_ready, Daemon, Guest, Viommu};
-
-/// A running guest whose serial output goes to a file.
-struct Running {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Running {
-    fn start(g: &Guest, daemon: &Daemon, log: &Path) -> Self {
-        let out = File::create(log).unwrap();
-        let child = g
-            .command(Some(daemon))
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("run-guest.sh");
-        Self {
-            child,
-            log: log.to_owned(),
-        }
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Wait until the output holds `needle`; panics (with the output) on
-    /// timeout or a failure line.
-    fn wait_for(&mut self, needle: &str, limit: Duration) {
-        let t0 = Instant::now();
-        loop {
-            let out = self.output();
-            assert!(!out.contains("VUI-FAIL"), "the guest failed:\n{out}");
-            if out.contains(needle) {
-                return;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("QEMU ended ({status}) before {needle:?}:\n{out}");
-            }
-            assert!(t0.elapsed() < limit, "no {needle:?} in {limit:?}:\n{out}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use qemu_tests::{disk_image, scratch, skip_unless_ready, Daemon, Guest, Running, Viommu};
 
 /// One human monitor command; its answer.
 fn hmp(socket: &Path, command: &str) -> String {
@@ -141,7 +88,7 @@ fn migrate(how: Move) {
         let daemon = Daemon::start(&dst_dir);
         let mut guest = g.clone();
         guest.qemu_args = vec!["-incoming".into(), uri.clone()];
-        let running = Running::start(&guest, &daemon, &dst_dir.join("serial.log"));
+        let running = Running::start(guest.command(Some(&daemon)), &dst_dir.join("serial.log"));
         (daemon, running)
     };
 
@@ -166,7 +113,10 @@ fn migrate(how: Move) {
         "-monitor".into(),
         format!("unix:{},server=on,wait=off", monitor.display()),
     ];
-    let mut src = Running::start(&src_guest, &src_daemon, &src_dir.join("serial.log"));
+    let mut src = Running::start(
+        src_guest.command(Some(&src_daemon)),
+        &src_dir.join("serial.log"),
+    );
     src.wait_for("VUI-ROUND 2 ok", Duration::from_secs(240));
     let answer = hmp(&monitor, &format!("migrate {uri}"));
     assert!(!answer.contains("rror"), "migrate: {answer}");

@@ -210,6 +210,13 @@ impl MirrorHandle {
     pub fn is_connected(&self) -> bool {
         self.shared.lock().conn.as_ref().is_some_and(|c| !c.closed)
     }
+
+    /// Whether no QEMU is connected and none ever was: then no QEMU can be
+    /// holding a frozen copy of the state (§6 rule 4) whose walks could
+    /// reach table pages of destroyed domains.
+    pub fn never_connected(&self) -> bool {
+        self.shared.lock().next_conn_id == 0
+    }
 }
 
 fn enqueue(conn: &mut Conn, records: &[Record], sync_last: bool) -> Option<Ticket> {
