@@ -12,26 +12,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use test_frontend::fds::quiet_fds;
+use test_frontend::rng::Rng;
 use test_frontend::{Request, Status, TestVm, VmOptions};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-iommu");
 const CHILD: &str = "VUI_KILL_CHILD";
 /// Kills per run: `VUI_KILLS` (default 40, about 10 s).
 const DEFAULT_KILLS: u32 = 40;
-
-/// A small seeded generator (SplitMix64): the kill points replay from the
-/// seed printed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
 
 fn alive(daemon: &mut Child) -> bool {
     daemon.try_wait().unwrap().is_none()
@@ -141,7 +128,7 @@ fn a_front_end_killed_anywhere_under_load_leaves_nothing_behind() {
             .spawn()
             .unwrap();
         // Anywhere from before the handshake to deep in the load.
-        std::thread::sleep(Duration::from_millis(rng.next() % 300));
+        std::thread::sleep(Duration::from_millis(rng.next_u64() % 300));
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(alive(&mut daemon.0), "kill {k}: the daemon died");

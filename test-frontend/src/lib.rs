@@ -33,6 +33,7 @@
 
 pub mod fds;
 pub mod ram;
+pub mod rng;
 pub mod vm;
 pub mod vring;
 pub mod wire;
