@@ -596,3 +596,24 @@ impl Drop for Running {
         let _ = self.child.wait();
     }
 }
+
+/// One human monitor command on the monitor socket at `socket`
+/// (`-monitor unix:PATH,server=on,wait=off`); its answer.
+pub fn hmp(socket: &Path, command: &str) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("monitor socket");
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    std::io::Write::write_all(&mut s, format!("{command}\n").as_bytes()).expect("monitor write");
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(2) {
+        match std::io::Read::read(&mut s, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) if !out.is_empty() => break,
+            Err(_) => {}
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

@@ -6,33 +6,10 @@
 //! DEVICE_STATE, docs/device-state.md); the guest's DMA must keep verifying,
 //! including through mappings made before the move (the virtqueues').
 
-use std::io::Write;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
-
 use std::time::{Duration, Instant};
 
-use qemu_tests::{disk_image, scratch, skip_unless_ready, Daemon, Guest, Running, Viommu};
-
-/// One human monitor command; its answer.
-fn hmp(socket: &Path, command: &str) -> String {
-    let mut s = UnixStream::connect(socket).expect("monitor socket");
-    s.set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    writeln!(s, "{command}").unwrap();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(2) {
-        match std::io::Read::read(&mut s, &mut buf) {
-            Ok(0) => break,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(_) if !out.is_empty() => break,
-            Err(_) => {}
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+use qemu_tests::{disk_image, hmp, scratch, skip_unless_ready, Daemon, Guest, Running, Viommu};
 
 /// Where the machine goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
