@@ -93,6 +93,9 @@ pub struct QueueStats {
     pub bad_chains: u64,
     /// Batches that waited for a mirror ACK.
     pub acked_batches: u64,
+    /// Requests a previous daemon carried out (its state file says so),
+    /// answered again with their status rather than carried out twice.
+    pub answered_again: u64,
     /// Fault events written to the event queue / dropped for lack of buffers.
     pub faults_delivered: u64,
     pub faults_dropped: u64,
@@ -206,14 +209,17 @@ impl IommuBackend {
                 match restored {
                     Ok(()) => {
                         log::info!(
-                            "state file: recovered {} attachments and mappings ({} records, \
-                             {} completions to answer again)",
+                            "state file: recovered {} attachments and mappings ({} records; \
+                             the last {} completions kept to answer requests that come again)",
                             r.state.entries.len(),
                             r.records,
                             r.answered.pending().len()
                         );
                         st.recovered = true;
                         answered = r.answered;
+                        // Its QEMU kept running, translating with a frozen
+                        // copy: requests wait until it has this state.
+                        self.mirror.expect_peer(true);
                     }
                     Err(e) => log::error!(
                         "state file: the recovered state was refused ({e}): starting reset"
@@ -262,6 +268,8 @@ impl IommuBackend {
         // A request parked for a mirror ACK must not hold the worker (and so
         // the next front-end) until the ACK timeout (mirror protocol §7).
         self.mirror.release_waiters();
+        // Its QEMU is gone, and any copy of the state with it.
+        self.mirror.expect_peer(false);
         let mut st = self.lock();
         st.last_session = Some(st.device.stats());
         self.forget_front_end(&mut st);
@@ -605,7 +613,18 @@ impl IommuBackend {
                 let reply = &mut reply[..room];
                 let answered = match st.answered.is_empty() {
                     true => None,
-                    false => st.answered.take(pos, journal::digest(request)),
+                    false => {
+                        let a = st.answered.take(pos, journal::digest(request));
+                        st.stats.answered_again += u64::from(a.is_some());
+                        if st.answered.is_empty() {
+                            log::info!(
+                                "state file: {} requests the previous daemon carried out were \
+                                 answered, not carried out again",
+                                st.stats.answered_again
+                            );
+                        }
+                        a
+                    }
                 };
                 let written = match answered {
                     // Carried out by the daemon before a restart: its
@@ -664,14 +683,18 @@ impl IommuBackend {
         };
         // Wait for QEMU holding neither the device lock nor a vring lock
         // (docs/mirror-protocol.md §8 rules 1-2); stop_vring releases us.
-        let acked = match ticket.map(|t| self.mirror.wait(t, ACK_TIMEOUT)) {
-            Some(WaitOutcome::TimedOut) => {
-                log::error!("mirror: completing requests after an ACK timeout (link closed)");
-                false
-            }
-            Some(WaitOutcome::Acked) => true,
-            _ => false,
-        };
+        let outcome = ticket.map(|t| self.mirror.wait(t, ACK_TIMEOUT));
+        if outcome == Some(WaitOutcome::TimedOut) {
+            log::error!("mirror: no ACK in {ACK_TIMEOUT:?}: link closed, requests wait for QEMU");
+        }
+        let acked = outcome == Some(WaitOutcome::Acked);
+        if !acked && outcome != Some(WaitOutcome::Released) {
+            // No QEMU has these changes: one whose link closed (or whose
+            // daemon was restarted) translates with its frozen copy until it
+            // connects again, so nothing completes before a QEMU has the
+            // current state (docs/mirror-protocol.md §6 rule 4).
+            self.mirror.wait_synced();
+        }
         for &(head, len) in &completed {
             vring.add_used(head, len).map_err(io::Error::other)?;
         }

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use test_frontend::{Status, TestVm, VmOptions, MAP_F_READ, MAP_F_WRITE};
+use test_frontend::rng::Rng;
+use test_frontend::{Request, Status, TestVm, VmOptions, MAP_F_READ, MAP_F_WRITE};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-iommu");
 const RW: u32 = MAP_F_READ | MAP_F_WRITE;
@@ -210,4 +211,81 @@ fn a_damaged_state_file_is_logged_and_the_device_starts_reset() {
         d.log_text()
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The daemon dies while it works through a ring of MAPs; the front-end
+/// restarts the ring at its used index on the next daemon, as QEMU does, so
+/// requests the dead daemon carried out but never completed come again.
+/// Each must complete OK exactly once: carried out twice, a MAP would fail
+/// on its own mapping. The state ends with every mapping exactly once.
+#[test]
+fn requests_in_flight_when_the_daemon_dies_are_carried_out_exactly_once() {
+    let dir = scratch("inflight");
+    let mut rng = Rng(0x1f11);
+    let mut daemon = Daemon::start(&dir, 0);
+    let mut vm = daemon.connect();
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+    let mut mapped = 0u64;
+    let mut logs = String::new();
+    for round in 1..=12 {
+        let reqs: Vec<Request> = (mapped..mapped + 256)
+            .map(|page| Request::Map {
+                domain: 1,
+                virt_start: page << 12,
+                virt_end: (page << 12) | 0xfff,
+                phys_start: (page % 4096) << 12,
+                flags: RW,
+            })
+            .collect();
+        let posted = vm.submit(&reqs).unwrap();
+        std::thread::sleep(Duration::from_micros(rng.below(800)));
+        daemon.end(libc::SIGKILL);
+        daemon = Daemon::start(&dir, round);
+        vm.reconnect(&daemon.socket).unwrap();
+        let t = Instant::now();
+        let mut done = 0;
+        while done < posted {
+            match vm.poll_completion().unwrap() {
+                Some(c) => {
+                    assert_eq!(
+                        c.status,
+                        Status::Ok,
+                        "round {round}: a MAP in flight at the kill failed (carried out twice?); \
+                         daemon log:\n{}",
+                        daemon.log_text()
+                    );
+                    done += 1;
+                }
+                None => {
+                    assert!(
+                        t.elapsed() < Duration::from_secs(10),
+                        "round {round}: {done} of {posted} completed; daemon log:\n{}",
+                        daemon.log_text()
+                    );
+                    std::thread::yield_now();
+                }
+            }
+        }
+        mapped += posted as u64;
+        logs.push_str(&daemon.log_text());
+    }
+    let state = virtio_iommu::DeviceState::decode(&vm.save_state().unwrap()).unwrap();
+    let maps = state
+        .entries
+        .iter()
+        .filter(|e| matches!(e, virtio_iommu::Change::Map { .. }))
+        .count();
+    assert_eq!(maps as u64, mapped, "every MAP exactly once");
+    let answered: u64 = logs
+        .lines()
+        .filter_map(|l| {
+            l.split("state file: ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    println!("{mapped} MAPs over 12 daemon kills; {answered} answered from the state file");
 }

@@ -166,50 +166,8 @@ impl TestVm {
     /// this, both queues are live and the event queue has buffers.
     pub fn connect(socket: &Path, opts: VmOptions) -> Result<TestVm> {
         let ram = Arc::new(GuestRam::new(&opts.regions)?);
-        let frontend = Frontend::connect(socket, NUM_QUEUES as u64)?;
         let mut reqq = VirtQueue::new(ram.clone(), opts.queue_size)?;
         let mut evq = VirtQueue::new(ram.clone(), opts.queue_size)?;
-
-        frontend.set_owner()?;
-        let offered = frontend.get_features()?;
-        for (bit, name) in [
-            (feature::VERSION_1, "VIRTIO_F_VERSION_1"),
-            (feature::PROTOCOL_FEATURES, "VHOST_USER_F_PROTOCOL_FEATURES"),
-        ] {
-            if offered & bit == 0 {
-                return Err(Error::BadReply(format!(
-                    "device features {offered:#x} lack {name}"
-                )));
-            }
-        }
-        let device = opts.device_features.unwrap_or(feature::DEFAULT_WANTED) & offered & 0xff_ffff; // device-specific bits only
-        let mut acked = feature::VERSION_1 | feature::PROTOCOL_FEATURES | device;
-        if opts.event_idx {
-            acked |= offered & feature::RING_EVENT_IDX;
-        }
-        frontend.set_features(acked)?;
-
-        let mut fe = frontend;
-        let protocol_offered = fe.get_protocol_features()?;
-        let mut proto = VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::DEVICE_STATE
-            | VhostUserProtocolFeatures::LOG_SHMFD;
-        if opts.reply_ack {
-            proto |= VhostUserProtocolFeatures::REPLY_ACK;
-        }
-        let proto = proto & protocol_offered;
-        fe.set_protocol_features(proto)?;
-        if proto.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-            // vhost's Frontend only waits for an ack when the header asks
-            // for one; GET_* messages have their own reply and are not acked.
-            fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        }
-
-        fe.set_mem_table(&ram.vhost_regions())?;
-
-        let event_idx = acked & feature::RING_EVENT_IDX != 0;
-        reqq.set_event_idx(event_idx);
-        evq.set_event_idx(event_idx);
 
         // Event buffers are posted before the rings go live, like a driver
         // that fills its receive queue before DRIVER_OK.
@@ -220,46 +178,8 @@ impl TestVm {
             let head = evq.add_chain(&[Desc::writable(gpa, FAULT_LEN as u32)])?;
             evbuf_of_head[head as usize] = gpa;
         }
-
-        for (index, q) in [(REQUEST_QUEUE, &reqq), (EVENT_QUEUE, &evq)] {
-            let a = q.addrs();
-            let va = |gpa: u64| -> Result<u64> {
-                Ok(ram.mem().get_host_address(GuestAddress(gpa)).map_err(|e| {
-                    Error::Ram(RamError::Access {
-                        gpa,
-                        len: 0,
-                        msg: e.to_string(),
-                    })
-                })? as u64)
-            };
-            fe.set_vring_num(index, q.size())?;
-            // vhost-user ring addresses are front-end virtual addresses,
-            // translated by the backend through the memory table.
-            fe.set_vring_addr(
-                index,
-                &VringConfigData {
-                    queue_max_size: q.size(),
-                    queue_size: q.size(),
-                    flags: 0,
-                    desc_table_addr: va(a.desc)?,
-                    used_ring_addr: va(a.used)?,
-                    avail_ring_addr: va(a.avail)?,
-                    log_addr: None,
-                },
-            )?;
-            fe.set_vring_base(index, 0)?;
-            fe.set_vring_call(index, q.call_fd())?;
-            fe.set_vring_kick(index, q.kick_fd())?;
-            fe.set_vring_err(index, q.err_fd())?;
-            fe.set_vring_enable(index, true)?;
-        }
-
-        let negotiated = Negotiated {
-            offered,
-            acked,
-            protocol_offered: protocol_offered.bits(),
-            protocol_acked: proto.bits(),
-        };
+        let (fe, negotiated) = handshake(socket, &opts, &ram, [&mut reqq, &mut evq], [0, 0])?;
+        let proto = VhostUserProtocolFeatures::from_bits_truncate(negotiated.protocol_acked);
 
         let mut vm = TestVm {
             frontend: fe,
@@ -315,6 +235,28 @@ impl TestVm {
     }
 
     /// The vhost-user front-end, for messages this type does not wrap.
+    /// The back-end at `socket` took over from one that died or stopped
+    /// (a daemon restarted on its state file): connect to it and hand it
+    /// the same memory and rings, each restarted at its used index — what
+    /// QEMU does when its vhost-user socket reconnects — so that requests
+    /// still in flight come again. The event queue keeps its buffers.
+    pub fn reconnect(&mut self, socket: &Path) -> Result<()> {
+        let bases = [self.reqq.used_idx()?, self.evq.used_idx()?];
+        let (fe, negotiated) = handshake(
+            socket,
+            &self.opts,
+            &self.ram,
+            [&mut self.reqq, &mut self.evq],
+            bases,
+        )?;
+        self.frontend = fe;
+        self.negotiated = negotiated;
+        // Requests may be waiting on the ring: kick whatever the event
+        // index says (QEMU's fresh host notifier starts signalled).
+        self.reqq.kick()?;
+        Ok(())
+    }
+
     /// Migration, source side: the device's state, as vhost-user
     /// `SET_DEVICE_STATE_FD(SAVE, STOPPED)` + `CHECK_DEVICE_STATE` give it.
     pub fn save_state(&mut self) -> Result<Vec<u8>> {
@@ -740,4 +682,98 @@ fn pipe() -> std::io::Result<(std::fs::File, std::os::fd::OwnedFd)> {
         )
     };
     Ok((r, w))
+}
+
+/// The vhost-user handshake of a front-end whose guest memory is `ram` and
+/// whose queues are `queues`, started at the available-ring positions
+/// `bases` (0 for new rings; the used index for a front-end whose back-end
+/// restarted, as QEMU does): owner, features, protocol features, memory
+/// table, then each vring.
+fn handshake(
+    socket: &Path,
+    opts: &VmOptions,
+    ram: &GuestRam,
+    queues: [&mut VirtQueue; NUM_QUEUES],
+    bases: [u16; NUM_QUEUES],
+) -> Result<(Frontend, Negotiated)> {
+    let frontend = Frontend::connect(socket, NUM_QUEUES as u64)?;
+    frontend.set_owner()?;
+    let offered = frontend.get_features()?;
+    for (bit, name) in [
+        (feature::VERSION_1, "VIRTIO_F_VERSION_1"),
+        (feature::PROTOCOL_FEATURES, "VHOST_USER_F_PROTOCOL_FEATURES"),
+    ] {
+        if offered & bit == 0 {
+            return Err(Error::BadReply(format!(
+                "device features {offered:#x} lack {name}"
+            )));
+        }
+    }
+    let device = opts.device_features.unwrap_or(feature::DEFAULT_WANTED) & offered & 0xff_ffff; // device-specific bits only
+    let mut acked = feature::VERSION_1 | feature::PROTOCOL_FEATURES | device;
+    if opts.event_idx {
+        acked |= offered & feature::RING_EVENT_IDX;
+    }
+    frontend.set_features(acked)?;
+
+    let mut fe = frontend;
+    let protocol_offered = fe.get_protocol_features()?;
+    let mut proto = VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::DEVICE_STATE
+        | VhostUserProtocolFeatures::LOG_SHMFD;
+    if opts.reply_ack {
+        proto |= VhostUserProtocolFeatures::REPLY_ACK;
+    }
+    let proto = proto & protocol_offered;
+    fe.set_protocol_features(proto)?;
+    if proto.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+        // vhost's Frontend only waits for an ack when the header asks
+        // for one; GET_* messages have their own reply and are not acked.
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    }
+
+    fe.set_mem_table(&ram.vhost_regions())?;
+
+    let event_idx = acked & feature::RING_EVENT_IDX != 0;
+    for (index, (q, base)) in queues.into_iter().zip(bases).enumerate() {
+        q.set_event_idx(event_idx);
+        let a = q.addrs();
+        let va = |gpa: u64| -> Result<u64> {
+            Ok(ram.mem().get_host_address(GuestAddress(gpa)).map_err(|e| {
+                Error::Ram(RamError::Access {
+                    gpa,
+                    len: 0,
+                    msg: e.to_string(),
+                })
+            })? as u64)
+        };
+        fe.set_vring_num(index, q.size())?;
+        // vhost-user ring addresses are front-end virtual addresses,
+        // translated by the backend through the memory table.
+        fe.set_vring_addr(
+            index,
+            &VringConfigData {
+                queue_max_size: q.size(),
+                queue_size: q.size(),
+                flags: 0,
+                desc_table_addr: va(a.desc)?,
+                used_ring_addr: va(a.used)?,
+                avail_ring_addr: va(a.avail)?,
+                log_addr: None,
+            },
+        )?;
+        fe.set_vring_base(index, base)?;
+        fe.set_vring_call(index, q.call_fd())?;
+        fe.set_vring_kick(index, q.kick_fd())?;
+        fe.set_vring_err(index, q.err_fd())?;
+        fe.set_vring_enable(index, true)?;
+    }
+
+    let negotiated = Negotiated {
+        offered,
+        acked,
+        protocol_offered: protocol_offered.bits(),
+        protocol_acked: proto.bits(),
+    };
+    Ok((fe, negotiated))
 }

@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -86,6 +86,15 @@ struct Conn {
     next_seq: u64,
     acked: u64,
     closed: bool,
+    /// The sequence number of the connect dump's SYNC batch (0 until sent).
+    dump_seq: u64,
+}
+
+impl Conn {
+    /// QEMU has applied the dump: its copy is the daemon's state.
+    fn synced(&self) -> bool {
+        !self.closed && self.dump_seq > 0 && self.acked >= self.dump_seq
+    }
 }
 
 #[derive(Debug, Default)]
@@ -94,11 +103,19 @@ struct State {
     next_conn_id: u64,
     release_epoch: u64,
     stop: bool,
+    /// A QEMU may hold a frozen copy of the state (§6 rule 4): one
+    /// connected since the front-end came, or the daemon recovered the
+    /// state of a QEMU that kept running ([`MirrorHandle::expect_peer`]).
+    expect_peer: bool,
 }
 
 #[derive(Debug, Default)]
 struct Shared {
     state: Mutex<State>,
+    /// Requests may have to wait for a synced QEMU ([`MirrorHandle::wait_synced`]
+    /// looks under the lock); false only while one is synced or none is
+    /// expected. Set under the lock whenever that may have changed.
+    gate: AtomicBool,
     /// Signalled on ACKs, closes, releases and new outgoing bytes.
     changed: Condvar,
 }
@@ -150,7 +167,8 @@ impl MirrorHandle {
 
     /// Wait until the batch of `ticket` is acknowledged, the connection
     /// closes, waiters are released, or `timeout` passes (then the
-    /// connection is closed so that QEMU drops its copy: fail safe).
+    /// connection is closed: QEMU reconnects and gets the whole state again,
+    /// and the requests wait for that, §6 rule 4).
     pub fn wait(&self, ticket: Ticket, timeout: Duration) -> WaitOutcome {
         let deadline = Instant::now() + timeout;
         let mut st = self.shared.lock();
@@ -174,7 +192,7 @@ impl MirrorHandle {
                     ticket.seq
                 );
                 if let Some(c) = st.conn.as_mut() {
-                    close(c);
+                    close(c, &self.shared.gate);
                 }
                 drop(st);
                 self.shared.changed.notify_all();
@@ -186,6 +204,57 @@ impl MirrorHandle {
                 .wait_timeout(st, deadline - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+        }
+    }
+
+    /// Whether a QEMU may be holding a copy of the state that it keeps,
+    /// frozen, while it has no connection (§6 rule 4): set when one
+    /// connects and by a daemon that recovered its state file under a
+    /// running QEMU; cleared when the front-end leaves (its QEMU is gone).
+    pub fn expect_peer(&self, expect: bool) {
+        let mut st = self.shared.lock();
+        st.expect_peer = expect;
+        self.shared.gate.store(true, Ordering::Release);
+        drop(st);
+        self.shared.changed.notify_all();
+    }
+
+    /// Before requests complete: if a QEMU may be translating with a frozen
+    /// copy and no connection has the current state, wait until a QEMU
+    /// connects and acknowledges its dump (§6 rule 4: a request completed
+    /// meanwhile — an UNMAP, a DETACH — would leave QEMU's copy stale). Ends
+    /// at once without a mirror or a QEMU to wait for; with
+    /// [`WaitOutcome::Released`] when the vring stops.
+    pub fn wait_synced(&self) -> WaitOutcome {
+        // The request path: one load, no lock, while QEMU is synced.
+        if self.memory.is_none() || !self.shared.gate.load(Ordering::Acquire) {
+            return WaitOutcome::Acked;
+        }
+        let mut st = self.shared.lock();
+        let epoch = st.release_epoch;
+        let mut waited = Duration::ZERO;
+        loop {
+            if !st.expect_peer || st.conn.as_ref().is_some_and(Conn::synced) {
+                self.shared.gate.store(false, Ordering::Release);
+                return WaitOutcome::Acked;
+            }
+            if st.release_epoch != epoch || st.stop {
+                return WaitOutcome::Released;
+            }
+            if waited == Duration::from_secs(10) {
+                log::warn!(
+                    "mirror: requests wait for QEMU's mirror to reconnect (its copy of the \
+                     state is frozen until then)"
+                );
+            }
+            let step = Duration::from_secs(1);
+            st = self
+                .shared
+                .changed
+                .wait_timeout(st, step)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            waited += step;
         }
     }
 
@@ -259,7 +328,8 @@ fn peer_gone(conn: &Conn) -> bool {
     n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
 
-fn close(conn: &mut Conn) {
+fn close(conn: &mut Conn, gate: &AtomicBool) {
+    gate.store(true, Ordering::Release);
     conn.closed = true;
     if let Some(s) = conn.stream.take() {
         let _ = s.shutdown(std::net::Shutdown::Both);
@@ -345,7 +415,7 @@ impl Drop for MirrorServer {
             let mut st = self.handle.shared.lock();
             st.stop = true;
             if let Some(c) = st.conn.as_mut() {
-                close(c);
+                close(c, &self.handle.shared.gate);
             }
         }
         self.handle.shared.changed.notify_all();
@@ -399,7 +469,7 @@ fn serve(
         // A peer that has just hung up (its reader may not have seen the EOF
         // yet) is no longer connected: its successor is welcome.
         if let Some(old) = st.conn.as_mut().filter(|c| !c.closed && peer_gone(c)) {
-            close(old);
+            close(old, &shared.gate);
         }
         if let Some(old) = st.conn.as_ref().filter(|c| !c.closed) {
             log::warn!(
@@ -437,6 +507,8 @@ fn serve(
             ));
         }
         st.next_conn_id += 1;
+        st.expect_peer = true;
+        shared.gate.store(true, Ordering::Release);
         st.conn = Some(Conn {
             id: st.next_conn_id,
             stream: Some(stream),
@@ -450,7 +522,9 @@ fn serve(
         let mut st = shared.lock();
         if let Some(c) = st.conn.as_mut().filter(|c| c.id == id) {
             // An empty state still ends in a SYNC batch: the RESET record.
-            enqueue(c, records, true);
+            if let Some(t) = enqueue(c, records, true) {
+                c.dump_seq = t.seq;
+            }
         }
     });
     shared.changed.notify_all();
@@ -477,7 +551,7 @@ fn serve(
                 Err(e) => log::error!("mirror: connection {id}: {e}; closing it"),
             }
             if let Some(c) = sh.lock().conn.as_mut().filter(|c| c.id == id) {
-                close(c);
+                close(c, &sh.gate);
             }
             sh.changed.notify_all();
         })?;
@@ -505,7 +579,7 @@ fn write_loop(mut stream: UnixStream, shared: Arc<Shared>, id: u64) {
         if let Err(e) = stream.write_all(&buf) {
             log::error!("mirror: write to QEMU failed: {e}");
             if let Some(c) = shared.lock().conn.as_mut().filter(|c| c.id == id) {
-                close(c);
+                close(c, &shared.gate);
             }
             shared.changed.notify_all();
             return;
@@ -904,6 +978,76 @@ mod tests {
         q.ack(1);
         wait_connected(h);
         q
+    }
+
+    /// [`MirrorHandle::wait_synced`] on a thread; its outcome comes on the
+    /// channel.
+    fn spawn_wait_synced(
+        h: &MirrorHandle,
+    ) -> (
+        std::thread::JoinHandle<()>,
+        std::sync::mpsc::Receiver<WaitOutcome>,
+    ) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let h = h.clone();
+        (
+            std::thread::spawn(move || tx.send(h.wait_synced()).unwrap()),
+            rx,
+        )
+    }
+
+    /// §6 rule 4: once a QEMU has connected, a closed link means a frozen
+    /// copy in QEMU, so requests wait until a new connection has acked its
+    /// dump; before any QEMU, and after the front-end left, they do not.
+    #[test]
+    fn requests_wait_for_a_synced_qemu_once_one_holds_a_copy() {
+        let (server, _rec, path) = start("synced", vec![]);
+        let h = server.handle();
+        assert_eq!(h.wait_synced(), WaitOutcome::Acked, "no QEMU ever: no wait");
+        let q = connect_synced(&path, &h);
+        assert_eq!(h.wait_synced(), WaitOutcome::Acked, "synced: no wait");
+        drop(q);
+        while h.is_connected() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The link is gone: a waiter stays until the next QEMU acks its dump.
+        let (waiter, rx) = spawn_wait_synced(&h);
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "it waits"
+        );
+        let mut q = FakeQemu::connect(&path);
+        q.hello();
+        let _hello = q.recv().unwrap();
+        let (dump, _) = q.recv().unwrap();
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "until the ACK"
+        );
+        q.ack(dump.seq);
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Ok(WaitOutcome::Acked)
+        );
+        waiter.join().unwrap();
+        // A waiter is released when the vring stops.
+        drop(q);
+        while h.is_connected() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (waiter, rx) = spawn_wait_synced(&h);
+        // (Released again until it answers: it may not be waiting yet.)
+        let outcome = loop {
+            h.release_waiters();
+            if let Ok(o) = rx.recv_timeout(Duration::from_millis(100)) {
+                break o;
+            }
+        };
+        assert_eq!(outcome, WaitOutcome::Released);
+        waiter.join().unwrap();
+        // The front-end left: its QEMU and any copy with it.
+        h.expect_peer(false);
+        assert_eq!(h.wait_synced(), WaitOutcome::Acked);
     }
 
     #[test]
