@@ -8,6 +8,11 @@
 #   daemon-owned  QEMU binds the devices to its iommufd (iommufd=) and
 #                 forwards them to the daemon (--mode iommufd, no --vfio),
 #                 whose kernel IOASes carry the guest's mappings
+# On both, the daemon runs with --bypass false: Linux 6.12 never writes the
+# config's bypass field, and the second level checks that a detached
+# endpoint is blocked (with bypass on it would bypass, virtio 1.2 §5.13.5).
+# The second level gets 192 MiB, less than the edu device's 28-bit DMA
+# reach, so that a bypassing DMA can aim outside its RAM.
 fail() { echo "VUI-FAIL $*"; exit 1; }
 up() { cut -d' ' -f1 /proc/uptime; }
 PATH_KIND=${VUI_PATH:-qemu-owned}
@@ -26,12 +31,12 @@ done
 
 case "$PATH_KIND" in
     qemu-owned)
-        DAEMON_ARGS=""
+        DAEMON_ARGS="--bypass false"
         VFIO_ARGS="-device vfio-pci,host=$EDU1 -device vfio-pci,host=$EDU2"
         ;;
     daemon-owned)
         [ -c /dev/iommu ] || fail "no /dev/iommu (is this the iommufd kernel?)"
-        DAEMON_ARGS="--mode iommufd"
+        DAEMON_ARGS="--bypass false --mode iommufd"
         VFIO_ARGS="-object iommufd,id=ifd0 -device vfio-pci,host=$EDU1,iommufd=ifd0
             -device vfio-pci,host=$EDU2,iommufd=ifd0"
         ;;
@@ -48,7 +53,7 @@ while [ ! -S /tmp/vui.sock ] && [ "$i" -lt 100 ]; do sleep 0.1; i=$((i + 1)); do
 
 faults() { dmesg | grep -i dmar | grep -ci fault; }
 f0=$(faults)
-MEM=256M
+MEM=192M
 t0=$(up)
 # shellcheck disable=SC2086 # VFIO_ARGS is a word list
 /usr/bin/qemu-system-x86_64 -M q35 -accel tcg -smp 1 -m $MEM -nodefaults \
@@ -57,7 +62,7 @@ t0=$(up)
     -chardev socket,id=c0,path=/tmp/vui.sock \
     -chardev socket,id=m0,path=/tmp/vui-mirror.sock,reconnect-ms=1000 \
     -device vhost-user-iommu,chardev=c0,mirror=m0 \
-    $VFIO_ARGS \
+    $VFIO_ARGS -trace vhost_user_iommu_attach -trace vhost_user_iommu_detach \
     -kernel /l2/bzImage -initrd /l2/initrd.gz \
     -append "console=ttyS0 panic=-1 loglevel=4 iommu.strict=1 vfio_iommu_type1.allow_unsafe_interrupts=1 vui.test=nested-l2.sh" \
     </dev/null >/tmp/l2.out 2>&1 &
@@ -113,6 +118,40 @@ if [ -n "$unmapped" ] && dmesg | grep -i dmar | grep -i fault -A1 | grep -qi "fa
     echo "VUI-CHECK nested-l1-dmar-fault-at-unmapped-iova yes"
 else
     echo "VUI-CHECK nested-l1-dmar-fault-at-unmapped-iova NO (${unmapped:-no IOVA printed})"
+    rc=1
+fi
+# Bypass identity: the second level's DMA outside its RAM, untranslated,
+# reaches this kernel's IOMMU as that address, which maps nothing there.
+# Detach: its endpoint blocked, the DMA to a page of its RAM faults here.
+fault_at() { # CHECK-NAME SED-PATTERN-OF-THE-L2-LINE
+    a=$(sed -n "s/.*$2 0x\([0-9a-f]*\).*/\1/p" /tmp/l2.out | head -n1)
+    if [ -n "$a" ] && dmesg | grep -i dmar | grep -i fault -A1 | grep -qi "fault addr 0x$a"; then
+        echo "VUI-CHECK $1 yes"
+    else
+        echo "VUI-CHECK $1 NO (${a:-no address printed})"
+        rc=1
+    fi
+}
+fault_at nested-l1-dmar-fault-outside-l2-ram "identity DMA outside guest RAM, to"
+fault_at nested-l1-dmar-fault-after-detach "DMA of the detached endpoint to guest-physical"
+# What the second level's driver did with the endpoint, as QEMU's mirror
+# saw it (the daemon publishes attachments on both paths).
+ep=$(sed -n 's/.*VUI-LOG nested-l2 removing .* (endpoint \(0x[0-9a-f]*\),.*/\1/p' /tmp/l2.out | head -n1)
+grep -E "vhost_user_iommu_(attach|detach) endpoint=${ep:-none} " /tmp/l2.out | sed 's/^/VUI-LOG l2 qemu: /'
+if [ -n "$ep" ] && grep -q "vhost_user_iommu_attach endpoint=$ep domain=[0-9]* bypass=1" /tmp/l2.out; then
+    echo "VUI-CHECK nested-l1-saw-bypass-attach yes"
+else
+    echo "VUI-CHECK nested-l1-saw-bypass-attach NO (endpoint ${ep:-unknown})"
+    rc=1
+fi
+# Detached: the last record for the endpoint leaves its bypass domain (a
+# move between domains is a detach followed by an attach).
+bdom=$(sed -n "s/.*vhost_user_iommu_attach endpoint=$ep domain=\([0-9]*\) bypass=1.*/\1/p" /tmp/l2.out | tail -n1)
+last=$(grep -E "vhost_user_iommu_(attach|detach) endpoint=$ep " /tmp/l2.out | tail -n1)
+if [ -n "$ep" ] && [ -n "$bdom" ] && echo "$last" | grep -Eq "vhost_user_iommu_detach endpoint=$ep domain=$bdom([^0-9]|\$)"; then
+    echo "VUI-CHECK nested-l1-saw-detach yes"
+else
+    echo "VUI-CHECK nested-l1-saw-detach NO (endpoint ${ep:-unknown}, last: ${last:-none})"
     rc=1
 fi
 if [ "$f2" -gt "$f1" ]; then

@@ -12,9 +12,21 @@
 //!        edu-dma rates BDF          map/unmap rate; DMA throughput with a map/unmap per transfer
 //!        edu-dma hold BDF           keep a mapping and DMA into it until the DMA stops
 //!                                   landing (the vIOMMU went away), then wait to be killed
+//!        edu-dma identity BDF       no driver, group in an identity domain: DMA to
+//!                                   guest-physical addresses, in and outside RAM
+//!        edu-dma detached BAR0      the device removed from Linux (virtio-iommu DETACH):
+//!                                   its DMA, started through /dev/mem at BAR0, lands nowhere
 //! ```
 //! Checks print `VUI-CHECK <name> ok|<what went wrong>`, figures `VUI-LOG`.
+//!
+//! `identity` and `detached` cannot use VFIO (it would put the device in a
+//! domain of its own): they reach BAR0 with mmap (sysfs `resource0`, or
+//! `/dev/mem` once the device is gone from sysfs) and DMA to physical
+//! addresses of mlocked pages, read from `/proc/self/pagemap`.
 
+use std::fs::OpenOptions;
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -343,6 +355,248 @@ fn hold(bdf: &str) -> std::io::Result<bool> {
     }
 }
 
+/// Physical memory from userspace: mmap/mlock and `/proc/self/pagemap`.
+mod phys {
+    use std::fs::File;
+    use std::io;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+
+    use guest_tools::edu::Bar;
+    use libc::{mlock, mmap, munmap, MAP_SHARED, PROT_READ, PROT_WRITE};
+
+    /// Device memory mapped from `file` (sysfs `resourceN`, `/dev/mem`),
+    /// accessed with single volatile loads and stores of the register's
+    /// width (the edu device takes 4- and 8-byte accesses only).
+    #[derive(Debug)]
+    pub struct Mmio {
+        ptr: *mut u8,
+        len: usize,
+    }
+
+    impl Mmio {
+        /// Map `len` bytes of `file` at `offset` (page-aligned), shared.
+        pub fn map(file: &File, offset: u64, len: usize) -> io::Result<Self> {
+            let off = libc::off_t::try_from(offset).map_err(io::Error::other)?;
+            // SAFETY: a fresh mapping chosen by the kernel (addr NULL); the
+            // result is checked before use and unmapped on drop.
+            let ptr = unsafe {
+                mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    PROT_READ | PROT_WRITE,
+                    MAP_SHARED,
+                    file.as_raw_fd(),
+                    off,
+                )
+            };
+            if ptr as isize == -1 {
+                let e = io::Error::last_os_error();
+                return Err(io::Error::new(e.kind(), format!("mmap {offset:#x}: {e}")));
+            }
+            Ok(Self {
+                ptr: ptr.cast(),
+                len,
+            })
+        }
+
+        fn at<T>(&self, off: u64) -> io::Result<*mut T> {
+            let off = usize::try_from(off).map_err(io::Error::other)?;
+            if off % std::mem::align_of::<T>() != 0 || off + std::mem::size_of::<T>() > self.len {
+                return Err(io::Error::other(format!(
+                    "register {off:#x} out of the mapping"
+                )));
+            }
+            // SAFETY: in bounds of the mapping (checked above).
+            Ok(unsafe { self.ptr.add(off) }.cast())
+        }
+    }
+
+    impl Drop for Mmio {
+        fn drop(&mut self) {
+            // SAFETY: the mapping made in `map`, no reference into it outlives self.
+            unsafe { munmap(self.ptr.cast(), self.len) };
+        }
+    }
+
+    impl Bar for Mmio {
+        fn read32(&self, off: u64) -> io::Result<u32> {
+            // SAFETY: aligned and in bounds (`at`); device memory, read once.
+            Ok(unsafe { self.at::<u32>(off)?.read_volatile() })
+        }
+        fn write64(&self, off: u64, v: u64) -> io::Result<()> {
+            // SAFETY: aligned and in bounds (`at`); device memory, written once.
+            unsafe { self.at::<u64>(off)?.write_volatile(v) };
+            Ok(())
+        }
+        fn read64(&self, off: u64) -> io::Result<u64> {
+            // SAFETY: aligned and in bounds (`at`); device memory, read once.
+            Ok(unsafe { self.at::<u64>(off)?.read_volatile() })
+        }
+    }
+
+    /// Keep `len` bytes at `addr` in RAM (and at one physical address:
+    /// mlocked pages are not migrated by this minimal kernel, which has no
+    /// compaction or NUMA balancing).
+    pub fn lock(addr: *const u8, len: usize) -> io::Result<()> {
+        // SAFETY: mlock only changes how the kernel treats the range.
+        if unsafe { mlock(addr.cast(), len) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The physical address of the (present) page at `vaddr`
+    /// (Documentation/admin-guide/mm/pagemap.rst: bit 63 present, bits
+    /// 0-54 the page frame number; zero without CAP_SYS_ADMIN).
+    pub fn address(vaddr: u64) -> io::Result<u64> {
+        const PAGE: u64 = 4096;
+        let pagemap = File::open("/proc/self/pagemap")?;
+        let mut e = [0u8; 8];
+        pagemap.read_exact_at(&mut e, vaddr / PAGE * 8)?;
+        let e = u64::from_le_bytes(e);
+        let pfn = e & ((1 << 55) - 1);
+        if e >> 63 == 0 || pfn == 0 {
+            return Err(io::Error::other(format!(
+                "no physical address for {vaddr:#x} (pagemap entry {e:#x}; CONFIG_PROC_PAGE_MONITOR and root needed)"
+            )));
+        }
+        Ok(pfn * PAGE + vaddr % PAGE)
+    }
+}
+
+/// `pages` mlocked pages and their guest-physical addresses.
+fn locked(pages: usize) -> io::Result<(Pages, Vec<u64>)> {
+    let mut m = Pages::new(pages);
+    m.all().fill(0xaa);
+    phys::lock(m.all().as_ptr(), pages * PAGE)?;
+    let pa = (0..pages)
+        .map(|i| phys::address(m.vaddr(i)))
+        .collect::<io::Result<Vec<_>>>()?;
+    Ok((m, pa))
+}
+
+/// The device's PCI command register: memory decoding and bus mastering on
+/// (no driver is bound to do it).
+fn enable_bus_master(bdf: &str) -> io::Result<()> {
+    let config = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/sys/bus/pci/devices/{bdf}/config"))?;
+    let mut cmd = [0u8; 2];
+    config.read_exact_at(&mut cmd, 4)?;
+    let v = u16::from_le_bytes(cmd) | 0x6;
+    config.write_all_at(&v.to_le_bytes(), 4)
+}
+
+/// The start of a `/proc/iomem` line's range, its end, and its name.
+fn iomem_ranges() -> io::Result<Vec<(u64, u64, String)>> {
+    let text = std::fs::read_to_string("/proc/iomem")?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let (range, name) = l.trim().split_once(" : ")?;
+            let (a, b) = range.split_once('-')?;
+            let a = u64::from_str_radix(a, 16).ok()?;
+            let b = u64::from_str_radix(b, 16).ok()?;
+            Some((a, b, name.to_string()))
+        })
+        .collect())
+}
+
+/// Bypass identity (virtio 1.2 §5.13.6.3: an endpoint attached to a domain
+/// with VIRTIO_IOMMU_ATTACH_F_BYPASS is not translated; Linux 6.12 sends
+/// that ATTACH for an identity domain when BYPASS_CONFIG is negotiated): a
+/// DMA to guest-physical address X lands exactly at X, and a DMA to an
+/// address that is no guest RAM lands in no guest page. The caller put the
+/// device's group in an identity domain, with no driver bound.
+fn identity(bdf: &str) -> io::Result<bool> {
+    enable_bus_master(bdf)?;
+    let res = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/sys/bus/pci/devices/{bdf}/resource0"))?;
+    let bar = phys::Mmio::map(&res, 0, PAGE)?;
+    println!(
+        "EDU: {bdf} id {:#x} (sysfs resource0)",
+        edu::check_id(&bar)?
+    );
+    let (mut m, pa) = locked(2)?;
+    let mut ok = true;
+
+    let src = pattern(13);
+    m.page(0).copy_from_slice(&src);
+    edu::dma(&bar, Direction::FromRam, pa[0], LEN)?;
+    m.all().fill(0x11);
+    let (off, len) = (0x100usize, 0x200usize);
+    edu::dma(&bar, Direction::ToRam, pa[0] + off as u64, len as u64)?;
+    let p0 = m.page(0).to_vec();
+    let changed: Vec<usize> = (0..PAGE).filter(|&i| p0[i] != 0x11).collect();
+    let exact = p0[off..off + len] == src[..len]
+        && changed.iter().all(|&i| (off..off + len).contains(&i))
+        && m.page(1).iter().all(|&x| x == 0x11);
+    println!(
+        "VUI-LOG nested: identity DMA of {len:#x} bytes to guest-physical {:#x} (page {:#x}; other page {:#x}): bytes changed at page offsets {:#x}..{:#x} (want {off:#x}..{:#x})",
+        pa[0] + off as u64,
+        pa[0],
+        pa[1],
+        changed.first().copied().unwrap_or(0),
+        changed.last().map_or(0, |l| l + 1),
+        off + len
+    );
+    ok &= check("nested-bypass-identity", exact, "MISPLACED");
+
+    // Outside RAM: the last page the edu device can address, if it is no
+    // System RAM of this guest (nested-l1.sh gives it less than the
+    // device's 28 bits). The L1 kernel reports the fault (nested-l1.sh).
+    let outside = edu::DMA_LIMIT - LEN;
+    let ram = iomem_ranges()?
+        .into_iter()
+        .filter(|(a, b, name)| name == "System RAM" && *a < outside + LEN && outside <= *b)
+        .count();
+    if ram > 0 {
+        println!("VUI-CHECK nested-bypass-outside-ram-untouched NOT-CHECKED ({outside:#x} is System RAM here: give the guest less memory)");
+        return Ok(false);
+    }
+    m.all().fill(0x22);
+    println!("VUI-LOG nested: identity DMA outside guest RAM, to {outside:#x}");
+    edu::dma(&bar, Direction::ToRam, outside, LEN)?;
+    let untouched = m.all().iter().all(|&x| x == 0x22);
+    ok &= check("nested-bypass-outside-ram-untouched", untouched, "WRITTEN");
+    // The device still works afterwards: the fault stopped one DMA only.
+    m.page(1).fill(0);
+    edu::dma(&bar, Direction::ToRam, pa[1], LEN)?;
+    let alive = m.page(1) == src.as_slice();
+    ok &= check("nested-bypass-after-fault-lands", alive, "LOST");
+    Ok(ok)
+}
+
+/// Detach blocks (virtio 1.3 §5.13.6.4 DETACH; the device then applies
+/// virtio 1.2 §5.13.5: an endpoint in no domain is blocked when `bypass` is 0): the
+/// caller removed the device from Linux (sysfs `remove`: Linux 6.12 sends
+/// DETACH from viommu_release_device, and only there), so its DMA, started
+/// through `/dev/mem` at `bar0`, must land nowhere. The ID register still
+/// answering shows that the device itself still works.
+fn detached(bar0: &str) -> io::Result<bool> {
+    let bar0 = u64::from_str_radix(bar0.trim_start_matches("0x"), 16)
+        .map_err(|e| io::Error::other(format!("BAR0 address {bar0:?}: {e}")))?;
+    let mem = OpenOptions::new().read(true).write(true).open("/dev/mem")?;
+    let bar = phys::Mmio::map(&mem, bar0, PAGE)?;
+    println!(
+        "EDU: id {:#x} at {bar0:#x} (/dev/mem)",
+        edu::check_id(&bar)?
+    );
+    let (mut m, pa) = locked(1)?;
+    m.all().fill(0x55);
+    println!(
+        "VUI-LOG nested: DMA of the detached endpoint to guest-physical {:#x}",
+        pa[0]
+    );
+    edu::dma(&bar, Direction::ToRam, pa[0], LEN)?;
+    let untouched = m.all().iter().all(|&x| x == 0x55);
+    Ok(check("nested-detach-blocks", untouched, "WRITTEN"))
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or("");
@@ -350,6 +604,8 @@ fn main() -> ExitCode {
         "suite" => suite(arg(1), arg(2)),
         "rates" => rates(arg(1)),
         "hold" => hold(arg(1)),
+        "identity" => identity(arg(1)),
+        "detached" => detached(arg(1)),
         _ => basic(args.first().cloned()),
     };
     match r {
