@@ -257,6 +257,7 @@ impl IommuBackend {
             st.vrings = None;
             return;
         }
+        self.mirror.new_front_end();
         self.forget_front_end(&mut st);
     }
 

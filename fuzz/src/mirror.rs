@@ -14,6 +14,8 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use test_frontend::{TestVm, VmOptions};
@@ -133,11 +135,17 @@ fn set_notifier_flags(g: &mut Gen, flags_fd: &OwnedFd, len: usize) {
 
 /// A peer that reads what the daemon publishes and ACKs it, honestly or
 /// not, until `deadline`; then closes.
-fn answer_until(mut s: UnixStream, mut g: Gen, deadline: Instant) {
-    let _ = s.set_read_timeout(Some(Duration::from_millis(20)));
+fn answer_until(s: UnixStream, mut g: Gen, deadline: Instant) {
     let honest = g.bool();
+    answer(s, g, honest, || Instant::now() < deadline);
+}
+
+/// Read what the daemon sends and acknowledge its batches (all of them if
+/// `honest`, else some, some with a wrong sequence number) while `go`.
+fn answer(mut s: UnixStream, mut g: Gen, honest: bool, go: impl Fn() -> bool) {
+    let _ = s.set_read_timeout(Some(Duration::from_millis(20)));
     let mut h = [0u8; 16];
-    while Instant::now() < deadline {
+    while go() {
         match s.read_exact(&mut h) {
             Ok(()) => {}
             Err(e)
@@ -168,6 +176,29 @@ fn answer_until(mut s: UnixStream, mut g: Gen, deadline: Instant) {
                 return;
             }
         }
+    }
+}
+
+/// A well-behaved QEMU stand-in: connects (once the previous peer is gone:
+/// one QEMU at a time), takes its HELLO, acknowledges every batch, until
+/// `done`.
+fn honest_qemu(path: &std::path::Path, mut g: Gen, done: &AtomicBool) {
+    while !done.load(Ordering::Relaxed) {
+        let Ok(s) = crate::daemon::connect(path) else {
+            return;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        if receive_hello(&s).is_some() {
+            let payload = qemu_hello(&mut g, true);
+            let mut hello = header(HELLO, 0, payload.len() as u32, 0).to_vec();
+            hello.extend_from_slice(&payload);
+            let mut s = s;
+            if s.write_all(&hello).is_ok() {
+                answer(s, g, true, || !done.load(Ordering::Relaxed));
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -358,13 +389,32 @@ impl Target for MirrorTarget {
                 timeout: Duration::from_secs(15),
                 ..VmOptions::default()
             };
-            let result = TestVm::connect(&self.daemon.socket, opts).and_then(|mut vm| {
-                vm.attach(1, 8, 0)?;
-                vm.map(1, 0x10_0000, 0x10_ffff, 0x2_0000, 3)?;
-                vm.unmap(1, 0x10_0000, 0x10_ffff)?;
-                Ok(())
+            let socket = self.daemon.socket.clone();
+            let front_end = std::thread::spawn(move || {
+                TestVm::connect(&socket, opts).and_then(|mut vm| {
+                    vm.attach(1, 8, 0)?;
+                    vm.map(1, 0x10_0000, 0x10_ffff, 0x2_0000, 3)?;
+                    vm.unmap(1, 0x10_0000, 0x10_ffff)?;
+                    Ok(())
+                })
             });
             let _ = peer.join();
+            // The peer has gone. If it had acknowledged its dump it was, as
+            // far as the daemon can tell, a QEMU that keeps its copy frozen
+            // until it connects again, and requests wait for that (mirror
+            // protocol §6 rule 4): a well-behaved QEMU comes back.
+            let done = Arc::new(AtomicBool::new(false));
+            let back = {
+                let path = self.mirror_path();
+                let done = done.clone();
+                let g = Gen::new(g.next_u64());
+                std::thread::spawn(move || honest_qemu(&path, g, &done))
+            };
+            let result = front_end.join().unwrap_or_else(|_| {
+                Err(test_frontend::Error::BadReply("front-end panicked".into()))
+            });
+            done.store(true, Ordering::Relaxed);
+            let _ = back.join();
             if let Err(e) = result {
                 return Err(match self.daemon.alive() {
                     Err(dead) => format!("panic: {dead}"),

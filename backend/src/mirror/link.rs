@@ -103,9 +103,9 @@ struct State {
     next_conn_id: u64,
     release_epoch: u64,
     stop: bool,
-    /// A QEMU may hold a frozen copy of the state (§6 rule 4): one
-    /// connected since the front-end came, or the daemon recovered the
-    /// state of a QEMU that kept running ([`MirrorHandle::expect_peer`]).
+    /// A QEMU may hold a frozen copy of the state (§6 rule 4): one synced
+    /// since the front-end came, or the daemon recovered the state of a
+    /// QEMU that kept running ([`MirrorHandle::expect_peer`]).
     expect_peer: bool,
 }
 
@@ -208,15 +208,31 @@ impl MirrorHandle {
     }
 
     /// Whether a QEMU may be holding a copy of the state that it keeps,
-    /// frozen, while it has no connection (§6 rule 4): set when one
-    /// connects and by a daemon that recovered its state file under a
-    /// running QEMU; cleared when the front-end leaves (its QEMU is gone).
+    /// frozen, while it has no connection (§6 rule 4, QEMU keeps only a
+    /// synced copy): set when a connection acknowledges its dump, and by a
+    /// daemon that recovered its state file under a running QEMU; cleared
+    /// when the front-end leaves (its QEMU is gone). A new front-end
+    /// expects one only if a synced QEMU is connected now.
     pub fn expect_peer(&self, expect: bool) {
         let mut st = self.shared.lock();
         st.expect_peer = expect;
         self.shared.gate.store(true, Ordering::Release);
         drop(st);
         self.shared.changed.notify_all();
+    }
+
+    /// A new front-end came: a copy held from before belongs to a QEMU that
+    /// is gone, unless the QEMU connected now is synced (then it is this
+    /// front-end's, connected first).
+    pub fn new_front_end(&self) {
+        let mut st = self.shared.lock();
+        // A peer that has hung up (its reader may not have seen the EOF
+        // yet) is not connected.
+        if let Some(c) = st.conn.as_mut().filter(|c| !c.closed && peer_gone(c)) {
+            close(c, &self.shared.gate);
+        }
+        st.expect_peer = st.conn.as_ref().is_some_and(Conn::synced);
+        self.shared.gate.store(true, Ordering::Release);
     }
 
     /// Before requests complete: if a QEMU may be translating with a frozen
@@ -507,7 +523,6 @@ fn serve(
             ));
         }
         st.next_conn_id += 1;
-        st.expect_peer = true;
         shared.gate.store(true, Ordering::Release);
         st.conn = Some(Conn {
             id: st.next_conn_id,
@@ -686,6 +701,11 @@ fn read_loop(
                     .into());
                 }
                 c.acked = seq;
+                if c.synced() {
+                    // From now on this QEMU holds a copy it would keep,
+                    // frozen, if the link closed (§6 rule 4).
+                    st.expect_peer = true;
+                }
                 drop(st);
                 shared.changed.notify_all();
             }
@@ -1004,6 +1024,17 @@ mod tests {
         let (server, _rec, path) = start("synced", vec![]);
         let h = server.handle();
         assert_eq!(h.wait_synced(), WaitOutcome::Acked, "no QEMU ever: no wait");
+        // A peer that never acknowledged its dump holds no copy QEMU would
+        // keep: its leaving holds nothing up.
+        let mut q = FakeQemu::connect(&path);
+        q.hello();
+        let _hello = q.recv().unwrap();
+        let _dump = q.recv().unwrap();
+        drop(q);
+        while h.is_connected() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(h.wait_synced(), WaitOutcome::Acked, "never synced: no wait");
         let q = connect_synced(&path, &h);
         assert_eq!(h.wait_synced(), WaitOutcome::Acked, "synced: no wait");
         drop(q);
