@@ -16,15 +16,16 @@
 //! last completions into the other half, commits it, and makes it active
 //! with one store: a daemon killed at any point leaves one whole journal.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use iopt::Iommufd;
+
+use crate::mirror::SharedMem;
 use virtio_iommu::journal::{Answered, Completion, Record, Replay, RECENT_DONE, RECORD_LEN};
 use virtio_iommu::{Change, ChangeSink, Device, DeviceState};
 
@@ -87,9 +88,8 @@ pub enum Unrecoverable {
 
 /// The journal, open and mapped.
 pub struct Journal {
-    _file: File,
-    base: NonNull<u8>,
-    len: usize,
+    /// The file, mapped; reached only through atomics (`word`).
+    mem: SharedMem,
     half_len: usize,
     active: u32,
     /// Bytes of records written in the active half (committed or not).
@@ -109,10 +109,6 @@ pub struct Journal {
     done_head: usize,
     done_len: usize,
 }
-
-// SAFETY: the mapping is owned by the journal and only reached through
-// `&mut self` (the daemon keeps the journal under its device lock).
-unsafe impl Send for Journal {}
 
 impl Journal {
     /// Open (or create, mode 0600) the state file at `path`, lock it for
@@ -147,29 +143,11 @@ impl Journal {
         let len = HEADER_LEN + 2 * half_len;
         let was = file.metadata().map_err(JournalError::Map)?.len();
         file.set_len(len as u64).map_err(JournalError::Map)?;
-        // SAFETY: a new shared mapping of `len` bytes of a file just sized
-        // to `len`; the kernel picks the address. The file is locked for
-        // this daemon (it must be private to it: a file truncated under the
-        // mapping would fault).
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(JournalError::Map(io::Error::last_os_error()));
-        }
-        let base = NonNull::new(p.cast::<u8>())
-            .ok_or_else(|| JournalError::Map(io::Error::last_os_error()))?;
+        // The file is locked for this daemon and must be private to it: a
+        // file truncated under the mapping would fault.
+        let mem = SharedMem::map(file, len).map_err(JournalError::Map)?;
         let j = Self {
-            _file: file,
-            base,
-            len,
+            mem,
             half_len,
             active: NONE_ACTIVE,
             end: 0,
@@ -188,17 +166,21 @@ impl Journal {
         Ok((j, recovered))
     }
 
-    fn u32_at(&self, off: usize) -> &AtomicU32 {
-        debug_assert!(off + 4 <= self.len && off.is_multiple_of(4));
-        // SAFETY: in the mapping, aligned (the mapping is page aligned and
-        // `off` a multiple of 4), and only ever accessed atomically.
-        unsafe { &*self.base.as_ptr().add(off).cast::<AtomicU32>() }
+    /// The 64-bit word at byte `off` (a multiple of 8) of the file.
+    fn word(&self, off: usize) -> &AtomicU64 {
+        &self.mem.as_u64s()[off / 8]
     }
 
-    fn u64_at(&self, off: usize) -> &AtomicU64 {
-        debug_assert!(off + 8 <= self.len && off.is_multiple_of(8));
-        // SAFETY: as for `u32_at`, 8-byte aligned.
-        unsafe { &*self.base.as_ptr().add(off).cast::<AtomicU64>() }
+    /// The 32-bit header field at byte `off` (a multiple of 4): a half of
+    /// its little-endian word.
+    fn header_u32(&self, off: usize) -> u32 {
+        let w = u64::from_le(self.word(off & !7).load(Ordering::Acquire));
+        (w >> ((off & 4) * 8)) as u32
+    }
+
+    /// Store a 64-bit field, little-endian.
+    fn store(&self, off: usize, v: u64, order: Ordering) {
+        self.word(off).store(v.to_le(), order);
     }
 
     fn half(&self, h: u32) -> usize {
@@ -210,48 +192,47 @@ impl Journal {
     }
 
     fn record_at(&self, h: u32, at: usize) -> [u8; RECORD_LEN] {
-        let mut r = [0u8; RECORD_LEN];
         let off = self.half(h) + HALF_HEADER_LEN + at;
-        // SAFETY: `at + RECORD_LEN <= capacity()`, inside half `h` of the
-        // mapping; plain bytes.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.base.as_ptr().add(off), r.as_mut_ptr(), RECORD_LEN)
-        };
+        let mut r = [0u8; RECORD_LEN];
+        for (i, chunk) in r.chunks_exact_mut(8).enumerate() {
+            chunk.copy_from_slice(&self.word(off + 8 * i).load(Ordering::Relaxed).to_ne_bytes());
+        }
         r
     }
 
-    fn write_at(&mut self, h: u32, at: usize, r: &[u8; RECORD_LEN]) {
-        let off = self.half(h) + HALF_HEADER_LEN + at;
+    /// Store a record: five plain word stores (relaxed); the committed
+    /// length's release store publishes them.
+    fn write_at(&self, h: u32, at: usize, r: &[u8; RECORD_LEN]) {
         debug_assert!(at + RECORD_LEN <= self.capacity());
-        // SAFETY: inside half `h` of the mapping (callers check the room);
-        // plain bytes no one else writes.
-        unsafe {
-            std::ptr::copy_nonoverlapping(r.as_ptr(), self.base.as_ptr().add(off), RECORD_LEN)
-        };
+        let off = self.half(h) + HALF_HEADER_LEN + at;
+        for (i, chunk) in r.chunks_exact(8).enumerate() {
+            let w = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
+            self.word(off + 8 * i).store(w, Ordering::Relaxed);
+        }
     }
 
     /// What the file holds, checked.
     fn read(&self) -> Result<Option<Recovered>, Unrecoverable> {
-        let magic = self.u32_at(OFF_MAGIC).load(Ordering::Acquire);
+        let magic = self.header_u32(OFF_MAGIC);
         if magic != MAGIC {
             return Err(Unrecoverable::BadMagic(magic));
         }
-        let version = self.u32_at(OFF_VERSION).load(Ordering::Acquire);
+        let version = self.header_u32(OFF_VERSION);
         if version != VERSION {
             return Err(Unrecoverable::BadVersion(version));
         }
-        let half_len = self.u64_at(OFF_HALF_LEN).load(Ordering::Acquire);
+        let half_len = u64::from_le(self.word(OFF_HALF_LEN).load(Ordering::Acquire));
         if half_len != self.half_len as u64 {
             return Err(Unrecoverable::BadSize(half_len, self.half_len));
         }
-        let active = self.u32_at(OFF_ACTIVE).load(Ordering::Acquire);
+        let active = self.header_u32(OFF_ACTIVE);
         if active == NONE_ACTIVE {
             return Ok(None);
         }
         if active > 1 {
             return Err(Unrecoverable::BadActive(active));
         }
-        let committed = self.u64_at(self.half(active)).load(Ordering::Acquire);
+        let committed = u64::from_le(self.word(self.half(active)).load(Ordering::Acquire));
         if committed > self.capacity() as u64 || !committed.is_multiple_of(RECORD_LEN as u64) {
             return Err(Unrecoverable::BadLength(committed));
         }
@@ -276,10 +257,13 @@ impl Journal {
         for &c in answered.pending() {
             self.remember(c);
         }
-        self.u32_at(OFF_MAGIC).store(MAGIC, Ordering::Relaxed);
-        self.u32_at(OFF_VERSION).store(VERSION, Ordering::Relaxed);
-        self.u64_at(OFF_HALF_LEN)
-            .store(self.half_len as u64, Ordering::Relaxed);
+        // `magic` and `version` share the first word.
+        self.store(
+            OFF_MAGIC,
+            u64::from(MAGIC) | u64::from(VERSION) << 32,
+            Ordering::Relaxed,
+        );
+        self.store(OFF_HALF_LEN, self.half_len as u64, Ordering::Relaxed);
         self.rewrite(device);
     }
 
@@ -337,8 +321,7 @@ impl Journal {
             return;
         }
         if !self.broken {
-            self.u64_at(self.half(self.active))
-                .store(self.end as u64, Ordering::Release);
+            self.store(self.half(self.active), self.end as u64, Ordering::Release);
         }
     }
 
@@ -374,13 +357,11 @@ impl Journal {
             self.broken = true;
             self.full = false;
             self.active = NONE_ACTIVE;
-            self.u32_at(OFF_ACTIVE)
-                .store(NONE_ACTIVE, Ordering::Release);
+            self.store(OFF_ACTIVE, NONE_ACTIVE.into(), Ordering::Release);
             return;
         }
-        self.u64_at(self.half(target))
-            .store(self.end as u64, Ordering::Release);
-        self.u32_at(OFF_ACTIVE).store(target, Ordering::Release);
+        self.store(self.half(target), self.end as u64, Ordering::Release);
+        self.store(OFF_ACTIVE, target.into(), Ordering::Release);
     }
 
     /// Bytes of records in the active half.
@@ -403,13 +384,6 @@ impl std::fmt::Debug for Journal {
             .field("end", &self.end)
             .field("broken", &self.broken)
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for Journal {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `open_with`, unmapped once.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
     }
 }
 

@@ -59,9 +59,23 @@ impl SharedMem {
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
+        Self::map(file, len)
+    }
+
+    /// A shared read-write mapping of all of `file`, which is `len` bytes
+    /// (a non-zero multiple of 8) and must not shrink while mapped: sealed,
+    /// as [`Self::new`] makes it, or private to this process and locked (a
+    /// truncated shared file raises SIGBUS at the next access).
+    pub fn map(file: File, len: usize) -> io::Result<Self> {
+        if len == 0 || !len.is_multiple_of(8) || file.metadata()?.len() != len as u64 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a shared mapping needs a file of exactly its non-zero multiple of 8 bytes",
+            ));
+        }
         // SAFETY: a new shared mapping of `len` bytes of a file that is
-        // exactly that long and can no longer shrink; the kernel picks the
-        // address.
+        // exactly that long and, per this function's contract, does not
+        // shrink; the kernel picks the address.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -126,7 +140,7 @@ impl SharedMem {
 
 impl Drop for SharedMem {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping made in `new`; no reference
+        // SAFETY: unmapping exactly the mapping made in `map`; no reference
         // into it outlives `self` (the slices borrow `self`).
         unsafe {
             libc::munmap(self.ptr.as_ptr().cast(), self.len);
