@@ -21,7 +21,7 @@ use qemu_tests::{
 };
 
 const USAGE: &str = "\
-usage: guest-bench [--seconds S] [--rounds N] [--quick] [--json FILE] [--help]
+usage: guest-bench [--seconds S] [--rounds N] [--quick] [--viommu LIST] [--json FILE] [--help]
 
 Boots a TCG guest (Debian 6.12, 1 vCPU, 1 GiB) behind our vhost-user-iommu
 daemon, behind QEMU's virtio-iommu-pci and with no vIOMMU, and runs fio in
@@ -36,6 +36,9 @@ MB/s and the ratios ours/QEMU and ours/none per row.
   --rounds N    boot every configuration N times, round-robin, and average
                 (default 1)
   --quick       1 s per job, strict mode only (a smoke run: about 1 min)
+  --viommu LIST boot only these, comma-separated: ours, qemu, none
+                (default all three; to compare two builds of ours, run
+                each build's guest-bench with --viommu ours, alternately)
   --json FILE   also write the figures, per round and averaged, to FILE
 
 Needs the patched QEMU (scripts/qemu/build-qemu.sh) and the guest kernel
@@ -54,6 +57,7 @@ struct Options {
     seconds: u64,
     rounds: u32,
     modes: Vec<Mode>,
+    viommus: Vec<Viommu>,
     json: Option<PathBuf>,
 }
 
@@ -97,8 +101,13 @@ fn viommu_name(v: Viommu) -> &'static str {
     }
 }
 
+fn viommu_by_name(name: &str) -> Option<Viommu> {
+    VIOMMUS.into_iter().find(|&v| viommu_name(v) == name)
+}
+
 fn parse(args: &[String]) -> Result<Option<Options>, String> {
     let (mut seconds, mut rounds, mut quick, mut json) = (None, 1, false, None);
+    let mut viommus = VIOMMUS.to_vec();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = |what: &str| {
@@ -126,6 +135,20 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
                     .ok_or_else(|| format!("--rounds {v}: want 1..=100"))?;
             }
             "--quick" => quick = true,
+            "--viommu" => {
+                let v = value("a list of ours, qemu, none")?;
+                let mut chosen = Vec::new();
+                for name in v.split(',') {
+                    let viommu = viommu_by_name(name).ok_or_else(|| {
+                        format!("--viommu {v}: {name:?} is not ours, qemu or none")
+                    })?;
+                    if !chosen.contains(&viommu) {
+                        chosen.push(viommu);
+                    }
+                }
+                // Booted in the table's order, whatever the order asked.
+                viommus = VIOMMUS.into_iter().filter(|v| chosen.contains(v)).collect();
+            }
             "--json" => json = Some(PathBuf::from(value("a file")?)),
             _ => return Err(format!("unknown argument {a}")),
         }
@@ -138,6 +161,7 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
         } else {
             vec![Mode::Strict, Mode::Lazy]
         },
+        viommus,
         json,
     }))
 }
@@ -155,8 +179,9 @@ impl Sample {
         self.kibps * 1024.0 / 1e6
     }
 
+    /// The mean; NaN for no samples (a configuration not booted).
     fn mean(samples: &[Sample]) -> Sample {
-        let n = samples.len().max(1) as f64;
+        let n = samples.len() as f64;
         let sum = |f: fn(&Sample) -> f64| samples.iter().map(f).sum::<f64>() / n;
         Sample {
             iops: sum(|s| s.iops),
@@ -306,6 +331,16 @@ fn ratio(a: f64, b: f64) -> f64 {
     }
 }
 
+/// A table cell: `x` with `decimals` decimals, or "-" for a configuration
+/// not booted (`--viommu`).
+fn figure(x: f64, decimals: usize) -> String {
+    if x.is_finite() {
+        format!("{x:.decimals$}")
+    } else {
+        "-".into()
+    }
+}
+
 fn table(opts: &Options, boots: &[Boot]) -> String {
     let mut t = String::new();
     let _ = writeln!(
@@ -327,17 +362,17 @@ fn table(opts: &Options, boots: &[Boot]) -> String {
             let [o, q, n] = VIOMMUS.map(|v| mean(boots, mode, v, job));
             let _ = writeln!(
                 t,
-                "{:<7} {:<12} {:>9.0} {:>8.2} {:>9.0} {:>8.2} {:>9.0} {:>8.2} {:>9.3} {:>9.3}",
+                "{:<7} {:<12} {:>9} {:>8} {:>9} {:>8} {:>9} {:>8} {:>9} {:>9}",
                 mode.name(),
                 job,
-                o.iops,
-                o.mb_s(),
-                q.iops,
-                q.mb_s(),
-                n.iops,
-                n.mb_s(),
-                ratio(o.iops, q.iops),
-                ratio(o.iops, n.iops)
+                figure(o.iops, 0),
+                figure(o.mb_s(), 2),
+                figure(q.iops, 0),
+                figure(q.mb_s(), 2),
+                figure(n.iops, 0),
+                figure(n.mb_s(), 2),
+                figure(ratio(o.iops, q.iops), 3),
+                figure(ratio(o.iops, n.iops), 3)
             );
         }
     }
@@ -480,10 +515,15 @@ fn main() -> ExitCode {
     // Round-robin: every configuration once per round, in the same order.
     let mut plan: Vec<(Option<Mode>, Viommu)> = Vec::new();
     for &mode in &opts.modes {
-        plan.push((Some(mode), Viommu::Ours));
-        plan.push((Some(mode), Viommu::Qemu));
+        for viommu in [Viommu::Ours, Viommu::Qemu] {
+            if opts.viommus.contains(&viommu) {
+                plan.push((Some(mode), viommu));
+            }
+        }
     }
-    plan.push((None, Viommu::None));
+    if opts.viommus.contains(&Viommu::None) {
+        plan.push((None, Viommu::None));
+    }
     let mut boots = Vec::new();
     for round in 1..=opts.rounds {
         for &(mode, viommu) in &plan {
@@ -565,6 +605,25 @@ mod tests {
         assert!(parse(&args("--rounds 0")).is_err());
         assert!(parse(&args("--json")).is_err());
         assert!(parse(&args("--help")).unwrap().is_none());
+    }
+
+    #[test]
+    fn viommu_list_picks_configurations_in_table_order() {
+        assert_eq!(parse(&[]).unwrap().unwrap().viommus, VIOMMUS);
+        let o = parse(&args("--viommu none,ours,ours")).unwrap().unwrap();
+        assert_eq!(o.viommus, [Viommu::Ours, Viommu::None]);
+        assert!(parse(&args("--viommu intel")).is_err());
+        assert!(parse(&args("--viommu ours,")).is_err());
+        assert!(parse(&args("--viommu")).is_err());
+    }
+
+    #[test]
+    fn a_configuration_not_booted_has_no_figures() {
+        let m = Sample::mean(&[]);
+        assert!(m.iops.is_nan() && m.lat_us.is_nan());
+        assert!(ratio(1.0, m.iops).is_nan());
+        assert_eq!(figure(ratio(1.0, m.iops), 3), "-");
+        assert_eq!(figure(1.31159, 3), "1.312");
     }
 
     #[test]
