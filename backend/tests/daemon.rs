@@ -1,88 +1,59 @@
 //! The real daemon, over a real Unix socket, driven by the Rust test
 //! front-end acting as VMM and guest driver.
 
+use std::ops::{Deref, DerefMut};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use test_frontend::daemon::{DaemonProcess, Scratch};
 use test_frontend::{Desc, Status, TestVm, VmOptions};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-iommu");
 const READ: u32 = 1;
 const WRITE: u32 = 2;
 
-/// A daemon process, killed (SIGTERM, then SIGKILL) when dropped.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-}
+/// A daemon for one test, its socket in a scratch directory of its own;
+/// stopped (SIGTERM, then SIGKILL) when dropped, the directory removed
+/// with it (or kept if the test failed).
+struct Daemon(DaemonProcess);
 
 impl Daemon {
     fn start(name: &str, args: &[&str]) -> Self {
-        let socket =
-            std::env::temp_dir().join(format!("vui-test-{}-{name}.sock", std::process::id()));
-        let _ = std::fs::remove_file(&socket);
-        let child = Command::new(BIN)
-            .arg("--socket-path")
-            .arg(&socket)
+        let dir = Scratch::new(&format!("test-{name}"));
+        let process = DaemonProcess::builder(BIN, dir.join("viommu.sock"))
             .args(args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
+            .rust_log("warn")
+            .terminate_on_drop(true)
             .spawn()
-            .expect("start the daemon");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "the daemon did not listen");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Self { child, socket }
+            .owning(dir);
+        Self(process)
     }
 
     fn connect(&self) -> TestVm {
-        TestVm::connect(&self.socket, VmOptions::default()).expect("connect to the daemon")
+        self.0
+            .connect(VmOptions::default())
+            .expect("connect to the daemon")
     }
 
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// Wait for the process to exit; its status and how long it took.
-    fn wait_exit(&mut self, limit: Duration) -> (std::process::ExitStatus, Duration) {
-        let start = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return (s, start.elapsed());
-            }
-            assert!(
-                start.elapsed() < limit,
-                "the daemon did not exit in {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+    /// The test's scratch directory.
+    fn dir(&self) -> &Path {
+        self.0.scratch().expect("started with one").path()
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while Instant::now() < deadline {
-                if self.child.try_wait().ok().flatten().is_some() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+impl Deref for Daemon {
+    type Target = DaemonProcess;
+
+    fn deref(&self) -> &DaemonProcess {
+        &self.0
+    }
+}
+
+impl DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut DaemonProcess {
+        &mut self.0
     }
 }
 
@@ -318,7 +289,7 @@ fn with_a_dirty_log_the_pages_the_daemon_writes_are_logged() {
     let d = Daemon::start("dirty-log", &["--endpoints", "8"]);
     let mut vm = d.connect();
     let pages = 16 << 20 >> 12;
-    let log = tempfile_of(pages / 8);
+    let log = tempfile_of(d.dir(), pages / 8);
     vm.set_dirty_log(&log, pages as u64 / 8).unwrap();
     let req = vm.ram().alloc(0x1000, 0x1000).unwrap();
     let reply = vm.ram().alloc(0x1000, 0x1000).unwrap();
@@ -346,8 +317,9 @@ fn with_a_dirty_log_the_pages_the_daemon_writes_are_logged() {
     assert!(!logged(req), "the request was only read");
 }
 
-fn tempfile_of(len: usize) -> std::fs::File {
-    let path = std::env::temp_dir().join(format!("vui-log-{}", std::process::id()));
+/// A file of `len` zero bytes, made in `dir` and unlinked at once.
+fn tempfile_of(dir: &Path, len: usize) -> std::fs::File {
+    let path = dir.join("dirty-log");
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -463,11 +435,11 @@ fn sigterm_ends_the_daemon_promptly_and_cleanly() {
     for connected in [false, true] {
         let mut d = Daemon::start(&format!("sigterm-{connected}"), &["--endpoints", "8"]);
         let vm = connected.then(|| d.connect());
-        d.signal("-TERM");
+        d.signal(libc::SIGTERM);
         let (status, took) = d.wait_exit(Duration::from_secs(5));
         assert!(status.success(), "exit status {status}");
         assert!(took < Duration::from_secs(2), "took {took:?}");
-        assert!(!Path::new(&d.socket).exists(), "the socket file is removed");
+        assert!(!d.socket().exists(), "the socket file is removed");
         drop(vm);
     }
 }

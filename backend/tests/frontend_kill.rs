@@ -7,10 +7,11 @@
 //! (`VUI_KILL_CHILD`), so that it can die with SIGKILL anywhere: in the
 //! handshake, mid-request, with requests in flight on the ring.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use test_frontend::daemon::{DaemonProcess, Scratch};
 use test_frontend::fds::quiet_fds;
 use test_frontend::rng::Rng;
 use test_frontend::{Request, Status, TestVm, VmOptions};
@@ -20,42 +21,17 @@ const CHILD: &str = "VUI_KILL_CHILD";
 /// Kills per run: `VUI_KILLS` (default 40, about 10 s).
 const DEFAULT_KILLS: u32 = 40;
 
-fn alive(daemon: &mut Child) -> bool {
-    daemon.try_wait().unwrap().is_none()
+fn alive(daemon: &mut DaemonProcess) -> bool {
+    daemon.try_wait().is_none()
 }
 
-/// The daemon, listening on `socket`; killed however the test ends.
-struct Reaper(Child);
-
-impl Reaper {
-    fn start(socket: &Path, endpoints: &str) -> Self {
-        let _ = std::fs::remove_file(socket);
-        let child = Command::new(BIN)
-            .arg("--socket-path")
-            .arg(socket)
-            .args(["--endpoints", endpoints])
-            .env("RUST_LOG", "error")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start the daemon");
-        let daemon = Self(child);
-        let t = Instant::now();
-        while !socket.exists() {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "the daemon did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        daemon
-    }
-}
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// The daemon, listening on a socket in `dir`; killed however the test
+/// ends.
+fn start(dir: &Scratch, endpoints: &str) -> DaemonProcess {
+    DaemonProcess::builder(BIN, dir.join("viommu.sock"))
+        .args(["--endpoints", endpoints])
+        .rust_log("error")
+        .spawn()
 }
 
 /// The child: map and unmap as fast as the daemon answers, in batches, over
@@ -101,12 +77,12 @@ fn child_front_end_under_load() {
 
 #[test]
 fn a_front_end_killed_anywhere_under_load_leaves_nothing_behind() {
-    let dir = std::env::temp_dir();
-    let socket: PathBuf = dir.join(format!("vui-kill-{}.sock", std::process::id()));
-    let mut daemon = Reaper::start(&socket, "8,16");
+    let dir = Scratch::new("kill");
+    let mut daemon = start(&dir, "8,16");
+    let socket = daemon.socket().to_owned();
     // One well-behaved front-end first: the daemon's steady state.
     drop(TestVm::connect(&socket, VmOptions::default()).unwrap());
-    let baseline = quiet_fds(daemon.0.id());
+    let baseline = quiet_fds(daemon.pid());
 
     let kills = std::env::var("VUI_KILLS")
         .ok()
@@ -131,7 +107,7 @@ fn a_front_end_killed_anywhere_under_load_leaves_nothing_behind() {
         std::thread::sleep(Duration::from_millis(rng.next_u64() % 300));
         child.kill().unwrap();
         child.wait().unwrap();
-        assert!(alive(&mut daemon.0), "kill {k}: the daemon died");
+        assert!(alive(&mut daemon), "kill {k}: the daemon died");
 
         // The next front-end is served, with a fresh device: the domains
         // the dead one made are gone.
@@ -145,15 +121,13 @@ fn a_front_end_killed_anywhere_under_load_leaves_nothing_behind() {
         assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
         drop(vm);
     }
-    let after = quiet_fds(daemon.0.id());
+    let after = quiet_fds(daemon.pid());
     println!("daemon open files: {baseline} before, {after} after {kills} kills");
     assert!(
         after <= baseline,
         "{} files leaked over {kills} kills",
         after - baseline
     );
-    drop(daemon);
-    let _ = std::fs::remove_file(&socket);
 }
 
 /// CPU time (user + system, in clock ticks) of the daemon's threads.
@@ -176,9 +150,9 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 #[test]
 fn a_guest_whose_available_index_runs_ahead_of_its_ring_costs_no_spinning_core() {
-    let dir = std::env::temp_dir();
-    let socket: PathBuf = dir.join(format!("vui-bogus-avail-{}.sock", std::process::id()));
-    let mut daemon = Reaper::start(&socket, "8");
+    let dir = Scratch::new("bogus-avail");
+    let mut daemon = start(&dir, "8");
+    let socket = daemon.socket().to_owned();
     let mut vm = TestVm::connect(&socket, VmOptions::default()).unwrap();
     assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
     // The available index jumps a thousand entries past a 256-entry ring
@@ -189,7 +163,7 @@ fn a_guest_whose_available_index_runs_ahead_of_its_ring_costs_no_spinning_core()
     q.ram().write_u16(idx_at, bogus).unwrap();
     q.kick().unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    let pid = daemon.0.id();
+    let pid = daemon.pid();
     let t0 = cpu_ticks(pid);
     std::thread::sleep(Duration::from_secs(1));
     let spent = cpu_ticks(pid) - t0;
@@ -202,5 +176,5 @@ fn a_guest_whose_available_index_runs_ahead_of_its_ring_costs_no_spinning_core()
     // The worker is free to end: the next front-end is served.
     let mut next = TestVm::connect(&socket, VmOptions::default()).unwrap();
     assert_eq!(next.attach(1, 8, 0).unwrap(), Status::Ok);
-    assert!(alive(&mut daemon.0));
+    assert!(alive(&mut daemon));
 }

@@ -9,13 +9,13 @@
 
 use std::fs::File;
 use std::io;
+use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use test_frontend::daemon::{DaemonProcess, Scratch};
 use test_frontend::fds::{open_fds, quiet_fds};
 use test_frontend::{Status, TestVm, VmOptions};
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
@@ -30,62 +30,22 @@ const PROTOCOL_FEATURES: u64 = 1 << 30;
 /// space (vhost-user ring addresses are front-end virtual addresses).
 const FRONTEND_VA: u64 = 0x7f00_0000_0000;
 
-/// A daemon process whose log goes to a file; killed when dropped.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-}
+/// A daemon whose log goes to a file in a scratch directory of its own,
+/// with the checks these tests make on it; killed when dropped (the
+/// directory removed with it, or kept if the test failed).
+struct Daemon(DaemonProcess);
 
 impl Daemon {
     fn start(name: &str, args: &[&str]) -> Self {
-        let base = std::env::temp_dir().join(format!("vui-hostile-{}-{name}", std::process::id()));
-        let socket = base.with_extension("sock");
-        let log = base.with_extension("log");
-        let _ = std::fs::remove_file(&socket);
-        let child = Command::new(BIN)
-            .arg("--socket-path")
-            .arg(&socket)
+        let dir = Scratch::new(&format!("hostile-{name}"));
+        let process = DaemonProcess::builder(BIN, dir.join("viommu.sock"))
             .args(["--endpoints", "8"])
             .args(args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stderr(File::create(&log).expect("create the log file"))
+            .rust_log("warn")
+            .log_file(dir.join("daemon.log"))
             .spawn()
-            .expect("start the daemon");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "the daemon did not listen");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Self { child, socket, log }
-    }
-
-    /// Panics if the daemon has exited (e.g. killed by SIGBUS).
-    fn assert_alive(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!("the daemon died ({status}); its log:\n{}", self.log_text());
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Wait until the log holds `needle` (the daemon logs asynchronously).
-    fn wait_log(&self, needle: &str, limit: Duration) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            let text = self.log_text();
-            if text.contains(needle) || Instant::now() > deadline {
-                return text;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn connect(&self, opts: VmOptions) -> test_frontend::Result<TestVm> {
-        TestVm::connect(&self.socket, opts)
+            .owning(dir);
+        Self(process)
     }
 
     /// A well-behaved front-end is served: full handshake and an ATTACH.
@@ -100,7 +60,7 @@ impl Daemon {
     }
 
     fn open_fds(&self) -> usize {
-        open_fds(self.child.id())
+        open_fds(self.pid())
     }
 
     /// The daemon's open-file count once it has settled at or below `want`
@@ -118,15 +78,21 @@ impl Daemon {
 
     /// The daemon's idle open-file count (see [`quiet_fds`]).
     fn quiet_fds(&self) -> usize {
-        quiet_fds(self.child.id())
+        quiet_fds(self.pid())
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
+impl Deref for Daemon {
+    type Target = DaemonProcess;
+
+    fn deref(&self) -> &DaemonProcess {
+        &self.0
+    }
+}
+
+impl DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut DaemonProcess {
+        &mut self.0
     }
 }
 
@@ -169,7 +135,7 @@ struct RawFrontend {
 
 impl RawFrontend {
     fn connect(d: &Daemon) -> Self {
-        let stream = UnixStream::connect(&d.socket).expect("connect");
+        let stream = UnixStream::connect(d.socket()).expect("connect");
         // A stalled daemon fails the test instead of hanging it.
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
@@ -363,7 +329,7 @@ fn front_ends_coming_and_going_leave_no_open_files_behind() {
             assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
         } else {
             // ... or a front-end that gives up after SET_OWNER.
-            let stream = UnixStream::connect(&d.socket).unwrap();
+            let stream = UnixStream::connect(d.socket()).unwrap();
             let fe = Frontend::from_stream(stream, 2);
             fe.set_owner().unwrap();
         }
@@ -400,7 +366,7 @@ fn set_nofile(pid: u32, limit: u64) {
 /// A full handshake, given up after `limit`: Ok(true) served, Ok(false)
 /// refused, Err if it did not finish in time (a silent stall).
 fn try_handshake(d: &Daemon, limit: Duration) -> Result<bool, String> {
-    let socket = d.socket.clone();
+    let socket = d.socket().to_owned();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let served = TestVm::connect(&socket, VmOptions::default())
@@ -417,7 +383,7 @@ fn try_handshake(d: &Daemon, limit: Duration) -> Result<bool, String> {
 fn at_the_open_file_limit_a_front_end_is_refused_with_a_logged_error_never_a_stall() {
     let mut d = Daemon::start("emfile", &[]);
     d.assert_serves();
-    let pid = d.child.id();
+    let pid = d.pid();
     let baseline = d.quiet_fds() as u64;
     // Every limit from "no room at all" up, and around the room the daemon
     // wants before it takes a connection (64 files): no limit may leave a

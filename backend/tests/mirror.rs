@@ -7,13 +7,13 @@
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use test_frontend::{Status, TestVm, VmOptions};
+use test_frontend::daemon::{DaemonProcess, Scratch};
+use test_frontend::{Status, VmOptions};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-iommu");
 const HELLO: u16 = 1;
@@ -27,48 +27,22 @@ const OP_UNMAP: u8 = 4;
 const OP_GLOBAL_BYPASS: u8 = 5;
 const OP_RESET: u8 = 6;
 
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    mirror: PathBuf,
+/// The daemon with its translation mirror, both sockets in a scratch
+/// directory of its own; killed when dropped, the directory removed with it
+/// (or kept if the test failed).
+fn start(name: &str) -> DaemonProcess {
+    let dir = Scratch::new(&format!("mirror-{name}"));
+    DaemonProcess::builder(BIN, dir.join("viommu.sock"))
+        .mirror(dir.join("viommu.mirror"))
+        .args(["--endpoints", "8"])
+        .rust_log("warn")
+        .spawn()
+        .owning(dir)
 }
 
-impl Daemon {
-    fn start(name: &str) -> Self {
-        let dir = std::env::temp_dir();
-        let pid = std::process::id();
-        let socket = dir.join(format!("vui-mirror-{pid}-{name}.sock"));
-        let mirror = dir.join(format!("vui-mirror-{pid}-{name}.mirror"));
-        let child = Command::new(BIN)
-            .arg("--socket-path")
-            .arg(&socket)
-            .arg("--mirror-socket")
-            .arg(&mirror)
-            .args(["--endpoints", "8"])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(socket.exists() && mirror.exists()) {
-            assert!(Instant::now() < deadline, "the daemon did not listen");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Self {
-            child,
-            socket,
-            mirror,
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.socket);
-        let _ = std::fs::remove_file(&self.mirror);
-    }
+/// The daemon's mirror socket.
+fn mirror(d: &DaemonProcess) -> &Path {
+    d.mirror().expect("started with a mirror socket")
 }
 
 /// One decoded 40-byte record: (op, flags, endpoint, domain, start, end, phys).
@@ -305,13 +279,13 @@ fn root_of(recs: &[Rec], domain: u32) -> u32 {
 
 #[test]
 fn the_shared_table_translates_maps_and_unmaps_at_once_without_messages() {
-    let d = Daemon::start("table");
-    let mut vm = TestVm::connect(&d.socket, VmOptions::default()).unwrap();
+    let d = start("table");
+    let mut vm = d.connect(VmOptions::default()).unwrap();
     let buf = vm.ram().alloc(0x2000, 0x1000).unwrap();
     assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
     assert_eq!(vm.map(1, 0x1000, 0x2fff, buf, 3).unwrap(), Status::Ok);
 
-    let mut q = FakeQemu::connect(&d.mirror);
+    let mut q = FakeQemu::connect(mirror(&d));
     let (seq, sync, recs) = q.events();
     assert_eq!(seq, 1);
     assert!(sync, "the dump ends with SYNC");
@@ -343,10 +317,10 @@ fn the_shared_table_translates_maps_and_unmaps_at_once_without_messages() {
 
 #[test]
 fn with_notifiers_an_unmap_completes_only_after_qemus_ack() {
-    let d = Daemon::start("notifiers");
-    let mut vm = TestVm::connect(&d.socket, VmOptions::default()).unwrap();
+    let d = start("notifiers");
+    let mut vm = d.connect(VmOptions::default()).unwrap();
     let buf = vm.ram().alloc(0x2000, 0x1000).unwrap();
-    let mut q = FakeQemu::connect(&d.mirror);
+    let mut q = FakeQemu::connect(mirror(&d));
     let (seq, _, _) = q.events();
     q.ack(seq);
     // Endpoint 8 (say, a VFIO device of QEMU's) has notifiers.
@@ -386,9 +360,9 @@ fn with_notifiers_an_unmap_completes_only_after_qemus_ack() {
 
 #[test]
 fn a_fault_from_qemu_reaches_the_guest_on_the_event_queue() {
-    let d = Daemon::start("fault");
-    let mut vm = TestVm::connect(&d.socket, VmOptions::default()).unwrap();
-    let mut q = FakeQemu::connect(&d.mirror);
+    let d = start("fault");
+    let mut vm = d.connect(VmOptions::default()).unwrap();
+    let mut q = FakeQemu::connect(mirror(&d));
     let batches = q.auto_ack();
     batches.recv_timeout(Duration::from_secs(5)).unwrap();
     // The daemon learns the event queue at its first notification: one
@@ -423,13 +397,13 @@ fn fault_msg(address: u64) -> [u8; 24] {
 
 #[test]
 fn faults_wait_for_an_event_buffer_and_beyond_64_the_oldest_are_dropped() {
-    let d = Daemon::start("fault-queue");
+    let d = start("fault-queue");
     let opts = VmOptions {
         event_buffers: 1,
         ..VmOptions::default()
     };
-    let mut vm = TestVm::connect(&d.socket, opts).unwrap();
-    let mut q = FakeQemu::connect(&d.mirror);
+    let mut vm = d.connect(opts).unwrap();
+    let mut q = FakeQemu::connect(mirror(&d));
     let batches = q.auto_ack();
     batches.recv_timeout(Duration::from_secs(5)).unwrap();
     assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
@@ -449,9 +423,9 @@ fn faults_wait_for_an_event_buffer_and_beyond_64_the_oldest_are_dropped() {
 
 #[test]
 fn a_fault_with_an_undefined_reason_closes_the_mirror_and_reaches_no_guest() {
-    let d = Daemon::start("fault-bad");
-    let mut vm = TestVm::connect(&d.socket, VmOptions::default()).unwrap();
-    let mut q = FakeQemu::connect(&d.mirror);
+    let d = start("fault-bad");
+    let mut vm = d.connect(VmOptions::default()).unwrap();
+    let mut q = FakeQemu::connect(mirror(&d));
     let (seq, _, _) = q.events();
     q.ack(seq);
     let guest = std::thread::spawn(move || {
@@ -478,8 +452,8 @@ fn a_fault_with_an_undefined_reason_closes_the_mirror_and_reaches_no_guest() {
 
 #[test]
 fn a_front_end_leaving_while_its_request_waits_for_an_ack_does_not_hold_up_the_next() {
-    let d = Daemon::start("leave-waiting");
-    let mut q = FakeQemu::connect(&d.mirror);
+    let d = start("leave-waiting");
+    let mut q = FakeQemu::connect(mirror(&d));
     let (seq, _, _) = q.events();
     q.ack(seq);
     // QEMU stops acknowledging; the guest's ATTACH waits for its ACK.
@@ -487,13 +461,13 @@ fn a_front_end_leaving_while_its_request_waits_for_an_ack_does_not_hold_up_the_n
         timeout: Duration::from_millis(300),
         ..VmOptions::default()
     };
-    let mut vm = TestVm::connect(&d.socket, opts).unwrap();
+    let mut vm = d.connect(opts).unwrap();
     assert!(vm.attach(1, 8, 0).is_err(), "completed without the ACK");
     while !q.events().2.iter().any(|r| r.0 == OP_ATTACH) {}
     let left = Instant::now();
     drop(vm);
     // The next front-end is served at once, not after the 10 s ACK timeout.
-    let vm = TestVm::connect(&d.socket, VmOptions::default()).unwrap();
+    let vm = d.connect(VmOptions::default()).unwrap();
     let waited = left.elapsed();
     assert!(waited < Duration::from_secs(5), "waited {waited:?}");
     drop(vm);
@@ -502,9 +476,9 @@ fn a_front_end_leaving_while_its_request_waits_for_an_ack_does_not_hold_up_the_n
 
 #[test]
 fn a_system_reset_clears_the_state_and_is_answered_with_a_sync_reset() {
-    let d = Daemon::start("reset");
-    let mut vm = TestVm::connect(&d.socket, VmOptions::default()).unwrap();
-    let mut q = FakeQemu::connect(&d.mirror);
+    let d = start("reset");
+    let mut vm = d.connect(VmOptions::default()).unwrap();
+    let mut q = FakeQemu::connect(mirror(&d));
     let batches = q.auto_ack();
     batches.recv_timeout(Duration::from_secs(5)).unwrap();
     assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
@@ -524,9 +498,9 @@ fn a_system_reset_clears_the_state_and_is_answered_with_a_sync_reset() {
 
 #[test]
 fn when_the_front_end_leaves_its_translations_go_at_once() {
-    let d = Daemon::start("leave");
-    let mut vm = TestVm::connect(&d.socket, VmOptions::default()).unwrap();
-    let mut q = FakeQemu::connect(&d.mirror);
+    let d = start("leave");
+    let mut vm = d.connect(VmOptions::default()).unwrap();
+    let mut q = FakeQemu::connect(mirror(&d));
     let batches = q.auto_ack();
     batches.recv_timeout(Duration::from_secs(5)).unwrap();
     let buf = vm.ram().alloc(0x1000, 0x1000).unwrap();

@@ -3,78 +3,34 @@
 //! front-end, the next daemon has every domain, attachment and mapping.
 //! A front-end that leaves takes the state with it.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use test_frontend::daemon::{DaemonProcess, Scratch};
 use test_frontend::rng::Rng;
 use test_frontend::{Request, Status, TestVm, VmOptions, MAP_F_READ, MAP_F_WRITE};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-iommu");
 const RW: u32 = MAP_F_READ | MAP_F_WRITE;
 
-/// The daemon with a state file; killed however the test ends.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
+/// Daemon number `n` on the state file in `dir`, its log in
+/// `daemon-<n>.log` there; killed however the test ends.
+fn start(dir: &Scratch, n: u32) -> DaemonProcess {
+    DaemonProcess::builder(BIN, dir.join("viommu.sock"))
+        .arg("--state-file")
+        .arg(dir.join("state"))
+        .args(["--endpoints", "8,16"])
+        .rust_log("info")
+        .log_file(dir.join(format!("daemon-{n}.log")))
+        .spawn()
 }
 
-impl Daemon {
-    fn start(dir: &Path, n: u32) -> Self {
-        let socket = dir.join("viommu.sock");
-        let _ = std::fs::remove_file(&socket);
-        let log = dir.join(format!("daemon-{n}.log"));
-        let child = Command::new(BIN)
-            .arg("--socket-path")
-            .arg(&socket)
-            .arg("--state-file")
-            .arg(dir.join("state"))
-            .args(["--endpoints", "8,16"])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start the daemon");
-        let t = Instant::now();
-        while !socket.exists() {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "the daemon did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Self { child, socket, log }
-    }
-
-    fn connect(&self) -> TestVm {
-        TestVm::connect(&self.socket, VmOptions::default()).expect("connect")
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGKILL, or SIGTERM and wait for the exit.
-    fn end(mut self, signal: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
-        let _ = self.child.wait();
-    }
+fn connect(d: &DaemonProcess) -> TestVm {
+    d.connect(VmOptions::default()).expect("connect")
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vui-restart-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn scratch(name: &str) -> Scratch {
+    Scratch::new(&format!("restart-{name}"))
 }
 
 /// Domain 1 (endpoint 8) with two mappings, domain 2 (endpoint 16) with
@@ -132,21 +88,20 @@ fn assert_state(vm: &mut TestVm, log: &str) {
 
 fn restart_keeps_the_state(signal: i32, name: &str) {
     let dir = scratch(name);
-    let first = Daemon::start(&dir, 1);
-    let mut vm = first.connect();
+    let first = start(&dir, 1);
+    let mut vm = connect(&first);
     make_state(&mut vm);
     // The front-end stays connected: the daemon goes first.
     first.end(signal);
-    let second = Daemon::start(&dir, 2);
+    let second = start(&dir, 2);
     drop(vm);
-    let mut vm = second.connect();
+    let mut vm = connect(&second);
     let log = second.log_text();
     assert!(
         log.contains("recovered 5 attachments and mappings"),
         "the second daemon says what it recovered:\n{log}"
     );
     assert_state(&mut vm, &log);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -162,29 +117,28 @@ fn a_daemon_stopped_under_its_front_end_leaves_its_state_to_the_next() {
 #[test]
 fn a_front_end_that_leaves_takes_the_state_with_it() {
     let dir = scratch("leave");
-    let first = Daemon::start(&dir, 1);
-    let mut vm = first.connect();
+    let first = start(&dir, 1);
+    let mut vm = connect(&first);
     make_state(&mut vm);
     drop(vm);
     // The daemon resets the device when its front-end leaves (after the
     // socket closes, on its own time).
     std::thread::sleep(Duration::from_millis(300));
     first.end(libc::SIGKILL);
-    let second = Daemon::start(&dir, 2);
-    let mut vm = second.connect();
+    let second = start(&dir, 2);
+    let mut vm = connect(&second);
     assert_eq!(
         vm.unmap(1, 0, 0xfff).unwrap(),
         Status::NoEnt,
         "domain 1 outlived its front-end:\n{}",
         second.log_text()
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_state_file_another_daemon_holds_is_refused() {
     let dir = scratch("busy");
-    let _first = Daemon::start(&dir, 1);
+    let _first = start(&dir, 1);
     let out = Command::new(BIN)
         .arg("--socket-path")
         .arg(dir.join("other.sock"))
@@ -195,22 +149,20 @@ fn a_state_file_another_daemon_holds_is_refused() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("in use by another daemon"), "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_damaged_state_file_is_logged_and_the_device_starts_reset() {
     let dir = scratch("damaged");
     std::fs::write(dir.join("state"), b"not a journal at all").unwrap();
-    let d = Daemon::start(&dir, 1);
-    let mut vm = d.connect();
+    let d = start(&dir, 1);
+    let mut vm = connect(&d);
     assert_eq!(vm.unmap(1, 0, 0xfff).unwrap(), Status::NoEnt);
     assert!(
         d.log_text().contains("nothing recovered"),
         "{}",
         d.log_text()
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The daemon dies while it works through a ring of MAPs; the front-end
@@ -222,8 +174,8 @@ fn a_damaged_state_file_is_logged_and_the_device_starts_reset() {
 fn requests_in_flight_when_the_daemon_dies_are_carried_out_exactly_once() {
     let dir = scratch("inflight");
     let mut rng = Rng(0x1f11);
-    let mut daemon = Daemon::start(&dir, 0);
-    let mut vm = daemon.connect();
+    let mut daemon = start(&dir, 0);
+    let mut vm = connect(&daemon);
     assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
     let mut mapped = 0u64;
     let mut logs = String::new();
@@ -240,8 +192,8 @@ fn requests_in_flight_when_the_daemon_dies_are_carried_out_exactly_once() {
         let posted = vm.submit(&reqs).unwrap();
         std::thread::sleep(Duration::from_micros(rng.below(800)));
         daemon.end(libc::SIGKILL);
-        daemon = Daemon::start(&dir, round);
-        vm.reconnect(&daemon.socket).unwrap();
+        daemon = start(&dir, round);
+        vm.reconnect(daemon.socket()).unwrap();
         let t = Instant::now();
         let mut done = 0;
         while done < posted {

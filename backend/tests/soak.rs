@@ -17,10 +17,9 @@
 //! survived, mappings checked, and lost (always 0, or it fails).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use test_frontend::daemon::{DaemonProcess, Scratch};
 use test_frontend::rng::Rng;
 use test_frontend::{Request, Status, TestVm, VmOptions, MAP_F_READ, MAP_F_WRITE};
 use virtio_iommu::{Change, DeviceState};
@@ -34,57 +33,19 @@ const IOVA_PAGES: u64 = 512;
 /// Guest RAM pages (the test front-end's default 16 MiB).
 const RAM_PAGES: u64 = (16 << 20) / PAGE;
 
-/// A daemon with a state file, in its own process.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
+/// Daemon `name` with its state file, both in `dir`; killed however the
+/// test ends.
+fn start(dir: &Scratch, name: &str) -> DaemonProcess {
+    DaemonProcess::builder(BIN, dir.join(format!("{name}.sock")))
+        .arg("--state-file")
+        .arg(dir.join(format!("{name}.state")))
+        .args(["--endpoints", "8,16,24"])
+        .rust_log("error")
+        .spawn()
 }
 
-impl Daemon {
-    fn start(dir: &Path, name: &str) -> Self {
-        let socket = dir.join(format!("{name}.sock"));
-        let _ = std::fs::remove_file(&socket);
-        let child = Command::new(BIN)
-            .arg("--socket-path")
-            .arg(&socket)
-            .arg("--state-file")
-            .arg(dir.join(format!("{name}.state")))
-            .args(["--endpoints", "8,16,24"])
-            .env("RUST_LOG", "error")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start the daemon");
-        let t = Instant::now();
-        while !socket.exists() {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "the daemon did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Self { child, socket }
-    }
-
-    fn connect(&self) -> TestVm {
-        TestVm::connect(&self.socket, VmOptions::default()).expect("connect")
-    }
-
-    fn signal(mut self, signal: &str) {
-        let st = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill");
-        assert!(st.success());
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn connect(d: &DaemonProcess) -> TestVm {
+    d.connect(VmOptions::default()).expect("connect")
 }
 
 /// What the driver was told: domain → first IOVA → (last IOVA, GPA).
@@ -205,13 +166,11 @@ fn soak_mixing_load_front_end_loss_daemon_restarts_and_migrations_loses_nothing(
         .and_then(|v| v.parse().ok())
         .unwrap_or(0x50a6);
     println!("soak: {secs} s, seed {seed} (VUI_SOAK_SECS, VUI_SOAK_SEED)");
-    let dir = std::env::temp_dir().join(format!("vui-soak-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new("soak");
     let mut rng = Rng(seed);
     let mut names = (0u32..).map(|n| format!("d{n}"));
-    let mut daemon = Daemon::start(&dir, &names.next().unwrap());
-    let mut vm = daemon.connect();
+    let mut daemon = start(&dir, &names.next().unwrap());
+    let mut vm = connect(&daemon);
     let mut ledger = Ledger::default();
     fresh(&mut vm, &mut ledger);
 
@@ -235,7 +194,7 @@ fn soak_mixing_load_front_end_loss_daemon_restarts_and_migrations_loses_nothing(
                     .collect();
                 let _ = vm.submit(&burst);
                 drop(vm);
-                vm = daemon.connect();
+                vm = connect(&daemon);
                 assert!(
                     decode(&vm.save_state().unwrap()).entries.is_empty(),
                     "a vanished front-end's state outlived it"
@@ -246,17 +205,21 @@ fn soak_mixing_load_front_end_loss_daemon_restarts_and_migrations_loses_nothing(
             // The daemon dies or stops under its front-end and comes back.
             1 | 2 => {
                 let name = names.next().unwrap();
-                let state = daemon.socket.with_extension("state");
-                let signal = if rng.below(2) == 0 { "KILL" } else { "TERM" };
-                daemon.signal(signal);
+                let state = daemon.socket().with_extension("state");
+                let (signal, number) = if rng.below(2) == 0 {
+                    ("KILL", libc::SIGKILL)
+                } else {
+                    ("TERM", libc::SIGTERM)
+                };
+                daemon.end(number);
                 match signal {
                     "KILL" => kills += 1,
                     _ => stops += 1,
                 }
                 std::fs::rename(&state, dir.join(format!("{name}.state"))).unwrap();
-                daemon = Daemon::start(&dir, &name);
+                daemon = start(&dir, &name);
                 drop(vm);
-                vm = daemon.connect();
+                vm = connect(&daemon);
                 checked += ledger.check(
                     &decode(&vm.save_state().unwrap()),
                     &format!("after SIG{signal} and restart"),
@@ -265,8 +228,8 @@ fn soak_mixing_load_front_end_loss_daemon_restarts_and_migrations_loses_nothing(
             // The device migrates to a fresh daemon.
             3 => {
                 let bytes = vm.save_state().unwrap();
-                let dst = Daemon::start(&dir, &names.next().unwrap());
-                let mut dst_vm = dst.connect();
+                let dst = start(&dir, &names.next().unwrap());
+                let mut dst_vm = connect(&dst);
                 dst_vm.load_state(&bytes).unwrap();
                 drop(vm);
                 daemon = dst;
@@ -290,5 +253,4 @@ fn soak_mixing_load_front_end_loss_daemon_restarts_and_migrations_loses_nothing(
     );
     drop(vm);
     drop(daemon);
-    let _ = std::fs::remove_dir_all(&dir);
 }

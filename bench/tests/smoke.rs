@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use serde_json::Value;
+use test_frontend::daemon::Scratch;
 use vhost_user_iommu::config::RawConfig;
 use vhost_user_iommu::emulated;
 use vhost_user_iommu::mirror::{MirrorHandle, MirrorMemory, MirrorServer};
@@ -17,7 +18,9 @@ use vhost_user_iommu::vhu_iommu::{BackendHooks, IommuBackend};
 const BENCH: &str = env!("CARGO_BIN_EXE_vhost-user-iommu-bench");
 const WORKLOADS: [&str; 5] = ["strict-4k", "strict-64k", "strict-2m", "batch", "domains"];
 
-/// The daemon on a thread of this process; stopped when dropped.
+/// The daemon on a thread of this process, its sockets in a scratch
+/// directory of its own; stopped when dropped, the directory removed after
+/// it (or kept if the test failed).
 struct InProcessDaemon {
     socket: PathBuf,
     /// The translation mirror's socket, if it has one.
@@ -25,6 +28,8 @@ struct InProcessDaemon {
     stopper: Stopper,
     thread: Option<JoinHandle<Result<(), ServeError>>>,
     mirror_server: Option<MirrorServer>,
+    /// Last: dropped after the daemon has stopped.
+    _dir: Scratch,
 }
 
 impl InProcessDaemon {
@@ -36,9 +41,8 @@ impl InProcessDaemon {
     /// Serving endpoints `endpoints`, with a translation mirror if `mirror`
     /// (set up as the daemon's main does for --mirror-socket).
     fn start_with(name: &str, endpoints: &str, mirror: bool) -> Self {
-        let base =
-            std::env::temp_dir().join(format!("vui-bench-test-{}-{name}", std::process::id()));
-        let socket = base.with_extension("sock");
+        let dir = Scratch::new(&format!("bench-{name}"));
+        let socket = dir.join("viommu.sock");
         let config = RawConfig {
             endpoints: Some(endpoints.into()),
             ..RawConfig::default()
@@ -48,7 +52,7 @@ impl InProcessDaemon {
         let device = emulated::device(&config).unwrap();
         let hooks = Arc::new(BackendHooks::default());
         let (mirror_server, handle, mirror_path) = if mirror {
-            let path = base.with_extension("mirror");
+            let path = dir.join("viommu.mirror");
             let memory = MirrorMemory::for_device(device.device_config()).unwrap();
             let s =
                 MirrorServer::start(&path, config.device.bypass, hooks.clone(), Arc::new(memory))
@@ -69,6 +73,7 @@ impl InProcessDaemon {
             stopper,
             thread: Some(thread),
             mirror_server,
+            _dir: dir,
         }
     }
 }
@@ -99,9 +104,9 @@ fn path_str(p: &Path) -> &str {
 fn smoke_run_reports_every_workload_with_nonzero_throughput() {
     let daemon = InProcessDaemon::start_with("smoke", "8-11", true);
     let mirror = daemon.mirror.clone().unwrap();
-    let dir = std::env::temp_dir();
-    let json = dir.join(format!("vui-bench-test-{}.json", std::process::id()));
-    let svg = dir.join(format!("vui-bench-test-{}.svg", std::process::id()));
+    let dir = Scratch::new("bench-out");
+    let json = dir.join("report.json");
+    let svg = dir.join("latency.svg");
     let pid = std::process::id().to_string();
     let out = bench(&[
         "--smoke",
@@ -176,18 +181,13 @@ fn smoke_run_reports_every_workload_with_nonzero_throughput() {
     let plot = std::fs::read_to_string(&svg).unwrap();
     assert!(plot.starts_with("<svg"));
     assert!(plot.contains("strict-4k"));
-    let _ = std::fs::remove_file(json);
-    let _ = std::fs::remove_file(svg);
 }
 
 #[test]
 fn scaling_smoke_run_reports_each_point_up_to_ten_thousand() {
-    let dir = std::env::temp_dir();
-    let json = dir.join(format!(
-        "vui-bench-test-{}-scaling.json",
-        std::process::id()
-    ));
-    let svg = dir.join(format!("vui-bench-test-{}-scaling.svg", std::process::id()));
+    let dir = Scratch::new("bench-scaling");
+    let json = dir.join("report.json");
+    let svg = dir.join("scaling.svg");
     let out = bench(&[
         "--scaling",
         "--smoke",
@@ -219,8 +219,6 @@ fn scaling_smoke_run_reports_each_point_up_to_ten_thousand() {
     assert!(table.contains("10000"), "{table}");
     let plot = std::fs::read_to_string(&svg).unwrap();
     assert!(plot.starts_with("<svg") && plot.contains("table translate"));
-    let _ = std::fs::remove_file(json);
-    let _ = std::fs::remove_file(svg);
 }
 
 #[test]

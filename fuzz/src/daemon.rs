@@ -1,14 +1,12 @@
 //! The daemon process the socket targets talk to: started with its log in
 //! a file, checked for life, restarted if it died (after the death was
-//! counted).
+//! counted). Its files go when the run was clean and stay when it was not.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use test_frontend::{Status, TestVm, VmOptions};
+use test_frontend::daemon::{DaemonBuilder, DaemonProcess, Scratch, SIGKILL};
+use test_frontend::{Status, VmOptions};
 
 const DAEMON_BIN: &str = "vhost-user-iommu";
 
@@ -56,106 +54,79 @@ pub fn connect(path: &Path) -> Result<std::os::unix::net::UnixStream, String> {
     }
 }
 
-/// A daemon process; killed when dropped.
+/// A daemon process, its sockets and logs in a scratch directory of its
+/// own; killed when dropped. The directory goes with it after a clean run;
+/// after one that found something ([`Daemon::keep_logs`]) it is kept, with
+/// the log of every death, and its path printed.
 #[derive(Debug)]
 pub struct Daemon {
-    bin: PathBuf,
-    args: Vec<String>,
-    child: Child,
+    /// How it was started, to start it again after a death.
+    start: DaemonBuilder,
+    process: DaemonProcess,
     pub socket: PathBuf,
     pub mirror: Option<PathBuf>,
     pub log: PathBuf,
     /// Deaths seen (each followed by a restart).
     pub deaths: u64,
+    /// Last: fields drop in order, so the daemon is dead before its
+    /// directory goes.
+    dir: Scratch,
 }
-
-static NEXT: AtomicU32 = AtomicU32::new(0);
 
 impl Daemon {
     pub fn start(bin: &Path, name: &str, mirror: bool, args: &[&str]) -> Result<Self, String> {
-        let base = std::env::temp_dir().join(format!(
-            "vui-fuzz-{}-{name}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let socket = base.with_extension("sock");
-        let mirror = mirror.then(|| base.with_extension("mirror"));
-        let log = base.with_extension("log");
-        let child = Self::spawn(bin, &socket, mirror.as_deref(), &log, args)?;
-        let d = Self {
-            bin: bin.to_path_buf(),
-            args: args.iter().map(|s| s.to_string()).collect(),
-            child,
+        let mut dir = Scratch::new(&format!("fuzz-{name}"));
+        let socket = dir.join("viommu.sock");
+        let mirror = mirror.then(|| dir.join("viommu.mirror"));
+        let log = dir.join("daemon.log");
+        let mut start = DaemonProcess::builder(bin, &socket)
+            .args(["--endpoints", "8,9", "--poll-us", "0"])
+            .args(args)
+            .rust_log("warn")
+            .env("RUST_BACKTRACE", "1")
+            .log_file(&log);
+        if let Some(m) = &mirror {
+            start = start.mirror(m);
+        }
+        let process = match start.try_spawn() {
+            Ok(p) => p,
+            Err(e) => {
+                dir.keep();
+                return Err(e);
+            }
+        };
+        Ok(Self {
+            start,
+            process,
             socket,
             mirror,
             log,
             deaths: 0,
-        };
-        d.wait_listening()?;
-        Ok(d)
-    }
-
-    fn spawn(
-        bin: &Path,
-        socket: &Path,
-        mirror: Option<&Path>,
-        log: &Path,
-        args: &[impl AsRef<std::ffi::OsStr>],
-    ) -> Result<Child, String> {
-        let _ = std::fs::remove_file(socket);
-        let mut cmd = Command::new(bin);
-        cmd.arg("--socket-path").arg(socket);
-        if let Some(m) = mirror {
-            let _ = std::fs::remove_file(m);
-            cmd.arg("--mirror-socket").arg(m);
-        }
-        cmd.args(["--endpoints", "8,9", "--poll-us", "0"])
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .env("RUST_BACKTRACE", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(log).map_err(|e| e.to_string())?);
-        cmd.spawn()
-            .map_err(|e| format!("starting {}: {e}", bin.display()))
-    }
-
-    fn wait_listening(&self) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(self.socket.exists() && self.mirror.as_ref().is_none_or(|m| m.exists())) {
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "the daemon did not listen; log:\n{}",
-                    self.log_tail()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok(())
+            dir,
+        })
     }
 
     /// `Err` with the log's tail if the daemon has exited.
     pub fn alive(&mut self) -> Result<(), String> {
-        match self.child.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => Err(format!(
+        match self.process.try_wait() {
+            None => Ok(()),
+            Some(status) => Err(format!(
                 "the daemon died ({status}); log:\n{}",
                 self.log_tail()
             )),
-            Err(e) => Err(e.to_string()),
         }
     }
 
     /// The last lines of the daemon's log.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let text = self.process.log_text();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
     /// Whether the log shows a panic.
     pub fn log_has_panic(&self) -> bool {
-        std::fs::read_to_string(&self.log).is_ok_and(|t| t.contains("panicked"))
+        self.process.log_text().contains("panicked")
     }
 
     /// A well-behaved front-end is served: handshake, ATTACH, MAP, UNMAP,
@@ -166,7 +137,9 @@ impl Daemon {
             timeout: Duration::from_secs(5),
             ..VmOptions::default()
         };
-        let mut vm = TestVm::connect(&self.socket, opts)
+        let mut vm = self
+            .process
+            .connect(opts)
             .map_err(|e| format!("a well-behaved front-end could not connect: {e}"))?;
         let steps = [
             vm.attach(1, 8, 0),
@@ -184,32 +157,22 @@ impl Daemon {
         self.alive()
     }
 
-    /// Start again after a death.
+    /// Start again after a death; the dead one's log is kept beside as
+    /// `daemon.death<n>.log`.
     pub fn restart(&mut self) -> Result<(), String> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.signal(SIGKILL);
+        self.process.wait();
         self.deaths += 1;
-        let old = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let old = self.process.log_text();
         let keep = self.log.with_extension(format!("death{}.log", self.deaths));
         let _ = std::fs::write(keep, old);
-        self.child = Self::spawn(
-            &self.bin,
-            &self.socket,
-            self.mirror.as_deref(),
-            &self.log,
-            &self.args,
-        )?;
-        self.wait_listening()
+        self.process = self.start.try_spawn()?;
+        Ok(())
     }
-}
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.socket);
-        if let Some(m) = &self.mirror {
-            let _ = std::fs::remove_file(m);
-        }
+    /// Keep the scratch directory (logs, the logs of deaths) when dropped,
+    /// and say where: the run found something.
+    pub fn keep_logs(&mut self) {
+        self.dir.keep();
     }
 }

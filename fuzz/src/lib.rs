@@ -139,6 +139,10 @@ pub trait Target {
     /// Whether the target can go on after a panic or hang (a dead daemon
     /// is restarted by the target itself).
     fn recover(&mut self) {}
+    /// The run found something: keep the evidence the target would
+    /// otherwise delete when dropped (the daemon targets keep their
+    /// daemon's logs, and say where).
+    fn keep_logs(&mut self) {}
 }
 
 /// Build a target by name.
@@ -248,6 +252,9 @@ pub fn run(name: &str, seed: u64, first: u64, budget: Budget, opts: &Options) ->
         }
     }
     report.notes = t.notes();
+    if !report.clean() {
+        t.keep_logs();
+    }
     report
 }
 

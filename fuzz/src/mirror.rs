@@ -443,6 +443,10 @@ impl Target for MirrorTarget {
         }
     }
 
+    fn keep_logs(&mut self) {
+        self.daemon.keep_logs();
+    }
+
     fn notes(&self) -> Vec<String> {
         vec![format!(
             "{} messages over {} connections ({} HELLOs received, {} with a front-end publishing meanwhile); well-behaved front-end + QEMU served {} times; daemon restarts after death: {}",

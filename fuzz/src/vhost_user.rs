@@ -472,6 +472,10 @@ impl Target for VhostUserTarget {
         }
     }
 
+    fn keep_logs(&mut self) {
+        self.daemon.keep_logs();
+    }
+
     fn notes(&self) -> Vec<String> {
         vec![format!(
             "{} messages over {} connections ({} closed by the daemon); a well-behaved front-end served {} times; daemon restarts after death: {}",

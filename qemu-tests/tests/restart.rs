@@ -7,73 +7,24 @@
 //! back with every domain and mapping (docs/state-journal.md): the guest's
 //! data keeps verifying and its driver never sees an error.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use qemu_tests::{
     disk_image, guest_tools, scratch, skip_unless_ready, Guest, Running, Sockets, Viommu,
 };
+use test_frontend::daemon::{DaemonProcess, SIGKILL, SIGTERM};
 
-/// The daemon binary, as a process of its own.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(bin: &Path, dir: &Path, n: u32) -> Self {
-        let socket = dir.join("viommu.sock");
-        let mirror = dir.join("viommu-mirror.sock");
-        for s in [&socket, &mirror] {
-            let _ = std::fs::remove_file(s);
-        }
-        let log = dir.join(format!("daemon-{n}.log"));
-        let child = Command::new(bin)
-            .arg("--socket-path")
-            .arg(&socket)
-            .arg("--mirror-socket")
-            .arg(&mirror)
-            .arg("--state-file")
-            .arg(dir.join("state"))
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("daemon log"))
-            .spawn()
-            .expect("start the daemon");
-        let t = Instant::now();
-        while !(socket.exists() && mirror.exists()) {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "the daemon did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Self { child, log }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Stop it with `signal` (`KILL` or `TERM`); its log.
-    fn end(mut self, signal: &str) -> String {
-        let st = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill");
-        assert!(st.success(), "kill -{signal}");
-        let _ = self.child.wait();
-        self.log_text()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Daemon number `n`: both sockets and the state file in `dir`, its log in
+/// `daemon-<n>.log` there; killed when dropped.
+fn start(bin: &Path, dir: &Path, n: u32) -> DaemonProcess {
+    DaemonProcess::builder(bin, dir.join("viommu.sock"))
+        .mirror(dir.join("viommu-mirror.sock"))
+        .arg("--state-file")
+        .arg(dir.join("state"))
+        .rust_log("info")
+        .log_file(dir.join(format!("daemon-{n}.log")))
+        .spawn()
 }
 
 fn rounds(out: &str) -> usize {
@@ -98,16 +49,18 @@ fn a_daemon_killed_and_restarted_under_a_guest_doing_dma_loses_nothing() {
         reconnect: true,
     };
 
-    let mut daemon = Daemon::start(&bin, &dir, 1);
+    let mut daemon = start(&bin, &dir, 1);
     let mut guest = Running::start(g.command_with(Some(sockets)), &dir.join("serial.log"));
     guest.wait_for("VUI-ROUND 2 ok", Duration::from_secs(240));
 
     let mut restarts = Vec::new();
-    for (n, signal) in [(2, "KILL"), (3, "TERM")] {
+    for (n, signal, number) in [(2, "KILL", SIGKILL), (3, "TERM", SIGTERM)] {
         let before = rounds(&guest.output());
-        let old_log = daemon.end(signal);
+        daemon.signal(number);
+        daemon.wait();
+        let old_log = daemon.log_text();
         let t = Instant::now();
-        daemon = Daemon::start(&bin, &dir, n);
+        daemon = start(&bin, &dir, n);
         // Two more rounds of verified reads after the restart.
         let want = format!("VUI-ROUND {} ok", before + 1);
         guest.wait_for(&want, Duration::from_secs(120));

@@ -22,6 +22,9 @@
 //! notifies once; [`TestVm::submit`] and [`TestVm::poll_completion`] kick
 //! and busy-poll the used ring, as Linux's driver does).
 //!
+//! The tests start the daemon binary itself with [`daemon::DaemonProcess`],
+//! their files in a [`daemon::Scratch`] directory that goes with the test.
+//!
 //! ```no_run
 //! use test_frontend::{TestVm, VmOptions, Status, MAP_F_READ};
 //! # fn main() -> Result<(), test_frontend::Error> {
@@ -31,6 +34,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod daemon;
 pub mod fds;
 pub mod ram;
 pub mod rng;
