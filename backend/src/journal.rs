@@ -45,6 +45,9 @@ const OFF_MAGIC: usize = 0;
 const OFF_VERSION: usize = 4;
 const OFF_HALF_LEN: usize = 8;
 const OFF_ACTIVE: usize = 16;
+/// The `instance` of the QEMU whose device the journal holds (mirror
+/// protocol 2.2 HELLO); 0: not known (no QEMU with one connected yet).
+const OFF_INSTANCE: usize = 24;
 
 /// Why the state file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +65,9 @@ pub enum JournalError {
 pub struct Recovered {
     /// The device it was.
     pub state: DeviceState,
+    /// The QEMU whose device it was (its mirror HELLO `instance`); 0 if not
+    /// known. Another QEMU must not get it (docs/state-journal.md).
+    pub instance: u64,
     /// The requests it carried out whose completion the driver may not
     /// have seen.
     pub answered: Answered,
@@ -246,6 +252,7 @@ impl Journal {
         }
         Ok(Some(Recovered {
             state: replay.state(),
+            instance: u64::from_le(self.word(OFF_INSTANCE).load(Ordering::Acquire)),
             answered: Answered::new(replay.recent_done()),
             records: replay.records(),
         }))
@@ -291,6 +298,23 @@ impl Journal {
         }
         self.write_at(self.active, self.end, &r.encode());
         self.end += RECORD_LEN;
+    }
+
+    /// The device now belongs to the QEMU process `instance` (its mirror
+    /// HELLO). One store, after whatever reset a change of QEMU needed was
+    /// committed: a daemon killed in between leaves a reset device and the
+    /// old instance, which the next QEMU resets again — never the old
+    /// state under the new instance.
+    pub fn set_instance(&mut self, instance: u64) {
+        self.store(OFF_INSTANCE, instance, Ordering::Release);
+    }
+
+    /// The device was reset: the driver starts its rings afresh, so no
+    /// request before the reset can come again, and the completions kept
+    /// to answer them go (the snapshot the reset brings holds none).
+    pub fn forget_completions(&mut self) {
+        self.done_head = 0;
+        self.done_len = 0;
     }
 
     /// A request was carried out: commit it with its changes.

@@ -136,6 +136,10 @@ struct State {
     /// The device was recovered from the state file: the next front-end
     /// (QEMU reconnecting) finds it as the guest left it, not reset.
     recovered: bool,
+    /// The QEMU process the recovered state belongs to (its mirror HELLO
+    /// `instance`), until a QEMU's HELLO says whether it is that one: until
+    /// then no request is carried out (docs/state-journal.md rule 6).
+    recovered_for: Option<u64>,
 }
 
 /// The virtio-iommu vhost-user backend. Cheap to clone: clones share the
@@ -170,6 +174,7 @@ impl IommuBackend {
                 journal: None,
                 answered: Answered::default(),
                 recovered: false,
+                recovered_for: None,
             })),
             mirror,
             memory_files: MemoryFiles::default(),
@@ -216,6 +221,7 @@ impl IommuBackend {
                             r.answered.pending().len()
                         );
                         st.recovered = true;
+                        st.recovered_for = (r.instance != 0).then_some(r.instance);
                         answered = r.answered;
                         // Its QEMU kept running, translating with a frozen
                         // copy: requests wait until it has this state.
@@ -297,6 +303,7 @@ impl IommuBackend {
     /// vrings and pending faults. The reset is mirrored so QEMU drops what
     /// it held.
     fn forget_front_end(&self, st: &mut State) {
+        Self::forget_answers(st);
         self.change(st, |device, sink| device.reset(sink));
         st.device.set_memory(&NoRam);
         st.mem = None;
@@ -361,6 +368,45 @@ impl IommuBackend {
             // walk are reused only after the next connection's ACK.
             if t.stats().pages_in_limbo > 0 && mirror.never_connected() {
                 t.release_limbo();
+            }
+        }
+    }
+
+    /// The device is being reset: the driver starts its rings afresh, so
+    /// no request from before can come again, and none may be answered
+    /// from the journal (a rebooted guest's first requests can have the
+    /// same bytes and positions as the old ones).
+    fn forget_answers(st: &mut State) {
+        st.answered = Answered::default();
+        if let Some(j) = st.journal.as_mut() {
+            j.forget_completions();
+        }
+    }
+
+    /// A QEMU's mirror HELLO, before its dump is made: if the device was
+    /// recovered for another QEMU process (a QEMU started afresh on the
+    /// same sockets, its guest booting), that state is not this guest's
+    /// and the device starts reset; the journal then belongs to this QEMU
+    /// (docs/state-journal.md rule 6). A QEMU that sends no instance (0,
+    /// mirror protocol 2.1) is taken for the recovered state's.
+    pub fn qemu_hello(&self, instance: u64) {
+        let mut st = self.lock();
+        if let Some(owner) = st.recovered_for.take() {
+            if instance != 0 && instance != owner {
+                log::warn!(
+                    "state file: the recovered state belongs to another QEMU (instance \
+                     {owner:#018x}; this one is {instance:#018x}): the device starts reset"
+                );
+                st.recovered = false;
+                Self::forget_answers(&mut st);
+                self.change(&mut st, |device, sink| device.reset(sink));
+            } else {
+                log::info!("state file: the QEMU of the recovered state is back");
+            }
+        }
+        if instance != 0 {
+            if let Some(j) = st.journal.as_mut() {
+                j.set_instance(instance);
             }
         }
     }
@@ -489,12 +535,22 @@ impl IommuBackend {
     /// them and re-check (virtio 1.2 §2.7.10).
     fn process_requests(&self, vring: &Vring) -> io::Result<()> {
         let woke = Instant::now();
-        let (window, mem) = {
+        let (window, mem, unconfirmed) = {
             let mut st = self.lock();
             st.stats.kicks += 1;
             st.poll.woken(woke);
-            (st.poll.window(), st.mem.as_ref().map(|m| m.memory()))
+            (
+                st.poll.window(),
+                st.mem.as_ref().map(|m| m.memory()),
+                st.recovered_for.is_some(),
+            )
         };
+        // A recovered state may be another QEMU's: nothing is carried out
+        // on it before a QEMU's HELLO has said (its dump, made after the
+        // HELLO, is acknowledged once it has).
+        if unconfirmed && self.mirror.wait_synced() == WaitOutcome::Released {
+            return Ok(());
+        }
         let Some(mem) = mem else { return Ok(()) };
         let mut polled = false;
         // The ring said more requests are there (polling saw its index move,
@@ -689,11 +745,13 @@ impl IommuBackend {
             log::error!("mirror: no ACK in {ACK_TIMEOUT:?}: link closed, requests wait for QEMU");
         }
         let acked = outcome == Some(WaitOutcome::Acked);
-        if !acked && outcome != Some(WaitOutcome::Released) {
+        if !acked && outcome != Some(WaitOutcome::Released) && !completed.is_empty() {
             // No QEMU has these changes: one whose link closed (or whose
             // daemon was restarted) translates with its frozen copy until it
             // connects again, so nothing completes before a QEMU has the
-            // current state (docs/mirror-protocol.md §6 rule 4).
+            // current state (docs/mirror-protocol.md §6 rule 4). A batch
+            // that found no request has nothing to complete and holds the
+            // worker for nothing.
             self.mirror.wait_synced();
         }
         for &(head, len) in &completed {
@@ -849,6 +907,7 @@ impl VhostUserBackend for IommuBackend {
     /// power-on, and the mirror follows.
     fn reset_device(&self) {
         let mut st = self.lock();
+        Self::forget_answers(&mut st);
         self.change(&mut st, |device, sink| device.reset(sink));
         st.faults.clear();
     }
@@ -994,14 +1053,16 @@ impl std::fmt::Debug for IommuBackend {
 
 /// The mirror's view of the backend (docs/mirror-protocol.md §6, §9, §10).
 /// Set once the backend exists (the backend needs the mirror's handle
-/// first).
+/// first). A QEMU may connect before that — one reconnecting to a daemon
+/// still recovering its state file — so its HELLO and the dump wait for
+/// the backend: a dump made earlier would be empty, and never followed by
+/// one with the recovered state.
 #[derive(Debug, Default)]
 pub struct BackendHooks(pub std::sync::OnceLock<IommuBackend>);
 
 impl mirror::MirrorHooks for BackendHooks {
     fn snapshot(&self, send: &mut dyn FnMut(&[Record])) {
-        let Some(backend) = self.0.get() else { return };
-        let st = backend.lock();
+        let st = self.0.wait().lock();
         let mut changes: Vec<Change> = Vec::new();
         st.device.replay(&mut changes);
         let mut records = Vec::with_capacity(changes.len() + 1);
@@ -1016,12 +1077,39 @@ impl mirror::MirrorHooks for BackendHooks {
         backend.report_fault(event);
     }
 
+    fn qemu_hello(&self, instance: u64) {
+        self.0.wait().qemu_hello(instance);
+    }
+
     fn system_reset(&self, id: u32, send: &mut dyn FnMut(&[Record])) {
         let Some(backend) = self.0.get() else { return };
         let mut st = backend.lock();
-        let State { device, table, .. } = &mut *st;
-        device.reset(&mut Batch::new(table.as_mut(), &mut Vec::new()));
+        let before = st.device.stats();
+        IommuBackend::forget_answers(&mut st);
+        let State {
+            device,
+            table,
+            journal,
+            ..
+        } = &mut *st;
+        // The records go to QEMU below, as the answer to its SYSTEM_RESET;
+        // the journal must have the reset too, or a daemon restarted after
+        // it would bring the rebooted guest the old state.
+        device.reset(&mut Journaled {
+            sink: &mut Batch::new(table.as_mut(), &mut Vec::new()),
+            journal: journal.as_mut(),
+        });
+        if let Some(j) = journal.as_mut() {
+            j.commit(device);
+        }
         st.faults.clear();
+        log::info!(
+            "mirror: system reset {id} from QEMU: {} domains, {} mappings and {} attachments \
+             dropped; the device is at power-on",
+            before.domains,
+            before.mappings,
+            before.attached
+        );
         let bypass = st.device.config().bypass != 0;
         send(&[
             Record::Reset {

@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use test_frontend::daemon::{DaemonProcess, Scratch};
-use test_frontend::{Status, VmOptions};
+use test_frontend::{Request, Status, TestVm, VmOptions};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-iommu");
 const HELLO: u16 = 1;
@@ -106,7 +106,17 @@ struct FakeQemu {
 }
 
 impl FakeQemu {
+    /// A QEMU of mirror protocol 2.1: a 24-byte HELLO, no instance.
     fn connect(path: &Path) -> Self {
+        Self::connect_with(path, None)
+    }
+
+    /// A QEMU of mirror protocol 2.2, process `instance` (§4).
+    fn connect_as(path: &Path, instance: u64) -> Self {
+        Self::connect_with(path, Some(instance))
+    }
+
+    fn connect_with(path: &Path, instance: Option<u64>) -> Self {
         use vmm_sys_util::sock_ctrl_msg::ScmSocket;
         let s = UnixStream::connect(path).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -154,10 +164,17 @@ impl FakeQemu {
             levels,
             flags,
         };
-        let mut hello = [0u8; 24];
+        let mut hello = [0u8; 48];
         hello[0..4].copy_from_slice(&0x4d49_5556u32.to_le_bytes());
         hello[4..6].copy_from_slice(&2u16.to_le_bytes());
-        q.send(HELLO, 0, 0, &hello);
+        match instance {
+            None => q.send(HELLO, 0, 0, &hello[..24]),
+            Some(i) => {
+                hello[6..8].copy_from_slice(&2u16.to_le_bytes());
+                hello[40..48].copy_from_slice(&i.to_le_bytes());
+                q.send(HELLO, 0, 0, &hello);
+            }
+        }
         q
     }
 
@@ -517,4 +534,156 @@ fn when_the_front_end_leaves_its_translations_go_at_once() {
         .recv_timeout(Duration::from_secs(5))
         .expect("a reset batch after the disconnect");
     assert_eq!(recs[0].0, OP_RESET, "{recs:?}");
+}
+
+/// Daemon number `n` on the state file in `dir`, with its mirror; its log
+/// in `daemon-<n>.log` there.
+fn start_with_state(dir: &Scratch, n: u32) -> DaemonProcess {
+    DaemonProcess::builder(BIN, dir.join("viommu.sock"))
+        .mirror(dir.join("viommu.mirror"))
+        .arg("--state-file")
+        .arg(dir.join("state"))
+        .args(["--endpoints", "8"])
+        .rust_log("info")
+        .log_file(dir.join(format!("daemon-{n}.log")))
+        .spawn()
+}
+
+/// Batches QEMU acknowledged, as [`FakeQemu::auto_ack`] delivers them.
+type Batches = mpsc::Receiver<(u64, bool, Vec<Rec>)>;
+
+/// QEMU process `instance` connects to `d`'s mirror and acknowledges
+/// every batch; the records of the dump (the first batch flagged SYNC: a
+/// reset the HELLO caused may come before it).
+fn qemu_as(d: &DaemonProcess, instance: u64) -> (FakeQemu, Batches, Vec<Rec>) {
+    let mut q = FakeQemu::connect_as(mirror(d), instance);
+    let batches = q.auto_ack();
+    loop {
+        let (_, sync, recs) = batches
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the dump");
+        if sync {
+            return (q, batches, recs);
+        }
+    }
+}
+
+const QEMU_A: u64 = 0x0a0a_0a0a_0a0a_0a0a;
+const QEMU_B: u64 = 0x0b0b_0b0b_0b0b_0b0b;
+
+/// Daemon 1 under QEMU A: domain 1 with endpoint 8 and one mapping, then
+/// SIGKILL. The guest RAM buffer mapped.
+fn state_of_qemu_a(dir: &Scratch) -> (TestVm, u64) {
+    let d = start_with_state(dir, 1);
+    let mut vm = d.connect(VmOptions::default()).unwrap();
+    let (_q, _batches, _) = qemu_as(&d, QEMU_A);
+    let buf = vm.ram().alloc(0x1000, 0x1000).unwrap();
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+    assert_eq!(vm.map(1, 0x1000, 0x1fff, buf, 3).unwrap(), Status::Ok);
+    d.end(libc::SIGKILL);
+    (vm, buf)
+}
+
+#[test]
+fn a_recovered_state_goes_back_to_its_own_qemu_only() {
+    let dir = Scratch::new("mirror-owner");
+    let (mut vm, buf) = state_of_qemu_a(&dir);
+
+    // QEMU A reconnects: it gets the state back.
+    let d = start_with_state(&dir, 2);
+    let (_q, _batches, dump) = qemu_as(&d, QEMU_A);
+    assert!(
+        dump.iter()
+            .any(|r| r.0 == OP_ATTACH && r.2 == 8 && r.3 == 1),
+        "QEMU A's attachment is back: {dump:?}"
+    );
+    vm.reconnect(d.socket()).unwrap();
+    assert_eq!(vm.map(1, 0x2000, 0x2fff, buf, 3).unwrap(), Status::Ok);
+    assert!(d
+        .log_text()
+        .contains("the QEMU of the recovered state is back"));
+    d.end(libc::SIGKILL);
+
+    // Another QEMU process (B), its guest booting: nothing of A's guest.
+    let d = start_with_state(&dir, 3);
+    let (_q, _batches, dump) = qemu_as(&d, QEMU_B);
+    assert!(
+        !dump.iter().any(|r| r.0 == OP_ATTACH),
+        "QEMU B got QEMU A's attachments: {dump:?}"
+    );
+    let mut vm = d.connect(VmOptions::default()).unwrap();
+    assert_eq!(vm.map(1, 0x3000, 0x3fff, buf, 3).unwrap(), Status::NoEnt);
+    let log = d.log_text();
+    assert!(log.contains("belongs to another QEMU"), "{log}");
+    d.end(libc::SIGKILL);
+
+    // The file is B's now: B is served its own state, not reset again.
+    let d = start_with_state(&dir, 4);
+    let (_q, _batches, _) = qemu_as(&d, QEMU_B);
+    assert!(d
+        .log_text()
+        .contains("the QEMU of the recovered state is back"));
+}
+
+#[test]
+fn no_request_is_carried_out_on_a_recovered_state_before_a_qemu_says_whose_it_is() {
+    let dir = Scratch::new("mirror-unconfirmed");
+    let (_old_vm, buf) = state_of_qemu_a(&dir);
+    let d = start_with_state(&dir, 2);
+    // The front-end reconnects first and asks for a MAP in domain 1, which
+    // the recovered state has.
+    let mut vm = d.connect(VmOptions::default()).unwrap();
+    let posted = vm
+        .submit(&[Request::Map {
+            domain: 1,
+            virt_start: 0x2000,
+            virt_end: 0x2fff,
+            phys_start: buf,
+            flags: 3,
+        }])
+        .unwrap();
+    assert_eq!(posted, 1);
+    vm.request_queue().kick().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        vm.poll_completion().unwrap().is_none(),
+        "completed before any QEMU said whose the state is"
+    );
+    // It is another QEMU's guest: the MAP is carried out on a reset device.
+    let (_q, _batches, _) = qemu_as(&d, QEMU_B);
+    let t = Instant::now();
+    let c = loop {
+        if let Some(c) = vm.poll_completion().unwrap() {
+            break c;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "never completed");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(
+        c.status,
+        Status::NoEnt,
+        "carried out on the old guest's state"
+    );
+}
+
+#[test]
+fn a_system_reset_reaches_the_state_file() {
+    let dir = Scratch::new("mirror-reset-file");
+    let d = start_with_state(&dir, 1);
+    let mut vm = d.connect(VmOptions::default()).unwrap();
+    let (mut q, batches, _) = qemu_as(&d, QEMU_A);
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+    batches.recv_timeout(Duration::from_secs(5)).unwrap();
+    q.send(SYSTEM_RESET, 0, 3, &[]);
+    let (_, _, recs) = batches.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(recs[0].0, OP_RESET);
+    d.end(libc::SIGKILL);
+
+    // The same QEMU (its guest rebooting) comes back to a reset device.
+    let d = start_with_state(&dir, 2);
+    let (_q, _batches, dump) = qemu_as(&d, QEMU_A);
+    assert!(
+        !dump.iter().any(|r| r.0 == OP_ATTACH),
+        "the state from before the system reset came back: {dump:?}"
+    );
 }

@@ -70,6 +70,12 @@ fn a_daemon_killed_and_restarted_under_a_guest_doing_dma_loses_nothing() {
             log.contains("state file: recovered"),
             "daemon {n} recovered nothing:\n{log}\n(the one before:\n{old_log})"
         );
+        // The same QEMU process reconnected (its HELLO's instance, mirror
+        // protocol 2.2): the state is given back, not reset.
+        assert!(
+            log.contains("the QEMU of the recovered state is back"),
+            "daemon {n} did not know its QEMU again:\n{log}"
+        );
         let recovered = log
             .lines()
             .find(|l| l.contains("state file: recovered"))
@@ -99,5 +105,68 @@ fn a_daemon_killed_and_restarted_under_a_guest_doing_dma_loses_nothing() {
         "{} verified rounds, {} restarts",
         rounds(&out),
         restarts.len()
+    );
+}
+
+/// SIGKILL every process whose command line names `path`: QEMU, and the
+/// `run-guest.sh` and `timeout` that started it.
+fn kill_all_naming(path: &Path) {
+    let st = std::process::Command::new("pkill")
+        .arg("-KILL")
+        .arg("-f")
+        .arg(path)
+        .status()
+        .expect("pkill");
+    assert!(st.success(), "no process named {}", path.display());
+}
+
+/// The daemon dies, then its QEMU too (a crash of the whole VM's
+/// processes); both are started again on the same sockets and state file.
+/// The state the file holds is the dead QEMU's guest's: the new QEMU — its
+/// guest booting — must get a reset device, not that state (stale domains
+/// and mappings of another guest), and its guest's DMA must verify.
+#[test]
+fn a_qemu_started_afresh_on_the_same_state_file_gets_a_reset_device() {
+    skip_unless_ready!();
+    let dir = scratch("restart-fresh");
+    let bin = guest_tools()
+        .into_iter()
+        .find(|p| p.ends_with("vhost-user-iommu"))
+        .expect("the daemon binary");
+    let mut g = Guest::new(Viommu::Ours, "migrate.sh");
+    g.disk = Some(disk_image(&dir, 16));
+    g.append = "iommu.strict=1".into();
+    g.timeout = Duration::from_secs(300);
+    let (socket, mirror) = (dir.join("viommu.sock"), dir.join("viommu-mirror.sock"));
+    let sockets = || Sockets {
+        socket: &socket,
+        mirror: &mirror,
+        reconnect: true,
+    };
+
+    let daemon = start(&bin, &dir, 1);
+    let mut guest = Running::start(g.command_with(Some(sockets())), &dir.join("serial-1.log"));
+    guest.wait_for("VUI-ROUND 1 ok", Duration::from_secs(240));
+    daemon.end(SIGKILL);
+    kill_all_naming(&mirror);
+    drop(guest);
+
+    let daemon = start(&bin, &dir, 2);
+    let mut guest = Running::start(g.command_with(Some(sockets())), &dir.join("serial-2.log"));
+    guest.wait_for("VUI-ROUND 2 ok", Duration::from_secs(240));
+    let log = daemon.log_text();
+    assert!(
+        log.contains("state file: recovered"),
+        "nothing was recovered, so nothing is shown:\n{log}"
+    );
+    assert!(
+        log.contains("belongs to another QEMU"),
+        "the new QEMU got the old guest's state:\n{log}"
+    );
+    println!(
+        "{}",
+        log.lines()
+            .find(|l| l.contains("belongs to another QEMU"))
+            .unwrap_or_default()
     );
 }

@@ -53,6 +53,10 @@ pub trait MirrorHooks: Send + Sync + 'static {
     }
     /// QEMU took back the device of `endpoint` (hot-unplug).
     fn vfio_device_removed(&self, _endpoint: u32) {}
+    /// QEMU's HELLO arrived with its `instance` (2.2; 0 from an older
+    /// QEMU), before the dump of this connection is made (§6 rule 4: a
+    /// state recovered for another QEMU must not reach this one).
+    fn qemu_hello(&self, _instance: u64) {}
     /// The connection that forwarded devices ended: they go with it (§14).
     fn vfio_devices_gone(&self) {}
 }
@@ -148,7 +152,7 @@ impl MirrorHandle {
             return None;
         }
         let mut st = self.shared.lock();
-        let ticket = enqueue(st.conn.as_mut()?, records, false);
+        let ticket = enqueue(dumped(&mut st)?, records, false);
         drop(st);
         self.shared.changed.notify_all();
         ticket
@@ -159,7 +163,7 @@ impl MirrorHandle {
     /// before the devices loaded after the vIOMMU translate through it.
     pub fn publish_sync(&self, records: &[Record]) -> Option<Ticket> {
         let mut st = self.shared.lock();
-        let ticket = enqueue(st.conn.as_mut()?, records, true);
+        let ticket = enqueue(dumped(&mut st)?, records, true);
         drop(st);
         self.shared.changed.notify_all();
         ticket
@@ -302,6 +306,15 @@ impl MirrorHandle {
     pub fn never_connected(&self) -> bool {
         self.shared.lock().next_conn_id == 0
     }
+}
+
+/// The connection changes are published to: one whose dump is on its way.
+/// Before that (QEMU's HELLO not read yet) a change goes nowhere: the dump,
+/// made later under the same lock as the change, has it — and a batch
+/// flagged SYNC ahead of the dump would tell QEMU a copy is whole that is
+/// not (§6 step 2).
+fn dumped(st: &mut State) -> Option<&mut Conn> {
+    st.conn.as_mut().filter(|c| c.dump_seq > 0)
 }
 
 fn enqueue(conn: &mut Conn, records: &[Record], sync_last: bool) -> Option<Ticket> {
@@ -532,17 +545,6 @@ fn serve(
         st.next_conn_id
     };
     log::info!("mirror: QEMU connected (connection {id})");
-    // The full-state dump, ordered with every later publish by the hooks' lock.
-    hooks.snapshot(&mut |records| {
-        let mut st = shared.lock();
-        if let Some(c) = st.conn.as_mut().filter(|c| c.id == id) {
-            // An empty state still ends in a SYNC batch: the RESET record.
-            if let Some(t) = enqueue(c, records, true) {
-                c.dump_seq = t.seq;
-            }
-        }
-    });
-    shared.changed.notify_all();
 
     let sh = shared.clone();
     std::thread::Builder::new()
@@ -660,6 +662,22 @@ impl Inbound {
     }
 }
 
+/// The full-state dump of connection `id` (§6 step 2), made once QEMU's
+/// HELLO has been read; ordered with every later publish by the hooks'
+/// lock.
+fn dump(shared: &Shared, id: u64, hooks: &dyn MirrorHooks) {
+    hooks.snapshot(&mut |records| {
+        let mut st = shared.lock();
+        if let Some(c) = st.conn.as_mut().filter(|c| c.id == id) {
+            // An empty state still ends in a SYNC batch: the RESET record.
+            if let Some(t) = enqueue(c, records, true) {
+                c.dump_seq = t.seq;
+            }
+        }
+    });
+    shared.changed.notify_all();
+}
+
 fn read_loop(
     mut inbound: Inbound,
     shared: &Shared,
@@ -685,8 +703,12 @@ fn read_loop(
             return Err(ProtoError::StrayFiles(inbound.files.len()).into());
         }
         match (hello, msg) {
-            (false, FromQemu::Hello) => hello = true,
-            (true, FromQemu::Hello) => return Err(ProtoError::SecondHello.into()),
+            (false, FromQemu::Hello { instance }) => {
+                hello = true;
+                hooks.qemu_hello(instance);
+                dump(shared, id, hooks);
+            }
+            (true, FromQemu::Hello { .. }) => return Err(ProtoError::SecondHello.into()),
             (false, _) => return Err(ProtoError::NoHello.into()),
             (true, FromQemu::Ack(seq)) => {
                 let mut st = shared.lock();
@@ -763,6 +785,8 @@ mod tests {
         vfio: Mutex<Vec<(u32, u32, u64, u64)>>,
         vfio_removed: Mutex<Vec<u32>>,
         vfio_gone: std::sync::atomic::AtomicUsize,
+        /// The instances QEMU's HELLOs carried.
+        instances: Mutex<Vec<u64>>,
     }
 
     fn inode(fd: &OwnedFd) -> u64 {
@@ -780,6 +804,9 @@ mod tests {
         }
         fn fault(&self, fault: proto::Fault) {
             self.faults.lock().unwrap().push(fault);
+        }
+        fn qemu_hello(&self, instance: u64) {
+            self.instances.lock().unwrap().push(instance);
         }
         fn system_reset(&self, id: u32, send: &mut dyn FnMut(&[Record])) {
             self.resets.lock().unwrap().push(id);
@@ -840,8 +867,18 @@ mod tests {
             p[4..6].copy_from_slice(&proto::MAJOR.to_le_bytes());
             self.try_send(MsgType::Hello as u16, 0, &p)
         }
+        /// A 2.1 HELLO (no instance).
         fn hello(&mut self) {
             self.try_hello().unwrap();
+        }
+        /// A 2.2 HELLO of QEMU process `instance`.
+        fn hello_as(&mut self, instance: u64) {
+            let mut p = [0u8; proto::QEMU_HELLO_LEN];
+            p[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+            p[4..6].copy_from_slice(&proto::MAJOR.to_le_bytes());
+            p[6..8].copy_from_slice(&proto::MINOR.to_le_bytes());
+            p[40..48].copy_from_slice(&instance.to_le_bytes());
+            self.send(MsgType::Hello as u16, 0, &p);
         }
         /// A VFIO_DEVICE message, with `files` attached to its first byte.
         fn vfio_device(&mut self, endpoint: u32, devid: u32, op: u32, files: &[&OwnedFd]) {
@@ -863,6 +900,22 @@ mod tests {
         }
         fn ack(&mut self, seq: u64) {
             self.send(MsgType::Ack as u16, seq, &[]);
+        }
+        /// The daemon's HELLO, its two files closed.
+        fn recv_hello(&mut self) -> Header {
+            let mut buf = [0u8; HEADER_LEN + proto::DAEMON_HELLO_LEN];
+            let mut files = [0; 4];
+            let mut iov = [libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            }];
+            // SAFETY: the iovec points at `buf`, which outlives the call.
+            let (_, nfds) = unsafe { self.0.recv_with_fds(&mut iov, &mut files) }.unwrap();
+            for fd in &files[..nfds] {
+                // SAFETY: descriptors just received, ours to close.
+                drop(unsafe { OwnedFd::from_raw_fd(*fd) });
+            }
+            Header::decode(buf[..HEADER_LEN].try_into().unwrap())
         }
         /// Next message: header and payload; `None` on EOF.
         fn recv(&mut self) -> Option<(Header, Vec<u8>)> {
@@ -1088,7 +1141,37 @@ mod tests {
     }
 
     #[test]
-    fn connect_sends_hello_then_the_full_state_as_one_sync_batch() {
+    fn changes_before_qemus_hello_go_into_its_dump_not_ahead_of_it() {
+        let state = vec![Record::Reset {
+            system: false,
+            reset_id: 0,
+        }];
+        let (server, _rec, path) = start("early", state);
+        let h = server.handle();
+        let mut q = FakeQemu::connect(&path);
+        let _ = q.recv_hello();
+        while !h.is_connected() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // A daemon restoring its state file under a QEMU that connected
+        // first: a SYNC batch now would say a copy is whole that is not.
+        let attach = Record::Attach {
+            endpoint: 8,
+            domain: 1,
+            bypass: true,
+            root: 0,
+        };
+        assert_eq!(h.publish_sync(&[attach]), None);
+        assert_eq!(h.publish(&[attach]), None);
+        q.hello();
+        let (hdr, p) = q.recv().unwrap();
+        assert_eq!((hdr.seq, hdr.flags), (1, EVENTS_F_SYNC), "the dump first");
+        assert_eq!(p.len(), RECORD_LEN, "the dump alone: {p:?}");
+        assert!(h.publish(&[attach]).is_some(), "after the dump, changes go");
+    }
+
+    #[test]
+    fn connect_sends_hello_then_after_qemus_hello_the_full_state_as_one_sync_batch() {
         let state = vec![
             Record::Reset {
                 system: false,
@@ -1101,7 +1184,7 @@ mod tests {
                 root: 5,
             },
         ];
-        let (_server, _rec, path) = start("dump", state.clone());
+        let (_server, rec, path) = start("dump", state.clone());
         let mut q = FakeQemu::connect(&path);
         // The HELLO arrives with the table and the notifier flags.
         let mut buf = [0u8; HEADER_LEN + proto::DAEMON_HELLO_LEN];
@@ -1132,7 +1215,14 @@ mod tests {
             let f = unsafe { std::fs::File::from_raw_fd(*fd) };
             assert!(f.metadata().unwrap().len() > 0);
         }
+        // The dump waits for QEMU's HELLO (§6 step 2).
+        q.0.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        assert!(q.recv().is_none(), "a dump before QEMU's HELLO");
+        q.0.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        q.hello_as(0xfeed_f00d);
         let (h, p) = q.recv().unwrap();
+        assert_eq!(*rec.instances.lock().unwrap(), [0xfeed_f00d]);
         assert_eq!(h.msg_type, MsgType::Events as u16);
         assert_eq!((h.seq, h.flags), (1, EVENTS_F_SYNC));
         assert_eq!(p.len(), 2 * RECORD_LEN);

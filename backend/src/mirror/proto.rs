@@ -1,4 +1,4 @@
-//! Wire format of the translation mirror (docs/mirror-protocol.md, version 2.1).
+//! Wire format of the translation mirror (docs/mirror-protocol.md, version 2.2).
 //!
 //! Pure encoding and decoding: no sockets here. Every integer is
 //! little-endian; every message is a 16-byte [`Header`] and a payload.
@@ -13,8 +13,13 @@ pub const MAX_PAYLOAD_LEN: usize = MAX_MESSAGE_LEN - HEADER_LEN;
 pub const RECORD_LEN: usize = 40;
 /// Most records one EVENTS message carries (§3).
 pub const MAX_RECORDS: usize = MAX_PAYLOAD_LEN / RECORD_LEN;
-/// Size of QEMU's HELLO payload and of the FAULT payload (§4).
+/// Size of QEMU's HELLO payload before 2.2, the least accepted, and of the
+/// FAULT payload (§4).
 pub const HELLO_LEN: usize = 24;
+/// Size of QEMU's HELLO payload from 2.2 on: with its `instance` (§4).
+pub const QEMU_HELLO_LEN: usize = 48;
+/// Where QEMU's HELLO carries its `instance` (2.2, §4).
+const INSTANCE_AT: usize = 40;
 /// Size of the daemon's HELLO payload: QEMU's, plus the shared memory's
 /// geometry (§4, §11).
 pub const DAEMON_HELLO_LEN: usize = 40;
@@ -25,7 +30,7 @@ pub const VFIO_DEVICE_LEN: usize = 16;
 /// `magic` of HELLO: the bytes `V U I M`.
 pub const MAGIC: u32 = 0x4d49_5556;
 pub const MAJOR: u16 = 2;
-pub const MINOR: u16 = 1;
+pub const MINOR: u16 = 2;
 
 /// HELLO `features` bit (daemon, 2.1): the daemon owns the DMA translation
 /// of the iommufd-backed VFIO devices QEMU forwards with VFIO_DEVICE (§14).
@@ -320,7 +325,11 @@ pub struct VfioDevice {
 /// A message from QEMU, decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FromQemu {
-    Hello,
+    /// `instance`: the QEMU process's random identity, the same on every
+    /// connection it makes (2.2, §4, §6 rule 4); 0 from an older QEMU.
+    Hello {
+        instance: u64,
+    },
     Ack(u64),
     Fault(Fault),
     SystemReset(u32),
@@ -347,7 +356,10 @@ pub fn decode_from_qemu(h: &Header, payload: &[u8]) -> Result<FromQemu, ProtoErr
             if major != MAJOR {
                 return Err(ProtoError::BadMajor(major));
             }
-            Ok(FromQemu::Hello)
+            let instance = payload
+                .get(INSTANCE_AT..INSTANCE_AT + 8)
+                .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+            Ok(FromQemu::Hello { instance })
         }
         MsgType::Ack => Ok(FromQemu::Ack(h.seq)),
         MsgType::Fault => {
@@ -464,7 +476,41 @@ mod tests {
         assert_eq!(&out[40..48], &[0, 0, 4, 0, 3, 0, 0, 0]);
         assert_eq!(&out[48..56], &[0, 0, 1, 0, 0, 0, 0, 0]);
         let h = Header::decode(out[..16].try_into().unwrap());
-        assert_eq!(decode_from_qemu(&h, &out[16..]), Ok(FromQemu::Hello));
+        // The daemon's HELLO decodes as a QEMU's: its bytes 40.. are not
+        // there, so no instance.
+        assert_eq!(
+            decode_from_qemu(&h, &out[16..]),
+            Ok(FromQemu::Hello { instance: 0 })
+        );
+    }
+
+    #[test]
+    fn a_qemu_hello_carries_its_instance_from_2_2_on() {
+        let mut p = [0u8; QEMU_HELLO_LEN];
+        p[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        p[4..6].copy_from_slice(&MAJOR.to_le_bytes());
+        p[6..8].copy_from_slice(&2u16.to_le_bytes());
+        p[40..48].copy_from_slice(&0x0123_4567_89ab_cdefu64.to_le_bytes());
+        let h = |len: usize| Header {
+            msg_type: MsgType::Hello as u16,
+            flags: 0,
+            size: len as u32,
+            seq: 0,
+        };
+        assert_eq!(
+            decode_from_qemu(&h(QEMU_HELLO_LEN), &p),
+            Ok(FromQemu::Hello {
+                instance: 0x0123_4567_89ab_cdef
+            })
+        );
+        // A 2.1 QEMU's 24 bytes, or a HELLO cut inside the field: unknown.
+        for len in [HELLO_LEN, 44] {
+            assert_eq!(
+                decode_from_qemu(&h(len), &p[..len]),
+                Ok(FromQemu::Hello { instance: 0 }),
+                "{len} bytes"
+            );
+        }
     }
 
     #[test]
