@@ -140,6 +140,9 @@ struct State {
     /// `instance`), until a QEMU's HELLO says whether it is that one: until
     /// then no request is carried out (docs/state-journal.md rule 6).
     recovered_for: Option<u64>,
+    /// The QEMU process of this front-end session, from the first mirror
+    /// HELLO that named one (0: none yet): the one the state file is for.
+    qemu_instance: u64,
 }
 
 /// The virtio-iommu vhost-user backend. Cheap to clone: clones share the
@@ -175,6 +178,7 @@ impl IommuBackend {
                 answered: Answered::default(),
                 recovered: false,
                 recovered_for: None,
+                qemu_instance: 0,
             })),
             mirror,
             memory_files: MemoryFiles::default(),
@@ -222,6 +226,7 @@ impl IommuBackend {
                         );
                         st.recovered = true;
                         st.recovered_for = (r.instance != 0).then_some(r.instance);
+                        st.qemu_instance = r.instance;
                         answered = r.answered;
                         // Its QEMU kept running, translating with a frozen
                         // copy: requests wait until it has this state.
@@ -279,6 +284,8 @@ impl IommuBackend {
         self.mirror.expect_peer(false);
         let mut st = self.lock();
         st.last_session = Some(st.device.stats());
+        // The next front-end's QEMU names itself in its own HELLO.
+        st.qemu_instance = 0;
         self.forget_front_end(&mut st);
     }
 
@@ -389,6 +396,12 @@ impl IommuBackend {
     /// and the device starts reset; the journal then belongs to this QEMU
     /// (docs/state-journal.md rule 6). A QEMU that sends no instance (0,
     /// mirror protocol 2.1) is taken for the recovered state's.
+    ///
+    /// The first HELLO of a front-end session that names a QEMU makes the
+    /// state file that QEMU's; a later one naming another process (some
+    /// other local process on the mirror socket while QEMU's link is down)
+    /// changes nothing, so that it cannot make the QEMU's own state be
+    /// reset at the next restart.
     pub fn qemu_hello(&self, instance: u64) {
         let mut st = self.lock();
         if let Some(owner) = st.recovered_for.take() {
@@ -400,14 +413,25 @@ impl IommuBackend {
                 st.recovered = false;
                 Self::forget_answers(&mut st);
                 self.change(&mut st, |device, sink| device.reset(sink));
+                st.qemu_instance = 0;
             } else {
                 log::info!("state file: the QEMU of the recovered state is back");
             }
         }
-        if instance != 0 {
-            if let Some(j) = st.journal.as_mut() {
-                j.set_instance(instance);
-            }
+        if instance == 0 || instance == st.qemu_instance {
+            return;
+        }
+        if st.qemu_instance != 0 {
+            log::warn!(
+                "mirror: a HELLO from QEMU process {instance:#018x} while the front-end's is \
+                 {:#018x}: the state file stays the latter's",
+                st.qemu_instance
+            );
+            return;
+        }
+        st.qemu_instance = instance;
+        if let Some(j) = st.journal.as_mut() {
+            j.set_instance(instance);
         }
     }
 

@@ -687,3 +687,31 @@ fn a_system_reset_reaches_the_state_file() {
         "the state from before the system reset came back: {dump:?}"
     );
 }
+
+#[test]
+fn a_mirror_peer_of_another_process_does_not_take_the_state_file_over() {
+    let dir = Scratch::new("mirror-intruder");
+    let d = start_with_state(&dir, 1);
+    let mut vm = d.connect(VmOptions::default()).unwrap();
+    let (q, _batches, _) = qemu_as(&d, QEMU_A);
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+    // QEMU A's link drops; another local process gets the socket for a
+    // moment and names itself.
+    q.s.shutdown(std::net::Shutdown::Both).unwrap();
+    d.wait_log("QEMU closed the connection", Duration::from_secs(5));
+    let (intruder, _b, _) = qemu_as(&d, QEMU_B);
+    intruder.s.shutdown(std::net::Shutdown::Both).unwrap();
+    let log = d.wait_log("the state file stays", Duration::from_secs(5));
+    assert!(log.contains("the state file stays"), "{log}");
+    // The daemon dies; QEMU A reconnects to the next one: its state.
+    d.end(libc::SIGKILL);
+    let d = start_with_state(&dir, 2);
+    let (_q, _batches, dump) = qemu_as(&d, QEMU_A);
+    assert!(
+        dump.iter()
+            .any(|r| r.0 == OP_ATTACH && r.2 == 8 && r.3 == 1),
+        "QEMU A lost its state to the intruder: {dump:?}\n{}",
+        d.log_text()
+    );
+    vm.reconnect(d.socket()).unwrap();
+}
