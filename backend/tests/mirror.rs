@@ -511,6 +511,10 @@ fn a_system_reset_clears_the_state_and_is_answered_with_a_sync_reset() {
     // Domain 1 is gone.
     let buf = vm.ram().alloc(0x1000, 0x1000).unwrap();
     assert_eq!(vm.map(1, 0x1000, 0x1fff, buf, 1).unwrap(), Status::NoEnt);
+    // The features are the vhost-user transport's and stay (§9 rule 2): a
+    // SYSTEM_RESET that arrives after the rebooted driver set them must
+    // not turn its PROBEs into UNSUPP.
+    assert_eq!(vm.probe(8).unwrap().0, Status::Ok);
 }
 
 #[test]

@@ -22,6 +22,7 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use test_frontend::daemon::DaemonProcess;
 use vhost_user_iommu::config::RawConfig;
 use vhost_user_iommu::emulated;
 use vhost_user_iommu::mirror::{MirrorMemory, MirrorServer};
@@ -270,6 +271,42 @@ pub struct Daemon {
     _mirror_server: MirrorServer,
 }
 
+/// The daemon binary the guest tools' build made, for tests that run it
+/// as a process of its own (to kill and restart it).
+pub fn daemon_bin() -> PathBuf {
+    guest_tools()
+        .into_iter()
+        .find(|p| p.ends_with("vhost-user-iommu"))
+        .expect("the daemon binary")
+}
+
+/// Daemon number `n` as a process of its own, on the state file
+/// `dir/state` (docs/state-journal.md), listening on `dir/socket` and the
+/// mirror socket `dir/mirror`, its log in `dir/daemon-<n>.log`; killed
+/// when dropped. For the tests that kill it and start another on the same
+/// file under a running guest.
+pub fn state_daemon(dir: &Path, n: u32, socket: &str, mirror: &str) -> DaemonProcess {
+    DaemonProcess::builder(daemon_bin(), dir.join(socket))
+        .mirror(dir.join(mirror))
+        .arg("--state-file")
+        .arg(dir.join("state"))
+        .rust_log("info")
+        .log_file(dir.join(format!("daemon-{n}.log")))
+        .spawn()
+}
+
+/// The lines of a guest's output in which its kernel reported an I/O
+/// error or a virtio-iommu error: a guest that "did not notice" a daemon
+/// restart or a reset has none.
+pub fn guest_errors(out: &str) -> Vec<&str> {
+    const SIGNS: [&str; 4] = ["I/O error", "viommu", "Buffer I/O", "blk_update_request"];
+    out.lines()
+        .filter(|l| {
+            SIGNS.iter().any(|s| l.contains(s)) && (l.contains("error") || l.contains("fail"))
+        })
+        .collect()
+}
+
 /// The daemon's `--poll-us`: `VUI_POLL_US` from the environment (to
 /// compare polling windows in the guest benchmark), else the daemon's
 /// default.
@@ -412,6 +449,9 @@ pub struct Guest {
     pub initrd: Option<PathBuf>,
     /// More QEMU arguments, after the harness's own (a later `-smp` wins).
     pub qemu_args: Vec<String>,
+    /// A reset boots the machine again (`run-guest.sh --reboot`: no
+    /// `-no-reboot`) rather than ending QEMU; off by default.
+    pub reboot: bool,
     pub timeout: Duration,
 }
 
@@ -427,6 +467,7 @@ impl Guest {
             qemu: None,
             initrd: None,
             qemu_args: Vec::new(),
+            reboot: false,
             timeout: Duration::from_secs(600),
         }
     }
@@ -514,6 +555,9 @@ impl Guest {
         }
         if let Some(q) = &self.qemu {
             cmd.arg("--qemu").arg(q);
+        }
+        if self.reboot {
+            cmd.arg("--reboot");
         }
         let initrd = match &self.initrd {
             Some(i) => i.clone(),
@@ -616,4 +660,25 @@ pub fn hmp(socket: &Path, command: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_errors_are_io_and_viommu_errors_only() {
+        let out = "VUI-ROUND 1 ok\n\
+                   [ 3.1] I/O error, dev vda, sector 8 op 0x0:(READ)\n\
+                   [ 3.2] virtio_iommu virtio0: viommu: request failed\n\
+                   [ 3.3] viommu: probe ok\n\
+                   [ 3.4] error: unrelated";
+        assert_eq!(
+            guest_errors(out),
+            [
+                "[ 3.1] I/O error, dev vda, sector 8 op 0x0:(READ)",
+                "[ 3.2] virtio_iommu virtio0: viommu: request failed"
+            ]
+        );
+    }
 }

@@ -11,20 +11,26 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use qemu_tests::{
-    disk_image, guest_tools, scratch, skip_unless_ready, Guest, Running, Sockets, Viommu,
+    disk_image, guest_errors, scratch, skip_unless_ready, state_daemon, Guest, Running, Sockets,
+    Viommu,
 };
 use test_frontend::daemon::{DaemonProcess, SIGKILL, SIGTERM};
 
-/// Daemon number `n`: both sockets and the state file in `dir`, its log in
-/// `daemon-<n>.log` there; killed when dropped.
-fn start(bin: &Path, dir: &Path, n: u32) -> DaemonProcess {
-    DaemonProcess::builder(bin, dir.join("viommu.sock"))
-        .mirror(dir.join("viommu-mirror.sock"))
-        .arg("--state-file")
-        .arg(dir.join("state"))
-        .rust_log("info")
-        .log_file(dir.join(format!("daemon-{n}.log")))
-        .spawn()
+/// Daemon number `n` on the state file in `dir` (sockets `viommu.sock`
+/// and `viommu-mirror.sock`).
+fn start(dir: &Path, n: u32) -> DaemonProcess {
+    state_daemon(dir, n, "viommu.sock", "viommu-mirror.sock")
+}
+
+/// The guest of these tests: `migrate.sh` (a pattern written to a 16 MiB
+/// disk in `dir`, then verified reads, `VUI-ROUND n ok` each) behind our
+/// vIOMMU in strict mode, a MAP and an UNMAP per read.
+fn strict_reader(dir: &Path) -> Guest {
+    let mut g = Guest::new(Viommu::Ours, "migrate.sh");
+    g.disk = Some(disk_image(dir, 16));
+    g.append = "iommu.strict=1".into();
+    g.timeout = Duration::from_secs(300);
+    g
 }
 
 fn rounds(out: &str) -> usize {
@@ -35,21 +41,14 @@ fn rounds(out: &str) -> usize {
 fn a_daemon_killed_and_restarted_under_a_guest_doing_dma_loses_nothing() {
     skip_unless_ready!();
     let dir = scratch("restart");
-    let bin = guest_tools()
-        .into_iter()
-        .find(|p| p.ends_with("vhost-user-iommu"))
-        .expect("the daemon binary");
-    let mut g = Guest::new(Viommu::Ours, "migrate.sh");
-    g.disk = Some(disk_image(&dir, 16));
-    g.append = "iommu.strict=1".into();
-    g.timeout = Duration::from_secs(300);
+    let g = strict_reader(&dir);
     let sockets = Sockets {
         socket: &dir.join("viommu.sock"),
         mirror: &dir.join("viommu-mirror.sock"),
         reconnect: true,
     };
 
-    let mut daemon = start(&bin, &dir, 1);
+    let mut daemon = start(&dir, 1);
     let mut guest = Running::start(g.command_with(Some(sockets)), &dir.join("serial.log"));
     guest.wait_for("VUI-ROUND 2 ok", Duration::from_secs(240));
 
@@ -60,7 +59,7 @@ fn a_daemon_killed_and_restarted_under_a_guest_doing_dma_loses_nothing() {
         daemon.wait();
         let old_log = daemon.log_text();
         let t = Instant::now();
-        daemon = start(&bin, &dir, n);
+        daemon = start(&dir, n);
         // Two more rounds of verified reads after the restart.
         let want = format!("VUI-ROUND {} ok", before + 1);
         guest.wait_for(&want, Duration::from_secs(120));
@@ -91,16 +90,8 @@ fn a_daemon_killed_and_restarted_under_a_guest_doing_dma_loses_nothing() {
             "restart after SIG{signal}: guest's next verified round {took:.1?} after; {recovered}"
         );
     }
-    for bad in ["I/O error", "viommu", "Buffer I/O", "blk_update_request"] {
-        let lines: Vec<&str> = out
-            .lines()
-            .filter(|l| l.contains(bad) && (l.contains("error") || l.contains("fail")))
-            .collect();
-        assert!(
-            lines.is_empty(),
-            "the guest noticed ({bad}): {lines:?}\n{out}"
-        );
-    }
+    let errors = guest_errors(&out);
+    assert!(errors.is_empty(), "the guest noticed: {errors:?}\n{out}");
     println!(
         "{} verified rounds, {} restarts",
         rounds(&out),
@@ -129,14 +120,7 @@ fn kill_all_naming(path: &Path) {
 fn a_qemu_started_afresh_on_the_same_state_file_gets_a_reset_device() {
     skip_unless_ready!();
     let dir = scratch("restart-fresh");
-    let bin = guest_tools()
-        .into_iter()
-        .find(|p| p.ends_with("vhost-user-iommu"))
-        .expect("the daemon binary");
-    let mut g = Guest::new(Viommu::Ours, "migrate.sh");
-    g.disk = Some(disk_image(&dir, 16));
-    g.append = "iommu.strict=1".into();
-    g.timeout = Duration::from_secs(300);
+    let g = strict_reader(&dir);
     let (socket, mirror) = (dir.join("viommu.sock"), dir.join("viommu-mirror.sock"));
     let sockets = || Sockets {
         socket: &socket,
@@ -144,14 +128,14 @@ fn a_qemu_started_afresh_on_the_same_state_file_gets_a_reset_device() {
         reconnect: true,
     };
 
-    let daemon = start(&bin, &dir, 1);
+    let daemon = start(&dir, 1);
     let mut guest = Running::start(g.command_with(Some(sockets())), &dir.join("serial-1.log"));
     guest.wait_for("VUI-ROUND 1 ok", Duration::from_secs(240));
     daemon.end(SIGKILL);
     kill_all_naming(&mirror);
     drop(guest);
 
-    let daemon = start(&bin, &dir, 2);
+    let daemon = start(&dir, 2);
     let mut guest = Running::start(g.command_with(Some(sockets())), &dir.join("serial-2.log"));
     guest.wait_for("VUI-ROUND 2 ok", Duration::from_secs(240));
     let log = daemon.log_text();
