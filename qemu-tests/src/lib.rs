@@ -586,7 +586,9 @@ pub fn disk_image(dir: &Path, mib: u64) -> PathBuf {
 }
 
 /// A guest running while the test drives it, its serial output going to a
-/// file; killed however the test ends.
+/// file; killed however the test ends — QEMU included: `run-guest.sh` runs
+/// it under `timeout`, so the three are a process group of their own, and
+/// the whole group goes.
 #[derive(Debug)]
 pub struct Running {
     pub child: std::process::Child,
@@ -594,10 +596,13 @@ pub struct Running {
 }
 
 impl Running {
-    /// Spawn `cmd` (a [`Guest::command`]) with its output to `log`.
+    /// Spawn `cmd` (a [`Guest::command`]) with its output to `log`, as the
+    /// leader of a new process group.
     pub fn start(mut cmd: Command, log: &Path) -> Self {
+        use std::os::unix::process::CommandExt;
         let out = std::fs::File::create(log).expect("guest log");
         let child = cmd
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("guest log"))
             .stderr(out)
@@ -634,10 +639,24 @@ impl Running {
     }
 }
 
+impl Running {
+    /// SIGKILL the guest's whole process group: `run-guest.sh`, `timeout`
+    /// and QEMU (a QEMU crash, as far as the daemon can tell).
+    pub fn kill(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let group = self.child.id() as libc::pid_t;
+            // SAFETY: kill(2) of the process group this struct's child leads
+            // (made by `start`), which it has not reaped yet, so the id
+            // cannot have been reused.
+            unsafe { libc::kill(-group, libc::SIGKILL) };
+        }
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 

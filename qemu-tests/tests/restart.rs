@@ -99,18 +99,6 @@ fn a_daemon_killed_and_restarted_under_a_guest_doing_dma_loses_nothing() {
     );
 }
 
-/// SIGKILL every process whose command line names `path`: QEMU, and the
-/// `run-guest.sh` and `timeout` that started it.
-fn kill_all_naming(path: &Path) {
-    let st = std::process::Command::new("pkill")
-        .arg("-KILL")
-        .arg("-f")
-        .arg(path)
-        .status()
-        .expect("pkill");
-    assert!(st.success(), "no process named {}", path.display());
-}
-
 /// The daemon dies, then its QEMU too (a crash of the whole VM's
 /// processes); both are started again on the same sockets and state file.
 /// The state the file holds is the dead QEMU's guest's: the new QEMU — its
@@ -132,8 +120,7 @@ fn a_qemu_started_afresh_on_the_same_state_file_gets_a_reset_device() {
     let mut guest = Running::start(g.command_with(Some(sockets())), &dir.join("serial-1.log"));
     guest.wait_for("VUI-ROUND 1 ok", Duration::from_secs(240));
     daemon.end(SIGKILL);
-    kill_all_naming(&mirror);
-    drop(guest);
+    guest.kill();
 
     let daemon = start(&dir, 2);
     let mut guest = Running::start(g.command_with(Some(sockets())), &dir.join("serial-2.log"));
