@@ -1120,17 +1120,14 @@ impl mirror::MirrorHooks for BackendHooks {
         // the journal must have the reset too, or a daemon restarted after
         // it would bring the rebooted guest the old state.
         //
-        // Only the translation state is reset (§9 rule 2): the features
-        // are the vhost-user transport's. A SYSTEM_RESET QEMU kept while no
-        // daemon ran arrives after the rebooted driver's features were set
-        // over vhost-user; wiping them would fail its every PROBE
-        // (UNSUPP), and Linux then never attaches its endpoints.
-        let features = device.acked_features();
-        device.reset(&mut Journaled {
+        // Only the translation state is reset (§9 rule 2): a SYSTEM_RESET
+        // QEMU kept while no daemon ran arrives after the rebooted driver's
+        // features were set over vhost-user; wiping them would fail its
+        // every PROBE (UNSUPP), and Linux then never attaches its endpoints.
+        device.reset_translation(&mut Journaled {
             sink: &mut Batch::new(table.as_mut(), &mut Vec::new()),
             journal: journal.as_mut(),
         });
-        device.set_acked_features(features);
         if let Some(j) = journal.as_mut() {
             j.commit(device);
         }

@@ -1249,10 +1249,21 @@ impl<F: Iommufd> Device<F> {
         }
     }
 
-    /// Device reset (virtio 1.2 §2.4): every domain goes with its mappings
-    /// and IOAS, every endpoint is detached, `bypass` returns to its boot
-    /// value, features are forgotten.
+    /// Device reset (virtio 1.2 §2.4): the translation state goes back to
+    /// power-on ([`Self::reset_translation`]) and the features are
+    /// forgotten.
     pub fn reset(&mut self, sink: &mut impl ChangeSink) {
+        self.reset_translation(sink);
+        self.acked = 0;
+    }
+
+    /// The translation state back to power-on, as a system reset QEMU
+    /// reports over the mirror does (docs/mirror-protocol.md §9 rule 2):
+    /// every domain goes with its mappings and IOAS, every endpoint is
+    /// detached, `bypass` returns to its boot value. The acknowledged
+    /// features are the transport's and stay: a system reset reported late
+    /// can come after the next driver acknowledged its own.
+    pub fn reset_translation(&mut self, sink: &mut impl ChangeSink) {
         self.bypass = self.cfg.bypass;
         let target = self.parking();
         let attached: Vec<DeviceId> = self
@@ -1274,7 +1285,6 @@ impl<F: Iommufd> Device<F> {
             self.destroy_domain(id, &mut Discard);
         }
         let _ = self.park_unattached();
-        self.acked = 0;
         sink.change(Change::Reset);
         sink.change(Change::GlobalBypass(self.bypass));
     }
@@ -1933,6 +1943,21 @@ mod tests {
             d.write_config(36, &[0], &mut changes),
             Err(ConfigError::BypassNotNegotiated)
         );
+    }
+
+    #[test]
+    fn a_translation_reset_keeps_the_features_a_device_reset_forgets_them() {
+        let mut d = device();
+        d.set_acked_features(u64::MAX);
+        let offered = d.features();
+        let mut r = run(&mut d);
+        r.attach(1, 8, 0);
+        let mut changes = vec![];
+        d.reset_translation(&mut changes);
+        assert_eq!(changes, vec![Change::Reset, Change::GlobalBypass(false)]);
+        assert_eq!((d.stats().domains, d.acked_features()), (0, offered));
+        d.reset(&mut Discard);
+        assert_eq!(d.acked_features(), 0);
     }
 
     #[test]

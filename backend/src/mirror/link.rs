@@ -901,8 +901,9 @@ mod tests {
         fn ack(&mut self, seq: u64) {
             self.send(MsgType::Ack as u16, seq, &[]);
         }
-        /// The daemon's HELLO, its two files closed.
-        fn recv_hello(&mut self) -> Header {
+        /// The daemon's HELLO: its header, its payload and the files it
+        /// carried.
+        fn recv_hello(&mut self) -> (Header, Vec<u8>, Vec<OwnedFd>) {
             let mut buf = [0u8; HEADER_LEN + proto::DAEMON_HELLO_LEN];
             let mut files = [0; 4];
             let mut iov = [libc::iovec {
@@ -910,12 +911,15 @@ mod tests {
                 iov_len: buf.len(),
             }];
             // SAFETY: the iovec points at `buf`, which outlives the call.
-            let (_, nfds) = unsafe { self.0.recv_with_fds(&mut iov, &mut files) }.unwrap();
-            for fd in &files[..nfds] {
-                // SAFETY: descriptors just received, ours to close.
-                drop(unsafe { OwnedFd::from_raw_fd(*fd) });
-            }
-            Header::decode(buf[..HEADER_LEN].try_into().unwrap())
+            let (n, nfds) = unsafe { self.0.recv_with_fds(&mut iov, &mut files) }.unwrap();
+            assert_eq!(n, buf.len(), "a short HELLO");
+            let files = files[..nfds]
+                .iter()
+                // SAFETY: descriptors just received, ours to own.
+                .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+                .collect();
+            let h = Header::decode(buf[..HEADER_LEN].try_into().unwrap());
+            (h, buf[HEADER_LEN..].to_vec(), files)
         }
         /// Next message: header and payload; `None` on EOF.
         fn recv(&mut self) -> Option<(Header, Vec<u8>)> {
@@ -1187,17 +1191,8 @@ mod tests {
         let (_server, rec, path) = start("dump", state.clone());
         let mut q = FakeQemu::connect(&path);
         // The HELLO arrives with the table and the notifier flags.
-        let mut buf = [0u8; HEADER_LEN + proto::DAEMON_HELLO_LEN];
-        let mut files = [0; 4];
-        let mut iov = [libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        }];
-        // SAFETY: the iovec points at `buf`, which outlives the call.
-        let (n, nfds) = unsafe { q.0.recv_with_fds(&mut iov, &mut files) }.unwrap();
-        assert_eq!((n, nfds), (buf.len(), 2));
-        let h = Header::decode(buf[..HEADER_LEN].try_into().unwrap());
-        let p = &buf[HEADER_LEN..];
+        let (h, p, files) = q.recv_hello();
+        assert_eq!(files.len(), 2);
         assert_eq!(h.msg_type, MsgType::Hello as u16);
         assert_eq!(p[16], 1, "boot_bypass from start()");
         assert_eq!(
@@ -1210,10 +1205,8 @@ mod tests {
             u32::from_le_bytes(p[32..36].try_into().unwrap()) as usize,
             crate::mirror::NOTIFIER_FLAGS_LEN
         );
-        for fd in &files[..2] {
-            // SAFETY: the descriptors just received are ours to close.
-            let f = unsafe { std::fs::File::from_raw_fd(*fd) };
-            assert!(f.metadata().unwrap().len() > 0);
+        for fd in files {
+            assert!(std::fs::File::from(fd).metadata().unwrap().len() > 0);
         }
         // The dump waits for QEMU's HELLO (§6 step 2).
         q.0.set_read_timeout(Some(Duration::from_millis(200)))
