@@ -5,10 +5,20 @@
 #   VUI-FIO job=NAME iops=N kibps=N lat_us=N ios=N
 # (fio's terse v3 fields 8, 7, 40 and 6/bs; lat is the mean total latency).
 # Kernel parameters: vui.secs=S (per job, default 5), vui.jobs=A,B (default
-# all of rand4k-qd1, rand4k-qd32, seq128k-qd1). Needs the initramfs of
-# build-initramfs.sh --with-fio.
+# all of rand4k-qd1, rand4k-qd32, seq128k-qd1), vui.sync=1 (see below).
+# Needs the initramfs of build-initramfs.sh --with-fio.
+#
+# With vui.sync=1 (guest-bench boots several guests at once and starts
+# their jobs together), before each job and once after the last the guest
+# prints
+#   VUI-READY job=NAME up=S   (NAME = the job, or "end" after the last;
+#                              S = the guest's uptime in seconds)
+# and waits for a line on its second serial port, /dev/ttyS1, which the
+# host writes once every guest is ready. Without it the jobs run back to
+# back.
 fail() { echo "VUI-FAIL $*"; exit 1; }
 SECS=${VUI_SECS:-5}
+SYNC=${VUI_SYNC:-0}
 JOBS=$(echo "${VUI_JOBS:-rand4k-qd1,rand4k-qd32,seq128k-qd1}" | tr ',' ' ')
 FIO=/usr/bin/fio
 [ -x "$FIO" ] || fail "no $FIO (build the initramfs with --with-fio)"
@@ -22,6 +32,23 @@ domain=none
 [ -n "$grp" ] && domain=$(cat "/sys/kernel/iommu_groups/$(basename "$grp")/type")
 echo "VUI-CHECK vda-domain $domain"
 
+# The host's go arrives on ttyS1 (QEMU's second -serial): held open on fd 3
+# for the whole run, raw and without echo, so that a line the host writes is
+# read as it is and nothing goes back to it.
+if [ "$SYNC" = 1 ]; then
+    [ -c /dev/ttyS1 ] || fail "vui.sync=1 but no /dev/ttyS1"
+    (: <>/dev/ttyS1) 2>/dev/null || fail "vui.sync=1 but /dev/ttyS1 does not open (no second serial port?)"
+    exec 3<>/dev/ttyS1
+    stty raw -echo <&3 || fail "stty raw -echo on /dev/ttyS1 failed"
+fi
+
+# Wait for the host's go before $1 (a job, or "end"), with vui.sync=1.
+sync_point() {
+    [ "$SYNC" = 1 ] || return 0
+    echo "VUI-READY job=$1 up=$(cut -d' ' -f1 /proc/uptime)"
+    read -r _ <&3 || fail "no go from the host for $1 on /dev/ttyS1"
+}
+
 rc=0
 for job in $JOBS; do
     case "$job" in
@@ -30,6 +57,7 @@ for job in $JOBS; do
         seq128k-qd1) args="--rw=read --bs=128k --ioengine=psync --iodepth=1" bs=131072 ;;
         *) fail "unknown job $job" ;;
     esac
+    sync_point "$job"
     # shellcheck disable=SC2086 # one word per option
     $FIO --name="$job" --filename=/dev/vda --readonly --direct=1 $args \
         --time_based --runtime="$SECS" --norandommap --randrepeat=0 \
@@ -46,4 +74,5 @@ for job in $JOBS; do
     echo "$line" | awk -F';' -v job="$job" -v bs="$bs" \
         '{ printf "VUI-FIO job=%s iops=%s kibps=%s lat_us=%s ios=%d\n", job, $8, $7, $40, $6 * 1024 / bs }'
 done
+sync_point end
 exit "$rc"
