@@ -7,7 +7,9 @@
 //! - [`vhu_iommu`]: the `VhostUserBackend`: features, config space, the
 //!   request and event queues;
 //! - [`chain`]: a request's descriptor chain, read and written in place;
-//! - [`poll`]: the adaptive busy-polling window of the request queue;
+//! - [`poll`]: the adaptive busy-polling window of the request queue, which
+//!   gives way when the host's CPUs are all taken;
+//! - [`sched`]: the vring worker's scheduler slice, for prompt wake-ups;
 //! - [`mirror`]: what QEMU needs of the state (docs/mirror-protocol.md): a
 //!   shared translation table and the events QEMU acts on;
 //! - [`journal`]: the state file a restarted daemon recovers from;
@@ -33,5 +35,6 @@ pub mod journal;
 pub mod mirror;
 pub mod passthrough;
 pub mod poll;
+pub mod sched;
 pub mod serve;
 pub mod vhu_iommu;

@@ -13,8 +13,10 @@ use vhost_user_iommu::guest_ram::MemoryFiles;
 use vhost_user_iommu::journal::Journal;
 use vhost_user_iommu::mirror::{Hello, MirrorHandle, MirrorMemory, MirrorServer};
 use vhost_user_iommu::serve::{Server, SocketSource};
-use vhost_user_iommu::vhu_iommu::{BackendHooks, IommuBackend, DEFAULT_POLL_US};
-use vhost_user_iommu::{capabilities, config, emulated, passthrough};
+use vhost_user_iommu::vhu_iommu::{
+    BackendHooks, IommuBackend, DEFAULT_POLL_US, DEFAULT_WORKER_SLICE_US,
+};
+use vhost_user_iommu::{capabilities, config, emulated, passthrough, sched};
 
 /// How guest domains are implemented.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -113,6 +115,14 @@ struct Cli {
     #[arg(long, value_name = "US", default_value_t = DEFAULT_POLL_US)]
     poll_us: u64,
 
+    /// Ask the host scheduler for this slice (in microseconds, 100 to
+    /// 100000) for the thread that serves the request queue: a slice
+    /// shorter than the vCPUs' lets a request's wake-up preempt a busy vCPU
+    /// at once on a host with no idle CPU (Linux >= 6.12 EEVDF; no privilege
+    /// needed, no more CPU share). 0 keeps the kernel's default.
+    #[arg(long, value_name = "US", default_value_t = DEFAULT_WORKER_SLICE_US)]
+    worker_slice_us: u64,
+
     /// Accept guest memory files that are not sealed against shrinking
     /// (QEMU's memory-backend-file on hugetlbfs or /dev/shm). By default only
     /// sealed files are (memory-backend-memfd, seal=on by default): a
@@ -146,6 +156,21 @@ fn main() -> ExitCode {
             eprintln!("vhost-user-iommu: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `--worker-slice-us`: 0 for the kernel's default, else a slice the
+/// kernel accepts.
+fn worker_slice(us: u64) -> Result<Option<Duration>, String> {
+    let slice = Duration::from_micros(us);
+    match us {
+        0 => Ok(None),
+        _ if (sched::SLICE_MIN..=sched::SLICE_MAX).contains(&slice) => Ok(Some(slice)),
+        _ => Err(format!(
+            "--worker-slice-us {us}: want 0 or {}..={}",
+            sched::SLICE_MIN.as_micros(),
+            sched::SLICE_MAX.as_micros()
+        )),
     }
 }
 
@@ -201,6 +226,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut backend = IommuBackend::new(device, mirror)
         .with_polling(Duration::from_micros(cli.poll_us))
+        .with_worker_slice(worker_slice(cli.worker_slice_us)?)
         .with_memory_files(memory_files);
     if let Some(path) = &cli.state_file {
         let (journal, found) = Journal::open(path)?;

@@ -40,7 +40,7 @@ use crate::journal::{Journal, Journaled, Recovered};
 /// The daemon's vrings, over its logged guest memory.
 type Vring = vhost_user_backend::VringRwLock<GuestMemoryAtomic<GuestMem>>;
 use crate::mirror::{self, Batch, MirrorHandle, Record, SharedMem, TranslationTable, WaitOutcome};
-use crate::poll::AdaptivePoll;
+use crate::poll::{AdaptivePoll, GapWatch, Window, CLEAN_WINDOW};
 
 /// Queue indexes (virtio 1.2 §5.13.2).
 pub const REQUEST_QUEUE: u16 = 0;
@@ -59,6 +59,9 @@ const MAX_PENDING_FAULTS: usize = 64;
 /// (`--poll-us`, src/poll.rs): long enough to span a guest's disk I/O
 /// between its MAP and its UNMAP under TCG.
 pub const DEFAULT_POLL_US: u64 = 1000;
+/// The vring worker's default scheduler slice, in microseconds
+/// (`--worker-slice-us`, src/sched.rs; 0: the kernel's default).
+pub const DEFAULT_WORKER_SLICE_US: u64 = 0;
 /// Spins of the polling loop between two readings of the clock.
 const POLL_SPINS_PER_CLOCK: u32 = 64;
 /// How long a request waits for the mirror's ACK before the link is
@@ -84,6 +87,10 @@ pub struct QueueStats {
     pub used_signals: u64,
     /// Time spent polling, in microseconds.
     pub poll_us: u64,
+    /// Polling windows cut short because the worker found it had been off
+    /// its CPU (src/poll.rs): the host has none to spare, and polling drops
+    /// to short bursts for a while.
+    pub poll_contended: u64,
     /// Time from each notification to going back to sleep (processing and
     /// polling), in microseconds.
     pub awake_us: u64,
@@ -99,6 +106,28 @@ pub struct QueueStats {
     /// Fault events written to the event queue / dropped for lack of buffers.
     pub faults_delivered: u64,
     pub faults_dropped: u64,
+}
+
+/// What a polling window ended on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Looked {
+    /// The driver made a request available.
+    Request,
+    /// The window passed.
+    Expired,
+    /// The worker was off its CPU between two looks: the host has none to
+    /// spare, and the worker sleeps instead.
+    Contended,
+}
+
+/// The polling of one notification's batches.
+#[derive(Clone, Copy, Debug, Default)]
+struct Polled {
+    time: Duration,
+    /// A window found the worker had been off its CPU.
+    contended: bool,
+    /// A window of [`CLEAN_WINDOW`] ran to its end without a gap.
+    spare: bool,
 }
 
 /// The shared translation table QEMU reads (docs/mirror-protocol.md §11).
@@ -155,6 +184,8 @@ pub struct IommuBackend {
     memory_files: MemoryFiles,
     /// The vring workers' exit events of the current connection.
     exit_events: Arc<ExitEvents>,
+    /// The scheduler slice the vring worker asks for (src/sched.rs).
+    worker_slice: Option<Duration>,
 }
 
 impl IommuBackend {
@@ -183,6 +214,33 @@ impl IommuBackend {
             mirror,
             memory_files: MemoryFiles::default(),
             exit_events: Arc::new(ExitEvents::default()),
+            worker_slice: None,
+        }
+    }
+
+    /// The vring worker asks the host scheduler for a `slice` (src/sched.rs):
+    /// shorter than the vCPUs', it preempts one promptly when a request
+    /// wakes it on a host whose CPUs are all busy. `None`: the default.
+    pub fn with_worker_slice(mut self, slice: Option<Duration>) -> Self {
+        self.worker_slice = slice;
+        self
+    }
+
+    /// The worker thread's scheduling, once per thread (a connection's
+    /// worker is a new thread).
+    fn tune_worker_thread(&self) {
+        thread_local! {
+            static TUNED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        }
+        let Some(slice) = self.worker_slice else {
+            return;
+        };
+        if TUNED.with(|t| t.replace(true)) {
+            return;
+        }
+        match crate::sched::set_thread_slice(slice) {
+            Ok(()) => log::debug!("vring worker: scheduler slice {slice:?}"),
+            Err(e) => log::warn!("vring worker: cannot ask for a {slice:?} slice: {e}"),
         }
     }
 
@@ -564,7 +622,7 @@ impl IommuBackend {
             st.stats.kicks += 1;
             st.poll.woken(woke);
             (
-                st.poll.window(),
+                st.poll.window(woke),
                 st.mem.as_ref().map(|m| m.memory()),
                 st.recovered_for.is_some(),
             )
@@ -572,15 +630,36 @@ impl IommuBackend {
         // A recovered state may be another QEMU's: nothing is carried out
         // on it before a QEMU's HELLO has said (its dump, made after the
         // HELLO, is acknowledged once it has).
-        if unconfirmed && self.mirror.wait_synced() == WaitOutcome::Released {
-            return Ok(());
+        let outcome = match (unconfirmed, mem) {
+            (true, _) if self.mirror.wait_synced() == WaitOutcome::Released => {
+                Ok(Polled::default())
+            }
+            (_, None) => Ok(Polled::default()),
+            (_, Some(mem)) => self.serve_and_poll(vring, &mem, window),
+        };
+        let polled = outcome?;
+        let mut st = self.lock();
+        let now = Instant::now();
+        st.stats.poll_us += polled.time.as_micros() as u64;
+        st.stats.awake_us += now.saturating_duration_since(woke).as_micros() as u64;
+        if polled.contended {
+            st.stats.poll_contended += 1;
+            st.poll.contended(now);
+        } else if polled.spare {
+            st.poll.uncontended();
         }
-        let Some(mem) = mem else { return Ok(()) };
+        st.poll.sleeping(now);
+        Ok(())
+    }
+
+    /// Batches until the ring is empty with notifications enabled, polling
+    /// for up to `window` after each (src/poll.rs).
+    fn serve_and_poll(&self, vring: &Vring, mem: &GuestMem, window: Window) -> io::Result<Polled> {
+        let mut out = Polled::default();
         let mut polled = false;
         // The ring said more requests are there (polling saw its index move,
         // or re-enabling notifications found some).
         let mut told_more = false;
-        let mut poll_time = Duration::ZERO;
         loop {
             vring.disable_notification().map_err(io::Error::other)?;
             let before = Self::next_avail(vring);
@@ -594,65 +673,77 @@ impl IommuBackend {
                 let _ = vring.enable_notification();
                 break;
             }
-            if !window.is_zero() {
+            polled = false;
+            if !window.length.is_zero() && !out.contended {
                 let t0 = Instant::now();
-                polled = Self::poll_ring(vring, &mem, t0 + window);
-                poll_time += t0.elapsed();
-                if polled {
-                    told_more = true;
-                    continue;
+                let looked = Self::poll_ring(vring, mem, t0, window);
+                out.time += t0.elapsed();
+                match looked {
+                    Looked::Request => {
+                        polled = true;
+                        told_more = true;
+                        continue;
+                    }
+                    Looked::Contended => out.contended = true,
+                    Looked::Expired => out.spare |= window.length >= CLEAN_WINDOW,
                 }
             }
-            polled = false;
             if !vring.enable_notification().map_err(io::Error::other)? {
                 break;
             }
             told_more = true;
         }
-        let mut st = self.lock();
-        st.stats.poll_us += poll_time.as_micros() as u64;
-        let now = Instant::now();
-        st.stats.awake_us += now.saturating_duration_since(woke).as_micros() as u64;
-        st.poll.sleeping(now);
-        Ok(())
+        Ok(out)
     }
 
-    /// Spin until the driver makes a request available or `deadline`
-    /// passes; true if a request is there. The available index is found
-    /// once and then read directly (the guard on `mem` keeps the mapping
-    /// alive even if a new memory table arrives meanwhile). Every few spins
-    /// the clock is read and the CPU offered to any other runnable thread
-    /// (`sched_yield`): the core never idles — on a virtual machine a halted
-    /// vCPU wakes slowly, tens to hundreds of microseconds — yet QEMU's
-    /// threads sharing it still run (measured under TCG on 2 cores: the
-    /// yield lifted the guest's 128 KiB reads by 40 %).
+    /// The ring's next available position, as the queue knows it.
     fn next_avail(vring: &Vring) -> u16 {
         vring.get_ref().get_queue().next_avail()
     }
 
-    fn poll_ring(vring: &Vring, mem: &GuestMem, deadline: Instant) -> bool {
+    /// Spin until the driver makes a request available or the window
+    /// passes ([`Looked::Request`], [`Looked::Expired`]), or the worker
+    /// finds it was off its CPU ([`Looked::Contended`], src/poll.rs). The
+    /// available index is found once and then read directly (the guard on
+    /// `mem` keeps the mapping alive even if a new memory table arrives
+    /// meanwhile). Every few spins the clock is read and the CPU offered to
+    /// any other runnable thread (`sched_yield`): the core never idles — on
+    /// a virtual machine a halted vCPU wakes slowly, tens to hundreds of
+    /// microseconds — yet QEMU's threads sharing it still run (measured
+    /// under TCG on 2 cores: the yield lifted the guest's 128 KiB reads by
+    /// 40 %); only with a CPU to spare: on a busy host a yield gives the
+    /// CPU away for a whole slice.
+    fn poll_ring(vring: &Vring, mem: &GuestMem, start: Instant, window: Window) -> Looked {
         let (avail_idx_at, next_avail) = {
             let state = vring.get_ref();
             let q = state.get_queue();
             (q.avail_ring().wrapping_add(2), q.next_avail())
         };
         let Ok(slice) = mem.get_slice(GuestAddress(avail_idx_at), 2) else {
-            return false;
+            return Looked::Expired;
         };
         let Ok(idx) = slice.get_atomic_ref::<AtomicU16>(0) else {
-            return false;
+            return Looked::Expired;
         };
+        let deadline = start + window.length;
+        let mut gaps = GapWatch::start(start);
         loop {
             for _ in 0..POLL_SPINS_PER_CLOCK {
                 if u16::from_le(idx.load(Ordering::Acquire)) != next_avail {
-                    return true;
+                    return Looked::Request;
                 }
                 std::hint::spin_loop();
             }
-            if Instant::now() >= deadline {
-                return false;
+            let now = Instant::now();
+            if gaps.look(now) {
+                return Looked::Contended;
             }
-            std::thread::yield_now();
+            if now >= deadline {
+                return Looked::Expired;
+            }
+            if window.yields() {
+                std::thread::yield_now();
+            }
         }
     }
 
@@ -1032,6 +1123,7 @@ impl VhostUserBackend for IommuBackend {
         let [req, evt] = vrings else {
             return Err(io::Error::other("expected two vrings"));
         };
+        self.tune_worker_thread();
         {
             let mut st = self.lock();
             if st.vrings.is_none() {
