@@ -1,5 +1,5 @@
 #!/bin/sh
-# The guest benchmark (qemu-tests/src/bin/guest-bench.rs): fio reads the
+# The guest benchmark (qemu-tests/src/bin/guest-bench/): fio reads the
 # virtio-blk disk behind the vIOMMU with O_DIRECT, one job after another,
 # and prints one line per job for the host:
 #   VUI-FIO job=NAME iops=N kibps=N lat_us=N ios=N
