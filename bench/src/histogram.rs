@@ -8,6 +8,8 @@
 
 use std::time::Duration;
 
+use serde::Serialize;
+
 /// log2 of the number of buckets per power of two.
 const SUB_BITS: u32 = 6;
 /// Buckets per power of two (and values with a bucket of their own).
@@ -147,6 +149,37 @@ impl Histogram {
                 let (lo, hi) = bounds_of(i);
                 (lo, hi, c)
             })
+    }
+}
+
+/// Latency statistics, nanoseconds.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Latency {
+    /// Fastest.
+    pub min: u64,
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p99_9: u64,
+    /// Slowest.
+    pub max: u64,
+    /// Mean.
+    pub mean: f64,
+}
+
+impl Latency {
+    /// The statistics of `h`.
+    pub fn of(h: &Histogram) -> Self {
+        Latency {
+            min: h.min(),
+            p50: h.quantile(0.5),
+            p99: h.quantile(0.99),
+            p99_9: h.quantile(0.999),
+            max: h.max(),
+            mean: h.mean(),
+        }
     }
 }
 

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use test_frontend::{Request, Status};
+use vhost_user_iommu::mirror::table::Leaf;
 
 use crate::histogram::Histogram;
-use crate::qemu_leg::StrictnessError;
 use crate::qemu_standin::StandInFailure;
 
 /// Why a leg could not complete a kick.
@@ -99,4 +99,56 @@ impl MirrorCounters {
             batches: self.batches.saturating_sub(earlier.batches),
         }
     }
+}
+
+/// What QEMU's walk found wrong after a request completed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StrictnessError {
+    /// QEMU has no tree for the domain of a completed MAP.
+    #[error("MAP in domain {domain} completed, but QEMU knows no tree for the domain")]
+    NoDomain {
+        /// The domain.
+        domain: u32,
+    },
+    /// A completed MAP is not in the table.
+    #[error("MAP in domain {domain} completed, but QEMU's walk finds nothing at IOVA {iova:#x}")]
+    Missing {
+        /// The domain.
+        domain: u32,
+        /// The IOVA walked.
+        iova: u64,
+    },
+    /// A completed MAP translates elsewhere, or with other permissions.
+    #[error(
+        "MAP in domain {domain} completed, but QEMU's walk translates IOVA {iova:#x} to \
+         {:#x} (read {}, write {}) instead of {want:#x} (read {}, write {})",
+        got.phys, got.read, got.write, want_read, want_write
+    )]
+    Wrong {
+        /// The domain.
+        domain: u32,
+        /// The IOVA walked.
+        iova: u64,
+        /// The GPA the MAP asked for.
+        want: u64,
+        /// The MAP's READ flag.
+        want_read: bool,
+        /// The MAP's WRITE flag.
+        want_write: bool,
+        /// What the walk found.
+        got: Leaf,
+    },
+    /// A completed UNMAP is still in the table.
+    #[error(
+        "UNMAP in domain {domain} completed, but QEMU's walk still translates IOVA {iova:#x} \
+         to {phys:#x}"
+    )]
+    StillMapped {
+        /// The domain.
+        domain: u32,
+        /// The IOVA walked.
+        iova: u64,
+        /// Where it still goes.
+        phys: u64,
+    },
 }

@@ -11,11 +11,10 @@
 //! the daemon waits for QEMU to acknowledge.
 
 use test_frontend::{Request, MAP_F_READ, MAP_F_WRITE};
-use vhost_user_iommu::mirror::table::Leaf;
 
 use crate::daemon_leg::DaemonLeg;
 use crate::histogram::Histogram;
-use crate::leg::{Leg, LegError, MirrorCounters};
+use crate::leg::{Leg, LegError, MirrorCounters, StrictnessError};
 use crate::qemu_standin::QemuStandIn;
 
 /// How the QEMU stand-in is set up for a run.
@@ -41,58 +40,6 @@ impl QemuVariant {
     pub fn notifiers(self) -> bool {
         self == QemuVariant::Notifiers
     }
-}
-
-/// What QEMU's walk found wrong after a request completed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum StrictnessError {
-    /// QEMU has no tree for the domain of a completed MAP.
-    #[error("MAP in domain {domain} completed, but QEMU knows no tree for the domain")]
-    NoDomain {
-        /// The domain.
-        domain: u32,
-    },
-    /// A completed MAP is not in the table.
-    #[error("MAP in domain {domain} completed, but QEMU's walk finds nothing at IOVA {iova:#x}")]
-    Missing {
-        /// The domain.
-        domain: u32,
-        /// The IOVA walked.
-        iova: u64,
-    },
-    /// A completed MAP translates elsewhere, or with other permissions.
-    #[error(
-        "MAP in domain {domain} completed, but QEMU's walk translates IOVA {iova:#x} to \
-         {:#x} (read {}, write {}) instead of {want:#x} (read {}, write {})",
-        got.phys, got.read, got.write, want_read, want_write
-    )]
-    Wrong {
-        /// The domain.
-        domain: u32,
-        /// The IOVA walked.
-        iova: u64,
-        /// The GPA the MAP asked for.
-        want: u64,
-        /// The MAP's READ flag.
-        want_read: bool,
-        /// The MAP's WRITE flag.
-        want_write: bool,
-        /// What the walk found.
-        got: Leaf,
-    },
-    /// A completed UNMAP is still in the table.
-    #[error(
-        "UNMAP in domain {domain} completed, but QEMU's walk still translates IOVA {iova:#x} \
-         to {phys:#x}"
-    )]
-    StillMapped {
-        /// The domain.
-        domain: u32,
-        /// The IOVA walked.
-        iova: u64,
-        /// Where it still goes.
-        phys: u64,
-    },
 }
 
 /// Check, after `req` completed, that QEMU's view of the table agrees:

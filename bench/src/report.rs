@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::histogram::Histogram;
+use crate::histogram::Latency;
 use crate::progress::rate;
 use crate::run::LegOutcome;
 use crate::scaling::ScalingPoint;
@@ -114,23 +114,6 @@ pub struct LegReport {
     pub mirror_records_per_req: Option<f64>,
 }
 
-/// Latency statistics, nanoseconds.
-#[derive(Clone, Copy, Debug, Serialize)]
-pub struct Latency {
-    /// Fastest.
-    pub min: u64,
-    /// Median.
-    pub p50: u64,
-    /// 99th percentile.
-    pub p99: u64,
-    /// 99.9th percentile.
-    pub p99_9: u64,
-    /// Slowest.
-    pub max: u64,
-    /// Mean.
-    pub mean: f64,
-}
-
 /// How much more the daemon takes than the device model alone.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Ratio {
@@ -141,20 +124,6 @@ pub struct Ratio {
     pub cpu_per_req: Option<f64>,
     /// Median latency.
     pub p50: f64,
-}
-
-impl Latency {
-    /// The statistics of `h`.
-    pub fn of(h: &Histogram) -> Self {
-        Latency {
-            min: h.min(),
-            p50: h.quantile(0.5),
-            p99: h.quantile(0.99),
-            p99_9: h.quantile(0.999),
-            max: h.max(),
-            mean: h.mean(),
-        }
-    }
 }
 
 fn per_req(total: f64, requests: u64) -> f64 {

@@ -26,10 +26,9 @@ use vhost_user_iommu::mirror::table::{self, TranslationTable};
 use virtio_iommu::Translation;
 
 use crate::direct_leg::DirectLeg;
-use crate::histogram::Histogram;
+use crate::histogram::{Histogram, Latency};
 use crate::leg::LegError;
 use crate::procstat;
-use crate::report::Latency;
 use crate::run::Timing;
 use crate::workload::IOVA_BASE;
 

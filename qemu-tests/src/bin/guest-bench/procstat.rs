@@ -1,8 +1,6 @@
 //! Host CPU readings from `/proc`: a process's CPU time (`/proc/PID/stat`),
 //! the whole host's (`/proc/stat`) and its load average.
 
-use crate::report::ratio;
-
 /// What the benchmark reads of a `/proc/PID/stat` line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct ProcStat {
@@ -125,10 +123,11 @@ pub fn host_cpu() -> Result<HostCpu, String> {
 
 /// The host's busy fraction between two readings; NaN if no time passed.
 pub fn busy_fraction(from: HostCpu, to: HostCpu) -> f64 {
-    ratio(
-        to.busy.saturating_sub(from.busy) as f64,
-        to.total.saturating_sub(from.total) as f64,
-    )
+    let total = to.total.saturating_sub(from.total);
+    match total {
+        0 => f64::NAN,
+        _ => to.busy.saturating_sub(from.busy) as f64 / total as f64,
+    }
 }
 
 /// The host's 1-minute load average: other work on the host's two cores
