@@ -10,7 +10,7 @@ use iopt::{DeviceId, IovaRange};
 use virtio_iommu::Device;
 
 use crate::config::Config;
-use crate::vhu_iommu::IommuDevice;
+use crate::ioas::{DaemonIoas, IommuDevice};
 
 /// The model with one mock device per endpoint (device ID = endpoint ID).
 pub fn model_for(config: &Config) -> ModelIommufd {
@@ -39,7 +39,7 @@ pub fn model_for(config: &Config) -> ModelIommufd {
 pub fn device(config: &Config) -> Result<IommuDevice, virtio_iommu::ConfigError> {
     Device::new(
         config.device,
-        Box::new(model_for(config)),
+        DaemonIoas::Model(model_for(config)),
         config.endpoints.iter().map(|&ep| (ep, DeviceId(ep))),
     )
 }

@@ -15,6 +15,8 @@
 //! - [`journal`]: the state file a restarted daemon recovers from;
 //! - [`guest_ram`]: guest physical addresses → the daemon's mapping of them;
 //! - [`exit_event`]: the vring workers' exit events, closed after each connection;
+//! - [`ioas`]: where the domains' IOASes live (model, kernel, or the
+//!   iommufd QEMU forwarded), one type;
 //! - [`emulated`]: the device model over the in-process iommufd model;
 //! - [`passthrough`]: the device model over the kernel's `/dev/iommu` and VFIO devices;
 //! - [`config`]: command-line values, checked.
@@ -31,6 +33,7 @@ pub mod dirty_log;
 pub mod emulated;
 pub mod exit_event;
 pub mod guest_ram;
+pub mod ioas;
 pub mod journal;
 pub mod mirror;
 pub mod passthrough;

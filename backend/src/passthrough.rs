@@ -13,14 +13,11 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use iopt::kernel::{KernelIommufd, OpenError, VfioDevice};
-use iopt::{
-    CopyRequest, DeviceId, Errno, IoasId, Iommufd, IoptError, IovaRange, IovaRanges, MapRequest,
-    OptionOp, Option_,
-};
+use iopt::{DeviceId, Errno, Iommufd, IoptError, IovaRange};
 use virtio_iommu::{ChangeSink, Device, GuestRam};
 
 use crate::config::{Config, VfioEndpoint, VfioSource};
-use crate::vhu_iommu::IommuDevice;
+use crate::ioas::{DaemonIoas, IommuDevice};
 
 /// Why pass-through mode could not start. Each message says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -148,60 +145,7 @@ pub fn device(config: &Config, iommufd: &Path) -> Result<IommuDevice, Passthroug
     }
     cfg.identity_ioas = true;
     warn_about_memlock();
-    let fd: Box<dyn Iommufd + Send> = Box::new(fd);
-    Ok(Device::new(cfg, fd, endpoints)?)
-}
-
-/// The iommufd of pass-through mode when QEMU owns the files
-/// (docs/mirror-protocol.md §14): nothing until QEMU forwards its first
-/// VFIO device with its iommufd, then the kernel driver over that same open
-/// file (iommufd object IDs are per open file, and QEMU bound the devices
-/// through it).
-#[derive(Debug, Default)]
-pub struct FrontEndIommufd(Option<KernelIommufd>);
-
-impl FrontEndIommufd {
-    fn kernel(&mut self) -> iopt::Result<&mut KernelIommufd> {
-        self.0.as_mut().ok_or(Self::NOT_YET)
-    }
-
-    const NOT_YET: IoptError = IoptError::NotFound("QEMU has not forwarded an iommufd yet");
-}
-
-impl Iommufd for FrontEndIommufd {
-    fn ioas_alloc(&mut self) -> iopt::Result<IoasId> {
-        self.kernel()?.ioas_alloc()
-    }
-    fn ioas_destroy(&mut self, ioas: IoasId) -> iopt::Result<()> {
-        self.kernel()?.ioas_destroy(ioas)
-    }
-    fn iova_ranges(&self, ioas: IoasId, out: &mut [IovaRange]) -> iopt::Result<IovaRanges> {
-        self.0.as_ref().ok_or(Self::NOT_YET)?.iova_ranges(ioas, out)
-    }
-    fn allow_iovas(&mut self, ioas: IoasId, allowed: &[IovaRange]) -> iopt::Result<()> {
-        self.kernel()?.allow_iovas(ioas, allowed)
-    }
-    fn map(&mut self, ioas: IoasId, req: MapRequest) -> iopt::Result<u64> {
-        self.kernel()?.map(ioas, req)
-    }
-    fn copy(&mut self, req: CopyRequest) -> iopt::Result<u64> {
-        self.kernel()?.copy(req)
-    }
-    fn unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> iopt::Result<u64> {
-        self.kernel()?.unmap(ioas, iova, length)
-    }
-    fn option(&mut self, option: Option_, op: OptionOp) -> iopt::Result<u64> {
-        self.kernel()?.option(option, op)
-    }
-    fn attach(&mut self, dev: DeviceId, ioas: IoasId) -> iopt::Result<()> {
-        self.kernel()?.attach(dev, ioas)
-    }
-    fn detach(&mut self, dev: DeviceId) -> iopt::Result<()> {
-        self.kernel()?.detach(dev)
-    }
-    fn device_iova_ranges(&mut self, dev: DeviceId) -> iopt::Result<Vec<IovaRange>> {
-        self.kernel()?.device_iova_ranges(dev)
-    }
+    Ok(Device::new(cfg, DaemonIoas::Kernel(fd), endpoints)?)
 }
 
 /// The device in pass-through mode with devices from QEMU: no endpoint
@@ -210,8 +154,7 @@ pub fn device_for_front_end(config: &Config) -> Result<IommuDevice, PassthroughE
     let mut cfg = config.device;
     cfg.identity_ioas = true;
     warn_about_memlock();
-    let fd: Box<dyn Iommufd + Send> = Box::<FrontEndIommufd>::default();
-    Ok(Device::new(cfg, fd, [])?)
+    Ok(Device::new(cfg, DaemonIoas::Forwarded(None), [])?)
 }
 
 /// Why a forwarded VFIO device was not taken (it stays blocked).
@@ -232,9 +175,10 @@ pub enum AdoptError {
     Endpoint(#[from] virtio_iommu::ConfigError),
 }
 
-fn front_end_iommufd(device: &mut IommuDevice) -> Option<&mut FrontEndIommufd> {
-    let any: &mut dyn std::any::Any = &mut **device.iommufd_mut();
-    any.downcast_mut::<FrontEndIommufd>()
+/// The iommufd QEMU forwarded (or its empty place), if the daemon takes its
+/// devices from QEMU.
+fn forwarded(device: &mut IommuDevice) -> Option<&mut Option<KernelIommufd>> {
+    device.iommufd_mut().forwarded()
 }
 
 /// Take a VFIO device QEMU bound to its iommufd and forwarded with it
@@ -251,8 +195,8 @@ pub fn adopt(
     ram: &impl GuestRam,
 ) -> Result<(), AdoptError> {
     let page = 1u64 << device.device_config().page_size_mask.trailing_zeros();
-    let fe = front_end_iommufd(device).ok_or(AdoptError::NotFromFrontEnd)?;
-    let kernel = fe.0.get_or_insert_with(|| KernelIommufd::from_fd(iommufd));
+    let fe = forwarded(device).ok_or(AdoptError::NotFromFrontEnd)?;
+    let kernel = fe.get_or_insert_with(|| KernelIommufd::from_fd(iommufd));
     let id = DeviceId(devid);
     let added = match kernel.adopt(VfioDevice::from_fd(file), id) {
         // Nothing to undo: a device adopted twice (Exists) keeps its first
@@ -267,7 +211,7 @@ pub fn adopt(
         },
     };
     added.map_err(|e| {
-        if let Some(fe) = front_end_iommufd(device) {
+        if let Some(fe) = forwarded(device) {
             release(fe, id);
         }
         drop_unused_iommufd(device, e)
@@ -278,15 +222,15 @@ pub fn adopt(
 /// kept.
 fn drop_unused_iommufd(device: &mut IommuDevice, e: AdoptError) -> AdoptError {
     if device.endpoint_ids().next().is_none() {
-        if let Some(fe) = front_end_iommufd(device) {
-            fe.0 = None;
+        if let Some(fe) = forwarded(device) {
+            *fe = None;
         }
     }
     e
 }
 
-fn release(fe: &mut FrontEndIommufd, id: DeviceId) {
-    if let Some(k) = fe.0.as_mut() {
+fn release(fe: &mut Option<KernelIommufd>, id: DeviceId) {
+    if let Some(k) = fe.as_mut() {
         drop(k.release(id));
     }
 }
@@ -297,7 +241,7 @@ pub fn forget(device: &mut IommuDevice, endpoint: u32, sink: &mut impl ChangeSin
     let Some(id) = device.remove_endpoint(endpoint, sink) else {
         return;
     };
-    if let Some(fe) = front_end_iommufd(device) {
+    if let Some(fe) = forwarded(device) {
         release(fe, id);
     }
 }
@@ -309,8 +253,8 @@ pub fn forget_all(device: &mut IommuDevice, sink: &mut impl ChangeSink) {
     for ep in endpoints {
         forget(device, ep, sink);
     }
-    if let Some(fe) = front_end_iommufd(device) {
-        fe.0 = None;
+    if let Some(fe) = forwarded(device) {
+        *fe = None;
     }
 }
 
@@ -391,7 +335,7 @@ mod tests {
         let mut d = device_for_front_end(&front_end_config()).unwrap();
         assert_eq!(d.endpoint_ids().count(), 0);
         // No iommufd yet: every IOAS operation says so.
-        assert_eq!(d.iommufd_mut().ioas_alloc(), Err(FrontEndIommufd::NOT_YET));
+        assert_eq!(d.iommufd_mut().ioas_alloc(), Err(crate::ioas::NOT_YET));
         // A file that is no VFIO device: refused, and nothing is left behind.
         let e = adopt(&mut d, 0x18, 1, memfd(), memfd(), &virtio_iommu::NoRam).unwrap_err();
         assert!(
@@ -399,12 +343,12 @@ mod tests {
             "{e}"
         );
         assert_eq!(d.endpoint_ids().count(), 0);
-        assert_eq!(d.iommufd_mut().ioas_alloc(), Err(FrontEndIommufd::NOT_YET));
+        assert_eq!(d.iommufd_mut().ioas_alloc(), Err(crate::ioas::NOT_YET));
         forget(&mut d, 0x18, &mut virtio_iommu::Discard);
         forget_all(&mut d, &mut virtio_iommu::Discard);
         assert_eq!(
             d.iommufd_mut().ioas_alloc(),
-            Err(FrontEndIommufd::NOT_YET),
+            Err(crate::ioas::NOT_YET),
             "the iommufd went with the connection"
         );
     }

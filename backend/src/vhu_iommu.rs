@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use iopt::Iommufd;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
     VhostUserVirtioFeatures,
@@ -22,7 +21,7 @@ use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_iommu::journal::{self, Answered, Completion};
-use virtio_iommu::{Change, Device, NoRam};
+use virtio_iommu::{Change, NoRam};
 use virtio_queue::QueueT;
 use vm_memory::{
     ByteValued, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
@@ -35,6 +34,7 @@ use crate::chain;
 use crate::device_state::{Finished, Transfer};
 use crate::exit_event::ExitEvents;
 use crate::guest_ram::{self, GuestMem, GuestRamView, MemoryFiles};
+use crate::ioas::IommuDevice;
 use crate::journal::{Journal, Journaled, Recovered};
 
 /// The daemon's vrings, over its logged guest memory.
@@ -67,10 +67,6 @@ const POLL_SPINS_PER_CLOCK: u32 = 64;
 /// How long a request waits for the mirror's ACK before the link is
 /// declared stuck and closed (then QEMU drops its copy: fail safe).
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The device model the daemon runs, over either IOAS implementation
-/// (the in-process model, or the kernel's `/dev/iommu`).
-pub type IommuDevice = Device<Box<dyn Iommufd + Send>>;
 
 /// Counters of the vhost-user side (the model keeps its own).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -9,7 +9,7 @@ use test_frontend::{Request, Status};
 use vhost_user_iommu::config::Config;
 use vhost_user_iommu::emulated;
 use vhost_user_iommu::guest_ram::{GuestMem, GuestRamView};
-use vhost_user_iommu::vhu_iommu::IommuDevice;
+use vhost_user_iommu::ioas::IommuDevice;
 use virtio_iommu::Discard;
 use vm_memory::GuestAddress;
 

@@ -113,10 +113,7 @@ pub trait UserMemory {
 /// the way the merged kernel fails (see [`crate::IoptError`]). Values the
 /// uAPI takes as `__u64` but the kernel keeps in `unsigned long` are checked
 /// the way `ioas.c` checks them.
-///
-/// `Any` lets a daemon that holds a boxed implementation reach the kernel
-/// driver's own operations (adopting a device another process bound).
-pub trait Iommufd: std::fmt::Debug + std::any::Any {
+pub trait Iommufd: std::fmt::Debug {
     /// `IOMMU_IOAS_ALLOC`: a new, empty IOAS.
     fn ioas_alloc(&mut self) -> Result<IoasId>;
 
