@@ -263,8 +263,8 @@ impl RawConfig {
                     return Err(ConfigError::EndpointsWithVfio);
                 }
                 // With no --vfio, the endpoints are the devices QEMU forwards
-                // (Config::vfio_from_front_end). The hardware needs real 1:1 mappings for bypass.
-                device.identity_ioas = true;
+                // (Config::vfio_from_front_end). Bypass through an identity
+                // IOAS is the pass-through device's to set (passthrough.rs).
                 vfio.iter().map(|v| v.endpoint).collect()
             }
         };
@@ -393,10 +393,8 @@ mod tests {
         };
         let c = iommufd(&["16=/dev/b", "8=/dev/a"]).check().unwrap();
         assert_eq!(c.endpoints, [8, 16]);
-        assert!(c.device.identity_ioas);
         let from_qemu = iommufd(&[]).check().unwrap();
         assert!(from_qemu.vfio_from_front_end() && from_qemu.endpoints.is_empty());
-        assert!(from_qemu.device.identity_ioas);
         assert!(!c.vfio_from_front_end());
         assert_eq!(
             iommufd(&["8=/dev/a", "8=/dev/b"]).check(),

@@ -14,7 +14,7 @@ use std::path::Path;
 
 use iopt::kernel::{KernelIommufd, OpenError, VfioDevice};
 use iopt::{DeviceId, Errno, Iommufd, IoptError, IovaRange};
-use virtio_iommu::{ChangeSink, Device, GuestRam};
+use virtio_iommu::{ChangeSink, Device, DeviceConfig, GuestRam};
 
 use crate::config::{Config, VfioEndpoint, VfioSource};
 use crate::ioas::{DaemonIoas, IommuDevice};
@@ -135,7 +135,7 @@ pub fn device(config: &Config, iommufd: &Path) -> Result<IommuDevice, Passthroug
     let align = iova_alignment(&mut fd, &ids)
         .map_err(PassthroughError::Alignment)?
         .max(1);
-    let mut cfg = config.device;
+    let mut cfg = device_config(config);
     cfg.page_size_mask &= !(align - 1);
     if cfg.page_size_mask == 0 {
         return Err(PassthroughError::PageSize {
@@ -143,7 +143,6 @@ pub fn device(config: &Config, iommufd: &Path) -> Result<IommuDevice, Passthroug
             mask: config.device.page_size_mask,
         });
     }
-    cfg.identity_ioas = true;
     warn_about_memlock();
     Ok(Device::new(cfg, DaemonIoas::Kernel(fd), endpoints)?)
 }
@@ -151,10 +150,23 @@ pub fn device(config: &Config, iommufd: &Path) -> Result<IommuDevice, Passthroug
 /// The device in pass-through mode with devices from QEMU: no endpoint
 /// until QEMU forwards one ([`adopt`]).
 pub fn device_for_front_end(config: &Config) -> Result<IommuDevice, PassthroughError> {
-    let mut cfg = config.device;
-    cfg.identity_ioas = true;
     warn_about_memlock();
-    Ok(Device::new(cfg, DaemonIoas::Forwarded(None), [])?)
+    Ok(Device::new(
+        device_config(config),
+        DaemonIoas::Forwarded(None),
+        [],
+    )?)
+}
+
+/// The device configuration of pass-through mode: the command line's, with
+/// bypass backed by an identity IOAS. The host IOMMU translates every DMA of
+/// a bound device, so a bypassing endpoint needs real 1:1 mappings of guest
+/// RAM; this is the one place that says so.
+fn device_config(config: &Config) -> DeviceConfig {
+    DeviceConfig {
+        identity_ioas: true,
+        ..config.device
+    }
 }
 
 /// Why a forwarded VFIO device was not taken (it stays blocked).
@@ -334,6 +346,10 @@ mod tests {
     fn with_devices_from_qemu_the_device_starts_empty_and_refuses_what_is_not_vfio() {
         let mut d = device_for_front_end(&front_end_config()).unwrap();
         assert_eq!(d.endpoint_ids().count(), 0);
+        assert!(
+            d.device_config().identity_ioas,
+            "bypass is an identity IOAS"
+        );
         // No iommufd yet: every IOAS operation says so.
         assert_eq!(d.iommufd_mut().ioas_alloc(), Err(crate::ioas::NOT_YET));
         // A file that is no VFIO device: refused, and nothing is left behind.

@@ -1,7 +1,7 @@
 //! The iommufd IOAS model.
 //!
 //! This crate models the I/O address space (IOAS) objects of Linux iommufd
-//! (`include/uapi/linux/iommufd.h`, `drivers/iommu/iommufd/`), and will drive
+//! (`include/uapi/linux/iommufd.h`, `drivers/iommu/iommufd/`), and drives
 //! the real kernel `/dev/iommu` behind the same interface.
 //!
 //! The layering follows the kernel's:
@@ -13,10 +13,14 @@
 //!   `IOMMU_IOAS_ALLOW_IOVAS`, `IOMMU_IOAS_MAP`, `IOMMU_IOAS_COPY`,
 //!   `IOMMU_IOAS_UNMAP` and `IOMMU_OPTION`, plus device attach/detach.
 //! - [`model::ModelIommufd`] implements [`Iommufd`] in process (the `ioas.c`
-//!   glue over [`IoPagetable`]); the kernel implementation is the other one.
-//! - [`conformance`] is the behaviour both implementations must show, written
-//!   once as functions over [`Iommufd`].
+//!   glue over [`IoPagetable`]); [`kernel::KernelIommufd`] is the other
+//!   implementation, over `/dev/iommu` and VFIO cdev devices.
+//! - `conformance` (with the `conformance` feature, off by default) is the
+//!   behaviour both implementations must show, written once as functions
+//!   over [`Iommufd`]; this crate's tests and the `iopt-conformance` binary
+//!   run it.
 
+#[cfg(feature = "conformance")]
 pub mod conformance;
 mod error;
 pub mod io_pagetable;

@@ -238,27 +238,31 @@ pub fn guest_tools() -> Vec<PathBuf> {
 }
 
 fn build_guest_tools(target: &str, target_dir: &Path) {
-    let st = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "-p",
-            "guest-tools",
+    // The daemon as it ships; then the conformance suite's runner, which
+    // needs iopt's `conformance` feature (off in the daemon's build).
+    let builds: [&[&str]; 2] = [
+        &["-p", "guest-tools", "-p", "vhost-user-iommu", "--bins"],
+        &[
             "-p",
             "iopt",
-            "-p",
-            "vhost-user-iommu",
-            "--bins",
-            "--target",
-            target,
-        ])
-        .arg("--target-dir")
-        .arg(target_dir)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .status()
-        .expect("cargo build guest-tools");
-    assert!(st.success(), "building guest-tools failed");
+            "--bin",
+            "iopt-conformance",
+            "--features",
+            "conformance",
+        ],
+    ];
+    for packages in builds {
+        let st = Command::new(env!("CARGO"))
+            .args(["build", "--release", "--locked"])
+            .args(packages)
+            .args(["--target", target])
+            .arg("--target-dir")
+            .arg(target_dir)
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .status()
+            .expect("cargo build guest-tools");
+        assert!(st.success(), "building guest-tools ({packages:?}) failed");
+    }
 }
 
 /// The daemon, in this process, with its mirror.

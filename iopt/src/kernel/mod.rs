@@ -5,10 +5,12 @@
 //! into the same [`IoptError`] the model returns for that failure. Devices
 //! are VFIO cdev files (`/dev/vfio/devices/vfioN`) bound to this iommufd.
 
+#[cfg(feature = "conformance")]
 mod fixture;
 mod uapi;
 mod vfio;
 
+#[cfg(feature = "conformance")]
 pub use fixture::KernelFixture;
 pub use vfio::VfioDevice;
 
