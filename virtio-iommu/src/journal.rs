@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::device::Change;
+use crate::change::Change;
 use crate::state::{decode_entry, encode_entry, le_u32, le_u64, DeviceState, ENTRY_LEN};
 use crate::wire::req_type;
 
@@ -170,10 +170,11 @@ struct DomainView {
 }
 
 /// The device state a sequence of records leads to, folded with the rules
-/// the device follows (src/device.rs): a domain exists from the ATTACH that
-/// creates it until its last endpoint leaves; an endpoint attached elsewhere
-/// is moved; UNMAP removes the mappings inside its range; a reset forgets
-/// every domain, attachment and acknowledged feature.
+/// the device follows (src/device/attach.rs, src/device/map.rs): a domain
+/// exists from the ATTACH that creates it until its last endpoint leaves; an
+/// endpoint attached elsewhere is moved; UNMAP removes the mappings inside
+/// its range; a reset forgets every domain, attachment and acknowledged
+/// feature.
 #[derive(Clone, Debug, Default)]
 pub struct Replay {
     features: u64,

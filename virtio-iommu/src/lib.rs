@@ -4,6 +4,8 @@
 //! - [`request`]: decoding the device-readable part of a request;
 //! - [`domain`]: a domain and the mappings the driver made in it;
 //! - [`probe`]: PROBE property writing;
+//! - [`Change`] and [`ChangeSink`]: the change stream, each change of the
+//!   translation state as the device makes it;
 //! - [`state`]: the migration state and its format;
 //! - [`journal`]: the state journal's records, and folding them into a
 //!   state (a restarted daemon's recovery);
@@ -15,6 +17,7 @@
 //! every change of the translation state to a [`ChangeSink`] (the
 //! translation mirror).
 
+mod change;
 pub mod device;
 pub mod domain;
 pub mod journal;
@@ -23,9 +26,10 @@ pub mod request;
 pub mod state;
 pub mod wire;
 
+pub use change::{Change, ChangeSink, Discard};
 pub use device::{
-    encode_fault, Change, ChangeSink, ConfigError, Device, DeviceConfig, Discard, GuestRam, NoRam,
-    RamRegion, RestoreError, Stats, Translation, PROBE_SIZES,
+    encode_fault, ConfigError, Device, DeviceConfig, GuestRam, NoRam, RamRegion, RestoreError,
+    Stats, Translation, PROBE_SIZES,
 };
 pub use state::{DeviceState, StateError};
 pub use wire::{ConfigSpace, FaultEvent, Status, VIRTIO_ID_IOMMU};

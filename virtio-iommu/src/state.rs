@@ -8,7 +8,7 @@
 //! has it. Queue positions are the front-end's (QEMU saves them with the
 //! virtio device). Pure encoding and decoding: no I/O here.
 
-use crate::device::Change;
+use crate::change::Change;
 
 /// `magic`: the bytes `V U I S`.
 pub const MAGIC: u32 = 0x5349_5556;

@@ -1,0 +1,52 @@
+//! The change stream: each change of the translation state, reported as
+//! the device makes it, to whoever keeps a copy (QEMU's translation mirror,
+//! the state journal). The migration state ([`crate::state`]) and the
+//! journal ([`crate::journal`]) are written in these changes too.
+
+/// A change of the translation state, for whoever mirrors it (QEMU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    Attach {
+        endpoint: u32,
+        domain: u32,
+        bypass: bool,
+    },
+    Detach {
+        endpoint: u32,
+        domain: u32,
+    },
+    Map {
+        domain: u32,
+        virt_start: u64,
+        virt_end: u64,
+        phys_start: u64,
+        flags: u32,
+    },
+    Unmap {
+        domain: u32,
+        virt_start: u64,
+        virt_end: u64,
+    },
+    GlobalBypass(bool),
+    /// Everything is gone: no domains, no attachments.
+    Reset,
+}
+
+/// Receives changes as the device makes them.
+pub trait ChangeSink {
+    fn change(&mut self, c: Change);
+}
+
+impl ChangeSink for Vec<Change> {
+    fn change(&mut self, c: Change) {
+        self.push(c);
+    }
+}
+
+/// A sink that drops every change.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Discard;
+
+impl ChangeSink for Discard {
+    fn change(&mut self, _: Change) {}
+}
