@@ -31,7 +31,7 @@ use vm_memory::ByteValued;
 
 use crate::domain::{Domain, Mapping};
 use crate::request::{self, Request};
-use crate::wire::{feature, map_flags, ConfigSpace, ReqTail, Status};
+use crate::wire::{feature, map_flags, req_type, ConfigSpace, ReqTail, Status};
 
 mod attach;
 mod map;
@@ -360,8 +360,9 @@ impl<F: Iommufd> Device<F> {
     /// Handle one request: `req` is the device-readable part of the chain,
     /// `reply` its device-writable part. Returns the bytes written to
     /// `reply` (the used length): the tail, after `probe_size` property
-    /// bytes for PROBE; 0 when `reply` cannot hold a tail, and for a request
-    /// type the device does not recognise (then `reply` is not written).
+    /// bytes for PROBE (one whose `req` is cut short too); 0 when `reply`
+    /// cannot hold a tail, and for a request type the device does not
+    /// recognise (then `reply` is not written).
     pub fn handle_request(
         &mut self,
         req: &[u8],
@@ -380,8 +381,13 @@ impl<F: Iommufd> Device<F> {
                 self.stats.failed[0] += 1;
                 return 0;
             }
+            // A PROBE too short to name its endpoint: the tail still goes
+            // where the driver reads a PROBE's, after the properties.
+            Err(Status::IoErr) if req.first() == Some(&req_type::PROBE) => {
+                self.probe_reply(None, reply)
+            }
             Err(status) => (status, 0),
-            Ok(Request::Probe { endpoint }) => self.probe_reply(endpoint, reply),
+            Ok(Request::Probe { endpoint }) => self.probe_reply(Some(endpoint), reply),
             Ok(r) => (self.dispatch(r, ram, sink), 0),
         };
         let kind = parsed.map(|r| r.type_byte() as usize).unwrap_or(0).min(5);

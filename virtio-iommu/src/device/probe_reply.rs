@@ -9,18 +9,32 @@ use crate::wire::{feature, probe, Status};
 
 impl<F: Iommufd> Device<F> {
     /// A PROBE's reply (`reply` holds at least a tail): `probe_size` bytes
-    /// of properties, then the tail. Returns the status and where the tail
-    /// goes.
-    pub(super) fn probe_reply(&mut self, endpoint: u32, reply: &mut [u8]) -> (Status, usize) {
+    /// of properties, then the tail, where the driver reads it (virtio 1.2
+    /// §5.13.6: the tail follows the properties). `endpoint` is `None` when
+    /// the device-readable part is too short to hold the request: INVAL,
+    /// with no property. Returns the status and where the tail goes.
+    pub(super) fn probe_reply(
+        &mut self,
+        endpoint: Option<u32>,
+        reply: &mut [u8],
+    ) -> (Status, usize) {
         let props = self.cfg.probe_size as usize;
         if reply.len() < props + TAIL_LEN {
             // §5.13.6.7.2: properties shorter than probe_size → no
             // property, INVAL; the tail goes at the end of the buffer,
             // where the driver reads it.
-            (Status::Inval, reply.len() - TAIL_LEN)
-        } else {
-            (self.probe(endpoint, &mut reply[..props]), props)
+            return (Status::Inval, reply.len() - TAIL_LEN);
         }
+        let area = &mut reply[..props];
+        let status = match endpoint {
+            Some(endpoint) => self.probe(endpoint, area),
+            None => {
+                // Zeroed, as a refused PROBE's area is: a NONE property.
+                area.fill(0);
+                Status::Inval
+            }
+        };
+        (status, props)
     }
 
     /// PROBE (virtio 1.2 §5.13.6.8): needs the PROBE feature (else UNSUPP);
@@ -84,10 +98,15 @@ mod tests {
     use iopt::model::ModelIommufd;
     use vm_memory::ByteValued;
 
-    fn probe(d: &mut Device<ModelIommufd>, endpoint: u32) -> (Status, Vec<(u8, u64, u64)>) {
+    fn probe_request(endpoint: u32) -> ReqProbe {
         let mut r = ReqProbe::default();
         r.head.req_type = req_type::PROBE;
         r.endpoint = endpoint.into();
+        r
+    }
+
+    fn probe(d: &mut Device<ModelIommufd>, endpoint: u32) -> (Status, Vec<(u8, u64, u64)>) {
+        let r = probe_request(endpoint);
         let size = d.device_config().probe_size as usize;
         let mut reply = vec![0xaau8; size + 4];
         let n = d.handle_request(r.as_slice(), &mut reply, &RAM_AT_0, &mut Discard);
@@ -129,9 +148,7 @@ mod tests {
     #[test]
     fn probe_without_the_feature_or_room_fails() {
         let mut d = device();
-        let mut r = ReqProbe::default();
-        r.head.req_type = req_type::PROBE;
-        r.endpoint = 8.into();
+        let r = probe_request(8);
         let mut small = [0u8; 8];
         let n = d.handle_request(r.as_slice(), &mut small, &RAM_AT_0, &mut Discard);
         assert_eq!((n, small[4]), (8, Status::Inval as u8));
@@ -140,11 +157,38 @@ mod tests {
     }
 
     #[test]
+    fn a_probe_request_cut_short_gets_inval_where_the_driver_reads_the_tail() {
+        // Found sending requests as a hostile front-end would: the tail went
+        // to offset 0 of the reply with IOERR, so the driver, which reads a
+        // PROBE's tail after probe_size bytes of properties, saw OK and no
+        // property.
+        let mut d = device();
+        let r = probe_request(8);
+        let size = d.device_config().probe_size as usize;
+        let whole = r.as_slice();
+        for cut in [4, 8, whole.len() - 1] {
+            let mut reply = vec![0xaau8; size + 4];
+            let n = d.handle_request(&whole[..cut], &mut reply, &RAM_AT_0, &mut Discard);
+            assert_eq!(n, size + 4, "{cut} bytes: the used length covers the tail");
+            assert_eq!(reply[size..], [Status::Inval as u8, 0, 0, 0], "{cut} bytes");
+            assert!(
+                reply[..size].iter().all(|&b| b == 0),
+                "{cut} bytes: no property"
+            );
+        }
+        // With no room for the properties either, the tail still ends the
+        // buffer; a request shorter than a head names no type: DEVERR.
+        let mut small = [0xaau8; 8];
+        let n = d.handle_request(&whole[..4], &mut small, &RAM_AT_0, &mut Discard);
+        assert_eq!((n, small[4]), (8, Status::Inval as u8));
+        let n = d.handle_request(&whole[..3], &mut small, &RAM_AT_0, &mut Discard);
+        assert_eq!((n, small[0]), (4, Status::DevErr as u8));
+    }
+
+    #[test]
     fn a_probe_buffer_shorter_than_probe_size_gets_inval_at_its_end() {
         let mut d = device();
-        let mut r = ReqProbe::default();
-        r.head.req_type = req_type::PROBE;
-        r.endpoint = 8u32.into();
+        let r = probe_request(8);
         let size = d.device_config().probe_size as usize;
         let mut reply = vec![0xaau8; size];
         let n = d.handle_request(r.as_slice(), &mut reply, &RAM_AT_0, &mut Discard);
