@@ -6,6 +6,8 @@
 //! - [`serve`]: the listening socket, one front-end at a time, signals;
 //! - [`vhu_iommu`]: the `VhostUserBackend`: features, config space, the
 //!   request and event queues;
+//! - [`session`]: the device and what follows its changes (shared table,
+//!   state file, re-answered requests, recovery); resets by one table;
 //! - [`chain`]: a request's descriptor chain, read and written in place;
 //! - [`poll`]: the adaptive busy-polling window of the request queue, which
 //!   gives way when the host's CPUs are all taken;
@@ -40,4 +42,5 @@ pub mod passthrough;
 pub mod poll;
 pub mod sched;
 pub mod serve;
+pub mod session;
 pub mod vhu_iommu;

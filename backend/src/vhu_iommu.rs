@@ -20,7 +20,6 @@ use vhost::vhost_user::message::{
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_iommu::journal::{self, Answered, Completion};
 use virtio_iommu::{Change, NoRam};
 use virtio_queue::QueueT;
 use vm_memory::{
@@ -35,11 +34,12 @@ use crate::device_state::{Finished, Transfer};
 use crate::exit_event::ExitEvents;
 use crate::guest_ram::{self, GuestMem, GuestRamView, MemoryFiles};
 use crate::ioas::IommuDevice;
-use crate::journal::{Journal, Journaled, Recovered};
+use crate::journal::{Journal, Recovered};
+use crate::session::{Publish, Reset, Session, Sink};
 
 /// The daemon's vrings, over its logged guest memory.
 type Vring = vhost_user_backend::VringRwLock<GuestMemoryAtomic<GuestMem>>;
-use crate::mirror::{self, Batch, MirrorHandle, Record, SharedMem, TranslationTable, WaitOutcome};
+use crate::mirror::{self, MirrorHandle, Record, WaitOutcome};
 use crate::poll::{AdaptivePoll, GapWatch, Window, CLEAN_WINDOW};
 
 /// Queue indexes (virtio 1.2 §5.13.2).
@@ -126,14 +126,10 @@ struct Polled {
     spare: bool,
 }
 
-/// The shared translation table QEMU reads (docs/mirror-protocol.md §11).
-type SharedTable = TranslationTable<Arc<SharedMem>>;
-
-/// Where the device's changes go: the mirror's batch, and the state file.
-type Sink<'j, 'b> = Journaled<'j, Batch<'b, Arc<SharedMem>>>;
-
+/// What the glue keeps of a front-end: its memory and rings, pending fault
+/// events, counters and the polling window; the device is the session's.
 struct State {
-    device: IommuDevice,
+    session: Session,
     mem: Option<GuestMemoryAtomic<GuestMem>>,
     event_idx: bool,
     /// Faults waiting for an event buffer.
@@ -142,10 +138,7 @@ struct State {
     /// event queue outside of its own notifications).
     vrings: Option<[Vring; NUM_QUEUES]>,
     stats: QueueStats,
-    /// The translation table shared with QEMU, when there is a mirror.
-    table: Option<SharedTable>,
-    /// Reused buffers: no allocation per request once warm.
-    records: Vec<Record>,
+    /// Reused: no allocation per batch once warm.
     completed: Vec<(u16, u32)>,
     /// The device's counters when the last front-end left.
     last_session: Option<virtio_iommu::Stats>,
@@ -153,21 +146,6 @@ struct State {
     poll: AdaptivePoll,
     /// A migration state transfer in flight (SET_DEVICE_STATE_FD).
     transfer: Option<Transfer>,
-    /// The state file, with `--state-file` (src/journal.rs).
-    journal: Option<Journal>,
-    /// Requests a previous daemon carried out whose completion the driver
-    /// may not have seen: answered from the journal, not carried out again.
-    answered: Answered,
-    /// The device was recovered from the state file: the next front-end
-    /// (QEMU reconnecting) finds it as the guest left it, not reset.
-    recovered: bool,
-    /// The QEMU process the recovered state belongs to (its mirror HELLO
-    /// `instance`), until a QEMU's HELLO says whether it is that one: until
-    /// then no request is carried out (docs/state-journal.md rule 6).
-    recovered_for: Option<u64>,
-    /// The QEMU process of this front-end session, from the first mirror
-    /// HELLO that named one (0: none yet): the one the state file is for.
-    qemu_instance: u64,
 }
 
 /// The virtio-iommu vhost-user backend. Cheap to clone: clones share the
@@ -189,23 +167,16 @@ impl IommuBackend {
     pub fn new(device: IommuDevice, mirror: MirrorHandle) -> Self {
         Self {
             state: Arc::new(Mutex::new(State {
-                device,
+                session: Session::new(device, mirror.memory().map(|m| m.writer())),
                 mem: None,
                 event_idx: false,
                 faults: VecDeque::with_capacity(MAX_PENDING_FAULTS),
                 vrings: None,
                 stats: QueueStats::default(),
-                table: mirror.memory().map(|m| m.writer()),
-                records: Vec::new(),
                 completed: Vec::with_capacity(MAX_QUEUE_SIZE),
                 last_session: None,
                 poll: AdaptivePoll::new(Duration::ZERO),
                 transfer: None,
-                journal: None,
-                answered: Answered::default(),
-                recovered: false,
-                recovered_for: None,
-                qemu_instance: 0,
             })),
             mirror,
             memory_files: MemoryFiles::default(),
@@ -262,40 +233,9 @@ impl IommuBackend {
     /// the device refuses (a daemon started with other options) is logged
     /// and the device starts reset.
     pub fn with_journal(self, journal: Journal, recovered: Option<Recovered>) -> Self {
-        {
-            let mut st = self.lock();
-            let mut answered = Answered::default();
-            if let Some(r) = recovered {
-                let restored = self.change_then(&mut st, true, |device, sink| {
-                    device.restore_state(&r.state, &NoRam, sink)
-                });
-                match restored {
-                    Ok(()) => {
-                        log::info!(
-                            "state file: recovered {} attachments and mappings ({} records; \
-                             the last {} completions kept to answer requests that come again)",
-                            r.state.entries.len(),
-                            r.records,
-                            r.answered.pending().len()
-                        );
-                        st.recovered = true;
-                        st.recovered_for = (r.instance != 0).then_some(r.instance);
-                        st.qemu_instance = r.instance;
-                        answered = r.answered;
-                        // Its QEMU kept running, translating with a frozen
-                        // copy: requests wait until it has this state.
-                        self.mirror.expect_peer(true);
-                    }
-                    Err(e) => log::error!(
-                        "state file: the recovered state was refused ({e}): starting reset"
-                    ),
-                }
-            }
-            let mut journal = journal;
-            journal.start(&st.device, &answered);
-            st.answered = answered;
-            st.journal = Some(journal);
-        }
+        self.lock()
+            .session
+            .start_journal(journal, recovered, &self.mirror);
         self
     }
 
@@ -313,17 +253,17 @@ impl IommuBackend {
     }
 
     /// Start over for a new front-end connection: the device at power-on,
-    /// no memory, no vrings (the old front-end's state is gone).
+    /// no memory, no vrings (the old front-end's state is gone) — unless it
+    /// is the recovered device's QEMU reconnecting.
     pub fn new_connection(&self) {
         let mut st = self.lock();
-        if std::mem::take(&mut st.recovered) {
-            // The front-end of the recovered device reconnecting: keep it.
+        if st.session.take_recovered() {
             st.mem = None;
             st.vrings = None;
             return;
         }
         self.mirror.new_front_end();
-        self.forget_front_end(&mut st);
+        self.reset(&mut st, Reset::FrontEnd);
     }
 
     /// The front-end is gone, and its guest memory with it: no IOAS may keep
@@ -337,10 +277,8 @@ impl IommuBackend {
         // Its QEMU is gone, and any copy of the state with it.
         self.mirror.expect_peer(false);
         let mut st = self.lock();
-        st.last_session = Some(st.device.stats());
-        // The next front-end's QEMU names itself in its own HELLO.
-        st.qemu_instance = 0;
-        self.forget_front_end(&mut st);
+        st.last_session = Some(st.session.device().stats());
+        self.reset(&mut st, Reset::FrontEnd);
     }
 
     /// The daemon is stopping (a signal) under a front-end that is still
@@ -348,7 +286,7 @@ impl IommuBackend {
     /// will take over (nothing after this is journalled; the reset that
     /// follows releases this process's resources only).
     pub fn stopping(&self) {
-        if self.lock().journal.take().is_some() {
+        if self.lock().session.keep_journal() {
             log::info!("state file: kept for the next daemon");
         }
     }
@@ -360,138 +298,48 @@ impl IommuBackend {
         self.lock().vrings = None;
     }
 
-    /// Reset the device, unmap every IOAS area, drop the front-end's memory,
-    /// vrings and pending faults. The reset is mirrored so QEMU drops what
-    /// it held.
-    fn forget_front_end(&self, st: &mut State) {
-        Self::forget_answers(st);
-        self.change(st, |device, sink| device.reset(sink));
-        st.device.set_memory(&NoRam);
-        st.mem = None;
-        st.vrings = None;
-        st.faults.clear();
-        st.event_idx = false;
+    /// Every reset: the session's part and the glue's, by the one table
+    /// of [`Reset::clears`].
+    fn reset(&self, st: &mut State, kind: Reset) {
+        let clears = kind.clears();
+        st.session.reset(kind, &self.mirror);
+        if clears.memory {
+            st.mem = None;
+        }
+        if clears.queues {
+            st.vrings = None;
+            st.event_idx = false;
+        }
+        if clears.faults {
+            st.faults.clear();
+        }
     }
 
-    /// Make a change outside the request path (resets, config writes) and
-    /// mirror it without waiting (docs/mirror-protocol.md §8 rule 1).
+    /// Make a change outside the request path (config writes, VFIO devices
+    /// leaving) and mirror it without waiting (docs/mirror-protocol.md §8
+    /// rule 1).
     fn change<R>(
         &self,
         st: &mut State,
         f: impl FnOnce(&mut IommuDevice, &mut Sink<'_, '_>) -> R,
     ) -> R {
-        self.change_then(st, false, f)
+        st.session.change(&self.mirror, Publish::Now, f)
     }
 
-    /// [`Self::change`]; with `sync`, the records end in a SYNC batch
-    /// (sent even if empty) that tells QEMU its copy is whole again.
-    fn change_then<R>(
-        &self,
-        st: &mut State,
-        sync: bool,
-        f: impl FnOnce(&mut IommuDevice, &mut Sink<'_, '_>) -> R,
-    ) -> R {
-        let State {
-            device,
-            table,
-            records,
-            journal,
-            ..
-        } = st;
-        let mut batch = Batch::new(table.as_mut(), records);
-        let r = f(
-            device,
-            &mut Journaled {
-                sink: &mut batch,
-                journal: journal.as_mut(),
-            },
-        );
-        if let Some(j) = journal.as_mut() {
-            j.commit(device);
-        }
-        let out = batch.finish(self.mirror.notifier_flags());
-        let ticket = match sync {
-            true => self.mirror.publish_sync(out),
-            false => self.mirror.publish(out),
-        };
-        if ticket.is_none() {
-            Self::release_table_pages(st, &self.mirror);
-        }
-        r
-    }
-
-    /// Table pages of destroyed domains become reusable once QEMU cannot be
-    /// walking them: after an ACK, or if no QEMU ever connected.
-    fn release_table_pages(st: &mut State, mirror: &MirrorHandle) {
-        if let Some(t) = st.table.as_mut() {
-            // A QEMU whose link closed keeps translating with its frozen
-            // copy (docs/mirror-protocol.md §6 rule 4): the pages it may
-            // walk are reused only after the next connection's ACK.
-            if t.stats().pages_in_limbo > 0 && mirror.never_connected() {
-                t.release_limbo();
-            }
-        }
-    }
-
-    /// The device is being reset: the driver starts its rings afresh, so
-    /// no request from before can come again, and none may be answered
-    /// from the journal (a rebooted guest's first requests can have the
-    /// same bytes and positions as the old ones).
-    fn forget_answers(st: &mut State) {
-        st.answered = Answered::default();
-        if let Some(j) = st.journal.as_mut() {
-            j.forget_completions();
-        }
-    }
-
-    /// A QEMU's mirror HELLO, before its dump is made: if the device was
-    /// recovered for another QEMU process (a QEMU started afresh on the
-    /// same sockets, its guest booting), that state is not this guest's
-    /// and the device starts reset; the journal then belongs to this QEMU
-    /// (docs/state-journal.md rule 6). A QEMU that sends no instance (0,
-    /// mirror protocol 2.1) is taken for the recovered state's.
-    ///
-    /// The first HELLO of a front-end session that names a QEMU makes the
-    /// state file that QEMU's; a later one naming another process (some
-    /// other local process on the mirror socket while QEMU's link is down)
-    /// changes nothing, so that it cannot make the QEMU's own state be
-    /// reset at the next restart.
+    /// A QEMU's mirror HELLO, before its dump is made: is the recovered
+    /// state its own, and whose is the state file
+    /// ([`Session::hello_is_foreign`], [`Session::hello_names`]).
     pub fn qemu_hello(&self, instance: u64) {
         let mut st = self.lock();
-        if let Some(owner) = st.recovered_for.take() {
-            if instance != 0 && instance != owner {
-                log::warn!(
-                    "state file: the recovered state belongs to another QEMU (instance \
-                     {owner:#018x}; this one is {instance:#018x}): the device starts reset"
-                );
-                st.recovered = false;
-                Self::forget_answers(&mut st);
-                self.change(&mut st, |device, sink| device.reset(sink));
-                st.qemu_instance = 0;
-            } else {
-                log::info!("state file: the QEMU of the recovered state is back");
-            }
+        if st.session.hello_is_foreign(instance) {
+            self.reset(&mut st, Reset::ForeignQemu);
         }
-        if instance == 0 || instance == st.qemu_instance {
-            return;
-        }
-        if st.qemu_instance != 0 {
-            log::warn!(
-                "mirror: a HELLO from QEMU process {instance:#018x} while the front-end's is \
-                 {:#018x}: the state file stays the latter's",
-                st.qemu_instance
-            );
-            return;
-        }
-        st.qemu_instance = instance;
-        if let Some(j) = st.journal.as_mut() {
-            j.set_instance(instance);
-        }
+        st.session.hello_names(instance);
     }
 
     /// The shared table's counters, if there is one.
     pub fn table_stats(&self) -> Option<mirror::TableStats> {
-        self.lock().table.as_ref().map(|t| t.stats())
+        self.lock().session.table().map(|t| t.stats())
     }
 
     /// The device model's counters and the queue counters. Once a front-end
@@ -501,7 +349,7 @@ impl IommuBackend {
         let st = self.lock();
         let model = match (&st.mem, st.last_session) {
             (None, Some(last)) => last,
-            _ => st.device.stats(),
+            _ => st.session.device().stats(),
         };
         (model, st.stats)
     }
@@ -509,7 +357,7 @@ impl IommuBackend {
     /// Run `f` on the device under the lock (for the mirror hooks and
     /// inspection).
     pub fn with_device<R>(&self, f: impl FnOnce(&mut IommuDevice) -> R) -> R {
-        f(&mut self.lock().device)
+        f(self.lock().session.device_mut())
     }
 
     /// Take a VFIO device QEMU forwarded (pass-through mode with devices
@@ -522,7 +370,8 @@ impl IommuBackend {
         file: std::os::fd::OwnedFd,
     ) -> Result<(), crate::passthrough::AdoptError> {
         let mut st = self.lock();
-        let State { device, mem, .. } = &mut *st;
+        let State { session, mem, .. } = &mut *st;
+        let device = session.device_mut();
         match mem {
             Some(m) => {
                 let guard = m.memory();
@@ -620,7 +469,7 @@ impl IommuBackend {
             (
                 st.poll.window(woke),
                 st.mem.as_ref().map(|m| m.memory()),
-                st.recovered_for.is_some(),
+                st.session.unconfirmed(),
             )
         };
         // A recovered state may be another QEMU's: nothing is carried out
@@ -756,8 +605,13 @@ impl IommuBackend {
             let mut reply = [0u8; MAX_REPLY];
             let ram = GuestRamView::new(&mem);
             st.completed.clear();
-            let mut batch = Batch::new(st.table.as_mut(), &mut st.records);
-            loop {
+            let State {
+                session,
+                completed,
+                stats,
+                ..
+            } = st;
+            let ((), ticket) = session.requests(&self.mirror, |requests| loop {
                 let (pos, chain) = {
                     let mut vr = vring.get_mut();
                     let q = vr.get_queue_mut();
@@ -771,83 +625,27 @@ impl IommuBackend {
                 let layout = match chain::read_request(chain.clone(), &mem, &mut req) {
                     Ok(l) => l,
                     Err(_) => {
-                        st.stats.bad_chains += 1;
-                        st.completed.push((head, 0));
+                        stats.bad_chains += 1;
+                        completed.push((head, 0));
                         continue;
                     }
                 };
                 let room = usize::try_from(layout.writable).map_or(MAX_REPLY, |w| w.min(MAX_REPLY));
-                let request = &req[..layout.request_len];
                 let reply = &mut reply[..room];
-                let answered = match st.answered.is_empty() {
-                    true => None,
-                    false => {
-                        let a = st.answered.take(pos, journal::digest(request));
-                        st.stats.answered_again += u64::from(a.is_some());
-                        if st.answered.is_empty() {
-                            log::info!(
-                                "state file: {} requests the previous daemon carried out were \
-                                 answered, not carried out again",
-                                st.stats.answered_again
-                            );
-                        }
-                        a
-                    }
-                };
-                let written = match answered {
-                    // Carried out by the daemon before a restart: its
-                    // status again, nothing carried out twice.
-                    Some(status) => journal::write_status(reply, status),
-                    None => {
-                        let written = st.device.handle_request(
-                            request,
-                            reply,
-                            &ram,
-                            &mut Journaled {
-                                sink: &mut batch,
-                                journal: st.journal.as_mut(),
-                            },
-                        );
-                        if let Some(j) = st.journal.as_mut() {
-                            if let Some(status) =
-                                journal::changing_status(request, &reply[..written])
-                            {
-                                let digest = journal::digest(request);
-                                j.done(
-                                    Completion {
-                                        pos,
-                                        status,
-                                        digest,
-                                    },
-                                    &st.device,
-                                );
-                            }
-                        }
-                        written
-                    }
-                };
+                let written = requests.request(pos, &req[..layout.request_len], reply, &ram);
                 let used = match chain::write_reply(chain, &mem, &reply[..written]) {
                     Ok(n) => n as u32,
                     Err(_) => {
-                        st.stats.bad_chains += 1;
+                        stats.bad_chains += 1;
                         0
                     }
                 };
-                st.completed.push((head, used));
-            }
-            st.stats.requests += st.completed.len() as u64;
-            // Publish under the device lock, so the mirror sees changes in
-            // the order the device made them (docs/mirror-protocol.md §6).
-            // MAPs and UNMAPs QEMU only translates with are in the shared
-            // table already: nothing to send, nothing to wait for (§11).
-            let records = batch.finish(self.mirror.notifier_flags());
-            let ticket = self.mirror.publish(records);
-            if ticket.is_some() {
-                st.stats.acked_batches += 1;
-            } else {
-                Self::release_table_pages(st, &self.mirror);
-            }
-            (std::mem::take(&mut st.completed), ticket)
+                completed.push((head, used));
+            });
+            stats.requests += completed.len() as u64;
+            stats.answered_again = session.answered_again();
+            stats.acked_batches += u64::from(ticket.is_some());
+            (std::mem::take(completed), ticket)
         };
         // Wait for QEMU holding neither the device lock nor a vring lock
         // (docs/mirror-protocol.md §8 rules 1-2); stop_vring releases us.
@@ -877,9 +675,7 @@ impl IommuBackend {
         st.completed = completed;
         st.stats.used_signals += u64::from(signalled);
         if acked {
-            if let Some(t) = st.table.as_mut() {
-                t.release_limbo();
-            }
+            st.session.acked();
         }
         Ok(())
     }
@@ -908,16 +704,14 @@ impl VhostUserBackend for IommuBackend {
             // Writes to guest memory are logged once QEMU sets a log
             // (src/dirty_log.rs): QEMU migrates only back-ends that can.
             | VhostUserVirtioFeatures::LOG_ALL.bits()
-            | self.lock().device.features()
+            | self.lock().session.device().features()
     }
 
     fn acked_features(&self, features: u64) {
         let mut guard = self.lock();
         let st = &mut *guard;
-        st.device.set_acked_features(features);
-        if let Some(j) = st.journal.as_mut() {
-            j.commit(&st.device);
-        }
+        st.session.device_mut().set_acked_features(features);
+        st.session.commit();
     }
 
     /// CONFIG is required by QEMU's vhost-user-base; REPLY_ACK lets a
@@ -954,7 +748,7 @@ impl VhostUserBackend for IommuBackend {
         }
         st.transfer = Some(match direction {
             VhostTransferStateDirection::SAVE => {
-                let state = st.device.save_state();
+                let state = st.session.device().save_state();
                 log::info!(
                     "migration: saving the state: {} attachments and mappings",
                     state.entries.len()
@@ -990,7 +784,7 @@ impl VhostUserBackend for IommuBackend {
             Ok(state) => state,
             Err(e) => {
                 // As for a state the device refuses: nothing half-loaded.
-                self.change(&mut st, |device, sink| device.reset(sink));
+                self.reset(&mut st, Reset::RefusedState);
                 return Err(invalid(e.to_string()));
             }
         };
@@ -998,13 +792,16 @@ impl VhostUserBackend for IommuBackend {
             Some(m) => {
                 let guard = m.memory();
                 let ram = GuestRamView::new(&guard);
-                self.change_then(&mut st, true, |device, sink| {
-                    device.restore_state(&state, &ram, sink)
-                })
+                st.session
+                    .change(&self.mirror, Publish::Sync, |device, sink| {
+                        device.restore_state(&state, &ram, sink)
+                    })
             }
-            None => self.change_then(&mut st, true, |device, sink| {
-                device.restore_state(&state, &NoRam, sink)
-            }),
+            None => st
+                .session
+                .change(&self.mirror, Publish::Sync, |device, sink| {
+                    device.restore_state(&state, &NoRam, sink)
+                }),
         };
         restored.map_err(|e| invalid(e.to_string()))?;
         log::info!(
@@ -1018,9 +815,7 @@ impl VhostUserBackend for IommuBackend {
     /// power-on, and the mirror follows.
     fn reset_device(&self) {
         let mut st = self.lock();
-        Self::forget_answers(&mut st);
-        self.change(&mut st, |device, sink| device.reset(sink));
-        st.faults.clear();
+        self.reset(&mut st, Reset::Device);
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -1030,7 +825,7 @@ impl VhostUserBackend for IommuBackend {
     /// `struct virtio_iommu_config` (virtio 1.2 §5.13.4), any part of it;
     /// bytes past its end read as zero.
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let config = self.lock().device.config();
+        let config = self.lock().session.device().config();
         let bytes = config.as_slice();
         let mut out = vec![0u8; size as usize];
         let start = (offset as usize).min(bytes.len());
@@ -1074,7 +869,9 @@ impl VhostUserBackend for IommuBackend {
                          (--allow-unsealed-memory)"
                     );
                 }
-                st.device.set_memory(&GuestRamView::new(&table));
+                st.session
+                    .device_mut()
+                    .set_memory(&GuestRamView::new(&table));
                 st.mem = Some(mem);
                 Ok(())
             }
@@ -1083,7 +880,7 @@ impl VhostUserBackend for IommuBackend {
                 mem.lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .replace(GuestMem::new());
-                st.device.set_memory(&NoRam);
+                st.session.device_mut().set_memory(&NoRam);
                 log::error!("front-end memory table refused: {e}");
                 Err(io::Error::new(io::ErrorKind::InvalidInput, e))
             }
@@ -1146,7 +943,7 @@ impl VhostUserBackend for IommuBackend {
 impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("State")
-            .field("device", &self.device.stats())
+            .field("device", &self.session.device().stats())
             .field("event_idx", &self.event_idx)
             .field("faults", &self.faults)
             .field("stats", &self.stats)
@@ -1176,9 +973,9 @@ impl mirror::MirrorHooks for BackendHooks {
     fn snapshot(&self, send: &mut dyn FnMut(&[Record])) {
         let st = self.0.wait().lock();
         let mut changes: Vec<Change> = Vec::new();
-        st.device.replay(&mut changes);
+        st.session.device().replay(&mut changes);
         let mut records = Vec::with_capacity(changes.len() + 1);
-        mirror::dump(st.table.as_ref(), &changes, &mut records);
+        mirror::dump(st.session.table(), &changes, &mut records);
         send(&records);
     }
 
@@ -1196,30 +993,9 @@ impl mirror::MirrorHooks for BackendHooks {
     fn system_reset(&self, id: u32, send: &mut dyn FnMut(&[Record])) {
         let Some(backend) = self.0.get() else { return };
         let mut st = backend.lock();
-        let before = st.device.stats();
-        IommuBackend::forget_answers(&mut st);
-        let State {
-            device,
-            table,
-            journal,
-            ..
-        } = &mut *st;
-        // The records go to QEMU below, as the answer to its SYSTEM_RESET;
-        // the journal must have the reset too, or a daemon restarted after
-        // it would bring the rebooted guest the old state.
-        //
-        // Only the translation state is reset (§9 rule 2): a SYSTEM_RESET
-        // QEMU kept while no daemon ran arrives after the rebooted driver's
-        // features were set over vhost-user; wiping them would fail its
-        // every PROBE (UNSUPP), and Linux then never attaches its endpoints.
-        device.reset_translation(&mut Journaled {
-            sink: &mut Batch::new(table.as_mut(), &mut Vec::new()),
-            journal: journal.as_mut(),
-        });
-        if let Some(j) = journal.as_mut() {
-            j.commit(device);
-        }
-        st.faults.clear();
+        let before = st.session.device().stats();
+        // The records go to QEMU below, as the answer to its SYSTEM_RESET.
+        backend.reset(&mut st, Reset::System);
         log::info!(
             "mirror: system reset {id} from QEMU: {} domains, {} mappings and {} attachments \
              dropped; the device is at power-on",
@@ -1227,7 +1003,7 @@ impl mirror::MirrorHooks for BackendHooks {
             before.mappings,
             before.attached
         );
-        let bypass = st.device.config().bypass != 0;
+        let bypass = st.session.device().config().bypass != 0;
         send(&[
             Record::Reset {
                 system: true,
