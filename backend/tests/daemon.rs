@@ -317,6 +317,38 @@ fn with_a_dirty_log_the_pages_the_daemon_writes_are_logged() {
     assert!(!logged(req), "the request was only read");
 }
 
+#[test]
+fn with_a_dirty_log_the_used_ring_pages_are_logged_too() {
+    // The used ring is written in place, a batch at a time: its pages must
+    // reach the log like the replies do, or a migrated guest would find
+    // completions missing.
+    let d = Daemon::start("dirty-log-used", &["--endpoints", "8"]);
+    let mut vm = d.connect();
+    let pages = 16 << 20 >> 12;
+    let log = tempfile_of(d.dir(), pages / 8);
+    vm.set_dirty_log(&log, pages as u64 / 8).unwrap();
+    // A few requests in one batch.
+    assert_eq!(
+        vm.submit_batch(&[
+            test_frontend::Request::Attach {
+                domain: 1,
+                endpoint: 8,
+                flags: 0,
+            },
+            test_frontend::Request::Detach {
+                domain: 1,
+                endpoint: 8,
+            },
+        ])
+        .unwrap(),
+        [Status::Ok, Status::Ok]
+    );
+    let used = vm.request_queue().addrs().used;
+    let bits = std::fs::read(format!("/proc/self/fd/{}", log.as_raw_fd())).unwrap();
+    let logged = |gpa: u64| bits[(gpa >> 12) as usize / 8] & (1 << ((gpa >> 12) % 8)) != 0;
+    assert!(logged(used), "the used ring's page");
+}
+
 /// A file of `len` zero bytes, made in `dir` and unlinked at once.
 fn tempfile_of(dir: &Path, len: usize) -> std::fs::File {
     let path = dir.join("dirty-log");
