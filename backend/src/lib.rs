@@ -8,6 +8,8 @@
 //!   request and event queues;
 //! - [`session`]: the device and what follows its changes (shared table,
 //!   state file, re-answered requests, recovery); resets by one table;
+//! - [`vring`]: the request queue's rings a batch at a time (claims, one
+//!   used-index store);
 //! - [`chain`]: a request's descriptor chain, read and written in place;
 //! - [`poll`]: the adaptive busy-polling window of the request queue, which
 //!   gives way when the host's CPUs are all taken;
@@ -44,3 +46,4 @@ pub mod sched;
 pub mod serve;
 pub mod session;
 pub mod vhu_iommu;
+pub mod vring;
