@@ -349,7 +349,11 @@ impl IommuBackend {
             (None, Some(last)) => last,
             _ => st.session.device().stats(),
         };
-        (model, st.stats)
+        let queues = QueueStats {
+            answered_again: st.session.answered_again(),
+            ..st.stats
+        };
+        (model, queues)
     }
 
     /// Run `f` on the device under the lock (for the mirror hooks and
@@ -642,7 +646,6 @@ impl IommuBackend {
                 }
             });
             stats.requests += completed.len() as u64;
-            stats.answered_again = session.answered_again();
             stats.acked_batches += u64::from(ticket.is_some());
             (std::mem::take(completed), ticket)
         };
