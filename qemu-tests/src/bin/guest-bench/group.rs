@@ -34,6 +34,9 @@ pub struct Ctx {
     pub initrd: PathBuf,
     /// The daemon binary and its arguments (when ours is booted).
     pub daemon: Option<(PathBuf, Vec<String>)>,
+    /// More QEMU arguments for the guests of ours (`VUI_QEMU_ARGS`), e.g.
+    /// `-global vhost-user-iommu-device.kick-wait=off`.
+    pub ours_qemu_args: Vec<String>,
 }
 
 impl Ctx {
@@ -209,6 +212,9 @@ fn prepare(
         "-serial".into(),
         format!("unix:{},server=on,wait=off", go.display()),
     ];
+    if viommu == Viommu::Ours {
+        guest.qemu_args.extend(ctx.ours_qemu_args.iter().cloned());
+    }
     guest.append = format!(
         "{} vui.secs={} vui.sync=1",
         mode.map_or("", Mode::cmdline),

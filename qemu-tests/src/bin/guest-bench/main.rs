@@ -123,7 +123,18 @@ fn main() -> ExitCode {
         seconds: opts.seconds,
         initrd: initramfs_with("initrd-fio.gz", &["--with-fio"]),
         daemon,
+        ours_qemu_args: std::env::var("VUI_QEMU_ARGS")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(String::from)
+            .collect(),
     };
+    if !ctx.ours_qemu_args.is_empty() {
+        println!(
+            "== QEMU arguments for ours: {}",
+            ctx.ours_qemu_args.join(" ")
+        );
+    }
 
     // Round-robin: every guest count and configuration once per round, in
     // the same order.

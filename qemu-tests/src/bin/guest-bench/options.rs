@@ -36,7 +36,8 @@ ours), with the ratios ours/QEMU.
 Environment: VUI_DAEMON_BIN=PATH runs that daemon binary instead of building
 the working tree's; VUI_POLL_US=N sets the daemons' --poll-us; VUI_DAEMON_ARGS
 adds arguments to every daemon (whitespace-separated; a --poll-us there
-wins), to compare daemon options.
+wins), to compare daemon options; VUI_QEMU_ARGS adds arguments to the QEMU
+of every guest of ours (e.g. -global vhost-user-iommu-device.kick-wait=off).
 
 Needs the patched QEMU (scripts/qemu/build-qemu.sh) and the guest kernel
 (scripts/guest/fetch-kernel.sh); fio comes from Debian's package
