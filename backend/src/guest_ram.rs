@@ -129,7 +129,7 @@ pub fn check_region(
 /// Whether `file` carries `F_SEAL_SHRINK`. Seals cannot be removed, so a
 /// sealed file keeps its size for good. Files that support no seals at all
 /// (`EINVAL`: not shmem or hugetlbfs) are not sealed.
-fn shrink_sealed(file: &File) -> bool {
+pub(crate) fn shrink_sealed(file: &impl AsRawFd) -> bool {
     // SAFETY: F_GET_SEALS only reads the seals of an open descriptor that
     // `file` keeps alive; no memory is passed.
     let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };

@@ -123,6 +123,14 @@ struct Cli {
     #[arg(long, value_name = "US", default_value_t = DEFAULT_WORKER_SLICE_US)]
     worker_slice_us: u64,
 
+    /// While it does not poll, serve the request queue on the CPU the
+    /// guest's vCPU kicked it from, while that vCPU sleeps on its kick (a
+    /// QEMU whose vhost-user-iommu-pci has kick-wait=on, the default): a
+    /// hand-off on one CPU instead of waking another. "off" leaves the
+    /// thread wherever the scheduler puts it.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = on_off, action = clap::ArgAction::Set)]
+    follow_vcpu: bool,
+
     /// Accept guest memory files that are not sealed against shrinking
     /// (QEMU's memory-backend-file on hugetlbfs or /dev/shm). By default only
     /// sealed files are (memory-backend-memfd, seal=on by default): a
@@ -156,6 +164,15 @@ fn main() -> ExitCode {
             eprintln!("vhost-user-iommu: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `on` or `off`.
+fn on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{s:?}: want on or off")),
     }
 }
 
@@ -209,10 +226,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let (mirror_server, mirror) = match &cli.mirror_socket {
         Some(path) => {
             let memory = MirrorMemory::for_device(&device_config)?;
-            let hello = Hello {
-                boot_bypass: config.device.bypass,
-                vfio_devices: vfio_from_qemu,
-            };
+            let hello = Hello::new(config.device.bypass, vfio_from_qemu);
             let s = MirrorServer::start_with(path, hello, hooks.clone(), Arc::new(memory))
                 .map_err(|e| format!("cannot listen on --mirror-socket {}: {e}", path.display()))?;
             let h = s.handle();
@@ -227,6 +241,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let mut backend = IommuBackend::new(device, mirror)
         .with_polling(Duration::from_micros(cli.poll_us))
         .with_worker_slice(worker_slice(cli.worker_slice_us)?)
+        .with_vcpu_following(cli.follow_vcpu)
         .with_memory_files(memory_files);
     if let Some(path) = &cli.state_file {
         let (journal, found) = Journal::open(path)?;

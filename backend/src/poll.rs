@@ -167,6 +167,13 @@ impl AdaptivePoll {
         self.cooldown = (self.cooldown * 2).min(COOLDOWN_MAX);
     }
 
+    /// The host was measured to have a CPU to spare (src/spare.rs): the
+    /// busy regime, if any, ends now, and the next cool-down starts short.
+    pub fn spare_found(&mut self) {
+        self.busy_until = None;
+        self.cooldown = COOLDOWN_MIN;
+    }
+
     /// A window of [`CLEAN_WINDOW`] or more ran to its end without a gap
     /// (a window that found a request at once shows nothing): the next
     /// cool-down, if any, starts short again.
@@ -321,6 +328,19 @@ mod tests {
             after(&mut p, t0, BURST_MAX * (SHRINK_FACTOR + 1));
         }
         assert_eq!(p.window(t0).length, Duration::ZERO);
+    }
+
+    #[test]
+    fn a_cpu_found_to_spare_ends_the_busy_regime_and_its_cooldown_sequence() {
+        let mut p = AdaptivePoll::new(MAX);
+        let now = Instant::now();
+        p.contended(now);
+        p.contended(now);
+        assert_eq!(p.regime(now), Regime::Busy);
+        p.spare_found();
+        assert_eq!(p.regime(now), Regime::Spare);
+        p.contended(now);
+        assert_eq!(p.regime(now + COOLDOWN_MIN), Regime::Spare, "short again");
     }
 
     #[test]

@@ -36,8 +36,10 @@ use crate::guest_ram::{self, GuestMem, GuestRamView, MemoryFiles};
 use crate::ioas::IommuDevice;
 use crate::journal::{Journal, Recovered};
 use crate::mirror::{self, MirrorHandle, Record, WaitOutcome};
-use crate::poll::{AdaptivePoll, GapWatch, Window, CLEAN_WINDOW};
+use crate::placement::Placement;
+use crate::poll::{AdaptivePoll, GapWatch, Regime, Window, CLEAN_WINDOW};
 use crate::session::{Publish, Reset, Session, Sink};
+use crate::spare::{SpareCpu, SPARE_MIN};
 use crate::vring::{complete_chains, Avail, Vring};
 
 /// Queue indexes (virtio 1.2 §5.13.2).
@@ -66,6 +68,38 @@ const POLL_SPINS_PER_CLOCK: u32 = 64;
 /// declared stuck and closed (then QEMU drops its copy: fail safe).
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often the busy regime looks whether the host has a CPU to spare.
+const SPARE_LOOK_BUSY: Duration = Duration::from_millis(20);
+
+/// What the vring worker thread keeps of its own: where it runs, and the
+/// meter of the host's spare CPU (its own CPU time is part of it).
+#[derive(Debug)]
+struct WorkerThread {
+    /// `None` once placing failed (then the worker stays where it is).
+    placement: Option<Placement>,
+    spare: Option<SpareCpu>,
+    spare_looked: Option<Instant>,
+}
+
+impl WorkerThread {
+    fn new() -> Self {
+        let placement = Placement::current().ok();
+        let cpus = placement
+            .as_ref()
+            .map(Placement::home_cpus)
+            .unwrap_or_default();
+        Self {
+            placement,
+            spare: SpareCpu::open(&cpus).ok(),
+            spare_looked: None,
+        }
+    }
+}
+
+thread_local! {
+    static WORKER: std::cell::RefCell<WorkerThread> = std::cell::RefCell::new(WorkerThread::new());
+}
+
 /// Counters of the vhost-user side (the model keeps its own).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueStats {
@@ -79,12 +113,21 @@ pub struct QueueStats {
     /// Used-buffer notifications sent to the driver for the request queue
     /// (Linux's driver polls and asks for none).
     pub used_signals: u64,
+    /// Batches after which QEMU's completion eventfd was signalled (a vCPU
+    /// may sleep on its kick, docs/mirror-protocol.md §15).
+    pub completion_signals: u64,
     /// Time spent polling, in microseconds.
     pub poll_us: u64,
     /// Polling windows cut short because the worker found it had been off
     /// its CPU (src/poll.rs): the host has none to spare, and polling drops
     /// to short bursts for a while.
     pub poll_contended: u64,
+    /// Busy regimes ended early: the host was measured to have a CPU to
+    /// spare again (src/spare.rs).
+    pub spare_found: u64,
+    /// Gaps in a polling window that did not make the regime busy: the
+    /// host had a CPU to spare.
+    pub gaps_forgiven: u64,
     /// Time from each notification to going back to sleep (processing and
     /// polling), in microseconds.
     pub awake_us: u64,
@@ -158,6 +201,9 @@ pub struct IommuBackend {
     exit_events: Arc<ExitEvents>,
     /// The scheduler slice the vring worker asks for (src/sched.rs).
     worker_slice: Option<Duration>,
+    /// Serve beside a vCPU asleep on its kick while not polling
+    /// (src/placement.rs).
+    follow_vcpu: bool,
 }
 
 impl IommuBackend {
@@ -180,6 +226,7 @@ impl IommuBackend {
             memory_files: MemoryFiles::default(),
             exit_events: Arc::new(ExitEvents::default()),
             worker_slice: None,
+            follow_vcpu: true,
         }
     }
 
@@ -189,6 +236,49 @@ impl IommuBackend {
     pub fn with_worker_slice(mut self, slice: Option<Duration>) -> Self {
         self.worker_slice = slice;
         self
+    }
+
+    /// Whether the worker serves beside a vCPU asleep on its kick while it
+    /// does not poll (src/placement.rs); on by default.
+    pub fn with_vcpu_following(mut self, on: bool) -> Self {
+        self.follow_vcpu = on;
+        self
+    }
+
+    /// Put the worker beside the vCPU that kicked (`beside`), or give it
+    /// all its CPUs again (src/placement.rs). A failure is logged once per
+    /// thread and the worker stays where it is.
+    fn place_worker(&self, beside: bool) {
+        WORKER.with(|w| {
+            let mut w = w.borrow_mut();
+            let Some(p) = w.placement.as_mut() else {
+                return;
+            };
+            let outcome = match beside {
+                true => p.follow(self.mirror.vcpu_cpu()),
+                false => p.release(),
+            };
+            if let Err(e) = outcome {
+                w.placement = None;
+                log::warn!("vring worker: cannot place it beside the vCPU: {e}");
+            }
+        });
+    }
+
+    /// Whether the host has a CPU to spare, measured (src/spare.rs) if the
+    /// last measure is at least `every` old; `None` when unknown.
+    fn cpu_to_spare(now: Instant, every: Duration) -> Option<bool> {
+        WORKER.with(|w| {
+            let mut w = w.borrow_mut();
+            if w.spare_looked
+                .is_some_and(|t| now.saturating_duration_since(t) < every)
+            {
+                return None;
+            }
+            w.spare_looked = Some(now);
+            let spare = w.spare.as_mut()?.look(now)?;
+            Some(spare >= SPARE_MIN)
+        })
     }
 
     /// The worker thread's scheduling, once per thread (a connection's
@@ -468,12 +558,34 @@ impl IommuBackend {
             let mut st = self.lock();
             st.stats.kicks += 1;
             st.poll.woken(woke);
+            // The busy regime ends as soon as the host is seen to have a CPU
+            // to spare again, not only when its cool-down runs out.
+            if st.poll.regime(woke) == Regime::Busy
+                && Self::cpu_to_spare(woke, SPARE_LOOK_BUSY) == Some(true)
+            {
+                st.poll.spare_found();
+                st.stats.spare_found += 1;
+            }
             (
                 st.poll.window(woke),
                 st.mem.as_ref().map(|m| m.memory()),
                 st.session.unconfirmed(),
             )
         };
+        // A vCPU asleep on its kick (docs/mirror-protocol.md §15) on a host
+        // with no CPU to spare: its own CPU is the one to serve it on, and
+        // a poller there would only take its time.
+        let vcpu_sleeps = self.mirror.vcpus_sleep();
+        let window = match window.regime {
+            Regime::Busy if vcpu_sleeps => Window {
+                length: Duration::ZERO,
+                ..window
+            },
+            _ => window,
+        };
+        if self.follow_vcpu {
+            self.place_worker(vcpu_sleeps && window.length.is_zero());
+        }
         // A recovered state may be another QEMU's: nothing is carried out
         // on it before a QEMU's HELLO has said (its dump, made after the
         // HELLO, is acknowledged once it has).
@@ -490,8 +602,14 @@ impl IommuBackend {
         st.stats.poll_us += polled.time.as_micros() as u64;
         st.stats.awake_us += now.saturating_duration_since(woke).as_micros() as u64;
         if polled.contended {
-            st.stats.poll_contended += 1;
-            st.poll.contended(now);
+            // A gap with a CPU to spare was a moment's preemption (one of
+            // the guest's QEMU threads), not a busy host.
+            if Self::cpu_to_spare(now, Duration::ZERO) == Some(true) {
+                st.stats.gaps_forgiven += 1;
+            } else {
+                st.stats.poll_contended += 1;
+                st.poll.contended(now);
+            }
         } else if polled.spare {
             st.poll.uncontended();
         }
@@ -671,7 +789,15 @@ impl IommuBackend {
             // add_used did: a new one may have come meanwhile; none if the
             // front-end has gone, its rings with it.
             let notify = match st.mem.as_ref().map(|m| m.memory()) {
-                Some(mem) if !completed.is_empty() => complete_chains(vring, &mem, &completed),
+                Some(mem) if !completed.is_empty() => {
+                    let notify = complete_chains(vring, &mem, &completed);
+                    // The kicking vCPU sleeps in QEMU until the used index
+                    // moves (docs/mirror-protocol.md §15).
+                    if self.mirror.signal_completions() {
+                        st.stats.completion_signals += 1;
+                    }
+                    notify
+                }
                 _ => Ok(false),
             };
             // Hand the buffer back for the next batch.

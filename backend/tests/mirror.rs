@@ -21,6 +21,7 @@ const EVENTS: u16 = 2;
 const ACK: u16 = 3;
 const FAULT: u16 = 4;
 const SYSTEM_RESET: u16 = 5;
+const COMPLETION_FD: u16 = 7;
 const OP_ATTACH: u8 = 1;
 const OP_MAP: u8 = 3;
 const OP_UNMAP: u8 = 4;
@@ -330,6 +331,96 @@ fn the_shared_table_translates_maps_and_unmaps_at_once_without_messages() {
         .unwrap();
     let mut b = [0u8; 1];
     assert!(q.s.read(&mut b).is_err(), "no message for MAP/UNMAP");
+}
+
+/// What QEMU gives with COMPLETION_FD (§15): the pipe it sleeps on, and
+/// its kick page, a sealed memory file mapped here read-write.
+struct KickWait {
+    pipe: std::fs::File,
+    page: Shm,
+}
+
+impl KickWait {
+    /// Make the pipe and the page, and send the daemon their files.
+    fn give(q: &mut FakeQemu) -> Self {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills two descriptors, owned below.
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK) };
+        assert_eq!(rc, 0);
+        // SAFETY: fresh descriptors, each owned once.
+        let (r, w) = unsafe {
+            (
+                std::fs::File::from_raw_fd(fds[0]),
+                OwnedFd::from_raw_fd(fds[1]),
+            )
+        };
+        // SAFETY: memfd_create with a literal name; the result is owned below.
+        let page = unsafe { libc::memfd_create(c"kick".as_ptr(), libc::MFD_ALLOW_SEALING) };
+        // SAFETY: a fresh descriptor, owned once.
+        let page = unsafe { OwnedFd::from_raw_fd(page) };
+        let f = std::fs::File::from(page.try_clone().unwrap());
+        f.set_len(4096).unwrap();
+        // SAFETY: adds seals to our own memfd.
+        let sealed = unsafe {
+            libc::fcntl(
+                page.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+            )
+        };
+        assert_eq!(sealed, 0);
+        let mut h = [0u8; 16];
+        h[0..2].copy_from_slice(&COMPLETION_FD.to_le_bytes());
+        q.s.send_with_fds(&[&h[..]], &[w.as_raw_fd(), page.as_raw_fd()])
+            .unwrap();
+        Self {
+            pipe: r,
+            page: Shm::map(&page, 4096, true),
+        }
+    }
+
+    /// A vCPU sleeps on its kick (or no longer does), having kicked from `cpu`.
+    fn set(&self, cpu: u8, waiting: bool) {
+        self.page.set_u8(0, cpu + 1);
+        self.page.set_u8(4, u8::from(waiting));
+    }
+
+    /// Signals in the pipe now.
+    fn signals(&mut self) -> usize {
+        let mut buf = [0u8; 512];
+        self.pipe.read(&mut buf).map_or(0, |n| n / 8)
+    }
+}
+
+#[test]
+fn a_vcpu_asleep_on_its_kick_is_told_when_the_used_ring_moves_and_only_then() {
+    let d = start("kick-wait");
+    let mut vm = d.connect(VmOptions::default()).unwrap();
+    let mut q = FakeQemu::connect(mirror(&d));
+    let (seq, _, _) = q.events();
+    q.ack(seq);
+    let _batches = q.auto_ack();
+    let mut k = KickWait::give(&mut q);
+    // Nobody waits: the daemon writes nothing.
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+    assert_eq!(k.signals(), 0);
+    // A vCPU waits: each completed batch writes the pipe.
+    k.set(0, true);
+    let buf = vm.ram().alloc(0x1000, 0x1000).unwrap();
+    assert_eq!(vm.map(1, 0x1000, 0x1fff, buf, 3).unwrap(), Status::Ok);
+    // The pipe is written just after the used index: allow for the gap.
+    let t0 = Instant::now();
+    while k.signals() == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "the waiting vCPU is told"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    k.set(0, false);
+    assert_eq!(vm.unmap(1, 0x1000, 0x1fff).unwrap(), Status::Ok);
+    assert_eq!(k.signals(), 0);
 }
 
 #[test]

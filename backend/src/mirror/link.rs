@@ -21,8 +21,10 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use super::completion::CompletionSignal;
 use super::proto::{
-    self, FromQemu, Header, ProtoError, Record, FEATURE_VFIO_DEVICES, HEADER_LEN, MAX_RECORDS,
+    self, FromQemu, Header, ProtoError, Record, FEATURE_COMPLETION_FD, FEATURE_VFIO_DEVICES,
+    HEADER_LEN, MAX_RECORDS,
 };
 use super::MirrorMemory;
 
@@ -122,6 +124,8 @@ struct Shared {
     gate: AtomicBool,
     /// Signalled on ACKs, closes, releases and new outgoing bytes.
     changed: Condvar,
+    /// The connected QEMU's completion eventfd (§15).
+    completion: CompletionSignal,
 }
 
 impl Shared {
@@ -295,6 +299,23 @@ impl MirrorHandle {
         self.memory.as_ref().map(|m| m.flags.as_u8s())
     }
 
+    /// Tell the connected QEMU that the request queue's used ring moved
+    /// (§15), if a vCPU sleeps on its kick. Lock-free; `true` if told.
+    pub fn signal_completions(&self) -> bool {
+        self.shared.completion.signal()
+    }
+
+    /// Whether QEMU's vCPUs sleep on their kicks of the request queue (a
+    /// QEMU gave its completion files, §15).
+    pub fn vcpus_sleep(&self) -> bool {
+        self.shared.completion.armed()
+    }
+
+    /// The CPU QEMU's vCPU last kicked the request queue from (§15).
+    pub fn vcpu_cpu(&self) -> Option<usize> {
+        self.shared.completion.vcpu_cpu()
+    }
+
     /// Whether a QEMU is connected.
     pub fn is_connected(&self) -> bool {
         self.shared.lock().conn.as_ref().is_some_and(|c| !c.closed)
@@ -372,15 +393,29 @@ pub struct Hello {
     pub boot_bypass: bool,
     /// The daemon takes the VFIO devices QEMU forwards (§14).
     pub vfio_devices: bool,
+    /// The daemon signals QEMU's completion eventfd (§15).
+    pub completion_fd: bool,
 }
 
 impl Hello {
-    fn features(self) -> u64 {
-        if self.vfio_devices {
-            FEATURE_VFIO_DEVICES
-        } else {
-            0
+    /// What a daemon announces: VFIO devices only if it takes them.
+    pub fn new(boot_bypass: bool, vfio_devices: bool) -> Self {
+        Self {
+            boot_bypass,
+            vfio_devices,
+            completion_fd: true,
         }
+    }
+
+    fn features(self) -> u64 {
+        let mut f = 0;
+        if self.vfio_devices {
+            f |= FEATURE_VFIO_DEVICES;
+        }
+        if self.completion_fd {
+            f |= FEATURE_COMPLETION_FD;
+        }
+        f
     }
 }
 
@@ -402,10 +437,7 @@ impl MirrorServer {
         hooks: Arc<dyn MirrorHooks>,
         memory: Arc<MirrorMemory>,
     ) -> io::Result<Self> {
-        let hello = Hello {
-            boot_bypass,
-            vfio_devices: false,
-        };
+        let hello = Hello::new(boot_bypass, false);
         Self::start_with(path, hello, hooks, memory)
     }
 
@@ -560,6 +592,7 @@ fn serve(
                 files: VecDeque::new(),
             };
             let outcome = read_loop(inbound, &sh, id, hello_info, hooks.as_ref());
+            sh.completion.disarm();
             if hello_info.vfio_devices {
                 hooks.vfio_devices_gone();
             }
@@ -698,8 +731,10 @@ fn read_loop(
             return Ok(());
         }
         let msg = proto::decode_from_qemu(&header, &payload[..len])?;
-        // Files belong to a VFIO_DEVICE ADD and nothing else.
-        if !matches!(msg, FromQemu::VfioDevice(d) if d.add) && !inbound.files.is_empty() {
+        // Files belong to a VFIO_DEVICE ADD or a COMPLETION_FD, nothing else.
+        let carries_files =
+            matches!(msg, FromQemu::VfioDevice(d) if d.add) || msg == FromQemu::CompletionFd;
+        if !carries_files && !inbound.files.is_empty() {
             return Err(ProtoError::StrayFiles(inbound.files.len()).into());
         }
         match (hello, msg) {
@@ -764,6 +799,24 @@ fn read_loop(
                 }
             }
             (true, FromQemu::VfioDevice(d)) => hooks.vfio_device_removed(d.endpoint),
+            (true, FromQemu::CompletionFd) if !offered.completion_fd => {
+                return Err(ProtoError::CompletionFdNotOffered.into());
+            }
+            (true, FromQemu::CompletionFd) => {
+                let (Some(pipe), Some(page)) =
+                    (inbound.files.pop_front(), inbound.files.pop_front())
+                else {
+                    return Err(ProtoError::MissingCompletionFile.into());
+                };
+                match shared.completion.install(pipe, page) {
+                    Ok(()) => log::info!(
+                        "mirror: connection {id}: QEMU's vCPUs wait for their requests (§15)"
+                    ),
+                    Err(e) => log::warn!(
+                        "mirror: connection {id}: {e}; QEMU's vCPUs spin on their requests"
+                    ),
+                }
+            }
         }
     }
 }
@@ -771,6 +824,7 @@ fn read_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mirror::completion::test_page::KickPage;
     use crate::mirror::proto::{MsgType, EVENTS_F_SYNC, HELLO_LEN, MAGIC, RECORD_LEN};
     use std::io::Read;
     use std::os::fd::FromRawFd;
@@ -945,16 +999,24 @@ mod tests {
         state: Vec<Record>,
         vfio_devices: bool,
     ) -> (MirrorServer, Arc<Recorder>, PathBuf) {
+        start_announcing(name, state, Hello::new(true, vfio_devices))
+    }
+
+    fn start_with_hello(name: &str, hello: Hello) -> (MirrorServer, Arc<Recorder>, PathBuf) {
+        start_announcing(name, vec![], hello)
+    }
+
+    fn start_announcing(
+        name: &str,
+        state: Vec<Record>,
+        hello: Hello,
+    ) -> (MirrorServer, Arc<Recorder>, PathBuf) {
         let path = socket_path(name);
         let rec = Arc::new(Recorder {
             state: Mutex::new(state),
             ..Default::default()
         });
         let memory = Arc::new(MirrorMemory::new(64, 0xffff_ffff).unwrap());
-        let hello = Hello {
-            boot_bypass: true,
-            vfio_devices,
-        };
         let server = MirrorServer::start_with(&path, hello, rec.clone(), memory).unwrap();
         (server, rec, path)
     }
@@ -989,7 +1051,10 @@ mod tests {
         let (hello, p) = q.recv().unwrap();
         assert_eq!(hello.msg_type, MsgType::Hello as u16);
         let features = u64::from_le_bytes(p[8..16].try_into().unwrap());
-        assert_eq!(features, proto::FEATURE_VFIO_DEVICES);
+        assert_eq!(
+            features,
+            proto::FEATURE_VFIO_DEVICES | proto::FEATURE_COMPLETION_FD
+        );
         let (_dump, _) = q.recv().unwrap();
         q.ack(1);
         wait_connected(&h);
@@ -1040,6 +1105,99 @@ mod tests {
         assert!(q.recv().is_none(), "closed");
         assert!(rec.vfio.lock().unwrap().is_empty());
         assert_eq!(rec.vfio_gone.load(Ordering::SeqCst), 0, "nothing offered");
+    }
+
+    /// A COMPLETION_FD message, with `files` attached to its first byte.
+    fn completion_fd(q: &mut FakeQemu, files: &[&OwnedFd]) {
+        let mut h = [0u8; HEADER_LEN];
+        Header {
+            msg_type: MsgType::CompletionFd as u16,
+            flags: 0,
+            size: 0,
+            seq: 0,
+        }
+        .encode(&mut h);
+        let fds: Vec<_> = files.iter().map(|f| f.as_raw_fd()).collect();
+        q.0.send_with_fds(&[&h[..]], &fds).unwrap();
+    }
+
+    fn eventfd() -> (vmm_sys_util::eventfd::EventFd, OwnedFd) {
+        let ev = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        // SAFETY: a fresh duplicate, owned by the OwnedFd alone.
+        let file = unsafe { OwnedFd::from_raw_fd(libc::dup(ev.as_raw_fd())) };
+        (ev, file)
+    }
+
+    #[test]
+    fn qemus_completion_files_are_used_while_its_connection_lasts() {
+        let (server, _rec, path) = start("completion", vec![]);
+        let h = server.handle();
+        assert!(!h.signal_completions(), "no QEMU, no signal");
+        let mut q = connect_synced(&path, &h);
+        let (ev, file) = eventfd();
+        let page = KickPage::new();
+        page.set(Some(1), true);
+        completion_fd(&mut q, &[&file, &page.file()]);
+        wait_for("armed", || h.signal_completions());
+        assert_eq!(h.vcpu_cpu(), Some(1));
+        assert!(ev.read().unwrap() >= 1);
+        h.signal_completions();
+        assert_eq!(ev.read().unwrap(), 1);
+        drop(q);
+        wait_for("disarmed", || !h.signal_completions());
+        assert_eq!(h.vcpu_cpu(), None);
+        // The next QEMU's own files take over.
+        let mut q = connect_synced(&path, &h);
+        let (ev2, file2) = eventfd();
+        let page2 = KickPage::new();
+        page2.set(Some(0), true);
+        completion_fd(&mut q, &[&file2, &page2.file()]);
+        wait_for("armed again", || h.signal_completions());
+        assert_eq!(h.vcpu_cpu(), Some(0));
+        assert!(ev2.read().unwrap() >= 1);
+    }
+
+    #[test]
+    fn a_completion_fd_without_its_files_or_offer_closes_and_a_wrong_file_is_ignored() {
+        let page = KickPage::new();
+        // One file of two.
+        let (server, _rec, path) = start("completion-nofile", vec![]);
+        let h = server.handle();
+        let mut q = connect_synced(&path, &h);
+        completion_fd(&mut q, &[&page.file()]);
+        assert!(q.recv().is_none(), "closed");
+        assert!(!h.signal_completions());
+        // Not offered.
+        let (server, _rec, path) = start_with_hello(
+            "completion-unoffered",
+            Hello {
+                completion_fd: false,
+                ..Hello::new(true, false)
+            },
+        );
+        let h = server.handle();
+        let mut q = connect_synced(&path, &h);
+        let (_ev, file) = eventfd();
+        completion_fd(&mut q, &[&file, &page.file()]);
+        assert!(q.recv().is_none(), "closed");
+        assert!(!h.signal_completions());
+        // A file that is no pipe: refused, the connection stays.
+        let (server, rec, path) = start("completion-file", vec![]);
+        let h = server.handle();
+        let mut q = connect_synced(&path, &h);
+        let null: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        page.set(Some(0), true);
+        completion_fd(&mut q, &[&null, &page.file()]);
+        q.send(MsgType::Fault as u16, 0, &{
+            let mut f = [0u8; proto::FAULT_LEN];
+            f[16] = 1;
+            f
+        });
+        wait_for("the fault after it", || {
+            !rec.faults.lock().unwrap().is_empty()
+        });
+        assert!(!h.signal_completions());
+        assert!(h.is_connected());
     }
 
     fn wait_connected(h: &MirrorHandle) {

@@ -4,6 +4,7 @@
 //! directly, and a socket for the changes QEMU must act on.
 
 mod batch;
+pub mod completion;
 mod link;
 pub mod proto;
 pub mod shm;

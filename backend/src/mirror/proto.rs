@@ -1,4 +1,4 @@
-//! Wire format of the translation mirror (docs/mirror-protocol.md, version 2.2).
+//! Wire format of the translation mirror (docs/mirror-protocol.md, version 2.3).
 //!
 //! Pure encoding and decoding: no sockets here. Every integer is
 //! little-endian; every message is a 16-byte [`Header`] and a payload.
@@ -30,11 +30,15 @@ pub const VFIO_DEVICE_LEN: usize = 16;
 /// `magic` of HELLO: the bytes `V U I M`.
 pub const MAGIC: u32 = 0x4d49_5556;
 pub const MAJOR: u16 = 2;
-pub const MINOR: u16 = 2;
+pub const MINOR: u16 = 3;
 
 /// HELLO `features` bit (daemon, 2.1): the daemon owns the DMA translation
 /// of the iommufd-backed VFIO devices QEMU forwards with VFIO_DEVICE (§14).
 pub const FEATURE_VFIO_DEVICES: u64 = 1 << 0;
+/// HELLO `features` bit (daemon, 2.3): the daemon signals the eventfd QEMU
+/// gives with COMPLETION_FD after every update of the request queue's used
+/// ring (§15).
+pub const FEATURE_COMPLETION_FD: u64 = 1 << 1;
 
 /// FAULT `flags` bits QEMU may set: READ, WRITE (§4).
 pub const FAULT_FLAGS: u32 = 0b11;
@@ -58,6 +62,7 @@ pub enum MsgType {
     Fault = 4,
     SystemReset = 5,
     VfioDevice = 6,
+    CompletionFd = 7,
 }
 
 impl MsgType {
@@ -69,6 +74,7 @@ impl MsgType {
             4 => Self::Fault,
             5 => Self::SystemReset,
             6 => Self::VfioDevice,
+            7 => Self::CompletionFd,
             _ => return None,
         })
     }
@@ -111,7 +117,11 @@ pub enum ProtoError {
     VfioNotOffered,
     #[error("VFIO_DEVICE ADD without its two files")]
     MissingFiles,
-    #[error("{0} files received with no VFIO_DEVICE ADD to carry them")]
+    #[error("COMPLETION_FD, but this daemon did not offer it in its HELLO")]
+    CompletionFdNotOffered,
+    #[error("COMPLETION_FD without its two files")]
+    MissingCompletionFile,
+    #[error("{0} files received with no VFIO_DEVICE ADD or COMPLETION_FD to carry them")]
     StrayFiles(usize),
 }
 
@@ -334,6 +344,9 @@ pub enum FromQemu {
     Fault(Fault),
     SystemReset(u32),
     VfioDevice(VfioDevice),
+    /// The pipe to write on used-ring updates and the kick page come with
+    /// it (2.3, §15).
+    CompletionFd,
 }
 
 /// Decode a message QEMU sent, given its header and payload.
@@ -413,6 +426,7 @@ pub fn decode_from_qemu(h: &Header, payload: &[u8]) -> Result<FromQemu, ProtoErr
                 add,
             }))
         }
+        MsgType::CompletionFd => Ok(FromQemu::CompletionFd),
         MsgType::Events => Err(ProtoError::WrongDirection(t)),
     }
 }
