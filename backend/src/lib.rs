@@ -5,7 +5,11 @@
 //! The parts, from the socket inwards:
 //! - [`serve`]: the listening socket, one front-end at a time, signals;
 //! - [`vhu_iommu`]: the `VhostUserBackend`: features, config space, the
-//!   request and event queues;
+//!   request queue a batch at a time (`batch`, `polling`), fault events
+//!   (`faults`), migration (`migration`), the mirror's hooks (`hooks`) and
+//!   the worker thread's placement (`worker`);
+//! - [`placement`]: the worker held to the CPU of a vCPU asleep on its kick;
+//! - [`spare`]: how much CPU the host has to spare, measured;
 //! - [`session`]: the device and what follows its changes (shared table,
 //!   state file, re-answered requests, recovery); resets by one table;
 //! - [`vring`]: the request queue's rings a batch at a time (claims, one

@@ -3,7 +3,7 @@
 //! the records of each change), the state file, the requests a previous
 //! daemon carried out, and whose state it is.
 //!
-//! The vhost-user glue (src/vhu_iommu.rs) moves bytes between rings and this
+//! The vhost-user glue (src/vhu_iommu/) moves bytes between rings and this
 //! session; everything that changes the device goes through here, so that
 //! every change reaches the journal and the mirror by the same road:
 //! [`Session::change`] outside the request path, [`Requests`] on it. Resets

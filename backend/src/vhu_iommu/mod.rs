@@ -8,8 +8,7 @@
 //! docs/mirror-protocol.md §7), and delivers fault events.
 
 use std::collections::VecDeque;
-use std::io::{self, Write};
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -20,27 +19,32 @@ use vhost::vhost_user::message::{
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_iommu::{Change, NoRam};
-use virtio_queue::QueueT;
-use vm_memory::{
-    ByteValued, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
-    VolatileMemory,
-};
+use virtio_iommu::NoRam;
+use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use crate::chain;
-use crate::device_state::{Finished, Transfer};
+use crate::device_state::Transfer;
 use crate::exit_event::ExitEvents;
 use crate::guest_ram::{self, GuestMem, GuestRamView, MemoryFiles};
 use crate::ioas::IommuDevice;
 use crate::journal::{Journal, Recovered};
-use crate::mirror::{self, MirrorHandle, Record, WaitOutcome};
-use crate::placement::Placement;
-use crate::poll::{AdaptivePoll, GapWatch, Regime, Window, CLEAN_WINDOW};
+use crate::mirror::{self, MirrorHandle, WaitOutcome};
+use crate::poll::{AdaptivePoll, Regime, Window};
 use crate::session::{Publish, Reset, Session, Sink};
-use crate::spare::{SpareCpu, SPARE_MIN};
-use crate::vring::{complete_chains, Avail, Vring};
+use crate::vring::Vring;
+
+mod batch;
+mod faults;
+mod hooks;
+mod migration;
+mod polling;
+mod worker;
+
+use faults::MAX_PENDING_FAULTS;
+pub use hooks::BackendHooks;
+use polling::Polled;
+use worker::SPARE_LOOK_BUSY;
 
 /// Queue indexes (virtio 1.2 §5.13.2).
 pub const REQUEST_QUEUE: u16 = 0;
@@ -53,8 +57,6 @@ pub const MAX_QUEUE_SIZE: usize = 1024;
 const MAX_REQUEST: usize = 256;
 /// Writable bytes the daemon fills: the largest PROBE reply it offers.
 pub const MAX_REPLY: usize = *virtio_iommu::PROBE_SIZES.end() as usize + 4;
-/// Fault events kept while the guest has no event buffer posted.
-const MAX_PENDING_FAULTS: usize = 64;
 /// The daemon's default maximum polling window, in microseconds
 /// (`--poll-us`, src/poll.rs): long enough to span a guest's disk I/O
 /// between its MAP and its UNMAP under TCG.
@@ -62,43 +64,9 @@ pub const DEFAULT_POLL_US: u64 = 1000;
 /// The vring worker's default scheduler slice, in microseconds
 /// (`--worker-slice-us`, src/sched.rs; 0: the kernel's default).
 pub const DEFAULT_WORKER_SLICE_US: u64 = 0;
-/// Spins of the polling loop between two readings of the clock.
-const POLL_SPINS_PER_CLOCK: u32 = 64;
 /// How long a request waits for the mirror's ACK before the link is
 /// declared stuck and closed (then QEMU drops its copy: fail safe).
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How often the busy regime looks whether the host has a CPU to spare.
-const SPARE_LOOK_BUSY: Duration = Duration::from_millis(20);
-
-/// What the vring worker thread keeps of its own: where it runs, and the
-/// meter of the host's spare CPU (its own CPU time is part of it).
-#[derive(Debug)]
-struct WorkerThread {
-    /// `None` once placing failed (then the worker stays where it is).
-    placement: Option<Placement>,
-    spare: Option<SpareCpu>,
-    spare_looked: Option<Instant>,
-}
-
-impl WorkerThread {
-    fn new() -> Self {
-        let placement = Placement::current().ok();
-        let cpus = placement
-            .as_ref()
-            .map(Placement::home_cpus)
-            .unwrap_or_default();
-        Self {
-            placement,
-            spare: SpareCpu::open(&cpus).ok(),
-            spare_looked: None,
-        }
-    }
-}
-
-thread_local! {
-    static WORKER: std::cell::RefCell<WorkerThread> = std::cell::RefCell::new(WorkerThread::new());
-}
 
 /// Counters of the vhost-user side (the model keeps its own).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -143,28 +111,6 @@ pub struct QueueStats {
     /// Fault events written to the event queue / dropped for lack of buffers.
     pub faults_delivered: u64,
     pub faults_dropped: u64,
-}
-
-/// What a polling window ended on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Looked {
-    /// The driver made a request available.
-    Request,
-    /// The window passed.
-    Expired,
-    /// The worker was off its CPU between two looks: the host has none to
-    /// spare, and the worker sleeps instead.
-    Contended,
-}
-
-/// The polling of one notification's batches.
-#[derive(Clone, Copy, Debug, Default)]
-struct Polled {
-    time: Duration,
-    /// A window found the worker had been off its CPU.
-    contended: bool,
-    /// A window of [`CLEAN_WINDOW`] ran to its end without a gap.
-    spare: bool,
 }
 
 /// What the glue keeps of a front-end: its memory and rings, pending fault
@@ -243,60 +189,6 @@ impl IommuBackend {
     pub fn with_vcpu_following(mut self, on: bool) -> Self {
         self.follow_vcpu = on;
         self
-    }
-
-    /// Put the worker beside the vCPU that kicked (`beside`), or give it
-    /// all its CPUs again (src/placement.rs). A failure is logged once per
-    /// thread and the worker stays where it is.
-    fn place_worker(&self, beside: bool) {
-        WORKER.with(|w| {
-            let mut w = w.borrow_mut();
-            let Some(p) = w.placement.as_mut() else {
-                return;
-            };
-            let outcome = match beside {
-                true => p.follow(self.mirror.vcpu_cpu()),
-                false => p.release(),
-            };
-            if let Err(e) = outcome {
-                w.placement = None;
-                log::warn!("vring worker: cannot place it beside the vCPU: {e}");
-            }
-        });
-    }
-
-    /// Whether the host has a CPU to spare, measured (src/spare.rs) if the
-    /// last measure is at least `every` old; `None` when unknown.
-    fn cpu_to_spare(now: Instant, every: Duration) -> Option<bool> {
-        WORKER.with(|w| {
-            let mut w = w.borrow_mut();
-            if w.spare_looked
-                .is_some_and(|t| now.saturating_duration_since(t) < every)
-            {
-                return None;
-            }
-            w.spare_looked = Some(now);
-            let spare = w.spare.as_mut()?.look(now)?;
-            Some(spare >= SPARE_MIN)
-        })
-    }
-
-    /// The worker thread's scheduling, once per thread (a connection's
-    /// worker is a new thread).
-    fn tune_worker_thread(&self) {
-        thread_local! {
-            static TUNED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-        }
-        let Some(slice) = self.worker_slice else {
-            return;
-        };
-        if TUNED.with(|t| t.replace(true)) {
-            return;
-        }
-        match crate::sched::set_thread_slice(slice) {
-            Ok(()) => log::debug!("vring worker: scheduler slice {slice:?}"),
-            Err(e) => log::warn!("vring worker: cannot ask for a {slice:?} slice: {e}"),
-        }
     }
 
     /// Poll the request queue for up to `max` after each batch (adaptive,
@@ -484,69 +376,6 @@ impl IommuBackend {
         });
     }
 
-    /// Queue a fault event for the guest and deliver what fits in the event
-    /// queue (virtio 1.2 §5.13.6.9: the device reports faults on the
-    /// eventq). Without a buffer it waits for one, up to
-    /// [`MAX_PENDING_FAULTS`], the oldest dropped beyond (mirror protocol
-    /// §10).
-    pub fn report_fault(&self, fault: virtio_iommu::FaultEvent) {
-        let mut st = self.lock();
-        if st.faults.len() == MAX_PENDING_FAULTS {
-            st.faults.pop_front();
-            st.stats.faults_dropped += 1;
-        }
-        st.faults.push_back(fault);
-        if let Some(vrings) = st.vrings.clone() {
-            Self::deliver_faults(&mut st, &vrings[EVENT_QUEUE as usize]);
-        }
-    }
-
-    /// Write pending faults into posted event buffers.
-    fn deliver_faults(st: &mut State, vring: &Vring) {
-        let Some(mem) = st.mem.as_ref().map(|m| m.memory()) else {
-            return;
-        };
-        let mut delivered = false;
-        while let Some(fault) = st.faults.front().copied() {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
-            let Some(chain) = chain else { break };
-            st.faults.pop_front();
-            let head = chain.head_index();
-            let len = match chain.writer(&mem) {
-                Ok(mut w) if w.available_bytes() >= fault.as_slice().len() => {
-                    match w.write_all(fault.as_slice()) {
-                        Ok(()) => fault.as_slice().len() as u32,
-                        Err(_) => 0,
-                    }
-                }
-                _ => 0,
-            };
-            if len == 0 {
-                st.stats.bad_chains += 1;
-                st.stats.faults_dropped += 1;
-            } else {
-                st.stats.faults_delivered += 1;
-            }
-            if vring.add_used(head, len).is_err() {
-                break;
-            }
-            delivered = true;
-        }
-        if delivered && vring.needs_notification().unwrap_or(true) {
-            let _ = vring.signal_used_queue();
-        }
-        // Out of buffers with faults waiting: ask the driver to kick when it
-        // adds one (with EVENT_IDX this moves avail_event, which a delivery
-        // from the mirror thread does not), and deliver at once if it
-        // already has.
-        if !st.faults.is_empty() && vring.enable_notification().unwrap_or(false) {
-            Self::deliver_faults(st, vring);
-        }
-    }
-
     /// Handle one notification of the request queue: every available
     /// request, as one batch, then one mirror wait and one guest
     /// notification; then poll for the next batch while the guest's
@@ -616,203 +445,6 @@ impl IommuBackend {
         st.poll.sleeping(now);
         Ok(())
     }
-
-    /// Batches until the ring is empty with notifications enabled, polling
-    /// for up to `window` after each (src/poll.rs).
-    fn serve_and_poll(&self, vring: &Vring, mem: &GuestMem, window: Window) -> io::Result<Polled> {
-        let mut out = Polled::default();
-        let mut polled = false;
-        // The ring said more requests are there (polling saw its index move,
-        // or re-enabling notifications found some).
-        let mut told_more = false;
-        loop {
-            vring.disable_notification().map_err(io::Error::other)?;
-            let before = Self::next_avail(vring);
-            self.process_batch(vring, polled)?;
-            if told_more && Self::next_avail(vring) == before {
-                // Work announced that no chain could be taken from: the
-                // front-end is gone (its memory with it), or its available
-                // index is bogus. Sleep until the next kick rather than spin
-                // on it — a spinning worker never sees its exit event, and
-                // the next front-end would wait for ever.
-                let _ = vring.enable_notification();
-                break;
-            }
-            polled = false;
-            if !window.length.is_zero() && !out.contended {
-                let t0 = Instant::now();
-                let looked = Self::poll_ring(vring, mem, t0, window);
-                out.time += t0.elapsed();
-                match looked {
-                    Looked::Request => {
-                        polled = true;
-                        told_more = true;
-                        continue;
-                    }
-                    Looked::Contended => out.contended = true,
-                    Looked::Expired => out.spare |= window.length >= CLEAN_WINDOW,
-                }
-            }
-            if !vring.enable_notification().map_err(io::Error::other)? {
-                break;
-            }
-            told_more = true;
-        }
-        Ok(out)
-    }
-
-    /// The ring's next available position, as the queue knows it.
-    fn next_avail(vring: &Vring) -> u16 {
-        vring.get_ref().get_queue().next_avail()
-    }
-
-    /// Spin until the driver makes a request available or the window
-    /// passes ([`Looked::Request`], [`Looked::Expired`]), or the worker
-    /// finds it was off its CPU ([`Looked::Contended`], src/poll.rs). The
-    /// available index is found once and then read directly (the guard on
-    /// `mem` keeps the mapping alive even if a new memory table arrives
-    /// meanwhile). Every few spins the clock is read and the CPU offered to
-    /// any other runnable thread (`sched_yield`): the core never idles — on
-    /// a virtual machine a halted vCPU wakes slowly, tens to hundreds of
-    /// microseconds — yet QEMU's threads sharing it still run (measured
-    /// under TCG on 2 cores: the yield lifted the guest's 128 KiB reads by
-    /// 40 %); only with a CPU to spare: on a busy host a yield gives the
-    /// CPU away for a whole slice.
-    fn poll_ring(vring: &Vring, mem: &GuestMem, start: Instant, window: Window) -> Looked {
-        let (avail_idx_at, next_avail) = {
-            let state = vring.get_ref();
-            let q = state.get_queue();
-            (q.avail_ring().wrapping_add(2), q.next_avail())
-        };
-        let Ok(slice) = mem.get_slice(GuestAddress(avail_idx_at), 2) else {
-            return Looked::Expired;
-        };
-        let Ok(idx) = slice.get_atomic_ref::<AtomicU16>(0) else {
-            return Looked::Expired;
-        };
-        let deadline = start + window.length;
-        let mut gaps = GapWatch::start(start);
-        loop {
-            for _ in 0..POLL_SPINS_PER_CLOCK {
-                if u16::from_le(idx.load(Ordering::Acquire)) != next_avail {
-                    return Looked::Request;
-                }
-                std::hint::spin_loop();
-            }
-            let now = Instant::now();
-            if gaps.look(now) {
-                return Looked::Contended;
-            }
-            if now >= deadline {
-                return Looked::Expired;
-            }
-            if window.yields() {
-                std::thread::yield_now();
-            }
-        }
-    }
-
-    /// One batch: every request the driver has made available, carried
-    /// out under one device lock; then one mirror wait, and the batch's
-    /// completions go into the used ring together (one index update, one
-    /// notification decision: [`complete_chains`]).
-    fn process_batch(&self, vring: &Vring, polled: bool) -> io::Result<()> {
-        let (completed, ticket) = {
-            let mut guard = self.lock();
-            let st = &mut *guard;
-            let Some(mem) = st.mem.as_ref().map(|m| m.memory()) else {
-                return Ok(());
-            };
-            st.stats.batches += 1;
-            st.stats.polled_batches += u64::from(polled);
-            let mut req = [0u8; MAX_REQUEST];
-            let mut reply = [0u8; MAX_REPLY];
-            let ram = GuestRamView::new(&mem);
-            st.completed.clear();
-            let State {
-                session,
-                completed,
-                stats,
-                ..
-            } = st;
-            let mut avail = Avail::new(vring, &mem);
-            let ((), ticket) = session.requests(&self.mirror, |requests| {
-                while let Some((pos, head, chain)) = avail.next_chain() {
-                    // Guest-supplied buffers are checked once, all of them: a
-                    // descriptor outside guest memory, or out of order, and the
-                    // chain is completed with nothing written.
-                    let layout = match chain::read_request(chain.clone(), &mem, &mut req) {
-                        Ok(l) => l,
-                        Err(_) => {
-                            stats.bad_chains += 1;
-                            completed.push((head, 0));
-                            continue;
-                        }
-                    };
-                    let room =
-                        usize::try_from(layout.writable).map_or(MAX_REPLY, |w| w.min(MAX_REPLY));
-                    let reply = &mut reply[..room];
-                    let written = requests.request(pos, &req[..layout.request_len], reply, &ram);
-                    let used = match chain::write_reply(chain, &mem, &reply[..written]) {
-                        Ok(n) => n as u32,
-                        Err(_) => {
-                            stats.bad_chains += 1;
-                            0
-                        }
-                    };
-                    completed.push((head, used));
-                }
-            });
-            stats.requests += completed.len() as u64;
-            stats.acked_batches += u64::from(ticket.is_some());
-            (std::mem::take(completed), ticket)
-        };
-        // Wait for QEMU holding neither the device lock nor a vring lock
-        // (docs/mirror-protocol.md §8 rules 1-2); stop_vring releases us.
-        let outcome = ticket.map(|t| self.mirror.wait(t, ACK_TIMEOUT));
-        if outcome == Some(WaitOutcome::TimedOut) {
-            log::error!("mirror: no ACK in {ACK_TIMEOUT:?}: link closed, requests wait for QEMU");
-        }
-        let acked = outcome == Some(WaitOutcome::Acked);
-        if !acked && outcome != Some(WaitOutcome::Released) && !completed.is_empty() {
-            // No QEMU has these changes: one whose link closed (or whose
-            // daemon was restarted) translates with its frozen copy until it
-            // connects again, so nothing completes before a QEMU has the
-            // current state (docs/mirror-protocol.md §6 rule 4). A batch
-            // that found no request has nothing to complete and holds the
-            // worker for nothing.
-            self.mirror.wait_synced();
-        }
-        let notify = {
-            let mut st = self.lock();
-            // Through the memory table as it is now, as virtio-queue's
-            // add_used did: a new one may have come meanwhile; none if the
-            // front-end has gone, its rings with it.
-            let notify = match st.mem.as_ref().map(|m| m.memory()) {
-                Some(mem) if !completed.is_empty() => {
-                    let notify = complete_chains(vring, &mem, &completed);
-                    // The kicking vCPU sleeps in QEMU until the used index
-                    // moves (docs/mirror-protocol.md §15).
-                    if self.mirror.signal_completions() {
-                        st.stats.completion_signals += 1;
-                    }
-                    notify
-                }
-                _ => Ok(false),
-            };
-            // Hand the buffer back for the next batch.
-            st.completed = completed;
-            if acked {
-                st.session.acked();
-            }
-            notify?
-        };
-        if notify {
-            vring.signal_used_queue()?;
-            self.lock().stats.used_signals += 1;
-        }
-        Ok(())
-    }
 }
 
 impl VhostUserBackend for IommuBackend {
@@ -860,89 +492,19 @@ impl VhostUserBackend for IommuBackend {
             | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
-    /// Migration (docs/device-state.md): with the device stopped, save its
-    /// state into `file`, or load one from it; the bytes move on a thread
-    /// of their own and [`Self::check_device_state`] waits for them.
+    /// A state transfer starts (src/vhu_iommu/migration.rs).
     fn set_device_state_fd(
         &self,
         direction: VhostTransferStateDirection,
         phase: VhostTransferStatePhase,
         file: std::fs::File,
     ) -> io::Result<Option<std::fs::File>> {
-        if phase != VhostTransferStatePhase::STOPPED {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "state transfer is only possible with the device stopped",
-            ));
-        }
-        let mut st = self.lock();
-        if let Some(old) = st.transfer.take() {
-            log::warn!("migration: a new state transfer replaces an unfinished one");
-            drop(old);
-        }
-        st.transfer = Some(match direction {
-            VhostTransferStateDirection::SAVE => {
-                let state = st.session.device().save_state();
-                log::info!(
-                    "migration: saving the state: {} attachments and mappings",
-                    state.entries.len()
-                );
-                Transfer::save(state.encode(), file)?
-            }
-            VhostTransferStateDirection::LOAD => Transfer::load(file)?,
-        });
-        Ok(None)
+        self.start_transfer(direction, phase, file)
     }
 
-    /// The end of a state transfer: for a load, the state is decoded and
-    /// applied, every entry checked as a guest request would be; a refused
-    /// state leaves the device reset and fails the migration.
+    /// The end of a state transfer (src/vhu_iommu/migration.rs).
     fn check_device_state(&self) -> io::Result<()> {
-        let Some(transfer) = self.lock().transfer.take() else {
-            return Ok(());
-        };
-        let bytes = match transfer.finish() {
-            Ok(Finished::Saved) => return Ok(()),
-            Ok(Finished::Loaded(bytes)) => bytes,
-            Err(e) => {
-                log::error!("migration: state transfer failed: {e}");
-                return Err(e);
-            }
-        };
-        let invalid = |e: String| {
-            log::error!("migration: refusing the loaded state: {e}");
-            io::Error::new(io::ErrorKind::InvalidData, e)
-        };
-        let mut st = self.lock();
-        let state = match virtio_iommu::DeviceState::decode(&bytes) {
-            Ok(state) => state,
-            Err(e) => {
-                // As for a state the device refuses: nothing half-loaded.
-                self.reset(&mut st, Reset::RefusedState);
-                return Err(invalid(e.to_string()));
-            }
-        };
-        let restored = match st.mem.clone() {
-            Some(m) => {
-                let guard = m.memory();
-                let ram = GuestRamView::new(&guard);
-                st.session
-                    .change(&self.mirror, Publish::Sync, |device, sink| {
-                        device.restore_state(&state, &ram, sink)
-                    })
-            }
-            None => st
-                .session
-                .change(&self.mirror, Publish::Sync, |device, sink| {
-                    device.restore_state(&state, &NoRam, sink)
-                }),
-        };
-        restored.map_err(|e| invalid(e.to_string()))?;
-        log::info!(
-            "migration: state loaded: {} attachments and mappings",
-            state.entries.len()
-        );
-        Ok(())
+        self.finish_transfer()
     }
 
     /// A device reset (virtio 1.2 §2.4): the translation state goes back to
@@ -1091,85 +653,5 @@ impl std::fmt::Debug for IommuBackend {
             .field("state", &self.state)
             .field("mirror", &self.mirror)
             .finish_non_exhaustive()
-    }
-}
-
-/// The mirror's view of the backend (docs/mirror-protocol.md §6, §9, §10).
-/// Set once the backend exists (the backend needs the mirror's handle
-/// first). A QEMU may connect before that — one reconnecting to a daemon
-/// still recovering its state file — so its HELLO and the dump wait for
-/// the backend: a dump made earlier would be empty, and never followed by
-/// one with the recovered state.
-#[derive(Debug, Default)]
-pub struct BackendHooks(pub std::sync::OnceLock<IommuBackend>);
-
-impl mirror::MirrorHooks for BackendHooks {
-    fn snapshot(&self, send: &mut dyn FnMut(&[Record])) {
-        let st = self.0.wait().lock();
-        let mut changes: Vec<Change> = Vec::new();
-        st.session.device().replay(&mut changes);
-        let mut records = Vec::with_capacity(changes.len() + 1);
-        mirror::dump(st.session.table(), &changes, &mut records);
-        send(&records);
-    }
-
-    fn fault(&self, fault: mirror::Fault) {
-        let Some(backend) = self.0.get() else { return };
-        let event =
-            virtio_iommu::encode_fault(fault.reason, fault.flags, fault.endpoint, fault.address);
-        backend.report_fault(event);
-    }
-
-    fn qemu_hello(&self, instance: u64) {
-        self.0.wait().qemu_hello(instance);
-    }
-
-    fn system_reset(&self, id: u32, send: &mut dyn FnMut(&[Record])) {
-        let Some(backend) = self.0.get() else { return };
-        let mut st = backend.lock();
-        let before = st.session.device().stats();
-        // The records go to QEMU below, as the answer to its SYSTEM_RESET.
-        backend.reset(&mut st, Reset::System);
-        log::info!(
-            "mirror: system reset {id} from QEMU: {} domains, {} mappings and {} attachments \
-             dropped; the device is at power-on",
-            before.domains,
-            before.mappings,
-            before.attached
-        );
-        let bypass = st.session.device().config().bypass != 0;
-        send(&[
-            Record::Reset {
-                system: true,
-                reset_id: id,
-            },
-            Record::GlobalBypass(bypass),
-        ]);
-    }
-
-    fn vfio_device_added(
-        &self,
-        endpoint: u32,
-        devid: u32,
-        iommufd: std::os::fd::OwnedFd,
-        device: std::os::fd::OwnedFd,
-    ) -> Result<(), String> {
-        let backend = self.0.get().ok_or("the daemon is still starting")?;
-        backend
-            .adopt_vfio(endpoint, devid, iommufd, device)
-            .map_err(|e| e.to_string())
-    }
-
-    fn vfio_device_removed(&self, endpoint: u32) {
-        if let Some(backend) = self.0.get() {
-            backend.forget_vfio(Some(endpoint));
-            log::info!("mirror: endpoint {endpoint:#x}: QEMU took its VFIO device back");
-        }
-    }
-
-    fn vfio_devices_gone(&self) {
-        if let Some(backend) = self.0.get() {
-            backend.forget_vfio(None);
-        }
     }
 }

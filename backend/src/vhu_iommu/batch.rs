@@ -1,0 +1,158 @@
+//! One batch of the request queue, in three steps: carried out under one
+//! device lock ([`IommuBackend::carry_out`]), then QEMU waited for when it
+//! must act ([`IommuBackend::wait_for_qemu`], docs/mirror-protocol.md §7–§8),
+//! then completed into the used ring with one index store and, if a vCPU
+//! sleeps on its kick, one write to QEMU's completion pipe
+//! ([`IommuBackend::complete`], §15).
+
+use std::io;
+
+use vhost_user_backend::VringT;
+use vm_memory::GuestAddressSpace;
+
+use super::{IommuBackend, QueueStats, Vring, ACK_TIMEOUT, MAX_REPLY, MAX_REQUEST};
+use crate::chain::{self, Descs};
+use crate::guest_ram::{GuestMem, GuestRamView};
+use crate::mirror::{Ticket, WaitOutcome};
+use crate::session::Requests;
+use crate::vring::{complete_chains, Avail};
+
+/// A batch carried out: the completions (head, bytes written), and the
+/// ticket of the mirror batch QEMU must acknowledge first, if any.
+type CarriedOut = (Vec<(u16, u32)>, Option<Ticket>);
+
+/// The buffers one batch reads requests into and writes replies from.
+struct Buffers {
+    req: [u8; MAX_REQUEST],
+    reply: [u8; MAX_REPLY],
+}
+
+/// One request chain: read (every guest-supplied buffer checked once, all
+/// of them: a descriptor outside guest memory, or out of order, and the
+/// chain is completed with nothing written), carried out, replied to.
+/// Returns the bytes written.
+fn serve_chain(
+    requests: &mut Requests<'_, '_>,
+    pos: u16,
+    chain: Descs<'_>,
+    mem: &GuestMem,
+    ram: &GuestRamView<'_>,
+    bufs: &mut Buffers,
+    stats: &mut QueueStats,
+) -> u32 {
+    let Ok(layout) = chain::read_request(chain.clone(), mem, &mut bufs.req) else {
+        stats.bad_chains += 1;
+        return 0;
+    };
+    let room = usize::try_from(layout.writable).map_or(MAX_REPLY, |w| w.min(MAX_REPLY));
+    let reply = &mut bufs.reply[..room];
+    let written = requests.request(pos, &bufs.req[..layout.request_len], reply, ram);
+    match chain::write_reply(chain, mem, &reply[..written]) {
+        Ok(n) => n as u32,
+        Err(_) => {
+            stats.bad_chains += 1;
+            0
+        }
+    }
+}
+
+impl IommuBackend {
+    /// One batch: every request the driver has made available, carried
+    /// out under one device lock; then one mirror wait, and the batch's
+    /// completions go into the used ring together (one index update, one
+    /// notification decision: [`complete_chains`]).
+    pub(super) fn process_batch(&self, vring: &Vring, polled: bool) -> io::Result<()> {
+        let Some((completed, ticket)) = self.carry_out(vring, polled) else {
+            return Ok(());
+        };
+        let acked = self.wait_for_qemu(ticket, !completed.is_empty());
+        self.complete(vring, completed, acked)
+    }
+
+    /// Carry out every available request under one device lock. `None`
+    /// without guest memory.
+    fn carry_out(&self, vring: &Vring, polled: bool) -> Option<CarriedOut> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let mem = st.mem.as_ref().map(|m| m.memory())?;
+        st.stats.batches += 1;
+        st.stats.polled_batches += u64::from(polled);
+        let mut bufs = Buffers {
+            req: [0; MAX_REQUEST],
+            reply: [0; MAX_REPLY],
+        };
+        let ram = GuestRamView::new(&mem);
+        st.completed.clear();
+        let super::State {
+            session,
+            completed,
+            stats,
+            ..
+        } = st;
+        let mut avail = Avail::new(vring, &mem);
+        let ((), ticket) = session.requests(&self.mirror, |requests| {
+            while let Some((pos, head, chain)) = avail.next_chain() {
+                let used = serve_chain(requests, pos, chain, &mem, &ram, &mut bufs, stats);
+                completed.push((head, used));
+            }
+        });
+        stats.requests += completed.len() as u64;
+        stats.acked_batches += u64::from(ticket.is_some());
+        Some((std::mem::take(completed), ticket))
+    }
+
+    /// Wait for QEMU's ACK of `ticket`, holding neither the device lock nor
+    /// a vring lock (docs/mirror-protocol.md §8 rules 1-2; stop_vring
+    /// releases us). Returns whether QEMU acknowledged it.
+    fn wait_for_qemu(&self, ticket: Option<Ticket>, any_completed: bool) -> bool {
+        let outcome = ticket.map(|t| self.mirror.wait(t, ACK_TIMEOUT));
+        if outcome == Some(WaitOutcome::TimedOut) {
+            log::error!("mirror: no ACK in {ACK_TIMEOUT:?}: link closed, requests wait for QEMU");
+        }
+        let acked = outcome == Some(WaitOutcome::Acked);
+        if !acked && outcome != Some(WaitOutcome::Released) && any_completed {
+            // No QEMU has these changes: one whose link closed (or whose
+            // daemon was restarted) translates with its frozen copy until it
+            // connects again, so nothing completes before a QEMU has the
+            // current state (docs/mirror-protocol.md §6 rule 4). A batch
+            // that found no request has nothing to complete and holds the
+            // worker for nothing.
+            self.mirror.wait_synced();
+        }
+        acked
+    }
+
+    /// Put `completed` in the used ring, tell a vCPU asleep on its kick,
+    /// and notify the driver if it asks.
+    fn complete(&self, vring: &Vring, completed: Vec<(u16, u32)>, acked: bool) -> io::Result<()> {
+        let notify = {
+            let mut st = self.lock();
+            // Through the memory table as it is now, as virtio-queue's
+            // add_used did: a new one may have come meanwhile; none if the
+            // front-end has gone, its rings with it.
+            let notify = match st.mem.as_ref().map(|m| m.memory()) {
+                Some(mem) if !completed.is_empty() => {
+                    let notify = complete_chains(vring, &mem, &completed);
+                    // The kicking vCPU sleeps in QEMU until the used index
+                    // moves (docs/mirror-protocol.md §15).
+                    if self.mirror.signal_completions() {
+                        st.stats.completion_signals += 1;
+                    }
+                    notify
+                }
+                _ => Ok(false),
+            };
+            // Hand the buffer back for the next batch.
+            st.completed = completed;
+            if acked {
+                st.session.acked();
+            }
+            notify?
+        };
+        if notify {
+            vring.signal_used_queue()?;
+            self.lock().stats.used_signals += 1;
+        }
+        Ok(())
+    }
+}
