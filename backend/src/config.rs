@@ -12,7 +12,7 @@ use virtio_iommu::DeviceConfig;
 
 /// A bad command-line value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ConfigError {
+pub enum CliError {
     #[error("{flag}: `{value}` is not a number (decimal or 0x-prefixed hex)")]
     NotANumber { flag: &'static str, value: String },
     #[error("{flag}: `{value}` is not a range A-B")]
@@ -86,8 +86,8 @@ pub struct VfioEndpoint {
 }
 
 /// Parse `EP=PATH` or `EP=fd:N`.
-pub fn parse_vfio(s: &str) -> Result<VfioEndpoint, ConfigError> {
-    let bad = || ConfigError::BadVfio(s.to_string());
+pub fn parse_vfio(s: &str) -> Result<VfioEndpoint, CliError> {
+    let bad = || CliError::BadVfio(s.to_string());
     let (ep, src) = s.split_once('=').ok_or_else(bad)?;
     let endpoint = to_u32("--vfio", parse_u64("--vfio", ep).map_err(|_| bad())?)?;
     let source = match src.strip_prefix("fd:") {
@@ -99,38 +99,38 @@ pub fn parse_vfio(s: &str) -> Result<VfioEndpoint, ConfigError> {
 }
 
 /// Parse a number, decimal or `0x` hex.
-pub fn parse_u64(flag: &'static str, s: &str) -> Result<u64, ConfigError> {
+pub fn parse_u64(flag: &'static str, s: &str) -> Result<u64, CliError> {
     let s = s.trim();
     let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u64::from_str_radix(&hex.replace('_', ""), 16),
         None => s.replace('_', "").parse(),
     };
-    r.map_err(|_| ConfigError::NotANumber {
+    r.map_err(|_| CliError::NotANumber {
         flag,
         value: s.to_string(),
     })
 }
 
 /// Parse an inclusive range `A-B`.
-pub fn parse_range(flag: &'static str, s: &str) -> Result<(u64, u64), ConfigError> {
-    let (a, b) = s.split_once('-').ok_or_else(|| ConfigError::NotARange {
+pub fn parse_range(flag: &'static str, s: &str) -> Result<(u64, u64), CliError> {
+    let (a, b) = s.split_once('-').ok_or_else(|| CliError::NotARange {
         flag,
         value: s.to_string(),
     })?;
     let (start, end) = (parse_u64(flag, a)?, parse_u64(flag, b)?);
     if start > end {
-        return Err(ConfigError::EmptyRange { flag, start, end });
+        return Err(CliError::EmptyRange { flag, start, end });
     }
     Ok((start, end))
 }
 
-fn to_u32(flag: &'static str, v: u64) -> Result<u32, ConfigError> {
-    u32::try_from(v).map_err(|_| ConfigError::TooLarge { flag, value: v })
+fn to_u32(flag: &'static str, v: u64) -> Result<u32, CliError> {
+    u32::try_from(v).map_err(|_| CliError::TooLarge { flag, value: v })
 }
 
 /// Parse an endpoint list: comma-separated IDs and inclusive ranges, e.g.
 /// `0-0xff,0x100`. Sorted, without duplicates.
-pub fn parse_endpoints(s: &str) -> Result<Vec<u32>, ConfigError> {
+pub fn parse_endpoints(s: &str) -> Result<Vec<u32>, CliError> {
     const FLAG: &str = "--endpoints";
     let mut v = Vec::new();
     for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
@@ -143,14 +143,14 @@ pub fn parse_endpoints(s: &str) -> Result<Vec<u32>, ConfigError> {
         let (start, end) = (to_u32(FLAG, start)?, to_u32(FLAG, end)?);
         let count = u64::from(end - start) + 1 + v.len() as u64;
         if count > 0x1_0000 {
-            return Err(ConfigError::TooManyEndpoints(count));
+            return Err(CliError::TooManyEndpoints(count));
         }
         v.extend(start..=end);
     }
     v.sort_unstable();
     v.dedup();
     if v.is_empty() {
-        return Err(ConfigError::NoEndpoints);
+        return Err(CliError::NoEndpoints);
     }
     Ok(v)
 }
@@ -193,12 +193,12 @@ pub struct Config {
 impl RawConfig {
     /// Check every value; defaults are [`DeviceConfig::default`] with boot
     /// bypass on, and every PCI requester ID (`0-0xffff`) as an endpoint.
-    pub fn check(&self) -> Result<Config, ConfigError> {
+    pub fn check(&self) -> Result<Config, CliError> {
         let mut device = DeviceConfig::default();
         if let Some(s) = &self.page_size_mask {
             device.page_size_mask = parse_u64("--page-size-mask", s)?;
             if device.page_size_mask == 0 {
-                return Err(ConfigError::NoPageSize(0));
+                return Err(CliError::NoPageSize(0));
             }
         }
         if let Some(s) = &self.input_range {
@@ -214,11 +214,11 @@ impl RawConfig {
         let (ms, me) = device.msi_window;
         let (is, ie) = device.input_range;
         if ms < is || me > ie {
-            return Err(ConfigError::MsiOutsideInput { start: ms, end: me });
+            return Err(CliError::MsiOutsideInput { start: ms, end: me });
         }
         if let Some(p) = self.probe_size {
             if !virtio_iommu::DeviceConfig::probe_size_ok(p) {
-                return Err(ConfigError::BadProbeSize(p));
+                return Err(CliError::BadProbeSize(p));
             }
             device.probe_size = p;
         }
@@ -231,12 +231,12 @@ impl RawConfig {
             .map(|v| parse_vfio(v))
             .collect::<Result<Vec<_>, _>>()?;
         if self.mode == Mode::Emulated && !vfio.is_empty() {
-            return Err(ConfigError::VfioNeedsIommufd);
+            return Err(CliError::VfioNeedsIommufd);
         }
         vfio.sort_by_key(|v| v.endpoint);
         for pair in vfio.windows(2) {
             if pair[0].endpoint == pair[1].endpoint {
-                return Err(ConfigError::DuplicateVfioEndpoint(pair[0].endpoint));
+                return Err(CliError::DuplicateVfioEndpoint(pair[0].endpoint));
             }
         }
         let mut fds: Vec<RawFd> = vfio
@@ -248,19 +248,19 @@ impl RawConfig {
             .collect();
         fds.sort_unstable();
         if let Some(pair) = fds.windows(2).find(|p| p[0] == p[1]) {
-            return Err(ConfigError::DuplicateVfioFd(pair[0]));
+            return Err(CliError::DuplicateVfioFd(pair[0]));
         }
         if let Some(&fd) = fds
             .iter()
             .find(|&&fd| fd < 3 || !std::path::Path::new(&format!("/proc/self/fd/{fd}")).exists())
         {
-            return Err(ConfigError::VfioFdNotOpen(fd));
+            return Err(CliError::VfioFdNotOpen(fd));
         }
         let endpoints = match self.mode {
             Mode::Emulated => parse_endpoints(self.endpoints.as_deref().unwrap_or("0-0xffff"))?,
             Mode::Iommufd => {
                 if self.endpoints.is_some() {
-                    return Err(ConfigError::EndpointsWithVfio);
+                    return Err(CliError::EndpointsWithVfio);
                 }
                 // With no --vfio, the endpoints are the devices QEMU forwards
                 // (Config::vfio_from_front_end). Bypass through an identity
@@ -287,7 +287,7 @@ mod tests {
         assert_eq!(parse_u64("f", "0xfee0_0000"), Ok(0xfee0_0000));
         assert!(matches!(
             parse_u64("f", "12k"),
-            Err(ConfigError::NotANumber { .. })
+            Err(CliError::NotANumber { .. })
         ));
     }
 
@@ -296,11 +296,11 @@ mod tests {
         assert_eq!(parse_range("r", "0-0xffff"), Ok((0, 0xffff)));
         assert!(matches!(
             parse_range("r", "5-4"),
-            Err(ConfigError::EmptyRange { .. })
+            Err(CliError::EmptyRange { .. })
         ));
         assert!(matches!(
             parse_range("r", "5"),
-            Err(ConfigError::NotARange { .. })
+            Err(CliError::NotARange { .. })
         ));
     }
 
@@ -310,14 +310,14 @@ mod tests {
             parse_endpoints("8, 0x10-0x12,8"),
             Ok(vec![8, 0x10, 0x11, 0x12])
         );
-        assert_eq!(parse_endpoints(""), Err(ConfigError::NoEndpoints));
+        assert_eq!(parse_endpoints(""), Err(CliError::NoEndpoints));
         assert!(matches!(
             parse_endpoints("0-0x1ffff"),
-            Err(ConfigError::TooManyEndpoints(_))
+            Err(CliError::TooManyEndpoints(_))
         ));
         assert!(matches!(
             parse_endpoints("0x1_0000_0000"),
-            Err(ConfigError::TooLarge { .. })
+            Err(CliError::TooLarge { .. })
         ));
     }
 
@@ -342,7 +342,7 @@ mod tests {
             probe_size: Some(30),
             ..Default::default()
         };
-        assert_eq!(raw.check(), Err(ConfigError::BadProbeSize(30)));
+        assert_eq!(raw.check(), Err(CliError::BadProbeSize(30)));
         // One rule with the device model's: 24..=4096, multiples of 4.
         for (p, ok) in [(24, true), (4096, true), (20, false), (4100, false)] {
             let raw = RawConfig {
@@ -355,15 +355,12 @@ mod tests {
             input_range: Some("0-0xffff".into()),
             ..Default::default()
         };
-        assert!(matches!(
-            raw.check(),
-            Err(ConfigError::MsiOutsideInput { .. })
-        ));
+        assert!(matches!(raw.check(), Err(CliError::MsiOutsideInput { .. })));
         let raw = RawConfig {
             page_size_mask: Some("0".into()),
             ..Default::default()
         };
-        assert_eq!(raw.check(), Err(ConfigError::NoPageSize(0)));
+        assert_eq!(raw.check(), Err(CliError::NoPageSize(0)));
     }
 
     #[test]
@@ -398,23 +395,23 @@ mod tests {
         assert!(!c.vfio_from_front_end());
         assert_eq!(
             iommufd(&["8=/dev/a", "8=/dev/b"]).check(),
-            Err(ConfigError::DuplicateVfioEndpoint(8))
+            Err(CliError::DuplicateVfioEndpoint(8))
         );
         assert_eq!(
             iommufd(&["8=fd:1"]).check(),
-            Err(ConfigError::VfioFdNotOpen(1))
+            Err(CliError::VfioFdNotOpen(1))
         );
         assert_eq!(
             iommufd(&["8=fd:100000"]).check(),
-            Err(ConfigError::VfioFdNotOpen(100000))
+            Err(CliError::VfioFdNotOpen(100000))
         );
         let mut both = iommufd(&["8=/dev/a"]);
         both.endpoints = Some("8".into());
-        assert_eq!(both.check(), Err(ConfigError::EndpointsWithVfio));
+        assert_eq!(both.check(), Err(CliError::EndpointsWithVfio));
         let emulated = RawConfig {
             vfio: vec!["8=/dev/a".into()],
             ..Default::default()
         };
-        assert_eq!(emulated.check(), Err(ConfigError::VfioNeedsIommufd));
+        assert_eq!(emulated.check(), Err(CliError::VfioNeedsIommufd));
     }
 }

@@ -9,8 +9,8 @@
 use iopt::kernel::KernelIommufd;
 use iopt::model::ModelIommufd;
 use iopt::{
-    CopyRequest, DeviceId, IoasId, Iommufd, IoptError, IovaRange, IovaRanges, MapRequest, OptionOp,
-    Option_,
+    CopyRequest, DeviceId, IoasId, IommuOption, Iommufd, IoptError, IovaRange, IovaRanges,
+    MapRequest, OptionOp,
 };
 use virtio_iommu::Device;
 
@@ -85,7 +85,7 @@ impl Iommufd for DaemonIoas {
     fn unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> iopt::Result<u64> {
         self.get_mut()?.unmap(ioas, iova, length)
     }
-    fn option(&mut self, option: Option_, op: OptionOp) -> iopt::Result<u64> {
+    fn option(&mut self, option: IommuOption, op: OptionOp) -> iopt::Result<u64> {
         self.get_mut()?.option(option, op)
     }
     fn attach(&mut self, dev: DeviceId, ioas: IoasId) -> iopt::Result<()> {

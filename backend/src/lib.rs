@@ -20,7 +20,7 @@
 //! - [`sched`]: the vring worker's scheduler slice, for prompt wake-ups;
 //! - [`mirror`]: what QEMU needs of the state (docs/mirror-protocol.md): a
 //!   shared translation table and the events QEMU acts on;
-//! - [`journal`]: the state file a restarted daemon recovers from;
+//! - [`state_file`]: the state file a restarted daemon recovers from;
 //! - [`guest_ram`]: guest physical addresses → the daemon's mapping of them;
 //! - [`exit_event`]: the vring workers' exit events, closed after each connection;
 //! - [`ioas`]: where the domains' IOASes live (model, kernel, or the
@@ -42,7 +42,6 @@ pub mod emulated;
 pub mod exit_event;
 pub mod guest_ram;
 pub mod ioas;
-pub mod journal;
 pub mod mirror;
 pub mod passthrough;
 pub mod placement;
@@ -51,5 +50,6 @@ pub mod sched;
 pub mod serve;
 pub mod session;
 pub mod spare;
+pub mod state_file;
 pub mod vhu_iommu;
 pub mod vring;

@@ -10,9 +10,9 @@ use clap::{Parser, ValueEnum};
 use iopt::kernel::KernelIommufd;
 use vhost_user_iommu::config::RawConfig;
 use vhost_user_iommu::guest_ram::MemoryFiles;
-use vhost_user_iommu::journal::Journal;
 use vhost_user_iommu::mirror::{Hello, MirrorHandle, MirrorMemory, MirrorServer};
 use vhost_user_iommu::serve::{Server, SocketSource};
+use vhost_user_iommu::state_file::Journal;
 use vhost_user_iommu::vhu_iommu::{
     BackendHooks, IommuBackend, DEFAULT_POLL_US, DEFAULT_WORKER_SLICE_US,
 };
@@ -20,7 +20,7 @@ use vhost_user_iommu::{capabilities, config, emulated, passthrough, sched};
 
 /// How guest domains are implemented.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Mode {
+enum ModeArg {
     /// Each domain is an IOAS of the in-process iommufd model.
     Emulated,
     /// Each domain is a kernel IOAS on /dev/iommu; endpoints are the --vfio
@@ -28,11 +28,11 @@ enum Mode {
     Iommufd,
 }
 
-impl From<Mode> for config::Mode {
-    fn from(m: Mode) -> Self {
+impl From<ModeArg> for config::Mode {
+    fn from(m: ModeArg) -> Self {
         match m {
-            Mode::Emulated => config::Mode::Emulated,
-            Mode::Iommufd => config::Mode::Iommufd,
+            ModeArg::Emulated => config::Mode::Emulated,
+            ModeArg::Iommufd => config::Mode::Iommufd,
         }
     }
 }
@@ -90,8 +90,8 @@ struct Cli {
     bypass: bool,
 
     /// How domains are implemented.
-    #[arg(long, value_enum, default_value_t = Mode::Emulated)]
-    mode: Mode,
+    #[arg(long, value_enum, default_value_t = ModeArg::Emulated)]
+    mode: ModeArg,
 
     /// Listen for QEMU's translation mirror on this Unix socket
     /// (docs/mirror-protocol.md).
@@ -206,7 +206,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     .check()?;
     let vfio_from_qemu = config.vfio_from_front_end();
     if vfio_from_qemu && cli.mirror_socket.is_none() {
-        return Err(config::ConfigError::NoVfio.into());
+        return Err(config::CliError::NoVfio.into());
     }
     let device = match config.mode {
         config::Mode::Emulated => emulated::device(&config)?,

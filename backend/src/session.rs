@@ -15,8 +15,8 @@ use virtio_iommu::journal::{self, Answered, Completion};
 use virtio_iommu::{GuestRam, NoRam};
 
 use crate::ioas::IommuDevice;
-use crate::journal::{Journal, Journaled, Recovered};
 use crate::mirror::{Batch, MirrorHandle, Record, SharedMem, Ticket, TranslationTable};
+use crate::state_file::{Journal, Journaled, Recovered};
 
 /// The translation table shared with QEMU (docs/mirror-protocol.md §11).
 pub type SharedTable = TranslationTable<Arc<SharedMem>>;
@@ -100,7 +100,7 @@ pub struct Session {
     table: Option<SharedTable>,
     /// Reused: no allocation per batch once warm.
     records: Vec<Record>,
-    /// The state file, with `--state-file` (src/journal.rs).
+    /// The state file, with `--state-file` (src/state_file.rs).
     journal: Option<Journal>,
     /// Requests a previous daemon carried out whose completion the driver
     /// may not have seen: answered from the journal, not carried out again.

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use vhost_user_iommu::config::{Config, ConfigError, RawConfig};
+use vhost_user_iommu::config::{CliError, Config, RawConfig};
 use vhost_user_iommu_bench::daemon::{self, DaemonError, DaemonProcess};
 use vhost_user_iommu_bench::daemon_leg::DaemonLeg;
 use vhost_user_iommu_bench::direct_leg::DirectLeg;
@@ -206,7 +206,7 @@ enum BenchError {
     #[error("--scaling: {0}")]
     Scaling(#[from] ScalingError),
     #[error("the direct leg's configuration: {0}")]
-    Config(#[from] ConfigError),
+    Config(#[from] CliError),
     #[error("--json {path}: {source}")]
     Json {
         path: PathBuf,

@@ -16,8 +16,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::model::{MockDevice, ModelIommufd};
 use crate::{
-    CopyRequest, DeviceId, Errno, IoasId, Iommufd, IovaRange, MapRequest, OptionOp, Option_, Prot,
-    Result, HPAGE_SIZE, PAGE_SIZE,
+    CopyRequest, DeviceId, Errno, IoasId, IommuOption, Iommufd, IovaRange, MapRequest, OptionOp,
+    Prot, Result, HPAGE_SIZE, PAGE_SIZE,
 };
 
 /// An iommufd under test, fresh for every case.
@@ -654,7 +654,7 @@ fn copy_onto_an_existing_area_is_eexist(c: &mut Ctx) -> CaseResult {
 
 fn huge_pages_option_defaults_on_and_can_be_cleared(c: &mut Ctx) -> CaseResult {
     let a = c.ioas();
-    let opt = Option_::HugePages(a);
+    let opt = IommuOption::HugePages(a);
     assert_eq!(c.fd().option(opt, OptionOp::Get).unwrap(), 1);
     c.fd().option(opt, OptionOp::Set(0)).unwrap();
     assert_eq!(c.fd().option(opt, OptionOp::Get).unwrap(), 0);
@@ -663,16 +663,16 @@ fn huge_pages_option_defaults_on_and_can_be_cleared(c: &mut Ctx) -> CaseResult {
 }
 
 fn rlimit_mode_is_set_only_on_an_empty_iommufd(c: &mut Ctx) -> CaseResult {
-    let get = |c: &mut Ctx| c.fd().option(Option_::RlimitMode, OptionOp::Get);
+    let get = |c: &mut Ctx| c.fd().option(IommuOption::RlimitMode, OptionOp::Get);
     assert_eq!(get(c).unwrap(), 0);
     if c.device().is_err() {
         // Nothing bound yet: the value is checked, 0 and 1 are taken.
         expect_errno(
-            c.fd().option(Option_::RlimitMode, OptionOp::Set(2)),
+            c.fd().option(IommuOption::RlimitMode, OptionOp::Set(2)),
             Errno::EINVAL,
         );
         c.fd()
-            .option(Option_::RlimitMode, OptionOp::Set(1))
+            .option(IommuOption::RlimitMode, OptionOp::Set(1))
             .unwrap();
         assert_eq!(get(c).unwrap(), 1);
     }
@@ -680,7 +680,7 @@ fn rlimit_mode_is_set_only_on_an_empty_iommufd(c: &mut Ctx) -> CaseResult {
     c.ioas();
     for v in [0, 1, 2] {
         expect_errno(
-            c.fd().option(Option_::RlimitMode, OptionOp::Set(v)),
+            c.fd().option(IommuOption::RlimitMode, OptionOp::Set(v)),
             Errno::EBUSY,
         );
     }

@@ -71,7 +71,7 @@ pub struct IovaRanges {
 
 /// `IOMMU_OPTION` options.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Option_ {
+pub enum IommuOption {
     /// `IOMMU_OPTION_RLIMIT_MODE` (object 0): 0 = per-user, 1 = per-process
     /// accounting of pinned pages.
     RlimitMode,
@@ -143,7 +143,7 @@ pub trait Iommufd: std::fmt::Debug {
     fn unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64>;
 
     /// `IOMMU_OPTION`: set or get an option; returns the (new) value.
-    fn option(&mut self, option: Option_, op: OptionOp) -> Result<u64>;
+    fn option(&mut self, option: IommuOption, op: OptionOp) -> Result<u64>;
 
     /// Attach a device to an IOAS (`VFIO_DEVICE_ATTACH_IOMMUFD_PT` for a
     /// real device; a mock device for the model). The device's reserved
@@ -185,7 +185,7 @@ impl<T: Iommufd + ?Sized> Iommufd for Box<T> {
     fn unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64> {
         (**self).unmap(ioas, iova, length)
     }
-    fn option(&mut self, option: Option_, op: OptionOp) -> Result<u64> {
+    fn option(&mut self, option: IommuOption, op: OptionOp) -> Result<u64> {
         (**self).option(option, op)
     }
     fn attach(&mut self, dev: DeviceId, ioas: IoasId) -> Result<()> {

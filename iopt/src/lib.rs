@@ -32,8 +32,8 @@ mod range;
 pub use error::{Errno, IoptError, Result};
 pub use io_pagetable::{Area, IoPagetable, Reserved, Segment};
 pub use iommufd::{
-    AccessFlags, CopyRequest, DeviceId, IoasId, Iommufd, IovaRanges, MapRequest, OptionOp, Option_,
-    Prot, UserMemory,
+    AccessFlags, CopyRequest, DeviceId, IoasId, IommuOption, Iommufd, IovaRanges, MapRequest,
+    OptionOp, Prot, UserMemory,
 };
 pub use range::IovaRange;
 

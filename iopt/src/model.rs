@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 
 use crate::io_pagetable::Segment;
 use crate::{
-    AccessFlags, CopyRequest, DeviceId, IoPagetable, IoasId, Iommufd, IoptError, IovaRange,
-    IovaRanges, MapRequest, OptionOp, Option_, Prot, Result, UserMemory, PAGE_SIZE,
+    AccessFlags, CopyRequest, DeviceId, IoPagetable, IoasId, IommuOption, Iommufd, IoptError,
+    IovaRange, IovaRanges, MapRequest, OptionOp, Prot, Result, UserMemory, PAGE_SIZE,
 };
 
 /// A device the model can attach: what the kernel learns from the IOMMU
@@ -325,16 +325,16 @@ impl Iommufd for ModelIommufd {
     /// `IOMMU_OPTION` (`iommufd_option_rlimit_mode`, `iommufd_ioas_option`):
     /// the accounting mode can be set only while the iommufd holds no
     /// objects (IOAS or bound device) → `EBUSY`, checked before the value.
-    fn option(&mut self, option: Option_, op: OptionOp) -> Result<u64> {
-        if option == Option_::RlimitMode
+    fn option(&mut self, option: IommuOption, op: OptionOp) -> Result<u64> {
+        if option == IommuOption::RlimitMode
             && matches!(op, OptionOp::Set(_))
             && !(self.ioas.is_empty() && self.devices.is_empty())
         {
             return Err(IoptError::Busy);
         }
         let slot = match option {
-            Option_::RlimitMode => &mut self.rlimit_mode,
-            Option_::HugePages(ioas) => &mut self.get_mut(ioas)?.huge_pages,
+            IommuOption::RlimitMode => &mut self.rlimit_mode,
+            IommuOption::HugePages(ioas) => &mut self.get_mut(ioas)?.huge_pages,
         };
         match op {
             OptionOp::Get => Ok(*slot),
@@ -569,7 +569,7 @@ mod tests {
             fn unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64> {
                 self.0.unmap(ioas, iova, length)
             }
-            fn option(&mut self, option: Option_, op: OptionOp) -> Result<u64> {
+            fn option(&mut self, option: IommuOption, op: OptionOp) -> Result<u64> {
                 self.0.option(option, op)
             }
             fn attach(&mut self, dev: DeviceId, ioas: IoasId) -> Result<()> {

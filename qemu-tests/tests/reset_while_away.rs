@@ -27,7 +27,7 @@ use qemu_tests::{
     disk_image, guest_errors, hmp, skip_unless_ready, state_daemon, Guest, Running, Sockets, Viommu,
 };
 use test_frontend::daemon::{Scratch, SIGKILL};
-use vhost_user_iommu::journal::Journal;
+use vhost_user_iommu::state_file::Journal;
 
 const SOCKET: &str = "viommu.sock";
 const MIRROR: &str = "viommu-mirror.sock";

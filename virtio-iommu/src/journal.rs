@@ -32,7 +32,7 @@ const KIND_FEATURES: u8 = 8;
 
 /// One journal record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Record {
+pub enum Entry {
     /// A change of the translation state, as the device reported it.
     Change(Change),
     /// The request at position `pos` of the request queue's available ring
@@ -44,12 +44,12 @@ pub enum Record {
     Features(u64),
 }
 
-impl Record {
+impl Entry {
     /// The record's bytes.
     pub fn encode(&self) -> [u8; RECORD_LEN] {
         let mut e = [0u8; RECORD_LEN];
         match *self {
-            Record::Change(c) => {
+            Entry::Change(c) => {
                 if let Some(entry) = encode_entry(&c) {
                     return entry;
                 }
@@ -77,7 +77,7 @@ impl Record {
                     Change::Attach { .. } | Change::Map { .. } => unreachable!("entries"),
                 }
             }
-            Record::Done {
+            Entry::Done {
                 pos,
                 status,
                 digest,
@@ -87,7 +87,7 @@ impl Record {
                 e[2..4].copy_from_slice(&pos.to_le_bytes());
                 e[8..16].copy_from_slice(&digest.to_le_bytes());
             }
-            Record::Features(f) => {
+            Entry::Features(f) => {
                 e[0] = KIND_FEATURES;
                 e[16..24].copy_from_slice(&f.to_le_bytes());
             }
@@ -99,26 +99,26 @@ impl Record {
     /// are ignored).
     pub fn decode(e: &[u8; RECORD_LEN]) -> Option<Self> {
         if let Some(c) = decode_entry(e) {
-            return Some(Record::Change(c));
+            return Some(Entry::Change(c));
         }
         Some(match e[0] {
-            KIND_DETACH => Record::Change(Change::Detach {
+            KIND_DETACH => Entry::Change(Change::Detach {
                 endpoint: le_u32(&e[4..8]),
                 domain: le_u32(&e[8..12]),
             }),
-            KIND_UNMAP => Record::Change(Change::Unmap {
+            KIND_UNMAP => Entry::Change(Change::Unmap {
                 domain: le_u32(&e[8..12]),
                 virt_start: le_u64(&e[16..24]),
                 virt_end: le_u64(&e[24..32]),
             }),
-            KIND_BYPASS => Record::Change(Change::GlobalBypass(e[1] & 1 != 0)),
-            KIND_RESET => Record::Change(Change::Reset),
-            KIND_DONE => Record::Done {
+            KIND_BYPASS => Entry::Change(Change::GlobalBypass(e[1] & 1 != 0)),
+            KIND_RESET => Entry::Change(Change::Reset),
+            KIND_DONE => Entry::Done {
                 pos: u16::from_le_bytes([e[2], e[3]]),
                 status: e[1],
                 digest: le_u64(&e[8..16]),
             },
-            KIND_FEATURES => Record::Features(le_u64(&e[16..24])),
+            KIND_FEATURES => Entry::Features(le_u64(&e[16..24])),
             _ => return None,
         })
     }
@@ -195,11 +195,11 @@ impl Replay {
         self.records
     }
 
-    pub fn apply(&mut self, r: &Record) {
+    pub fn apply(&mut self, r: &Entry) {
         self.records += 1;
         match *r {
-            Record::Features(f) => self.features = f,
-            Record::Done {
+            Entry::Features(f) => self.features = f,
+            Entry::Done {
                 pos,
                 status,
                 digest,
@@ -213,7 +213,7 @@ impl Replay {
                     digest,
                 });
             }
-            Record::Change(c) => self.change(c),
+            Entry::Change(c) => self.change(c),
         }
     }
 
@@ -420,10 +420,10 @@ mod tests {
 
     /// Records, as the daemon's journal writes them.
     #[derive(Default)]
-    struct Log(Vec<Record>);
+    struct Log(Vec<Entry>);
     impl ChangeSink for Log {
         fn change(&mut self, c: Change) {
-            self.0.push(Record::Change(c));
+            self.0.push(Entry::Change(c));
         }
     }
 
@@ -495,45 +495,45 @@ mod tests {
     #[test]
     fn every_record_round_trips_through_its_bytes() {
         let records = [
-            Record::Change(Change::Attach {
+            Entry::Change(Change::Attach {
                 endpoint: 8,
                 domain: 3,
                 bypass: true,
             }),
-            Record::Change(Change::Detach {
+            Entry::Change(Change::Detach {
                 endpoint: 8,
                 domain: 3,
             }),
-            Record::Change(Change::Map {
+            Entry::Change(Change::Map {
                 domain: 3,
                 virt_start: 0x1000,
                 virt_end: 0x1fff,
                 phys_start: 0x9000,
                 flags: 1,
             }),
-            Record::Change(Change::Unmap {
+            Entry::Change(Change::Unmap {
                 domain: 3,
                 virt_start: 0,
                 virt_end: u64::MAX,
             }),
-            Record::Change(Change::GlobalBypass(true)),
-            Record::Change(Change::GlobalBypass(false)),
-            Record::Change(Change::Reset),
-            Record::Done {
+            Entry::Change(Change::GlobalBypass(true)),
+            Entry::Change(Change::GlobalBypass(false)),
+            Entry::Change(Change::Reset),
+            Entry::Done {
                 pos: 0xfffe,
                 status: 4,
                 digest: 0x0123_4567_89ab_cdef,
             },
-            Record::Features(0x1_0000_0033),
+            Entry::Features(0x1_0000_0033),
         ];
         for r in records {
-            assert_eq!(Record::decode(&r.encode()), Some(r), "{r:?}");
+            assert_eq!(Entry::decode(&r.encode()), Some(r), "{r:?}");
         }
         let mut unknown = [0u8; RECORD_LEN];
         unknown[0] = 99;
-        assert_eq!(Record::decode(&unknown), None);
+        assert_eq!(Entry::decode(&unknown), None);
         assert_eq!(
-            Record::decode(&[0; RECORD_LEN]),
+            Entry::decode(&[0; RECORD_LEN]),
             None,
             "zeroes are no record"
         );
@@ -599,8 +599,8 @@ mod tests {
         ) {
             let mut d = device();
             let mut log = Log::default();
-            log.0.push(Record::Features(d.acked_features()));
-            log.0.push(Record::Change(Change::GlobalBypass(d.config().bypass != 0)));
+            log.0.push(Entry::Features(d.acked_features()));
+            log.0.push(Entry::Change(Change::GlobalBypass(d.config().bypass != 0)));
             for (pos, op) in ops.iter().enumerate() {
                 match op {
                     Op::Bypass(on) => {
@@ -609,20 +609,20 @@ mod tests {
                     Op::Reset => {
                         d.reset(&mut log);
                         d.set_acked_features(u64::MAX);
-                        log.0.push(Record::Features(d.acked_features()));
+                        log.0.push(Entry::Features(d.acked_features()));
                     }
                     _ => {
                         let req = request(op).unwrap();
                         let mut reply = [0u8; 4];
                         prop_assert_eq!(d.handle_request(&req, &mut reply, &Ram, &mut log), 4);
-                        log.0.push(Record::Done { pos: pos as u16, status: reply[0], digest: digest(&req) });
+                        log.0.push(Entry::Done { pos: pos as u16, status: reply[0], digest: digest(&req) });
                     }
                 }
             }
             let mut replay = Replay::new();
             for r in &log.0 {
                 // Through the bytes, as the file holds them.
-                replay.apply(&Record::decode(&r.encode()).unwrap());
+                replay.apply(&Entry::decode(&r.encode()).unwrap());
             }
             let mut want = d.save_state();
             let mut got = replay.state();

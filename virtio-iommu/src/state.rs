@@ -58,7 +58,7 @@ pub enum StateError {
 }
 
 /// One entry's bytes: ATTACH and MAP; `None` for the changes that are not
-/// state. The state journal (src/journal.rs) records them in the same layout.
+/// state. The state journal (backend/src/state_file.rs) records them in the same layout.
 pub(crate) fn encode_entry(c: &Change) -> Option<[u8; ENTRY_LEN]> {
     let mut e = [0u8; ENTRY_LEN];
     match *c {

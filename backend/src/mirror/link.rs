@@ -104,7 +104,7 @@ impl Conn {
 }
 
 #[derive(Debug, Default)]
-struct State {
+struct Link {
     conn: Option<Conn>,
     next_conn_id: u64,
     release_epoch: u64,
@@ -117,7 +117,7 @@ struct State {
 
 #[derive(Debug, Default)]
 struct Shared {
-    state: Mutex<State>,
+    state: Mutex<Link>,
     /// Requests may have to wait for a synced QEMU ([`MirrorHandle::wait_synced`]
     /// looks under the lock); false only while one is synced or none is
     /// expected. Set under the lock whenever that may have changed.
@@ -129,7 +129,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, Link> {
         // A panic elsewhere must not take the mirror down with it.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -334,7 +334,7 @@ impl MirrorHandle {
 /// made later under the same lock as the change, has it — and a batch
 /// flagged SYNC ahead of the dump would tell QEMU a copy is whole that is
 /// not (§6 step 2).
-fn dumped(st: &mut State) -> Option<&mut Conn> {
+fn dumped(st: &mut Link) -> Option<&mut Conn> {
     st.conn.as_mut().filter(|c| c.dump_seq > 0)
 }
 

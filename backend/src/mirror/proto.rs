@@ -323,7 +323,7 @@ pub struct Fault {
 /// A VFIO_DEVICE message (§14): an iommufd-backed VFIO device behind the
 /// vIOMMU appeared (ADD, with its iommufd file and device file) or went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct VfioDevice {
+pub struct VfioDeviceMsg {
     /// Its endpoint ID (requester ID).
     pub endpoint: u32,
     /// The device ID `VFIO_DEVICE_BIND_IOMMUFD` gave QEMU (ADD only).
@@ -343,7 +343,7 @@ pub enum FromQemu {
     Ack(u64),
     Fault(Fault),
     SystemReset(u32),
-    VfioDevice(VfioDevice),
+    VfioDevice(VfioDeviceMsg),
     /// The pipe to write on used-ring updates and the kick page come with
     /// it (2.3, §15).
     CompletionFd,
@@ -420,7 +420,7 @@ pub fn decode_from_qemu(h: &Header, payload: &[u8]) -> Result<FromQemu, ProtoErr
                 VFIO_DEVICE_REMOVE => false,
                 op => return Err(ProtoError::BadVfioOp(op)),
             };
-            Ok(FromQemu::VfioDevice(VfioDevice {
+            Ok(FromQemu::VfioDevice(VfioDeviceMsg {
                 endpoint: le_u32(&payload[0..4]),
                 devid: le_u32(&payload[4..8]),
                 add,
@@ -624,7 +624,7 @@ mod tests {
         let add = hex("18 00 00 00 05 00 00 00 01 00 00 00 00 00 00 00");
         assert_eq!(
             decode_from_qemu(&h(16), &add),
-            Ok(FromQemu::VfioDevice(VfioDevice {
+            Ok(FromQemu::VfioDevice(VfioDeviceMsg {
                 endpoint: 0x18,
                 devid: 5,
                 add: true
@@ -633,7 +633,7 @@ mod tests {
         let remove = hex("18 00 00 00 00 00 00 00 02 00 00 00 00 00 00 00");
         assert!(matches!(
             decode_from_qemu(&h(16), &remove),
-            Ok(FromQemu::VfioDevice(VfioDevice { add: false, .. }))
+            Ok(FromQemu::VfioDevice(VfioDeviceMsg { add: false, .. }))
         ));
         let bad = hex("18 00 00 00 00 00 00 00 03 00 00 00 00 00 00 00");
         assert_eq!(

@@ -28,10 +28,10 @@ use crate::device_state::Transfer;
 use crate::exit_event::ExitEvents;
 use crate::guest_ram::{self, GuestMem, GuestRamView, MemoryFiles};
 use crate::ioas::IommuDevice;
-use crate::journal::{Journal, Recovered};
 use crate::mirror::{self, MirrorHandle, WaitOutcome};
 use crate::poll::{AdaptivePoll, Regime, Window};
 use crate::session::{Publish, Reset, Session, Sink};
+use crate::state_file::{Journal, Recovered};
 use crate::vring::Vring;
 
 mod batch;
@@ -205,7 +205,7 @@ impl IommuBackend {
         self
     }
 
-    /// Journal every change to the state file `journal` (src/journal.rs),
+    /// Journal every change to the state file `journal` (src/state_file.rs),
     /// after becoming the device `recovered` describes, if a previous
     /// daemon left one: its attachments and mappings (entering the IOASes
     /// when the front-end's memory table arrives), and the requests it

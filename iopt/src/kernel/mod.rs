@@ -20,8 +20,8 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use crate::{
-    CopyRequest, DeviceId, Errno, IoasId, Iommufd, IoptError, IovaRange, IovaRanges, MapRequest,
-    OptionOp, Option_, Prot, Result,
+    CopyRequest, DeviceId, Errno, IoasId, IommuOption, Iommufd, IoptError, IovaRange, IovaRanges,
+    MapRequest, OptionOp, Prot, Result,
 };
 use uapi::size_of;
 
@@ -347,10 +347,10 @@ impl Iommufd for KernelIommufd {
         Ok(cmd.length)
     }
 
-    fn option(&mut self, option: Option_, op: OptionOp) -> Result<u64> {
+    fn option(&mut self, option: IommuOption, op: OptionOp) -> Result<u64> {
         let (option_id, object_id) = match option {
-            Option_::RlimitMode => (uapi::IOMMU_OPTION_RLIMIT_MODE, 0),
-            Option_::HugePages(ioas) => (uapi::IOMMU_OPTION_HUGE_PAGES, ioas.0),
+            IommuOption::RlimitMode => (uapi::IOMMU_OPTION_RLIMIT_MODE, 0),
+            IommuOption::HugePages(ioas) => (uapi::IOMMU_OPTION_HUGE_PAGES, ioas.0),
         };
         let (op, val64) = match op {
             OptionOp::Set(value) => (uapi::IOMMU_OPTION_OP_SET, value),

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use iopt::Iommufd;
 
 use crate::mirror::SharedMem;
-use virtio_iommu::journal::{Answered, Completion, Record, Replay, RECENT_DONE, RECORD_LEN};
+use virtio_iommu::journal::{Answered, Completion, Entry, Replay, RECENT_DONE, RECORD_LEN};
 use virtio_iommu::{Change, ChangeSink, Device, DeviceState};
 
 /// `magic`: the bytes `V U I J`.
@@ -245,7 +245,7 @@ impl Journal {
         let mut replay = Replay::new();
         for (n, at) in (0..committed as usize).step_by(RECORD_LEN).enumerate() {
             let bytes = self.record_at(active, at);
-            match Record::decode(&bytes) {
+            match Entry::decode(&bytes) {
                 Some(r) => replay.apply(&r),
                 None => return Err(Unrecoverable::BadRecord(n as u64, bytes[0])),
             }
@@ -285,7 +285,7 @@ impl Journal {
     }
 
     /// Append one record to the active half (not committed yet).
-    fn append(&mut self, r: &Record) {
+    fn append(&mut self, r: &Entry) {
         if self.broken || self.full || self.active == NONE_ACTIVE {
             return;
         }
@@ -293,7 +293,7 @@ impl Journal {
             self.full = true;
             return;
         }
-        if matches!(r, Record::Change(Change::Reset)) {
+        if matches!(r, Entry::Change(Change::Reset)) {
             self.reset = true;
         }
         self.write_at(self.active, self.end, &r.encode());
@@ -320,7 +320,7 @@ impl Journal {
     /// A request was carried out: commit it with its changes.
     pub fn done<F: Iommufd>(&mut self, c: Completion, device: &Device<F>) {
         self.remember(c);
-        self.append(&Record::Done {
+        self.append(&Entry::Done {
             pos: c.pos,
             status: c.status,
             digest: c.digest,
@@ -337,7 +337,7 @@ impl Journal {
         }
         let features = device.acked_features();
         if features != self.features && !self.reset {
-            self.append(&Record::Features(features));
+            self.append(&Entry::Features(features));
             self.features = features;
         }
         if self.full || self.reset || (self.broken && device_is_empty(device)) {
@@ -361,12 +361,12 @@ impl Journal {
         self.full = false;
         self.reset = false;
         self.broken = false;
-        self.append(&Record::Features(device.acked_features()));
+        self.append(&Entry::Features(device.acked_features()));
         self.features = device.acked_features();
         device.replay(&mut Appender(self));
         for i in 0..self.done_len {
             let c = self.done[(self.done_head + i) % RECENT_DONE];
-            self.append(&Record::Done {
+            self.append(&Entry::Done {
                 pos: c.pos,
                 status: c.status,
                 digest: c.digest,
@@ -416,13 +416,13 @@ struct Appender<'a>(&'a mut Journal);
 
 impl ChangeSink for Appender<'_> {
     fn change(&mut self, c: Change) {
-        self.0.append(&Record::Change(c));
+        self.0.append(&Entry::Change(c));
     }
 }
 
 impl ChangeSink for Journal {
     fn change(&mut self, c: Change) {
-        self.append(&Record::Change(c));
+        self.append(&Entry::Change(c));
     }
 }
 
