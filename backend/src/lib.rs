@@ -44,6 +44,7 @@ pub mod guest_ram;
 pub mod ioas;
 pub mod mirror;
 pub mod passthrough;
+pub mod peer;
 pub mod placement;
 pub mod poll;
 pub mod sched;

@@ -292,7 +292,23 @@ impl Server {
             .map_err(ConnectionError::Setup)?;
         workers.extend(daemon.get_epoll_handlers().iter().map(Arc::downgrade));
         daemon.start(listener).map_err(ConnectionError::Start)?;
-        log::info!("front-end connected");
+        // Its process is the only one whose mirror connection is served
+        // (docs/mirror-protocol.md §6 rule 7).
+        let front_end = match crate::peer::local_path(&self.listener) {
+            Some(path) => match crate::peer::connected_to(&path)[..] {
+                [pid] => Some(pid),
+                _ => None,
+            },
+            None => None,
+        };
+        match front_end {
+            Some(pid) => log::info!("front-end connected (process {pid})"),
+            None => log::warn!(
+                "front-end connected, but its process is unknown: any process may connect to \
+                 the mirror socket"
+            ),
+        }
+        backend.front_end_process(front_end);
         *self
             .stopper
             .current
@@ -313,6 +329,7 @@ impl Server {
         if self.stopper.stopped() {
             backend.stopping();
         }
+        backend.front_end_process(None);
         backend.disconnected();
         // The workers end with the daemon (its handler joins them); a queue
         // event one of them handled meanwhile may have cached the vrings

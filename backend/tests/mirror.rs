@@ -423,6 +423,47 @@ fn a_vcpu_asleep_on_its_kick_is_told_when_the_used_ring_moves_and_only_then() {
     assert_eq!(k.signals(), 0);
 }
 
+/// Run by the test below in a child process (`--ignored --exact`): connect
+/// to the mirror socket it names and say how many bytes the daemon sent.
+#[test]
+#[ignore = "a child process's part of the test below"]
+fn mirror_peer_in_another_process() {
+    let path = std::env::var("VUI_MIRROR_PEER_SOCKET").expect("run by its parent test");
+    let mut s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 64];
+    let n = s.read(&mut b).unwrap_or(0);
+    println!("VUI-PEER-GOT {n}");
+}
+
+#[test]
+fn only_the_front_ends_process_is_served_on_the_mirror_socket() {
+    let d = start("stranger");
+    let _vm = d.connect(VmOptions::default()).unwrap();
+    // The daemon learns the front-end's process right after the accept.
+    std::thread::sleep(Duration::from_millis(200));
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "mirror_peer_in_another_process",
+            "--nocapture",
+        ])
+        .env("VUI_MIRROR_PEER_SOCKET", mirror(&d))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("VUI-PEER-GOT 0"),
+        "another process gets no HELLO: {text}"
+    );
+    // The front-end's own process is served.
+    let mut q = FakeQemu::connect(mirror(&d));
+    let (seq, sync, _) = q.events();
+    assert!(sync);
+    q.ack(seq);
+}
+
 #[test]
 fn with_notifiers_an_unmap_completes_only_after_qemus_ack() {
     let d = start("notifiers");

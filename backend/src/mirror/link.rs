@@ -94,6 +94,8 @@ struct Conn {
     closed: bool,
     /// The sequence number of the connect dump's SYNC batch (0 until sent).
     dump_seq: u64,
+    /// The peer's process (`SO_PEERCRED`).
+    peer: Option<u32>,
 }
 
 impl Conn {
@@ -113,7 +115,17 @@ struct Link {
     /// since the front-end came, or the daemon recovered the state of a
     /// QEMU that kept running ([`MirrorHandle::expect_peer`]).
     expect_peer: bool,
+    /// The vhost-user front-end's process, while one is connected: the only
+    /// process whose mirror connection is served (§6 rule 7).
+    front_end: Option<u32>,
+    /// How long a new connection has to send its HELLO (§6 rule 7);
+    /// [`HELLO_DEADLINE`] if unset.
+    hello_deadline: Option<Duration>,
 }
+
+/// How long a new connection has to send its HELLO before it is closed: a
+/// peer that never says who it is must not hold the socket (§6 rule 7).
+pub const HELLO_DEADLINE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Default)]
 struct Shared {
@@ -314,6 +326,33 @@ impl MirrorHandle {
     /// The CPU QEMU's vCPU last kicked the request queue from (§15).
     pub fn vcpu_cpu(&self) -> Option<usize> {
         self.shared.completion.vcpu_cpu()
+    }
+
+    /// The vhost-user front-end's process (`None`: none is connected).
+    /// Only that process's mirror connection is served (§6 rule 7): one
+    /// from another process is closed, now or when it connects.
+    pub fn set_front_end(&self, pid: Option<u32>) {
+        let mut st = self.shared.lock();
+        st.front_end = pid;
+        if let (Some(pid), Some(c)) = (pid, st.conn.as_mut()) {
+            if !c.closed && c.peer != Some(pid) {
+                log::warn!(
+                    "mirror: connection {} is from process {}, not the front-end's QEMU \
+                     (process {pid}): closing it",
+                    c.id,
+                    c.peer.map_or("?".into(), |p| p.to_string())
+                );
+                close(c, &self.shared.gate);
+            }
+        }
+        drop(st);
+        self.shared.changed.notify_all();
+    }
+
+    /// How long new connections have to send their HELLO (tests; default
+    /// [`HELLO_DEADLINE`]).
+    pub fn set_hello_deadline(&self, deadline: Duration) {
+        self.shared.lock().hello_deadline = Some(deadline);
     }
 
     /// Whether a QEMU is connected.
@@ -522,8 +561,21 @@ fn serve(
 ) -> io::Result<()> {
     let reader = stream.try_clone()?;
     let writer = stream.try_clone()?;
-    let id = {
+    let peer = crate::peer::peer_pid(&stream);
+    let (id, hello_deadline) = {
         let mut st = shared.lock();
+        // Only the front-end's QEMU (§6 rule 7): any other local process
+        // that can reach the socket could otherwise complete strict
+        // invalidations QEMU never saw, or decide a recovery.
+        if let Some(front_end) = st.front_end.filter(|&f| peer != Some(f)) {
+            log::warn!(
+                "mirror: refusing a connection from process {}: the front-end's QEMU is \
+                 process {front_end}",
+                peer.map_or("?".into(), |p| p.to_string())
+            );
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            return Ok(());
+        }
         // One QEMU at a time: whoever else can reach the socket must not
         // knock the connected one off (§6). Its own reconnection comes after
         // its old connection closed.
@@ -572,11 +624,17 @@ fn serve(
         st.conn = Some(Conn {
             id: st.next_conn_id,
             stream: Some(stream),
+            peer,
             ..Default::default()
         });
-        st.next_conn_id
+        (st.next_conn_id, st.hello_deadline.unwrap_or(HELLO_DEADLINE))
     };
-    log::info!("mirror: QEMU connected (connection {id})");
+    // Until its HELLO, a read that waits this long ends the connection.
+    reader.set_read_timeout(Some(hello_deadline))?;
+    log::info!(
+        "mirror: QEMU connected (connection {id}, process {})",
+        peer.map_or("?".into(), |p| p.to_string())
+    );
 
     let sh = shared.clone();
     std::thread::Builder::new()
@@ -722,8 +780,19 @@ fn read_loop(
     let mut payload = vec![0u8; proto::MAX_PAYLOAD_LEN];
     loop {
         let mut h = [0u8; HEADER_LEN];
-        if !inbound.read_exact(&mut h)? {
-            return Ok(());
+        match inbound.read_exact(&mut h) {
+            Ok(true) => {}
+            Ok(false) => return Ok(()),
+            Err(ReadError::Io(e))
+                if !hello
+                    && matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+            {
+                return Err(ProtoError::NoHelloInTime.into());
+            }
+            Err(e) => return Err(e),
         }
         let header = Header::decode(&h);
         let len = header.payload_len()?;
@@ -740,6 +809,7 @@ fn read_loop(
         match (hello, msg) {
             (false, FromQemu::Hello { instance }) => {
                 hello = true;
+                inbound.stream.set_read_timeout(None)?;
                 hooks.qemu_hello(instance);
                 dump(shared, id, hooks);
             }
@@ -1198,6 +1268,43 @@ mod tests {
         });
         assert!(!h.signal_completions());
         assert!(h.is_connected());
+    }
+
+    #[test]
+    fn only_the_front_ends_process_is_served_now_or_once_it_is_known() {
+        let (server, _rec, path) = start("front-end", vec![]);
+        let h = server.handle();
+        let me = std::process::id();
+        // The front-end is another process (pid 1): we are refused.
+        h.set_front_end(Some(1));
+        let mut q = FakeQemu::connect(&path);
+        assert!(q.recv().is_none(), "refused");
+        assert!(!h.is_connected());
+        // The front-end is us: served.
+        h.set_front_end(Some(me));
+        let mut q = connect_synced(&path, &h);
+        // A front-end of another process comes: our connection goes.
+        h.set_front_end(Some(1));
+        assert!(q.recv().is_none(), "closed");
+        wait_for("closed", || !h.is_connected());
+        // No front-end: anyone may connect (QEMU's mirror may come first).
+        h.set_front_end(None);
+        let _q = connect_synced(&path, &h);
+    }
+
+    #[test]
+    fn a_peer_that_sends_no_hello_in_time_is_closed_and_the_next_served() {
+        let (server, _rec, path) = start("hello-deadline", vec![]);
+        let h = server.handle();
+        h.set_hello_deadline(Duration::from_millis(100));
+        let mut silent = FakeQemu::connect(&path);
+        let (hello, _, _) = silent.recv_hello();
+        assert_eq!(hello.msg_type, MsgType::Hello as u16);
+        let t0 = Instant::now();
+        assert!(silent.recv().is_none(), "closed");
+        assert!(t0.elapsed() < Duration::from_secs(4), "by the deadline");
+        wait_for("closed", || !h.is_connected());
+        let _q = connect_synced(&path, &h);
     }
 
     fn wait_connected(h: &MirrorHandle) {

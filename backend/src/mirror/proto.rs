@@ -101,6 +101,8 @@ pub enum ProtoError {
     BadMajor(u16),
     #[error("message before the peer's HELLO")]
     NoHello,
+    #[error("no HELLO in time")]
+    NoHelloInTime,
     #[error("second HELLO")]
     SecondHello,
     #[error("ACK for batch {got}, expected {expected}")]

@@ -232,6 +232,13 @@ impl IommuBackend {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The process of the connected front-end (`None`: it left, or is
+    /// unknown): only its mirror connection is served
+    /// (docs/mirror-protocol.md §6 rule 7).
+    pub fn front_end_process(&self, pid: Option<u32>) {
+        self.mirror.set_front_end(pid);
+    }
+
     /// Start over for a new front-end connection: the device at power-on,
     /// no memory, no vrings (the old front-end's state is gone) — unless it
     /// is the recovered device's QEMU reconnecting.
