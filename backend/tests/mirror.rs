@@ -624,6 +624,29 @@ fn a_front_end_leaving_while_its_request_waits_for_an_ack_does_not_hold_up_the_n
 }
 
 #[test]
+fn get_vring_base_is_answered_once_a_parked_request_is_in_the_used_ring() {
+    use vhost::VhostBackend;
+    let d = start("vring-base");
+    let mut q = FakeQemu::connect(mirror(&d));
+    let (seq, _, _) = q.events();
+    q.ack(seq);
+    // QEMU holds its ACKs: the ATTACH is parked.
+    let opts = VmOptions {
+        timeout: Duration::from_millis(300),
+        ..VmOptions::default()
+    };
+    let mut vm = d.connect(opts).unwrap();
+    assert!(vm.attach(1, 8, 0).is_err(), "completed without the ACK");
+    while !q.events().2.iter().any(|r| r.0 == OP_ATTACH) {}
+    assert_eq!(vm.request_queue().used_idx().unwrap(), 0);
+    // The front-end stops the queue: the answer comes after the request is
+    // used, so the base QEMU saves and the used ring agree.
+    let base = vm.frontend().get_vring_base(0).unwrap();
+    assert_eq!(base, 1);
+    assert_eq!(vm.request_queue().used_idx().unwrap(), 1);
+}
+
+#[test]
 fn a_system_reset_clears_the_state_and_is_answered_with_a_sync_reset() {
     let d = start("reset");
     let mut vm = d.connect(VmOptions::default()).unwrap();

@@ -6,6 +6,7 @@
 //! ([`IommuBackend::complete`], §15).
 
 use std::io;
+use std::sync::atomic::Ordering;
 
 use vhost_user_backend::VringT;
 use vm_memory::GuestAddressSpace;
@@ -62,11 +63,16 @@ impl IommuBackend {
     /// completions go into the used ring together (one index update, one
     /// notification decision: [`complete_chains`]).
     pub(super) fn process_batch(&self, vring: &Vring, polled: bool) -> io::Result<()> {
-        let Some((completed, ticket)) = self.carry_out(vring, polled) else {
-            return Ok(());
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let done = match self.carry_out(vring, polled) {
+            Some((completed, ticket)) => {
+                let acked = self.wait_for_qemu(ticket, !completed.is_empty());
+                self.complete(vring, completed, acked)
+            }
+            None => Ok(()),
         };
-        let acked = self.wait_for_qemu(ticket, !completed.is_empty());
-        self.complete(vring, completed, acked)
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        done
     }
 
     /// Carry out every available request under one device lock. `None`

@@ -9,6 +9,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -67,6 +68,8 @@ pub const DEFAULT_WORKER_SLICE_US: u64 = 0;
 /// How long a request waits for the mirror's ACK before the link is
 /// declared stuck and closed (then QEMU drops its copy: fail safe).
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `GET_VRING_BASE` waits for a batch in flight to be completed.
+const STOP_WAIT: Duration = Duration::from_secs(2);
 
 /// Counters of the vhost-user side (the model keeps its own).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -150,6 +153,10 @@ pub struct IommuBackend {
     /// Serve beside a vCPU asleep on its kick while not polling
     /// (src/placement.rs).
     follow_vcpu: bool,
+    /// Batches between claiming their chains and putting them in the used
+    /// ring: `GET_VRING_BASE` is answered only once none is
+    /// (docs/mirror-protocol.md §8 rule 2).
+    in_flight: Arc<AtomicU32>,
 }
 
 impl IommuBackend {
@@ -171,6 +178,7 @@ impl IommuBackend {
             mirror,
             memory_files: MemoryFiles::default(),
             exit_events: Arc::new(ExitEvents::default()),
+            in_flight: Arc::default(),
             worker_slice: None,
             follow_vcpu: true,
         }
@@ -598,9 +606,19 @@ impl VhostUserBackend for IommuBackend {
     }
 
     /// `GET_VRING_BASE`: the front-end stops the queue. Requests parked for
-    /// a mirror ACK complete now (docs/mirror-protocol.md §8 rule 2).
+    /// a mirror ACK complete now, and the answer (the base QEMU saves) waits
+    /// until they are in the used ring (docs/mirror-protocol.md §8 rule 2):
+    /// a used element written after it lands in a ring QEMU has stopped.
     fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {
         self.mirror.release_waiters();
+        let t0 = Instant::now();
+        while self.in_flight.load(Ordering::Acquire) > 0 {
+            if t0.elapsed() > STOP_WAIT {
+                log::warn!("GET_VRING_BASE: a batch is still being served after {STOP_WAIT:?}");
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
         Ok(())
     }
 
