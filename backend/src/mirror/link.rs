@@ -593,10 +593,9 @@ fn serve(
             return Ok(());
         }
         // A new QEMU starts with no notifiers (§11): it sets the flags of
-        // the endpoints that have some once it has mapped them.
-        for f in memory.flags.as_u8s() {
-            f.store(0, Ordering::Relaxed);
-        }
+        // the endpoints that have some once it has mapped them, in a file
+        // of its own: what an earlier peer still holds is no longer read.
+        memory.flags.renew()?;
         // The HELLO goes first and alone: it carries the shared memory's
         // files. It is small, so on a fresh socket this never blocks.
         let mut hello = Vec::with_capacity(HEADER_LEN + proto::DAEMON_HELLO_LEN);

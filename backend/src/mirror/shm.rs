@@ -6,8 +6,10 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::ffi::{CStr, CString};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, AtomicU8};
+use std::sync::{Mutex, MutexGuard};
 
 /// A memfd of a fixed size, mapped shared and read-write in this process.
 ///
@@ -17,7 +19,9 @@ use std::sync::atomic::{AtomicU64, AtomicU8};
 /// new writable mapping (the peer may then only map it read-only).
 #[derive(Debug)]
 pub struct SharedMem {
-    file: File,
+    /// The file behind the mapping: replaced by [`SharedMem::renew`].
+    file: Mutex<File>,
+    name: CString,
     ptr: NonNull<u8>,
     len: usize,
 }
@@ -31,35 +35,49 @@ unsafe impl Sync for SharedMem {}
 impl SharedMem {
     /// A zeroed memfd of `len` bytes (a multiple of 8), mapped read-write.
     /// Its pages take memory only once written.
-    pub fn new(name: &std::ffi::CStr, len: usize) -> io::Result<Self> {
+    pub fn new(name: &CStr, len: usize) -> io::Result<Self> {
         if len == 0 || !len.is_multiple_of(8) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "shared memory size must be a non-zero multiple of 8",
             ));
         }
-        // SAFETY: `name` is NUL-terminated; the flags are valid.
-        let fd = unsafe {
-            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(len as u64)?;
-        // SAFETY: F_ADD_SEALS on our own memfd, created with MFD_ALLOW_SEALING.
-        let r = unsafe {
-            libc::fcntl(
-                file.as_raw_fd(),
-                libc::F_ADD_SEALS,
-                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+        let file = memfd(name, len, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW)?;
+        let mut m = Self::map(file, len)?;
+        m.name = name.to_owned();
+        Ok(m)
+    }
+
+    /// Put a new, zeroed file behind the mapping, sealed against resizing
+    /// and further seals, in place of the old one (`MAP_FIXED` replaces the
+    /// pages atomically: this process reads the new file's at once). Whoever
+    /// holds the old file keeps it, but nothing written there is seen here
+    /// any more: a mirror peer's file is its own (docs/mirror-protocol.md
+    /// §11, notifier flags).
+    pub fn renew(&self) -> io::Result<()> {
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let new = memfd(
+            &self.name,
+            self.len,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+        )?;
+        // SAFETY: replaces exactly our own mapping (`ptr`, `len`) with one
+        // of a file of that length that cannot shrink; only atomics read it.
+        let p = unsafe {
+            libc::mmap(
+                self.ptr.as_ptr().cast(),
+                self.len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                new.as_raw_fd(),
+                0,
             )
         };
-        if r < 0 {
+        if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Self::map(file, len)
+        *file = new;
+        Ok(())
     }
 
     /// A shared read-write mapping of all of `file`, which is `len` bytes
@@ -90,7 +108,12 @@ impl SharedMem {
             return Err(io::Error::last_os_error());
         }
         let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(io::Error::last_os_error)?;
-        Ok(Self { file, ptr, len })
+        Ok(Self {
+            file: Mutex::new(file),
+            name: c"vhost-user-iommu".to_owned(),
+            ptr,
+            len,
+        })
     }
 
     /// Forbid new writable mappings and writes through the file
@@ -99,7 +122,7 @@ impl SharedMem {
         // SAFETY: F_ADD_SEALS on our own memfd.
         let r = unsafe {
             libc::fcntl(
-                self.file.as_raw_fd(),
+                self.file().as_raw_fd(),
                 libc::F_ADD_SEALS,
                 libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_SEAL,
             )
@@ -111,8 +134,8 @@ impl SharedMem {
     }
 
     /// The file, to pass to QEMU.
-    pub fn file(&self) -> &File {
-        &self.file
+    pub fn file(&self) -> MutexGuard<'_, File> {
+        self.file.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn len(&self) -> usize {
@@ -138,6 +161,25 @@ impl SharedMem {
     }
 }
 
+/// A memfd of `len` bytes with `seals`.
+fn memfd(name: &CStr, len: usize, seals: libc::c_int) -> io::Result<File> {
+    // SAFETY: `name` is NUL-terminated; the flags are valid.
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len as u64)?;
+    // SAFETY: F_ADD_SEALS on our own memfd, created with MFD_ALLOW_SEALING.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
 impl Drop for SharedMem {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly the mapping made in `map`; no reference
@@ -152,6 +194,45 @@ impl Drop for SharedMem {
 mod tests {
     use super::*;
     use std::sync::atomic::Ordering;
+
+    #[test]
+    fn a_renewed_file_is_seen_at_once_and_the_old_holders_writes_are_not() {
+        let m = SharedMem::new(c"vui-test", 4096).unwrap();
+        let old = m.file().try_clone().unwrap();
+        // SAFETY: a shared mapping of our 4096-byte file, unmapped below.
+        let theirs = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                old.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(theirs, libc::MAP_FAILED);
+        // SAFETY: within the mapping just made.
+        unsafe { *theirs.cast::<u8>().add(5) = 1 };
+        assert_eq!(m.as_u8s()[5].load(Ordering::SeqCst), 1);
+        m.renew().unwrap();
+        assert_eq!(m.as_u8s()[5].load(Ordering::SeqCst), 0, "a fresh file");
+        // SAFETY: as above.
+        unsafe { *theirs.cast::<u8>().add(6) = 1 };
+        assert_eq!(m.as_u8s()[6].load(Ordering::SeqCst), 0, "not seen any more");
+        // The new file takes no further seals (no peer can lock the next
+        // one out of a writable mapping).
+        // SAFETY: F_ADD_SEALS on the new file.
+        let r = unsafe {
+            libc::fcntl(
+                m.file().as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_FUTURE_WRITE,
+            )
+        };
+        assert_eq!(r, -1);
+        // SAFETY: unmapping the mapping made above.
+        unsafe { libc::munmap(theirs, 4096) };
+    }
 
     #[test]
     fn a_sealed_file_cannot_be_resized_or_mapped_writable_again() {
