@@ -121,7 +121,14 @@ struct Link {
     /// How long a new connection has to send its HELLO (§6 rule 7);
     /// [`HELLO_DEADLINE`] if unset.
     hello_deadline: Option<Duration>,
+    /// How long a write may wait for the peer to read; [`WRITE_DEADLINE`]
+    /// if unset.
+    write_deadline: Option<Duration>,
 }
+
+/// How long a write to the peer may wait for it to read: a peer that stops
+/// reading is closed, not left holding the socket (§12).
+pub const WRITE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// How long a new connection has to send its HELLO before it is closed: a
 /// peer that never says who it is must not hold the socket (§6 rule 7).
@@ -355,6 +362,12 @@ impl MirrorHandle {
         self.shared.lock().hello_deadline = Some(deadline);
     }
 
+    /// How long writes to new connections may wait for the peer to read
+    /// (tests; default [`WRITE_DEADLINE`]).
+    pub fn set_write_deadline(&self, deadline: Duration) {
+        self.shared.lock().write_deadline = Some(deadline);
+    }
+
     /// Whether a QEMU is connected.
     pub fn is_connected(&self) -> bool {
         self.shared.lock().conn.as_ref().is_some_and(|c| !c.closed)
@@ -562,7 +575,7 @@ fn serve(
     let reader = stream.try_clone()?;
     let writer = stream.try_clone()?;
     let peer = crate::peer::peer_pid(&stream);
-    let (id, hello_deadline) = {
+    let (id, hello_deadline, write_deadline) = {
         let mut st = shared.lock();
         // Only the front-end's QEMU (§6 rule 7): any other local process
         // that can reach the socket could otherwise complete strict
@@ -626,10 +639,15 @@ fn serve(
             peer,
             ..Default::default()
         });
-        (st.next_conn_id, st.hello_deadline.unwrap_or(HELLO_DEADLINE))
+        (
+            st.next_conn_id,
+            st.hello_deadline.unwrap_or(HELLO_DEADLINE),
+            st.write_deadline.unwrap_or(WRITE_DEADLINE),
+        )
     };
     // Until its HELLO, a read that waits this long ends the connection.
     reader.set_read_timeout(Some(hello_deadline))?;
+    writer.set_write_timeout(Some(write_deadline))?;
     log::info!(
         "mirror: QEMU connected (connection {id}, process {})",
         peer.map_or("?".into(), |p| p.to_string())
@@ -684,7 +702,13 @@ fn write_loop(mut stream: UnixStream, shared: Arc<Shared>, id: u64) {
             }
         }
         if let Err(e) = stream.write_all(&buf) {
-            log::error!("mirror: write to QEMU failed: {e}");
+            match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => log::error!(
+                    "mirror: connection {id}: the peer has not read its socket in time: \
+                     closing it"
+                ),
+                _ => log::error!("mirror: write to QEMU failed: {e}"),
+            }
             if let Some(c) = shared.lock().conn.as_mut().filter(|c| c.id == id) {
                 close(c, &shared.gate);
             }
@@ -819,7 +843,14 @@ fn read_loop(
                 let Some(c) = st.conn.as_mut().filter(|c| c.id == id) else {
                     return Ok(());
                 };
-                if seq != c.acked + 1 || seq > c.next_seq {
+                if seq > c.next_seq {
+                    return Err(ProtoError::AckUnsent {
+                        got: seq,
+                        sent: c.next_seq,
+                    }
+                    .into());
+                }
+                if seq != c.acked + 1 {
                     return Err(ProtoError::AckOutOfOrder {
                         got: seq,
                         expected: c.acked + 1,
@@ -1636,6 +1667,22 @@ mod tests {
             assert!(messages <= 2, "the daemon keeps the connection open");
         }
         assert!(!server.handle().is_connected());
+    }
+
+    #[test]
+    fn a_peer_that_stops_reading_is_closed() {
+        let (server, _rec, path) = start("no-reader", vec![]);
+        let h = server.handle();
+        h.set_write_deadline(Duration::from_millis(200));
+        let _q = connect_synced(&path, &h);
+        // QEMU reads nothing more; batches pile up past the socket's buffer.
+        let records = vec![Record::GlobalBypass(true); MAX_RECORDS];
+        let t0 = Instant::now();
+        while h.is_connected() {
+            h.publish(&records);
+            assert!(t0.elapsed() < Duration::from_secs(10), "never closed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     #[test]

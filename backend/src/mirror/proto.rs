@@ -107,8 +107,12 @@ pub enum ProtoError {
     SecondHello,
     #[error("ACK for batch {got}, expected {expected}")]
     AckOutOfOrder { got: u64, expected: u64 },
+    #[error("ACK for batch {got}, but the last batch sent is {sent}")]
+    AckUnsent { got: u64, sent: u64 },
     #[error("SYSTEM_RESET with id 0")]
     ResetIdZero,
+    #[error("SYSTEM_RESET id {0} does not fit in 32 bits")]
+    ResetIdTooLarge(u64),
     #[error("FAULT with undefined flags {0:#x}")]
     BadFaultFlags(u32),
     #[error("FAULT with undefined reason {0}")]
@@ -403,7 +407,7 @@ pub fn decode_from_qemu(h: &Header, payload: &[u8]) -> Result<FromQemu, ProtoErr
             }))
         }
         MsgType::SystemReset => {
-            let id = u32::try_from(h.seq).map_err(|_| ProtoError::ResetIdZero)?;
+            let id = u32::try_from(h.seq).map_err(|_| ProtoError::ResetIdTooLarge(h.seq))?;
             if id == 0 {
                 return Err(ProtoError::ResetIdZero);
             }
@@ -573,6 +577,10 @@ mod tests {
         assert_eq!(
             decode_from_qemu(&h(5, 0, 0), &[]),
             Err(ProtoError::ResetIdZero)
+        );
+        assert_eq!(
+            decode_from_qemu(&h(5, 0, 1 << 32), &[]),
+            Err(ProtoError::ResetIdTooLarge(1 << 32))
         );
         assert!(matches!(
             decode_from_qemu(&h(4, 8, 0), &[0; 8]),

@@ -3,10 +3,10 @@
 //! seen by this process only through atomics, because another process reads
 //! (or, for the notifier flags, writes) it concurrently.
 
+use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::ffi::{CStr, CString};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, AtomicU8};
 use std::sync::{Mutex, MutexGuard};
