@@ -599,13 +599,13 @@ fn a_fault_with_an_undefined_reason_closes_the_mirror_and_reaches_no_guest() {
     assert!(vm.next_fault(Duration::from_millis(300)).unwrap().is_none());
 }
 
-#[test]
-fn a_front_end_leaving_while_its_request_waits_for_an_ack_does_not_hold_up_the_next() {
-    let d = start("leave-waiting");
+/// A daemon whose QEMU acknowledged its dump and then stopped
+/// acknowledging, and a guest whose ATTACH is parked waiting for the ACK.
+fn parked_attach(name: &str) -> (DaemonProcess, FakeQemu, TestVm) {
+    let d = start(name);
     let mut q = FakeQemu::connect(mirror(&d));
     let (seq, _, _) = q.events();
     q.ack(seq);
-    // QEMU stops acknowledging; the guest's ATTACH waits for its ACK.
     let opts = VmOptions {
         timeout: Duration::from_millis(300),
         ..VmOptions::default()
@@ -613,6 +613,12 @@ fn a_front_end_leaving_while_its_request_waits_for_an_ack_does_not_hold_up_the_n
     let mut vm = d.connect(opts).unwrap();
     assert!(vm.attach(1, 8, 0).is_err(), "completed without the ACK");
     while !q.events().2.iter().any(|r| r.0 == OP_ATTACH) {}
+    (d, q, vm)
+}
+
+#[test]
+fn a_front_end_leaving_while_its_request_waits_for_an_ack_does_not_hold_up_the_next() {
+    let (d, q, vm) = parked_attach("leave-waiting");
     let left = Instant::now();
     drop(vm);
     // The next front-end is served at once, not after the 10 s ACK timeout.
@@ -626,18 +632,7 @@ fn a_front_end_leaving_while_its_request_waits_for_an_ack_does_not_hold_up_the_n
 #[test]
 fn get_vring_base_is_answered_once_a_parked_request_is_in_the_used_ring() {
     use vhost::VhostBackend;
-    let d = start("vring-base");
-    let mut q = FakeQemu::connect(mirror(&d));
-    let (seq, _, _) = q.events();
-    q.ack(seq);
-    // QEMU holds its ACKs: the ATTACH is parked.
-    let opts = VmOptions {
-        timeout: Duration::from_millis(300),
-        ..VmOptions::default()
-    };
-    let mut vm = d.connect(opts).unwrap();
-    assert!(vm.attach(1, 8, 0).is_err(), "completed without the ACK");
-    while !q.events().2.iter().any(|r| r.0 == OP_ATTACH) {}
+    let (_d, _q, mut vm) = parked_attach("vring-base");
     assert_eq!(vm.request_queue().used_idx().unwrap(), 0);
     // The front-end stops the queue: the answer comes after the request is
     // used, so the base QEMU saves and the used ring agree.
