@@ -302,13 +302,18 @@ impl Server {
             None => None,
         };
         match front_end {
-            Some(pid) => log::info!("front-end connected (process {pid})"),
-            None => log::warn!(
-                "front-end connected, but its process is unknown: any process may connect to \
-                 the mirror socket"
-            ),
+            Some(pid) => {
+                log::info!("front-end connected (process {pid})");
+                backend.front_end_process(Some(pid));
+            }
+            None => {
+                log::warn!(
+                    "front-end connected, but its process is unknown: any process may connect \
+                     to the mirror socket"
+                );
+                backend.front_end_process_unknown();
+            }
         }
-        backend.front_end_process(front_end);
         *self
             .stopper
             .current

@@ -743,15 +743,17 @@ fn a_recovered_state_goes_back_to_its_own_qemu_only() {
     let dir = Scratch::new("mirror-owner");
     let (mut vm, buf) = state_of_qemu_a(&dir);
 
-    // QEMU A reconnects: it gets the state back.
+    // QEMU A reconnects: it gets the state back. (A HELLO that decides
+    // whose a recovered state is counts once the front-end is known, §6
+    // rule 7: the vhost-user connection first.)
     let d = start_with_state(&dir, 2);
+    vm.reconnect(d.socket()).unwrap();
     let (_q, _batches, dump) = qemu_as(&d, QEMU_A);
     assert!(
         dump.iter()
             .any(|r| r.0 == OP_ATTACH && r.2 == 8 && r.3 == 1),
         "QEMU A's attachment is back: {dump:?}"
     );
-    vm.reconnect(d.socket()).unwrap();
     assert_eq!(vm.map(1, 0x2000, 0x2fff, buf, 3).unwrap(), Status::Ok);
     assert!(d
         .log_text()
@@ -760,12 +762,12 @@ fn a_recovered_state_goes_back_to_its_own_qemu_only() {
 
     // Another QEMU process (B), its guest booting: nothing of A's guest.
     let d = start_with_state(&dir, 3);
+    let mut vm = d.connect(VmOptions::default()).unwrap();
     let (_q, _batches, dump) = qemu_as(&d, QEMU_B);
     assert!(
         !dump.iter().any(|r| r.0 == OP_ATTACH),
         "QEMU B got QEMU A's attachments: {dump:?}"
     );
-    let mut vm = d.connect(VmOptions::default()).unwrap();
     assert_eq!(vm.map(1, 0x3000, 0x3fff, buf, 3).unwrap(), Status::NoEnt);
     let log = d.log_text();
     assert!(log.contains("belongs to another QEMU"), "{log}");
@@ -773,6 +775,7 @@ fn a_recovered_state_goes_back_to_its_own_qemu_only() {
 
     // The file is B's now: B is served its own state, not reset again.
     let d = start_with_state(&dir, 4);
+    let _vm = d.connect(VmOptions::default()).unwrap();
     let (_q, _batches, _) = qemu_as(&d, QEMU_B);
     assert!(d
         .log_text()
@@ -835,6 +838,7 @@ fn a_system_reset_reaches_the_state_file() {
 
     // The same QEMU (its guest rebooting) comes back to a reset device.
     let d = start_with_state(&dir, 2);
+    vm.reconnect(d.socket()).unwrap();
     let (_q, _batches, dump) = qemu_as(&d, QEMU_A);
     assert!(
         !dump.iter().any(|r| r.0 == OP_ATTACH),
@@ -860,6 +864,7 @@ fn a_mirror_peer_of_another_process_does_not_take_the_state_file_over() {
     // The daemon dies; QEMU A reconnects to the next one: its state.
     d.end(libc::SIGKILL);
     let d = start_with_state(&dir, 2);
+    vm.reconnect(d.socket()).unwrap();
     let (_q, _batches, dump) = qemu_as(&d, QEMU_A);
     assert!(
         dump.iter()
@@ -867,5 +872,4 @@ fn a_mirror_peer_of_another_process_does_not_take_the_state_file_over() {
         "QEMU A lost its state to the intruder: {dump:?}\n{}",
         d.log_text()
     );
-    vm.reconnect(d.socket()).unwrap();
 }

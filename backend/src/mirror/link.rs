@@ -59,6 +59,12 @@ pub trait MirrorHooks: Send + Sync + 'static {
     /// QEMU), before the dump of this connection is made (§6 rule 4: a
     /// state recovered for another QEMU must not reach this one).
     fn qemu_hello(&self, _instance: u64) {}
+    /// A recovered state waits for a QEMU's HELLO to say whose it is (§6
+    /// rule 4): a HELLO then counts only from the front-end's process
+    /// (§6 rule 7), so the link waits for the front-end first.
+    fn recovery_pending(&self) -> bool {
+        false
+    }
     /// The connection that forwarded devices ended: they go with it (§14).
     fn vfio_devices_gone(&self) {}
 }
@@ -118,13 +124,27 @@ struct Link {
     /// The vhost-user front-end's process, while one is connected: the only
     /// process whose mirror connection is served (§6 rule 7).
     front_end: Option<u32>,
+    /// A front-end is connected, but its process could not be found: any
+    /// process is served, as without one.
+    front_end_unknown: bool,
     /// How long a new connection has to send its HELLO (§6 rule 7);
     /// [`HELLO_DEADLINE`] if unset.
     hello_deadline: Option<Duration>,
     /// How long a write may wait for the peer to read; [`WRITE_DEADLINE`]
     /// if unset.
     write_deadline: Option<Duration>,
+    /// How long QEMU has to acknowledge its dump; [`DUMP_ACK_DEADLINE`] if
+    /// unset.
+    dump_ack_deadline: Option<Duration>,
 }
+
+/// How long QEMU has to acknowledge its dump (§12).
+pub const DUMP_ACK_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long a HELLO that must decide a recovered state's owner waits for
+/// the front-end to connect (QEMU reconnects its vhost-user socket with
+/// `reconnect-ms`).
+pub const FRONT_END_WAIT: Duration = Duration::from_secs(30);
 
 /// How long a write to the peer may wait for it to read: a peer that stops
 /// reading is closed, not left holding the socket (§12).
@@ -341,6 +361,7 @@ impl MirrorHandle {
     pub fn set_front_end(&self, pid: Option<u32>) {
         let mut st = self.shared.lock();
         st.front_end = pid;
+        st.front_end_unknown = false;
         if let (Some(pid), Some(c)) = (pid, st.conn.as_mut()) {
             if !c.closed && c.peer != Some(pid) {
                 log::warn!(
@@ -356,10 +377,26 @@ impl MirrorHandle {
         self.shared.changed.notify_all();
     }
 
+    /// A front-end is connected whose process could not be found: any
+    /// process is served (logged by the caller).
+    pub fn set_front_end_unknown(&self) {
+        let mut st = self.shared.lock();
+        st.front_end = None;
+        st.front_end_unknown = true;
+        drop(st);
+        self.shared.changed.notify_all();
+    }
+
     /// How long new connections have to send their HELLO (tests; default
     /// [`HELLO_DEADLINE`]).
     pub fn set_hello_deadline(&self, deadline: Duration) {
         self.shared.lock().hello_deadline = Some(deadline);
+    }
+
+    /// How long QEMU has to acknowledge its dump (tests; default
+    /// [`DUMP_ACK_DEADLINE`]).
+    pub fn set_dump_ack_deadline(&self, deadline: Duration) {
+        self.shared.lock().dump_ack_deadline = Some(deadline);
     }
 
     /// How long writes to new connections may wait for the peer to read
@@ -776,6 +813,33 @@ impl Inbound {
     }
 }
 
+/// Wait until the front-end's process is known, and say whether it is
+/// connection `id`'s peer (§6 rule 7). `false` too if the connection
+/// closes meanwhile, or no front-end comes within [`FRONT_END_WAIT`].
+fn front_end_is_peer(shared: &Shared, id: u64) -> bool {
+    let t0 = Instant::now();
+    let mut st = shared.lock();
+    loop {
+        let Some(c) = st.conn.as_ref().filter(|c| c.id == id && !c.closed) else {
+            return false;
+        };
+        if let Some(front_end) = st.front_end {
+            return c.peer == Some(front_end);
+        }
+        if st.front_end_unknown {
+            return true;
+        }
+        let Some(left) = FRONT_END_WAIT.checked_sub(t0.elapsed()) else {
+            return false;
+        };
+        st = shared
+            .changed
+            .wait_timeout(st, left)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+}
+
 /// The full-state dump of connection `id` (§6 step 2), made once QEMU's
 /// HELLO has been read; ordered with every later publish by the hooks'
 /// lock.
@@ -807,13 +871,16 @@ fn read_loop(
             Ok(true) => {}
             Ok(false) => return Ok(()),
             Err(ReadError::Io(e))
-                if !hello
-                    && matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
             {
-                return Err(ProtoError::NoHelloInTime.into());
+                return Err(match hello {
+                    false => ProtoError::NoHelloInTime,
+                    true => ProtoError::NoDumpAckInTime,
+                }
+                .into());
             }
             Err(e) => return Err(e),
         }
@@ -832,7 +899,12 @@ fn read_loop(
         match (hello, msg) {
             (false, FromQemu::Hello { instance }) => {
                 hello = true;
-                inbound.stream.set_read_timeout(None)?;
+                if hooks.recovery_pending() && !front_end_is_peer(shared, id) {
+                    return Err(ProtoError::NotTheFrontEnd.into());
+                }
+                // The dump's ACK has its deadline too (§12).
+                let deadline = shared.lock().dump_ack_deadline.unwrap_or(DUMP_ACK_DEADLINE);
+                inbound.stream.set_read_timeout(Some(deadline))?;
                 hooks.qemu_hello(instance);
                 dump(shared, id, hooks);
             }
@@ -858,6 +930,9 @@ fn read_loop(
                     .into());
                 }
                 c.acked = seq;
+                if seq == c.dump_seq {
+                    inbound.stream.set_read_timeout(None)?;
+                }
                 if c.synced() {
                     // From now on this QEMU holds a copy it would keep,
                     // frozen, if the link closed (§6 rule 4).
@@ -941,6 +1016,8 @@ mod tests {
         vfio_gone: std::sync::atomic::AtomicUsize,
         /// The instances QEMU's HELLOs carried.
         instances: Mutex<Vec<u64>>,
+        /// A recovered state waits for its QEMU's HELLO.
+        recovery: AtomicBool,
     }
 
     fn inode(fd: &OwnedFd) -> u64 {
@@ -958,6 +1035,9 @@ mod tests {
         }
         fn fault(&self, fault: proto::Fault) {
             self.faults.lock().unwrap().push(fault);
+        }
+        fn recovery_pending(&self) -> bool {
+            self.recovery.load(Ordering::SeqCst)
         }
         fn qemu_hello(&self, instance: u64) {
             self.instances.lock().unwrap().push(instance);
@@ -1320,6 +1400,52 @@ mod tests {
         // No front-end: anyone may connect (QEMU's mirror may come first).
         h.set_front_end(None);
         let _q = connect_synced(&path, &h);
+    }
+
+    #[test]
+    fn a_hello_for_a_recovered_state_counts_only_from_the_front_ends_process() {
+        let (server, rec, path) = start("recovery-front-end", vec![]);
+        let h = server.handle();
+        rec.recovery.store(true, Ordering::SeqCst);
+        // No front-end yet: the HELLO waits for one, deciding nothing.
+        let mut q = FakeQemu::connect(&path);
+        q.recv_hello();
+        q.hello_as(7);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(rec.instances.lock().unwrap().is_empty(), "undecided");
+        // The front-end is another process: this peer's HELLO is not its.
+        h.set_front_end(Some(1));
+        assert!(q.recv().is_none(), "closed");
+        assert!(rec.instances.lock().unwrap().is_empty());
+        // The front-end is this process: its HELLO decides.
+        h.set_front_end(None);
+        let mut q = FakeQemu::connect(&path);
+        q.recv_hello();
+        q.hello_as(7);
+        h.set_front_end(Some(std::process::id()));
+        let (dump, _) = q.recv().expect("the dump, once the front-end is known");
+        assert_eq!(dump.msg_type, MsgType::Events as u16);
+        assert_eq!(*rec.instances.lock().unwrap(), vec![7]);
+    }
+
+    #[test]
+    fn a_dump_not_acknowledged_in_time_closes_the_connection() {
+        let (server, _rec, path) = start("dump-ack", vec![]);
+        let h = server.handle();
+        h.set_dump_ack_deadline(Duration::from_millis(100));
+        let mut q = FakeQemu::connect(&path);
+        q.recv_hello();
+        q.hello();
+        let (dump, _) = q.recv().unwrap();
+        assert_eq!(dump.msg_type, MsgType::Events as u16);
+        // No ACK.
+        assert!(q.recv().is_none(), "closed");
+        wait_for("closed", || !h.is_connected());
+        // One that acknowledges stays.
+        let q = connect_synced(&path, &h);
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(h.is_connected());
+        drop(q);
     }
 
     #[test]

@@ -103,6 +103,10 @@ pub enum ProtoError {
     NoHello,
     #[error("no HELLO in time")]
     NoHelloInTime,
+    #[error("no ACK of the dump in time")]
+    NoDumpAckInTime,
+    #[error("a HELLO for a recovered state from another process than the front-end's")]
+    NotTheFrontEnd,
     #[error("second HELLO")]
     SecondHello,
     #[error("ACK for batch {got}, expected {expected}")]

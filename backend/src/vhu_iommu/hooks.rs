@@ -38,6 +38,10 @@ impl mirror::MirrorHooks for BackendHooks {
         self.0.wait().qemu_hello(instance);
     }
 
+    fn recovery_pending(&self) -> bool {
+        self.0.wait().lock().session.unconfirmed()
+    }
+
     fn system_reset(&self, id: u32, send: &mut dyn FnMut(&[Record])) {
         let Some(backend) = self.0.get() else { return };
         let mut st = backend.lock();

@@ -247,6 +247,12 @@ impl IommuBackend {
         self.mirror.set_front_end(pid);
     }
 
+    /// A front-end connected whose process could not be found: the mirror
+    /// serves any process, as without one.
+    pub fn front_end_process_unknown(&self) {
+        self.mirror.set_front_end_unknown();
+    }
+
     /// Start over for a new front-end connection: the device at power-on,
     /// no memory, no vrings (the old front-end's state is gone) — unless it
     /// is the recovered device's QEMU reconnecting.
