@@ -343,6 +343,16 @@ impl Session {
         }
     }
 
+    /// Whether a HELLO naming `instance` would reset a recovered state
+    /// ([`Self::hello_is_foreign`]): the only HELLO whose sender must be
+    /// proven the front-end's QEMU first (docs/mirror-protocol.md §6
+    /// rule 7). The recovered state's own QEMU is let in at once: its
+    /// random instance is its proof.
+    pub fn hello_would_reset(&self, instance: u64) -> bool {
+        self.recovered_for
+            .is_some_and(|owner| instance != 0 && instance != owner)
+    }
+
     /// A QEMU's mirror HELLO, before its dump is made: true if the device
     /// was recovered for another QEMU process (a QEMU started afresh on the
     /// same sockets, its guest booting): that state is not this guest's, and
@@ -585,8 +595,17 @@ mod tests {
             "a QEMU without an instance is taken for it"
         );
         s.recovered_for = Some(5);
+        assert!(!s.hello_would_reset(5) && !s.hello_would_reset(0));
+        assert!(
+            s.hello_would_reset(9),
+            "only a foreign instance must be proven"
+        );
         assert!(s.hello_is_foreign(9));
         assert!(!s.unconfirmed(), "asked once");
+        assert!(
+            !s.hello_would_reset(9),
+            "nothing recovered is left to reset"
+        );
     }
 
     #[test]

@@ -59,10 +59,10 @@ pub trait MirrorHooks: Send + Sync + 'static {
     /// QEMU), before the dump of this connection is made (§6 rule 4: a
     /// state recovered for another QEMU must not reach this one).
     fn qemu_hello(&self, _instance: u64) {}
-    /// A recovered state waits for a QEMU's HELLO to say whose it is (§6
-    /// rule 4): a HELLO then counts only from the front-end's process
-    /// (§6 rule 7), so the link waits for the front-end first.
-    fn recovery_pending(&self) -> bool {
+    /// A HELLO naming `instance` would reset a recovered state (§6 rule
+    /// 4): it then counts only from the front-end's process (§6 rule 7),
+    /// so the link waits for the front-end first.
+    fn hello_would_reset(&self, _instance: u64) -> bool {
         false
     }
     /// The connection that forwarded devices ended: they go with it (§14).
@@ -899,7 +899,7 @@ fn read_loop(
         match (hello, msg) {
             (false, FromQemu::Hello { instance }) => {
                 hello = true;
-                if hooks.recovery_pending() && !front_end_is_peer(shared, id) {
+                if hooks.hello_would_reset(instance) && !front_end_is_peer(shared, id) {
                     return Err(ProtoError::NotTheFrontEnd.into());
                 }
                 // The dump's ACK has its deadline too (§12).
@@ -1016,7 +1016,7 @@ mod tests {
         vfio_gone: std::sync::atomic::AtomicUsize,
         /// The instances QEMU's HELLOs carried.
         instances: Mutex<Vec<u64>>,
-        /// A recovered state waits for its QEMU's HELLO.
+        /// A recovered state (QEMU instance 5's) waits for its QEMU's HELLO.
         recovery: AtomicBool,
     }
 
@@ -1036,8 +1036,8 @@ mod tests {
         fn fault(&self, fault: proto::Fault) {
             self.faults.lock().unwrap().push(fault);
         }
-        fn recovery_pending(&self) -> bool {
-            self.recovery.load(Ordering::SeqCst)
+        fn hello_would_reset(&self, instance: u64) -> bool {
+            self.recovery.load(Ordering::SeqCst) && instance != 5
         }
         fn qemu_hello(&self, instance: u64) {
             self.instances.lock().unwrap().push(instance);
@@ -1403,10 +1403,19 @@ mod tests {
     }
 
     #[test]
-    fn a_hello_for_a_recovered_state_counts_only_from_the_front_ends_process() {
+    fn a_hello_that_would_reset_a_recovered_state_counts_only_from_the_front_ends_process() {
         let (server, rec, path) = start("recovery-front-end", vec![]);
         let h = server.handle();
         rec.recovery.store(true, Ordering::SeqCst);
+        // The recovered state's own QEMU (instance 5) is let in at once.
+        let mut q = FakeQemu::connect(&path);
+        q.recv_hello();
+        q.hello_as(5);
+        let (dump, _) = q.recv().expect("the dump, at once");
+        assert_eq!(dump.msg_type, MsgType::Events as u16);
+        drop(q);
+        wait_for("closed", || !h.is_connected());
+        rec.instances.lock().unwrap().clear();
         // No front-end yet: the HELLO waits for one, deciding nothing.
         let mut q = FakeQemu::connect(&path);
         q.recv_hello();

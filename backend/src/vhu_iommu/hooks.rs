@@ -38,8 +38,8 @@ impl mirror::MirrorHooks for BackendHooks {
         self.0.wait().qemu_hello(instance);
     }
 
-    fn recovery_pending(&self) -> bool {
-        self.0.wait().lock().session.unconfirmed()
+    fn hello_would_reset(&self, instance: u64) -> bool {
+        self.0.wait().lock().session.hello_would_reset(instance)
     }
 
     fn system_reset(&self, id: u32, send: &mut dyn FnMut(&[Record])) {
