@@ -4,7 +4,10 @@
 //! a gap, overlapping each other, zero-length, looping `next` links,
 //! indirect tables, out-of-order readable/writable descriptors.
 //!
-//! The reference reads the same chain (the descriptors virtio-queue yields)
+//! The daemon's own walker (`chain::SplitQueue::chain`, what the request
+//! path reads from) must yield exactly the descriptors virtio-queue's
+//! `DescriptorChain` does for the same head, loops and indirect tables
+//! included. The reference reads the same chain (those descriptors)
 //! by the rule of virtio 1.2 §2.7.4.2 written out plainly: every byte of a
 //! non-empty buffer in guest memory, readable buffers before writable
 //! ones; the request is the readable bytes in order, cut at the buffer; the
@@ -15,7 +18,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::bitmap::{Bitmap, NewBitmap};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use vhost_user_iommu::chain::{read_request, write_reply, ChainError, ChainLayout};
+use vhost_user_iommu::chain::{read_request, write_reply, ChainError, ChainLayout, SplitQueue};
 
 use crate::{check, Gen, Target, Verdict};
 
@@ -192,9 +195,21 @@ impl Target for ChainTarget {
         q.set_used_ring_address(Some(USED as u32), Some(0));
         q.set_ready(true);
 
+        // The daemon's own walker over the same rings (the request path
+        // takes chains from it, not from virtio-queue).
+        let ring = SplitQueue::new(&mem, &q);
         while let Some(chain) = q.pop_descriptor_chain(&mem) {
             self.chains += 1;
             let descs: Vec<Descriptor> = chain.clone().collect();
+            // Descriptor has no PartialEq: compare what a reader uses.
+            let key = |d: &Descriptor| (d.addr().0, d.len(), d.flags(), d.next());
+            let walked: Vec<Descriptor> = ring.chain(chain.head_index()).collect();
+            check(walked.iter().map(key).eq(descs.iter().map(key)), || {
+                format!(
+                    "head {}: the daemon's walker yields {walked:x?}, virtio-queue {descs:x?}",
+                    chain.head_index()
+                )
+            })?;
             let cap = g.below(160) as usize;
             let mut got_req = vec![0u8; cap];
             let got = read_request(chain.clone(), &mem, &mut got_req);
