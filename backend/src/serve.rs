@@ -294,13 +294,13 @@ impl Server {
         daemon.start(listener).map_err(ConnectionError::Start)?;
         // Its process is the only one whose mirror connection is served
         // (docs/mirror-protocol.md §6 rule 7).
-        let front_end = match crate::peer::local_path(&self.listener) {
-            Some(path) => match crate::peer::connected_to(&path)[..] {
-                [pid] => Some(pid),
-                _ => None,
-            },
-            None => None,
-        };
+        let front_end =
+            crate::peer::local_path(&self.listener).and_then(
+                |path| match crate::peer::connected_to(&path)[..] {
+                    [pid] => Some(pid),
+                    _ => None,
+                },
+            );
         match front_end {
             Some(pid) => {
                 log::info!("front-end connected (process {pid})");
