@@ -4,6 +4,7 @@
 //!
 //! The parts, from the socket inwards:
 //! - [`serve`]: the listening socket, one front-end at a time, signals;
+//! - [`listen`]: a socket path that appears only once it listens;
 //! - [`vhu_iommu`]: the `VhostUserBackend`: features, config space, the
 //!   request queue a batch at a time (`batch`, `polling`), fault events
 //!   (`faults`), migration (`migration`), the mirror's hooks (`hooks`) and
@@ -42,6 +43,7 @@ pub mod emulated;
 pub mod exit_event;
 pub mod guest_ram;
 pub mod ioas;
+pub mod listen;
 pub mod mirror;
 pub mod passthrough;
 pub mod peer;

@@ -16,7 +16,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -160,8 +160,7 @@ impl Server {
     pub fn bind(source: &SocketSource) -> Result<Self, ServeError> {
         let (listener, path) = match source {
             SocketSource::Path(path) => {
-                remove_stale_socket(path);
-                let l = UnixListener::bind(path).map_err(|source| ServeError::Listen {
+                let l = crate::listen::listen_at(path).map_err(|source| ServeError::Listen {
                     path: path.clone(),
                     source,
                 })?;
@@ -439,15 +438,6 @@ fn open_files() -> (u64, u64) {
 /// EMFILE (this process) or ENFILE (the system) is out of open files.
 fn out_of_files(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
-}
-
-/// Replace a socket file left by an earlier run; leave anything else for
-/// `bind` to fail on with a clear error.
-fn remove_stale_socket(path: &Path) {
-    use std::os::unix::fs::FileTypeExt;
-    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-        let _ = std::fs::remove_file(path);
-    }
 }
 
 /// Take over an inherited listening socket (`--fd N`).

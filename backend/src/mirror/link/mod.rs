@@ -537,8 +537,7 @@ impl MirrorServer {
         hooks: Arc<dyn MirrorHooks>,
         memory: Arc<MirrorMemory>,
     ) -> io::Result<Self> {
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)?;
+        let listener = crate::listen::listen_at(path)?;
         let handle = MirrorHandle {
             shared: Arc::default(),
             memory: Some(memory.clone()),

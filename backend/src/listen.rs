@@ -1,0 +1,113 @@
+//! A listening Unix socket that appears at its path only once it listens.
+//!
+//! `bind(2)` creates the socket file and `listen(2)` follows: between the
+//! two, a client that saw the file appear and connects is refused
+//! (`ECONNREFUSED`). Launchers (and QEMU's `reconnect`) watch for the file,
+//! so the daemon binds at a hidden sibling name, listens, and renames it
+//! into place: `rename(2)` is atomic, the path either is absent (or the
+//! stale socket of an earlier run) or accepts connections.
+//!
+//! The socket keeps the address it was bound at: `getsockname` on it (and
+//! on the connections it accepts) reports the hidden name, which is how
+//! [`crate::peer::connected_to`] is asked to find them.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+
+/// The longest path `sockaddr_un` holds, its terminating NUL excluded.
+const SUN_PATH_MAX: usize = 107;
+
+/// Listen on `path`, replacing a stale socket there (never another kind of
+/// file: that is `AddrInUse`, as `bind(2)` would answer).
+pub fn listen_at(path: &Path) -> io::Result<UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{} exists and is not a socket", path.display()),
+            ))
+        }
+        _ => {}
+    }
+    let Some(hidden) = hidden_sibling(path) else {
+        // No room for a longer name: bind in place, with the short window.
+        let _ = std::fs::remove_file(path);
+        return UnixListener::bind(path);
+    };
+    let _ = std::fs::remove_file(&hidden);
+    let listener = UnixListener::bind(&hidden)?;
+    if let Err(e) = std::fs::rename(&hidden, path) {
+        let _ = std::fs::remove_file(&hidden);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
+/// `dir/.name.PID`, if it fits in `sockaddr_un`.
+fn hidden_sibling(path: &Path) -> Option<PathBuf> {
+    let name = path.file_name()?;
+    let mut hidden = OsString::from(".");
+    hidden.push(name);
+    hidden.push(format!(".{}", std::process::id()));
+    let hidden = path.with_file_name(hidden);
+    (hidden.as_os_str().len() <= SUN_PATH_MAX).then_some(hidden)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vui-listen-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_path_accepts_as_soon_as_it_exists_and_no_hidden_name_is_left() {
+        let dir = scratch("accepts");
+        let path = dir.join("s.sock");
+        let l = listen_at(&path).unwrap();
+        UnixStream::connect(&path).unwrap();
+        l.accept().unwrap();
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![OsString::from("s.sock")]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_stale_socket_is_replaced_and_a_regular_file_is_not() {
+        let dir = scratch("stale");
+        let path = dir.join("s.sock");
+        drop(UnixListener::bind(&path).unwrap());
+        assert!(UnixStream::connect(&path).is_err(), "stale");
+        let _l = listen_at(&path).unwrap();
+        UnixStream::connect(&path).unwrap();
+
+        let file = dir.join("file");
+        std::fs::write(&file, b"keep").unwrap();
+        let e = listen_at(&file).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_path_with_no_room_for_the_hidden_name_is_bound_in_place() {
+        let dir = scratch("long");
+        let room = SUN_PATH_MAX - dir.as_os_str().len() - 1;
+        let path = dir.join("x".repeat(room));
+        assert!(hidden_sibling(&path).is_none());
+        let _l = listen_at(&path).unwrap();
+        UnixStream::connect(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
