@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use test_frontend::daemon::{DaemonProcess, Scratch};
 use test_frontend::rng::Rng;
 use test_frontend::{Request, Status, TestVm, VmOptions, MAP_F_READ, MAP_F_WRITE};
-use virtio_iommu::{Change, DeviceState};
+use virtio_iommu::{Change, DeviceState, Map};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-iommu");
 /// Endpoint → domain, attached at every fresh start.
@@ -76,13 +76,13 @@ impl Ledger {
                 } => {
                     attached.insert(endpoint, domain);
                 }
-                Change::Map {
+                Change::Map(Map {
                     domain,
                     virt_start,
                     virt_end,
                     phys_start,
                     flags,
-                } => {
+                }) => {
                     assert_eq!(flags, MAP_F_READ | MAP_F_WRITE, "{when}: flags");
                     mapped
                         .entry(domain)

@@ -192,7 +192,13 @@ mod tests {
         let memory = MirrorMemory::new(PAGES, (1 << 39) - 1).unwrap();
         let mut writer = memory.writer();
         let root = writer.attach(8, 1, false);
-        writer.map(1, 0x1000, 0x1fff, 0x5000, true, true);
+        writer.map(&virtio_iommu::Map {
+            domain: 1,
+            virt_start: 0x1000,
+            virt_end: 0x1fff,
+            phys_start: 0x5000,
+            flags: virtio_iommu::wire::map_flags::READ | virtio_iommu::wire::map_flags::WRITE,
+        });
         let shm = HelloShm {
             table_pages: PAGES,
             table_levels: memory.levels as u8,

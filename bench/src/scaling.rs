@@ -233,13 +233,22 @@ impl Subject for TableSubject {
     const NAME: &'static str = "table";
 
     fn map(&mut self, iova: u64, phys: u64, _existing: u64) -> Result<(), ScalingError> {
-        self.table
-            .map(DOMAIN, iova, iova + PAGE - 1, phys, true, true);
+        self.table.map(&virtio_iommu::Map {
+            domain: DOMAIN,
+            virt_start: iova,
+            virt_end: iova + PAGE - 1,
+            phys_start: phys,
+            flags: virtio_iommu::wire::map_flags::READ | virtio_iommu::wire::map_flags::WRITE,
+        });
         Ok(())
     }
 
     fn unmap(&mut self, iova: u64, _existing: u64) -> Result<(), ScalingError> {
-        self.table.unmap(DOMAIN, iova, iova + PAGE - 1);
+        self.table.unmap(&virtio_iommu::Unmap {
+            domain: DOMAIN,
+            virt_start: iova,
+            virt_end: iova + PAGE - 1,
+        });
         Ok(())
     }
 

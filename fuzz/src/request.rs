@@ -13,6 +13,7 @@ use std::collections::BTreeSet;
 
 use iopt::model::{MockDevice, ModelIommufd};
 use iopt::{DeviceId, IoasId, IovaRange};
+use virtio_iommu::domain::Mapping;
 use virtio_iommu::wire::map_flags;
 use virtio_iommu::{Change, ChangeSink, Device, DeviceConfig, GuestRam, RamRegion};
 
@@ -350,10 +351,10 @@ pub fn check_state(rig: &Rig) -> Verdict {
         let iopt = model
             .iopt(ioas)
             .map_err(|e| format!("domain {id}: its IOAS {}: {e}", ioas.0))?;
-        for m in d.mappings() {
+        for &Mapping { map: m, in_ioas } in d.mappings() {
             let len = m.virt_end - m.virt_start + 1;
             let area = iopt.area_at(m.virt_start);
-            if m.in_ioas {
+            if in_ioas {
                 let want = ram.user_addr(m.phys_start, len);
                 check(
                     area.is_some_and(|a| {

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use qemu_tests::{disk_image, hmp, scratch, skip_unless_ready, Daemon, Guest, Running, Viommu};
-use virtio_iommu::Change;
+use virtio_iommu::{Change, Map};
 
 /// The `key=value` figure of the last round line of `out`.
 fn last_round_figure(out: &str, key: &str) -> Option<u64> {
@@ -51,12 +51,12 @@ fn wait_for_mapping_into(daemon: &Daemon, base: u64, size: u64, limit: Duration)
     while t.elapsed() < limit {
         let hit = daemon.backend.with_device(|d| {
             d.save_state().entries.iter().find_map(|e| match *e {
-                Change::Map {
+                Change::Map(Map {
                     domain,
                     virt_start,
                     phys_start,
                     ..
-                } if phys_start >= base && phys_start - base < size => Some(format!(
+                }) if phys_start >= base && phys_start - base < size => Some(format!(
                     "domain {domain}: IOVA {virt_start:#x} -> GPA {phys_start:#x}"
                 )),
                 _ => None,

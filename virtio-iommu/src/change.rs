@@ -3,6 +3,8 @@
 //! the state journal). The migration state ([`crate::state`]) and the
 //! journal ([`crate::journal`]) are written in these changes too.
 
+use crate::map_unmap::{Map, Unmap};
+
 /// A change of the translation state, for whoever mirrors it (QEMU).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Change {
@@ -15,18 +17,8 @@ pub enum Change {
         endpoint: u32,
         domain: u32,
     },
-    Map {
-        domain: u32,
-        virt_start: u64,
-        virt_end: u64,
-        phys_start: u64,
-        flags: u32,
-    },
-    Unmap {
-        domain: u32,
-        virt_start: u64,
-        virt_end: u64,
-    },
+    Map(Map),
+    Unmap(Unmap),
     GlobalBypass(bool),
     /// Everything is gone: no domains, no attachments.
     Reset,

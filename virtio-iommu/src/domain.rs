@@ -5,15 +5,13 @@ use std::collections::BTreeMap;
 
 use iopt::IoasId;
 
-/// One MAP, as the driver asked for it (virtio 1.2 §5.13.6.5).
+use crate::map_unmap::Map;
+
+/// One MAP the device holds: the request as the driver made it (virtio 1.3
+/// §5.13.6.5), and where it went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mapping {
-    pub virt_start: u64,
-    /// Inclusive.
-    pub virt_end: u64,
-    pub phys_start: u64,
-    /// `VIRTIO_IOMMU_MAP_F_*`.
-    pub flags: u32,
+    pub map: Map,
     /// Whether the mapping is also an area of the domain's IOAS (mappings
     /// without READ or WRITE, e.g. MMIO-only, are not).
     pub in_ioas: bool,
@@ -75,7 +73,7 @@ impl Domain {
             .range(..=iova)
             .next_back()
             .map(|(_, m)| m)
-            .filter(|m| m.virt_end >= iova)
+            .filter(|m| m.map.virt_end >= iova)
     }
 
     /// Whether any mapping touches `[start, end]`.
@@ -85,19 +83,19 @@ impl Domain {
 
     /// Record a mapping (the caller checked it does not overlap).
     pub fn insert(&mut self, m: Mapping) {
-        self.mappings.insert(m.virt_start, m);
+        self.mappings.insert(m.map.virt_start, m);
     }
 
     /// Whether an UNMAP of `[start, end]` would split a mapping: one that
     /// straddles a boundary of the range (virtio 1.2 §5.13.6.6: the device
     /// fails the whole request with RANGE then). Allocates nothing.
     pub fn unmap_would_split(&self, start: u64, end: u64) -> bool {
-        self.lookup(start).is_some_and(|m| m.virt_start < start)
+        self.lookup(start).is_some_and(|m| m.map.virt_start < start)
             || self
                 .mappings
                 .range(start..=end)
                 .next_back()
-                .is_some_and(|(_, m)| m.virt_end > end)
+                .is_some_and(|(_, m)| m.map.virt_end > end)
     }
 
     /// Remove the first mapping that starts inside `[start, end]` (an UNMAP
@@ -124,10 +122,13 @@ mod tests {
 
     fn m(virt_start: u64, virt_end: u64) -> Mapping {
         Mapping {
-            virt_start,
-            virt_end,
-            phys_start: 0,
-            flags: 1,
+            map: Map {
+                domain: 1,
+                virt_start,
+                virt_end,
+                phys_start: 0,
+                flags: 1,
+            },
             in_ioas: true,
         }
     }
@@ -142,7 +143,7 @@ mod tests {
     #[test]
     fn lookup_finds_the_mapping_holding_an_iova() {
         let d = domain();
-        assert_eq!(d.lookup(0x4abc).map(|m| m.virt_start), Some(0x3000));
+        assert_eq!(d.lookup(0x4abc).map(|m| m.map.virt_start), Some(0x3000));
         assert!(d.lookup(0x2000).is_none());
         assert!(d.lookup(0x5000).is_none());
     }
@@ -169,8 +170,14 @@ mod tests {
         assert!(d.unmap_would_split(0x1800, 0x5000));
         assert!(d.unmap_would_split(0x0, 0x3fff));
         assert_eq!(d.pop_in(0x2000, 0x2fff), None);
-        assert_eq!(d.pop_in(0, u64::MAX).map(|m| m.virt_start), Some(0x1000));
-        assert_eq!(d.pop_in(0, u64::MAX).map(|m| m.virt_start), Some(0x3000));
+        assert_eq!(
+            d.pop_in(0, u64::MAX).map(|m| m.map.virt_start),
+            Some(0x1000)
+        );
+        assert_eq!(
+            d.pop_in(0, u64::MAX).map(|m| m.map.virt_start),
+            Some(0x3000)
+        );
         assert_eq!(d.pop_in(0, u64::MAX), None);
     }
 }

@@ -13,7 +13,9 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::change::Change;
-use crate::state::{decode_entry, encode_entry, le_u32, le_u64, DeviceState, ENTRY_LEN};
+use crate::entry::{decode_change, encode_change, kind, le_u64, put_u64, ENTRY_LEN};
+use crate::map_unmap::Map;
+use crate::state::DeviceState;
 use crate::wire::req_type;
 
 /// Size of one record.
@@ -22,13 +24,6 @@ pub const RECORD_LEN: usize = ENTRY_LEN;
 /// Completions a [`Replay`] keeps: a request queue holds at most this many
 /// requests, so no more can be waiting for their used element.
 pub const RECENT_DONE: usize = 1024;
-
-const KIND_DETACH: u8 = 3;
-const KIND_UNMAP: u8 = 4;
-const KIND_BYPASS: u8 = 5;
-const KIND_RESET: u8 = 6;
-const KIND_DONE: u8 = 7;
-const KIND_FEATURES: u8 = 8;
 
 /// One journal record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,80 +40,44 @@ pub enum Entry {
 }
 
 impl Entry {
-    /// The record's bytes.
+    /// The record's bytes (crate::entry's layout).
     pub fn encode(&self) -> [u8; RECORD_LEN] {
-        let mut e = [0u8; RECORD_LEN];
         match *self {
-            Entry::Change(c) => {
-                if let Some(entry) = encode_entry(&c) {
-                    return entry;
-                }
-                match c {
-                    Change::Detach { endpoint, domain } => {
-                        e[0] = KIND_DETACH;
-                        e[4..8].copy_from_slice(&endpoint.to_le_bytes());
-                        e[8..12].copy_from_slice(&domain.to_le_bytes());
-                    }
-                    Change::Unmap {
-                        domain,
-                        virt_start,
-                        virt_end,
-                    } => {
-                        e[0] = KIND_UNMAP;
-                        e[8..12].copy_from_slice(&domain.to_le_bytes());
-                        e[16..24].copy_from_slice(&virt_start.to_le_bytes());
-                        e[24..32].copy_from_slice(&virt_end.to_le_bytes());
-                    }
-                    Change::GlobalBypass(on) => {
-                        e[0] = KIND_BYPASS;
-                        e[1] = u8::from(on);
-                    }
-                    Change::Reset => e[0] = KIND_RESET,
-                    Change::Attach { .. } | Change::Map { .. } => unreachable!("entries"),
-                }
-            }
+            Entry::Change(c) => encode_change(&c),
             Entry::Done {
                 pos,
                 status,
                 digest,
             } => {
-                e[0] = KIND_DONE;
+                let mut e = [0u8; RECORD_LEN];
+                e[0] = kind::DONE;
                 e[1] = status;
                 e[2..4].copy_from_slice(&pos.to_le_bytes());
-                e[8..16].copy_from_slice(&digest.to_le_bytes());
+                put_u64(&mut e, 8, digest);
+                e
             }
             Entry::Features(f) => {
-                e[0] = KIND_FEATURES;
-                e[16..24].copy_from_slice(&f.to_le_bytes());
+                let mut e = [0u8; RECORD_LEN];
+                e[0] = kind::FEATURES;
+                put_u64(&mut e, 16, f);
+                e
             }
         }
-        e
     }
 
     /// The record `e` holds; `None` for an unknown kind (reserved fields
     /// are ignored).
     pub fn decode(e: &[u8; RECORD_LEN]) -> Option<Self> {
-        if let Some(c) = decode_entry(e) {
+        if let Some(c) = decode_change(e) {
             return Some(Entry::Change(c));
         }
         Some(match e[0] {
-            KIND_DETACH => Entry::Change(Change::Detach {
-                endpoint: le_u32(&e[4..8]),
-                domain: le_u32(&e[8..12]),
-            }),
-            KIND_UNMAP => Entry::Change(Change::Unmap {
-                domain: le_u32(&e[8..12]),
-                virt_start: le_u64(&e[16..24]),
-                virt_end: le_u64(&e[24..32]),
-            }),
-            KIND_BYPASS => Entry::Change(Change::GlobalBypass(e[1] & 1 != 0)),
-            KIND_RESET => Entry::Change(Change::Reset),
-            KIND_DONE => Entry::Done {
+            kind::DONE => Entry::Done {
                 pos: u16::from_le_bytes([e[2], e[3]]),
                 status: e[1],
                 digest: le_u64(&e[8..16]),
             },
-            KIND_FEATURES => Entry::Features(le_u64(&e[16..24])),
+            kind::FEATURES => Entry::Features(le_u64(&e[16..24])),
             _ => return None,
         })
     }
@@ -165,8 +124,8 @@ const TAIL_LEN: usize = std::mem::size_of::<crate::wire::ReqTail>();
 struct DomainView {
     bypass: bool,
     endpoints: u32,
-    /// First IOVA → (last IOVA, guest-physical address, flags).
-    mappings: BTreeMap<u64, (u64, u64, u32)>,
+    /// First IOVA → the MAP.
+    mappings: BTreeMap<u64, Map>,
 }
 
 /// The device state a sequence of records leads to, folded with the rules
@@ -245,25 +204,15 @@ impl Replay {
                     self.leave(endpoint, domain);
                 }
             }
-            Change::Map {
-                domain,
-                virt_start,
-                virt_end,
-                phys_start,
-                flags,
-            } => {
-                if let Some(d) = self.domains.get_mut(&domain) {
-                    d.mappings.insert(virt_start, (virt_end, phys_start, flags));
+            Change::Map(m) => {
+                if let Some(d) = self.domains.get_mut(&m.domain) {
+                    d.mappings.insert(m.virt_start, m);
                 }
             }
-            Change::Unmap {
-                domain,
-                virt_start,
-                virt_end,
-            } => {
-                if let Some(d) = self.domains.get_mut(&domain) {
+            Change::Unmap(u) => {
+                if let Some(d) = self.domains.get_mut(&u.domain) {
                     d.mappings
-                        .retain(|&start, &mut (end, _, _)| start < virt_start || end > virt_end);
+                        .retain(|_, m| !u.covers(m.virt_start, m.virt_end));
                 }
             }
         }
@@ -291,16 +240,8 @@ impl Replay {
                 bypass: self.domains.get(&domain).is_some_and(|d| d.bypass),
             })
             .collect();
-        for (&domain, d) in &self.domains {
-            for (&virt_start, &(virt_end, phys_start, flags)) in &d.mappings {
-                entries.push(Change::Map {
-                    domain,
-                    virt_start,
-                    virt_end,
-                    phys_start,
-                    flags,
-                });
-            }
+        for d in self.domains.values() {
+            entries.extend(d.mappings.values().map(|&m| Change::Map(m)));
         }
         DeviceState {
             acked_features: self.features,
@@ -380,6 +321,7 @@ mod tests {
     #![allow(clippy::field_reassign_with_default)]
     use super::*;
     use crate::device::{ChangeSink, Device, DeviceConfig, GuestRam, RamRegion};
+    use crate::map_unmap::Unmap;
     use crate::wire::{req_type, ReqAttach, ReqDetach, ReqMap, ReqUnmap};
     use iopt::model::{MockDevice, ModelIommufd};
     use iopt::DeviceId;
@@ -504,18 +446,18 @@ mod tests {
                 endpoint: 8,
                 domain: 3,
             }),
-            Entry::Change(Change::Map {
+            Entry::Change(Change::Map(Map {
                 domain: 3,
                 virt_start: 0x1000,
                 virt_end: 0x1fff,
                 phys_start: 0x9000,
                 flags: 1,
-            }),
-            Entry::Change(Change::Unmap {
+            })),
+            Entry::Change(Change::Unmap(Unmap {
                 domain: 3,
                 virt_start: 0,
                 virt_end: u64::MAX,
-            }),
+            })),
             Entry::Change(Change::GlobalBypass(true)),
             Entry::Change(Change::GlobalBypass(false)),
             Entry::Change(Change::Reset),

@@ -1,6 +1,8 @@
 //! The virtio-iommu device (virtio 1.2 §5.13, device ID 23) without I/O.
 //!
 //! - [`wire`]: every structure on the wire, with its exact layout;
+//! - [`Map`] and [`Unmap`]: one MAP and one UNMAP, from the parsed request
+//!   to the mirror record;
 //! - [`request`]: decoding the device-readable part of a request;
 //! - [`domain`]: a domain and the mappings the driver made in it;
 //! - [`probe`]: PROBE property writing;
@@ -20,7 +22,9 @@
 mod change;
 pub mod device;
 pub mod domain;
+mod entry;
 pub mod journal;
+pub mod map_unmap;
 pub mod probe;
 pub mod request;
 pub mod state;
@@ -31,5 +35,6 @@ pub use device::{
     encode_fault, ConfigError, Device, DeviceConfig, GuestRam, NoRam, RamRegion, RestoreError,
     Stats, Translation, PROBE_SIZES,
 };
+pub use map_unmap::{Map, Unmap};
 pub use state::{DeviceState, StateError};
 pub use wire::{ConfigSpace, FaultEvent, Status, VIRTIO_ID_IOMMU};

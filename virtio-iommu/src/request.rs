@@ -5,6 +5,7 @@
 
 use vm_memory::ByteValued;
 
+use crate::map_unmap::{Map, Unmap};
 use crate::wire::{req_type, ReqAttach, ReqDetach, ReqHead, ReqMap, ReqProbe, ReqUnmap, Status};
 
 /// A request, decoded.
@@ -22,18 +23,8 @@ pub enum Request {
         domain: u32,
         endpoint: u32,
     },
-    Map {
-        domain: u32,
-        virt_start: u64,
-        virt_end: u64,
-        phys_start: u64,
-        flags: u32,
-    },
-    Unmap {
-        domain: u32,
-        virt_start: u64,
-        virt_end: u64,
-    },
+    Map(Map),
+    Unmap(Unmap),
     Probe {
         endpoint: u32,
     },
@@ -45,8 +36,8 @@ impl Request {
         match self {
             Request::Attach { .. } => req_type::ATTACH,
             Request::Detach { .. } => req_type::DETACH,
-            Request::Map { .. } => req_type::MAP,
-            Request::Unmap { .. } => req_type::UNMAP,
+            Request::Map(_) => req_type::MAP,
+            Request::Unmap(_) => req_type::UNMAP,
             Request::Probe { .. } => req_type::PROBE,
         }
     }
@@ -91,21 +82,21 @@ pub fn parse(bytes: &[u8]) -> Result<Request, Status> {
         }
         req_type::MAP => {
             let r: ReqMap = read(bytes).ok_or(short)?;
-            Ok(Request::Map {
+            Ok(Request::Map(Map {
                 domain: r.domain.into(),
                 virt_start: r.virt_start.into(),
                 virt_end: r.virt_end.into(),
                 phys_start: r.phys_start.into(),
                 flags: r.flags.into(),
-            })
+            }))
         }
         req_type::UNMAP => {
             let r: ReqUnmap = read(bytes).ok_or(short)?;
-            Ok(Request::Unmap {
+            Ok(Request::Unmap(Unmap {
                 domain: r.domain.into(),
                 virt_start: r.virt_start.into(),
                 virt_end: r.virt_end.into(),
-            })
+            }))
         }
         req_type::PROBE => {
             let r: ReqProbe = read(bytes).ok_or(short)?;
@@ -133,13 +124,13 @@ mod tests {
         r.flags = 3.into();
         assert_eq!(
             parse(r.as_slice()),
-            Ok(Request::Map {
+            Ok(Request::Map(Map {
                 domain: 7,
                 virt_start: 0x1000,
                 virt_end: 0x1fff,
                 phys_start: 0x8000,
                 flags: 3
-            })
+            }))
         );
     }
 

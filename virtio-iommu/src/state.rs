@@ -9,6 +9,7 @@
 //! virtio device). Pure encoding and decoding: no I/O here.
 
 use crate::change::Change;
+use crate::entry::{decode_change, encode_change, le_u32, le_u64};
 
 /// `magic`: the bytes `V U I S`.
 pub const MAGIC: u32 = 0x5349_5556;
@@ -16,16 +17,11 @@ pub const MAGIC: u32 = 0x5349_5556;
 pub const VERSION: u16 = 1;
 /// Size of the header.
 pub const HEADER_LEN: usize = 32;
-/// Size of one entry.
-pub const ENTRY_LEN: usize = 40;
+pub use crate::entry::ENTRY_LEN;
 /// The most entries a state may hold: 2^24 (0.6 GiB), far more than any
 /// guest makes, so that a hostile stream cannot make the loader allocate
 /// without bound.
 pub const MAX_ENTRIES: u32 = 1 << 24;
-
-const KIND_ATTACH: u8 = 1;
-const KIND_MAP: u8 = 2;
-const ATTACH_F_BYPASS: u8 = 1;
 
 /// The state, decoded.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -57,69 +53,6 @@ pub enum StateError {
     BadKind { index: usize, kind: u8 },
 }
 
-/// One entry's bytes: ATTACH and MAP; `None` for the changes that are not
-/// state. The state journal (backend/src/state_file.rs) records them in the same layout.
-pub(crate) fn encode_entry(c: &Change) -> Option<[u8; ENTRY_LEN]> {
-    let mut e = [0u8; ENTRY_LEN];
-    match *c {
-        Change::Attach {
-            endpoint,
-            domain,
-            bypass,
-        } => {
-            e[0] = KIND_ATTACH;
-            e[1] = if bypass { ATTACH_F_BYPASS } else { 0 };
-            e[4..8].copy_from_slice(&endpoint.to_le_bytes());
-            e[8..12].copy_from_slice(&domain.to_le_bytes());
-        }
-        Change::Map {
-            domain,
-            virt_start,
-            virt_end,
-            phys_start,
-            flags,
-        } => {
-            e[0] = KIND_MAP;
-            e[8..12].copy_from_slice(&domain.to_le_bytes());
-            e[12..16].copy_from_slice(&flags.to_le_bytes());
-            e[16..24].copy_from_slice(&virt_start.to_le_bytes());
-            e[24..32].copy_from_slice(&virt_end.to_le_bytes());
-            e[32..40].copy_from_slice(&phys_start.to_le_bytes());
-        }
-        _ => return None,
-    }
-    Some(e)
-}
-
-/// The ATTACH or MAP an entry holds; `None` for any other kind.
-pub(crate) fn decode_entry(e: &[u8]) -> Option<Change> {
-    Some(match e[0] {
-        KIND_ATTACH => Change::Attach {
-            endpoint: le_u32(&e[4..8]),
-            domain: le_u32(&e[8..12]),
-            bypass: e[1] & ATTACH_F_BYPASS != 0,
-        },
-        KIND_MAP => Change::Map {
-            domain: le_u32(&e[8..12]),
-            flags: le_u32(&e[12..16]),
-            virt_start: le_u64(&e[16..24]),
-            virt_end: le_u64(&e[24..32]),
-            phys_start: le_u64(&e[32..40]),
-        },
-        _ => return None,
-    })
-}
-
-pub(crate) fn le_u32(b: &[u8]) -> u32 {
-    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
-}
-
-pub(crate) fn le_u64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_le_bytes(a)
-}
-
 impl DeviceState {
     /// The bytes of the state (docs/device-state.md). Changes other than
     /// ATTACH and MAP are not state and are skipped.
@@ -127,7 +60,7 @@ impl DeviceState {
         let kept = self
             .entries
             .iter()
-            .filter(|c| matches!(c, Change::Attach { .. } | Change::Map { .. }));
+            .filter(|c| matches!(c, Change::Attach { .. } | Change::Map(_)));
         let n = kept.clone().count();
         let mut out = Vec::with_capacity(HEADER_LEN + n * ENTRY_LEN);
         out.extend_from_slice(&MAGIC.to_le_bytes());
@@ -138,8 +71,8 @@ impl DeviceState {
         out.extend_from_slice(&[0; 3]);
         out.extend_from_slice(&(n as u32).to_le_bytes());
         out.extend_from_slice(&[0; 8]);
-        for e in kept.filter_map(encode_entry) {
-            out.extend_from_slice(&e);
+        for c in kept {
+            out.extend_from_slice(&encode_change(c));
         }
         out
     }
@@ -177,9 +110,12 @@ impl DeviceState {
         }
         let mut out = Vec::with_capacity(entries as usize);
         for (index, e) in body.chunks_exact(ENTRY_LEN).enumerate() {
-            match decode_entry(e) {
-                Some(c) => out.push(c),
-                None => return Err(StateError::BadKind { index, kind: e[0] }),
+            let e = e.try_into().expect("chunks of ENTRY_LEN");
+            // The state holds attachments and mappings only (the journal's
+            // other kinds are not state).
+            match decode_change(e) {
+                Some(c @ (Change::Attach { .. } | Change::Map(_))) => out.push(c),
+                _ => return Err(StateError::BadKind { index, kind: e[0] }),
             }
         }
         Ok(Self {
@@ -193,6 +129,8 @@ impl DeviceState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::entry::kind;
+    use crate::map_unmap::Map;
 
     fn sample() -> DeviceState {
         DeviceState {
@@ -209,13 +147,13 @@ mod tests {
                     domain: 2,
                     bypass: true,
                 },
-                Change::Map {
+                Change::Map(Map {
                     domain: 1,
                     virt_start: 0x1000,
                     virt_end: 0x2fff,
                     phys_start: 0x8000,
                     flags: 3,
-                },
+                }),
             ],
         }
     }
@@ -230,7 +168,7 @@ mod tests {
         assert_eq!(b[16], 1, "bypass");
         assert_eq!(b[20], 3, "entries");
         let map = &b[HEADER_LEN + 2 * ENTRY_LEN..];
-        assert_eq!(map[0], KIND_MAP);
+        assert_eq!(map[0], kind::MAP);
         assert_eq!(&map[16..24], &0x1000u64.to_le_bytes());
         assert_eq!(DeviceState::decode(&b), Ok(s));
     }

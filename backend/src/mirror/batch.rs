@@ -10,8 +10,7 @@
 
 use std::sync::atomic::{fence, AtomicU8, Ordering};
 
-use virtio_iommu::wire::map_flags;
-use virtio_iommu::{Change, ChangeSink};
+use virtio_iommu::{Change, ChangeSink, Map, Unmap};
 
 use super::proto::Record;
 use super::table::{TableStore, TranslationTable};
@@ -49,7 +48,7 @@ impl<'a, S: TableStore> Batch<'a, S> {
         if self
             .records
             .iter()
-            .any(|r| matches!(r, Record::Map { .. } | Record::Unmap { .. }))
+            .any(|r| matches!(r, Record::Map(_) | Record::Unmap(_)))
         {
             fence(Ordering::SeqCst);
             let notified = |domain: u32| {
@@ -61,7 +60,9 @@ impl<'a, S: TableStore> Batch<'a, S> {
                 })
             };
             self.records.retain(|r| match *r {
-                Record::Map { domain, .. } | Record::Unmap { domain, .. } => notified(domain),
+                Record::Map(Map { domain, .. }) | Record::Unmap(Unmap { domain, .. }) => {
+                    notified(domain)
+                }
                 _ => true,
             });
         }
@@ -80,25 +81,8 @@ impl<S: TableStore> ChangeSink for Batch<'_, S> {
                     bypass,
                 } => set_root(&mut record, t.attach(endpoint, domain, bypass)),
                 Change::Detach { endpoint, domain } => t.detach(endpoint, domain),
-                Change::Map {
-                    domain,
-                    virt_start,
-                    virt_end,
-                    phys_start,
-                    flags,
-                } => t.map(
-                    domain,
-                    virt_start,
-                    virt_end,
-                    phys_start,
-                    flags & map_flags::READ != 0,
-                    flags & map_flags::WRITE != 0,
-                ),
-                Change::Unmap {
-                    domain,
-                    virt_start,
-                    virt_end,
-                } => t.unmap(domain, virt_start, virt_end),
+                Change::Map(m) => t.map(&m),
+                Change::Unmap(u) => t.unmap(&u),
                 Change::GlobalBypass(_) => {}
                 Change::Reset => t.reset(),
             }
@@ -125,7 +109,7 @@ pub fn dump<S: TableStore>(
     for c in replay {
         let mut r = super::record_of(c);
         match (c, table) {
-            (Change::Map { .. } | Change::Unmap { .. }, Some(_)) => continue,
+            (Change::Map(_) | Change::Unmap(_), Some(_)) => continue,
             (Change::Attach { domain, .. }, Some(t)) => set_root(&mut r, t.root(*domain)),
             _ => {}
         }

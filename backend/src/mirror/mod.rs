@@ -102,29 +102,8 @@ pub fn record_of(change: &virtio_iommu::Change) -> Record {
             root: 0,
         },
         Change::Detach { endpoint, domain } => Record::Detach { endpoint, domain },
-        Change::Map {
-            domain,
-            virt_start,
-            virt_end,
-            phys_start,
-            flags,
-        } => Record::Map {
-            domain,
-            virt_start,
-            virt_end,
-            phys_start,
-            // virtio-iommu MAP flags fit in 16 bits (READ, WRITE, MMIO).
-            flags: flags as u16,
-        },
-        Change::Unmap {
-            domain,
-            virt_start,
-            virt_end,
-        } => Record::Unmap {
-            domain,
-            virt_start,
-            virt_end,
-        },
+        Change::Map(m) => Record::Map(m),
+        Change::Unmap(u) => Record::Unmap(u),
         Change::GlobalBypass(on) => Record::GlobalBypass(on),
         Change::Reset => Record::Reset {
             system: false,

@@ -3,6 +3,8 @@
 //! Pure encoding and decoding: no sockets here. Every integer is
 //! little-endian; every message is a 16-byte [`Header`] and a payload.
 
+use virtio_iommu::{Map, Unmap};
+
 /// Size of the message header (§3).
 pub const HEADER_LEN: usize = 16;
 /// Largest header + payload (§3).
@@ -240,19 +242,9 @@ pub enum Record {
         endpoint: u32,
         domain: u32,
     },
-    /// `flags` are the virtio-iommu MAP flags (READ, WRITE, MMIO).
-    Map {
-        domain: u32,
-        virt_start: u64,
-        virt_end: u64,
-        phys_start: u64,
-        flags: u16,
-    },
-    Unmap {
-        domain: u32,
-        virt_start: u64,
-        virt_end: u64,
-    },
+    /// The record's `flags` are the MAP's (READ, WRITE, MMIO: 16 bits).
+    Map(Map),
+    Unmap(Unmap),
     GlobalBypass(bool),
     /// `system`: the answer to SYSTEM_RESET `reset_id` (§9).
     Reset {
@@ -281,18 +273,17 @@ impl Record {
                 u64::from(root),
             ),
             Record::Detach { endpoint, domain } => (2, 0, endpoint, domain, 0, 0, 0, 0),
-            Record::Map {
-                domain,
-                virt_start,
-                virt_end,
-                phys_start,
-                flags,
-            } => (3, flags, 0, domain, 0, virt_start, virt_end, phys_start),
-            Record::Unmap {
-                domain,
-                virt_start,
-                virt_end,
-            } => (4, 0, 0, domain, 0, virt_start, virt_end, 0),
+            Record::Map(m) => (
+                3,
+                m.flags as u16,
+                0,
+                m.domain,
+                0,
+                m.virt_start,
+                m.virt_end,
+                m.phys_start,
+            ),
+            Record::Unmap(u) => (4, 0, 0, u.domain, 0, u.virt_start, u.virt_end, 0),
             Record::GlobalBypass(on) => (5, u16::from(on), 0, 0, 0, 0, 0, 0),
             Record::Reset { system, reset_id } => (6, u16::from(system), 0, 0, reset_id, 0, 0, 0),
         };
@@ -464,13 +455,13 @@ mod tests {
                     bypass: false,
                     root: 5,
                 },
-                Record::Map {
+                Record::Map(Map {
                     domain: 1,
                     virt_start: 0x1000,
                     virt_end: 0x1fff,
                     phys_start: 0x200_0000,
                     flags: 3,
-                },
+                }),
             ],
             &mut out,
         );

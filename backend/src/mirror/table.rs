@@ -33,6 +33,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use virtio_iommu::wire::map_flags;
+use virtio_iommu::{Map, Unmap};
+
 use super::shm::SharedMem;
 
 /// Entry bits (docs/mirror-protocol.md §11).
@@ -359,20 +362,20 @@ impl<S: TableStore> TranslationTable<S> {
         }
     }
 
-    /// Write the mapping `[virt_start, virt_end]` → `phys_start` into
-    /// `domain`'s tree, with the largest blocks alignment allows. The model
+    /// Write the mapping `[virt_start, virt_end]` → `phys_start` into its
+    /// domain's tree, with the largest blocks alignment allows. The model
     /// has checked it (aligned to the granule, inside the input range, no
     /// overlap); mappings with neither READ nor WRITE translate nothing and
     /// are not written.
-    pub fn map(
-        &mut self,
-        domain: u32,
-        virt_start: u64,
-        virt_end: u64,
-        phys_start: u64,
-        read: bool,
-        write: bool,
-    ) {
+    pub fn map(&mut self, m: &Map) {
+        let &Map {
+            domain,
+            virt_start,
+            virt_end,
+            phys_start,
+            flags,
+        } = m;
+        let (read, write) = (flags & map_flags::READ != 0, flags & map_flags::WRITE != 0);
         let root = self.root(domain);
         if root == 0 || !(read || write) || virt_end < virt_start {
             return;
@@ -412,10 +415,15 @@ impl<S: TableStore> TranslationTable<S> {
         }
     }
 
-    /// Clear `[virt_start, virt_end]` in `domain`'s tree. Leaves wholly
+    /// Clear `[virt_start, virt_end]` in its domain's tree. Leaves wholly
     /// inside go; a block reaching outside is split first (the model never
     /// asks for that, but the table stays exact if it did).
-    pub fn unmap(&mut self, domain: u32, virt_start: u64, virt_end: u64) {
+    pub fn unmap(&mut self, u: &Unmap) {
+        let &Unmap {
+            domain,
+            virt_start,
+            virt_end,
+        } = u;
         let root = self.root(domain);
         let last = coverage_last(self.levels);
         if root == 0 || virt_start > virt_end || virt_start > last {
@@ -558,6 +566,32 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn mapping(
+        domain: u32,
+        virt_start: u64,
+        virt_end: u64,
+        phys_start: u64,
+        r: bool,
+        w: bool,
+    ) -> Map {
+        let flags = if r { map_flags::READ } else { 0 } | if w { map_flags::WRITE } else { 0 };
+        Map {
+            domain,
+            virt_start,
+            virt_end,
+            phys_start,
+            flags,
+        }
+    }
+
+    fn unmapping(domain: u32, virt_start: u64, virt_end: u64) -> Unmap {
+        Unmap {
+            domain,
+            virt_start,
+            virt_end,
+        }
+    }
+
     const L39: u32 = 3;
 
     fn table(pages: u32) -> TranslationTable<Box<[AtomicU64]>> {
@@ -582,7 +616,7 @@ mod tests {
         let mut t = table(64);
         let root = t.attach(8, 1, false);
         assert_ne!(root, 0);
-        t.map(1, 0x10_0000, 0x10_2fff, 0x4000_0000, true, false);
+        t.map(&mapping(1, 0x10_0000, 0x10_2fff, 0x4000_0000, true, false));
         let l = tr(&t, 1, 0x10_1234).unwrap();
         assert_eq!(
             l,
@@ -596,7 +630,7 @@ mod tests {
         assert_eq!(tr(&t, 1, 0x10_3000), None);
         assert_eq!(tr(&t, 1, 0xf_ffff), None);
         assert_eq!(tr(&t, 2, 0x10_1234), None, "another domain");
-        t.unmap(1, 0x10_0000, 0x10_2fff);
+        t.unmap(&unmapping(1, 0x10_0000, 0x10_2fff));
         assert_eq!(tr(&t, 1, 0x10_1234), None);
     }
 
@@ -605,9 +639,9 @@ mod tests {
         let mut t = table(64);
         t.attach(8, 1, false);
         // 2 MiB + 4 KiB, 2 MiB aligned: one block and one page.
-        t.map(1, 0x20_0000, 0x40_0fff, 0x8020_0000, true, true);
+        t.map(&mapping(1, 0x20_0000, 0x40_0fff, 0x8020_0000, true, true));
         // An adjacent, physically contiguous mapping stays separate.
-        t.map(1, 0x40_1000, 0x40_1fff, 0x8040_1000, true, true);
+        t.map(&mapping(1, 0x40_1000, 0x40_1fff, 0x8040_1000, true, true));
         assert_eq!(tr(&t, 1, 0x3f_f000).unwrap().mask, (1 << 21) - 1);
         assert_eq!(tr(&t, 1, 0x3f_f000).unwrap().phys, 0x803f_f000);
         assert_eq!(
@@ -635,8 +669,8 @@ mod tests {
     fn clearing_part_of_a_block_splits_it() {
         let mut t = table(64);
         t.attach(8, 1, false);
-        t.map(1, 0x20_0000, 0x3f_ffff, 0x20_0000, true, true);
-        t.unmap(1, 0x21_0000, 0x21_0fff);
+        t.map(&mapping(1, 0x20_0000, 0x3f_ffff, 0x20_0000, true, true));
+        t.unmap(&unmapping(1, 0x21_0000, 0x21_0fff));
         assert_eq!(tr(&t, 1, 0x21_0000), None);
         assert_eq!(tr(&t, 1, 0x21_1000).unwrap().phys, 0x21_1000);
         assert_eq!(tr(&t, 1, 0x20_0000).unwrap().phys, 0x20_0000);
@@ -650,7 +684,7 @@ mod tests {
         let mut t = table(8);
         t.attach(8, 1, false);
         t.attach(9, 1, false);
-        t.map(1, 0x1000, 0x1fff, 0x5000, true, true);
+        t.map(&mapping(1, 0x1000, 0x1fff, 0x5000, true, true));
         let root = t.root(1);
         t.detach(8, 1);
         assert_eq!(t.root(1), root, "one endpoint left");
@@ -678,8 +712,8 @@ mod tests {
     fn a_full_store_loses_translations_not_the_process() {
         let mut t = table(4);
         t.attach(8, 1, false);
-        t.map(1, 0x1000, 0x1fff, 0x5000, true, true);
-        t.map(1, 1 << 32, (1 << 32) + 0xfff, 0x6000, true, true);
+        t.map(&mapping(1, 0x1000, 0x1fff, 0x5000, true, true));
+        t.map(&mapping(1, 1 << 32, (1 << 32) + 0xfff, 0x6000, true, true));
         assert_eq!(t.stats().alloc_failures, 1);
         assert_eq!(tr(&t, 1, 0x1000).unwrap().phys, 0x5000);
         assert_eq!(tr(&t, 1, 1 << 32), None);
@@ -691,7 +725,7 @@ mod tests {
         let mut t = table(16);
         assert_eq!(t.attach(8, 1, true), 0);
         t.attach(9, 2, false);
-        t.map(2, 0, 0xfff, 0, true, true);
+        t.map(&mapping(2, 0, 0xfff, 0, true, true));
         t.reset();
         assert_eq!(t.root(2), 0);
         assert!(t.endpoints(2).is_empty());
@@ -701,12 +735,12 @@ mod tests {
     fn the_whole_64_bit_range_works() {
         let mut t = TranslationTable::new(memory_store(32), levels_for(u64::MAX));
         t.attach(8, 1, false);
-        t.map(1, u64::MAX - 0xfff, u64::MAX, 0x1000, true, true);
-        t.map(1, 0, 0xfff, 0x2000, true, false);
+        t.map(&mapping(1, u64::MAX - 0xfff, u64::MAX, 0x1000, true, true));
+        t.map(&mapping(1, 0, 0xfff, 0x2000, true, false));
         let l = translate(t.words(), t.levels(), t.root(1), u64::MAX).unwrap();
         assert_eq!(l.phys, 0x1fff);
         assert_eq!(walk(t.words(), t.levels(), t.root(1)).len(), 2);
-        t.unmap(1, 0, u64::MAX);
+        t.unmap(&unmapping(1, 0, u64::MAX));
         assert!(walk(t.words(), t.levels(), t.root(1)).is_empty());
     }
 
@@ -763,7 +797,7 @@ mod tests {
                             continue;
                         }
                         maps.insert(page, (pages, phys_page, write));
-                        t.map(1, page << 12, (end << 12) | 0xfff, phys_page << 12, true, write);
+                        t.map(&mapping(1, page << 12, (end << 12) | 0xfff, phys_page << 12, true, write));
                     }
                     Op::Unmap { page, pages } => {
                         let end = page + pages - 1;
@@ -772,7 +806,7 @@ mod tests {
                             .map(|(&s, _)| s).collect();
                         for s in gone {
                             let (n, _, _) = maps.remove(&s).unwrap();
-                            t.unmap(1, s << 12, ((s + n) << 12) - 1);
+                            t.unmap(&unmapping(1, s << 12, ((s + n) << 12) - 1));
                         }
                     }
                 }

@@ -7,6 +7,7 @@ use iopt::{DeviceId, IoasId, Iommufd};
 use super::{status_of, ConfigError, Device, Endpoint, GuestRam};
 use crate::change::{Change, ChangeSink};
 use crate::domain::Domain;
+use crate::map_unmap::Unmap;
 use crate::wire::{feature, Status, ATTACH_F_BYPASS};
 
 impl<F: Iommufd> Device<F> {
@@ -242,11 +243,7 @@ impl<F: Iommufd> Device<F> {
             }
         }
         if d.mapping_count() > 0 {
-            sink.change(Change::Unmap {
-                domain,
-                virt_start: 0,
-                virt_end: u64::MAX,
-            });
+            sink.change(Change::Unmap(Unmap::all(domain)));
         }
     }
 
@@ -340,11 +337,7 @@ mod tests {
             endpoint: 8,
             domain: 1
         }));
-        assert!(r.changes.contains(&Change::Unmap {
-            domain: 1,
-            virt_start: 0,
-            virt_end: u64::MAX
-        }));
+        assert!(r.changes.contains(&Change::Unmap(Unmap::all(1))));
         assert!(d.domain(1).is_none());
         assert_eq!(d.domain_of(8), Some(2));
     }

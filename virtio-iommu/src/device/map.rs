@@ -6,6 +6,7 @@ use iopt::{IoasId, Iommufd, MapRequest};
 use super::{prot_of, status_of, Device, GuestRam};
 use crate::change::{Change, ChangeSink};
 use crate::domain::Mapping;
+use crate::map_unmap::{Map, Unmap};
 use crate::wire::{feature, map_flags, Status};
 
 /// What MAP does when the guest memory of a mapping is not (yet) known.
@@ -18,7 +19,7 @@ pub(super) enum MissingRam {
 }
 
 impl<F: Iommufd> Device<F> {
-    /// MAP (virtio 1.2 §5.13.6.5) of `m` in `domain` (`m.in_ioas` is
+    /// MAP (virtio 1.2 §5.13.6.5) of `m` (whether it is an IOAS area is
     /// decided here):
     /// - unknown domain → NOENT; a bypass domain → INVAL;
     /// - unknown flags, or MMIO without the MMIO feature → INVAL;
@@ -34,13 +35,12 @@ impl<F: Iommufd> Device<F> {
     ///   → the status of its error; nothing is recorded then.
     pub(super) fn map(
         &mut self,
-        domain: u32,
-        m: Mapping,
+        m: Map,
         ram: &impl GuestRam,
         missing: MissingRam,
         sink: &mut impl ChangeSink,
     ) -> Status {
-        let (ioas, length) = match self.check_map(domain, &m) {
+        let (ioas, length) = match self.check_map(&m) {
             Ok(checked) => checked,
             Err(status) => return status,
         };
@@ -50,14 +50,7 @@ impl<F: Iommufd> Device<F> {
             let user_va = match ram.user_addr(m.phys_start, length) {
                 Some(va) => va,
                 None if m.flags & map_flags::MMIO != 0 || missing == MissingRam::Defer => {
-                    return self.record_map(
-                        domain,
-                        Mapping {
-                            in_ioas: false,
-                            ..m
-                        },
-                        sink,
-                    )
+                    return self.record_map(m, false, sink)
                 }
                 None => return Status::Inval,
             };
@@ -71,19 +64,19 @@ impl<F: Iommufd> Device<F> {
                 return status_of(&e);
             }
         }
-        self.record_map(domain, Mapping { in_ioas, ..m }, sink)
+        self.record_map(m, in_ioas, sink)
     }
 
     /// The rules of [`Self::map`] that come before guest RAM and the IOAS,
     /// in their order: the domain's IOAS and the mapping's length, or the
     /// status.
-    fn check_map(&self, domain: u32, m: &Mapping) -> Result<(IoasId, u64), Status> {
-        let &Mapping {
+    fn check_map(&self, m: &Map) -> Result<(IoasId, u64), Status> {
+        let &Map {
+            domain,
             virt_start,
             virt_end,
             phys_start,
             flags,
-            ..
         } = m;
         let granule = 1u64 << self.cfg.page_size_mask.trailing_zeros();
         let mmio_ok = self.acked(feature::MMIO);
@@ -132,17 +125,11 @@ impl<F: Iommufd> Device<F> {
     }
 
     /// Record a mapping that passed [`Self::map`], and report it.
-    fn record_map(&mut self, domain: u32, m: Mapping, sink: &mut impl ChangeSink) -> Status {
-        if let Some(d) = self.domains.get_mut(&domain) {
-            d.insert(m);
+    fn record_map(&mut self, map: Map, in_ioas: bool, sink: &mut impl ChangeSink) -> Status {
+        if let Some(d) = self.domains.get_mut(&map.domain) {
+            d.insert(Mapping { map, in_ioas });
         }
-        sink.change(Change::Map {
-            domain,
-            virt_start: m.virt_start,
-            virt_end: m.virt_end,
-            phys_start: m.phys_start,
-            flags: m.flags,
-        });
+        sink.change(Change::Map(map));
         Status::Ok
     }
 
@@ -150,42 +137,33 @@ impl<F: Iommufd> Device<F> {
     /// or `virt_start > virt_end` → INVAL; a mapping reaching outside the
     /// range would be split → RANGE and nothing is removed (checked before
     /// anything changes); removing nothing is OK.
-    pub(super) fn unmap(
-        &mut self,
-        domain: u32,
-        virt_start: u64,
-        virt_end: u64,
-        sink: &mut impl ChangeSink,
-    ) -> Status {
-        let Some(d) = self.domains.get_mut(&domain) else {
+    pub(super) fn unmap(&mut self, u: Unmap, sink: &mut impl ChangeSink) -> Status {
+        let Some(d) = self.domains.get_mut(&u.domain) else {
             return Status::NoEnt;
         };
         let Some(ioas) = d.ioas else {
             return Status::Inval;
         };
-        if virt_start > virt_end {
+        if u.virt_start > u.virt_end {
             return Status::Inval;
         }
-        if d.unmap_would_split(virt_start, virt_end) {
+        if d.unmap_would_split(u.virt_start, u.virt_end) {
             return Status::Range;
         }
         let mut status = Status::Ok;
-        while let Some(m) = d.pop_in(virt_start, virt_end) {
-            if m.in_ioas {
+        while let Some(Mapping { map: m, in_ioas }) = d.pop_in(u.virt_start, u.virt_end) {
+            if in_ioas {
                 let len = m.virt_end - m.virt_start + 1;
                 if let Err(e) = self.iommufd.unmap(ioas, m.virt_start, len) {
                     log::warn!(
-                        "domain {domain}: IOAS unmap {:#x}+{len:#x}: {e}",
+                        "domain {}: IOAS unmap {:#x}+{len:#x}: {e}",
+                        m.domain,
                         m.virt_start
                     );
                     status = Status::DevErr;
                 }
             }
-            sink.change(Change::Unmap {
-                domain,
-                virt_start: m.virt_start,
-                virt_end: m.virt_end,
-            });
+            sink.change(Change::Unmap(m.undo()));
         }
         status
     }

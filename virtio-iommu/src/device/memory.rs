@@ -65,24 +65,24 @@ impl<F: Iommufd> Device<F> {
             let mut lost = 0u64;
             for m in d.mappings_mut() {
                 m.in_ioas = false;
-                if m.flags & (map_flags::READ | map_flags::WRITE) == 0 {
+                if m.map.flags & (map_flags::READ | map_flags::WRITE) == 0 {
                     continue;
                 }
-                let length = m.virt_end - m.virt_start + 1;
-                let Some(user_va) = ram.user_addr(m.phys_start, length) else {
-                    lost += u64::from(m.flags & map_flags::MMIO == 0);
+                let length = m.map.virt_end - m.map.virt_start + 1;
+                let Some(user_va) = ram.user_addr(m.map.phys_start, length) else {
+                    lost += u64::from(m.map.flags & map_flags::MMIO == 0);
                     continue;
                 };
                 let req = MapRequest {
-                    iova: Some(m.virt_start),
+                    iova: Some(m.map.virt_start),
                     user_va,
                     length,
-                    prot: prot_of(m.flags),
+                    prot: prot_of(m.map.flags),
                 };
                 match iommufd.map(ioas, req) {
                     Ok(_) => m.in_ioas = true,
                     Err(e) => {
-                        log::warn!("domain {id}: remapping {:#x}: {e}", m.virt_start);
+                        log::warn!("domain {id}: remapping {:#x}: {e}", m.map.virt_start);
                         lost += 1;
                     }
                 }

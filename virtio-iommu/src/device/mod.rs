@@ -29,7 +29,7 @@ use std::collections::BTreeMap;
 use iopt::{DeviceId, IoasId, Iommufd, IoptError, Prot};
 use vm_memory::ByteValued;
 
-use crate::domain::{Domain, Mapping};
+use crate::domain::Domain;
 use crate::request::{self, Request};
 use crate::wire::{feature, map_flags, req_type, ConfigSpace, ReqTail, Status};
 
@@ -413,27 +413,8 @@ impl<F: Iommufd> Device<F> {
                 reserved_clear,
             } => self.attach(domain, endpoint, flags, reserved_clear, sink),
             Request::Detach { domain, endpoint } => self.detach(domain, endpoint, sink),
-            Request::Map {
-                domain,
-                virt_start,
-                virt_end,
-                phys_start,
-                flags,
-            } => {
-                let m = Mapping {
-                    virt_start,
-                    virt_end,
-                    phys_start,
-                    flags,
-                    in_ioas: false,
-                };
-                self.map(domain, m, ram, MissingRam::Refuse, sink)
-            }
-            Request::Unmap {
-                domain,
-                virt_start,
-                virt_end,
-            } => self.unmap(domain, virt_start, virt_end, sink),
+            Request::Map(m) => self.map(m, ram, MissingRam::Refuse, sink),
+            Request::Unmap(u) => self.unmap(u, sink),
             Request::Probe { .. } => unreachable!("PROBE is handled with its reply area"),
         }
     }

@@ -8,7 +8,7 @@ use iopt::Iommufd;
 use super::map::MissingRam;
 use super::{Device, GuestRam};
 use crate::change::{Change, ChangeSink};
-use crate::domain::{Domain, Mapping};
+use crate::domain::Domain;
 use crate::state::DeviceState;
 use crate::wire::{Status, ATTACH_F_BYPASS};
 
@@ -35,15 +35,9 @@ impl<F: Iommufd> Device<F> {
                 });
             }
         }
-        for (&domain, d) in &self.domains {
+        for d in self.domains.values() {
             for m in d.mappings() {
-                sink.change(Change::Map {
-                    domain,
-                    virt_start: m.virt_start,
-                    virt_end: m.virt_end,
-                    phys_start: m.phys_start,
-                    flags: m.flags,
-                });
+                sink.change(Change::Map(m.map));
             }
         }
     }
@@ -91,22 +85,7 @@ impl<F: Iommufd> Device<F> {
                     let flags = if bypass { ATTACH_F_BYPASS } else { 0 };
                     self.attach(domain, endpoint, flags, true, sink)
                 }
-                Change::Map {
-                    domain,
-                    virt_start,
-                    virt_end,
-                    phys_start,
-                    flags,
-                } => {
-                    let m = Mapping {
-                        virt_start,
-                        virt_end,
-                        phys_start,
-                        flags,
-                        in_ioas: false,
-                    };
-                    self.map(domain, m, ram, MissingRam::Defer, sink)
-                }
+                Change::Map(m) => self.map(m, ram, MissingRam::Defer, sink),
                 _ => Status::Inval,
             };
             if status != Status::Ok {
@@ -122,6 +101,7 @@ impl<F: Iommufd> Device<F> {
 mod tests {
     use super::*;
     use crate::device::test_support::{device, run, RAM_AT_0, READ, RW, USER_BASE};
+    use crate::map_unmap::Map;
     use crate::{Discard, NoRam, Translation};
     use iopt::DeviceId;
 
@@ -147,13 +127,13 @@ mod tests {
         dst.replay(&mut b);
         assert_eq!(a, b, "the driver's view is the same");
         assert_eq!(dst.features(), src.features());
-        assert!(changes.contains(&Change::Map {
+        assert!(changes.contains(&Change::Map(Map {
             domain: 1,
             virt_start: 0x1000,
             virt_end: 0x2fff,
             phys_start: 0x3000,
             flags: RW
-        }));
+        })));
         let ioas = dst.domain(1).unwrap().ioas.unwrap();
         assert!(dst.iommufd().iopt(ioas).unwrap().area_at(0x1000).is_none());
         // Guest memory arrives (SET_MEM_TABLE): the mappings enter the IOAS.
@@ -180,21 +160,21 @@ mod tests {
                     domain: 1,
                     bypass: false,
                 },
-                Change::Map {
+                Change::Map(Map {
                     domain: 1,
                     virt_start: 0x1000,
                     virt_end: 0x1fff,
                     phys_start: 0,
                     flags: READ,
-                },
+                }),
                 // Overlaps the mapping before it.
-                Change::Map {
+                Change::Map(Map {
                     domain: 1,
                     virt_start: 0x1000,
                     virt_end: 0x1fff,
                     phys_start: 0x5000,
                     flags: READ,
-                },
+                }),
             ],
         };
         let e = d.restore_state(&bad, &RAM_AT_0, &mut changes).unwrap_err();

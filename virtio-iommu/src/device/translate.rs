@@ -70,10 +70,10 @@ impl<F: Iommufd> Device<F> {
             map_flags::READ
         };
         match d.lookup(iova) {
-            Some(m) if m.flags & need != 0 => Translation::Mapped {
-                gpa: m.phys_start + (iova - m.virt_start),
-                len: m.virt_end - iova + 1,
-                flags: m.flags,
+            Some(m) if m.map.flags & need != 0 => Translation::Mapped {
+                gpa: m.map.phys_start + (iova - m.map.virt_start),
+                len: m.map.virt_end - iova + 1,
+                flags: m.map.flags,
             },
             _ => Translation::Fault {
                 reason: fault::R_MAPPING,

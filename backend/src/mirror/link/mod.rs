@@ -767,6 +767,7 @@ mod tests {
     use crate::mirror::proto::{MsgType, EVENTS_F_SYNC, HELLO_LEN, MAGIC, RECORD_LEN};
     use std::io::Read;
     use std::os::fd::FromRawFd;
+    use virtio_iommu::Unmap;
 
     /// Hooks that report a fixed state and record what QEMU told them.
     #[derive(Default)]
@@ -1432,11 +1433,11 @@ mod tests {
         let (server, _rec, path) = start("ack", vec![]);
         let h = server.handle();
         let mut q = connect_synced(&path, &h);
-        let t = h.publish(&[Record::Unmap {
+        let t = h.publish(&[Record::Unmap(Unmap {
             domain: 1,
             virt_start: 0,
             virt_end: 0xfff,
-        }]);
+        })]);
         let t = t.expect("connected: a ticket");
         let (ev, p) = q.recv().unwrap();
         assert_eq!((ev.seq, ev.flags, p.len()), (2, 0, RECORD_LEN));
