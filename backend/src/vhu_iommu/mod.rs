@@ -686,3 +686,6 @@ impl std::fmt::Debug for IommuBackend {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests;
