@@ -613,30 +613,10 @@ fn serve(
     let peer = crate::peer::peer_pid(&stream);
     let (id, hello_deadline, write_deadline) = {
         let mut st = shared.lock();
-        // Only the front-end's QEMU (§6 rule 7): any other local process
-        // that can reach the socket could otherwise complete strict
-        // invalidations QEMU never saw, or decide a recovery.
-        if let Some(front_end) = st.front_end.filter(|&f| peer != Some(f)) {
+        if let Some(why) = refusal(&mut st, &shared.gate, peer) {
             log::warn!(
-                "mirror: refusing a connection from process {}: the front-end's QEMU is \
-                 process {front_end}",
+                "mirror: refusing a connection from process {}: {why}",
                 peer.map_or("?".into(), |p| p.to_string())
-            );
-            let _ = stream.shutdown(std::net::Shutdown::Both);
-            return Ok(());
-        }
-        // One QEMU at a time: whoever else can reach the socket must not
-        // knock the connected one off (§6). Its own reconnection comes after
-        // its old connection closed.
-        // A peer that has just hung up (its reader may not have seen the EOF
-        // yet) is no longer connected: its successor is welcome.
-        if let Some(old) = st.conn.as_mut().filter(|c| !c.closed && peer_gone(c)) {
-            close(old, &shared.gate);
-        }
-        if let Some(old) = st.conn.as_ref().filter(|c| !c.closed) {
-            log::warn!(
-                "mirror: refusing a second connection while QEMU (connection {}) is connected",
-                old.id
             );
             let _ = stream.shutdown(std::net::Shutdown::Both);
             return Ok(());
@@ -645,28 +625,7 @@ fn serve(
         // the endpoints that have some once it has mapped them, in a file
         // of its own: what an earlier peer still holds is no longer read.
         memory.flags.renew()?;
-        // The HELLO goes first and alone: it carries the shared memory's
-        // files. It is small, so on a fresh socket this never blocks.
-        let mut hello = Vec::with_capacity(HEADER_LEN + proto::DAEMON_HELLO_LEN);
-        proto::encode_hello(
-            hello_info.boot_bypass,
-            hello_info.features(),
-            memory.hello_shm(),
-            &mut hello,
-        );
-        let fds = [
-            memory.table.file().as_raw_fd(),
-            memory.flags.file().as_raw_fd(),
-        ];
-        let sent = stream
-            .send_with_fds(&[&hello[..]], &fds)
-            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
-        if sent != hello.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "short HELLO write",
-            ));
-        }
+        send_hello(&stream, hello_info, memory)?;
         st.next_conn_id += 1;
         shared.gate.store(true, Ordering::Release);
         st.conn = Some(Conn {
@@ -688,7 +647,6 @@ fn serve(
         "mirror: QEMU connected (connection {id}, process {})",
         peer.map_or("?".into(), |p| p.to_string())
     );
-
     let sh = shared.clone();
     std::thread::Builder::new()
         .name("mirror-write".into())
@@ -697,26 +655,89 @@ fn serve(
     let hooks = hooks.clone();
     std::thread::Builder::new()
         .name("mirror-read".into())
-        .spawn(move || {
-            let inbound = Inbound {
-                stream: reader,
-                files: VecDeque::new(),
-            };
-            let outcome = read_loop(inbound, &sh, id, hello_info, hooks.as_ref());
-            sh.completion.disarm();
-            if hello_info.vfio_devices {
-                hooks.vfio_devices_gone();
-            }
-            match outcome {
-                Ok(()) => log::info!("mirror: QEMU closed the connection {id}"),
-                Err(e) => log::error!("mirror: connection {id}: {e}; closing it"),
-            }
-            if let Some(c) = sh.lock().conn.as_mut().filter(|c| c.id == id) {
-                close(c, &sh.gate);
-            }
-            sh.changed.notify_all();
-        })?;
+        .spawn(move || read_until_closed(reader, &sh, id, hello_info, hooks.as_ref()))?;
     Ok(())
+}
+
+/// Why a connection from process `peer` is refused, if it is:
+/// - only the front-end's QEMU (§6 rule 7): any other local process that
+///   can reach the socket could otherwise complete strict invalidations
+///   QEMU never saw, or decide a recovery;
+/// - one QEMU at a time (§6): whoever else can reach the socket must not
+///   knock the connected one off; its own reconnection comes after its old
+///   connection closed. A peer that has just hung up (its reader may not
+///   have seen the EOF yet) is no longer connected: its successor is
+///   welcome.
+fn refusal(st: &mut Link, gate: &AtomicBool, peer: Option<u32>) -> Option<String> {
+    if let Some(front_end) = st.front_end.filter(|&f| peer != Some(f)) {
+        return Some(format!("the front-end's QEMU is process {front_end}"));
+    }
+    if let Some(old) = st.conn.as_mut().filter(|c| !c.closed && peer_gone(c)) {
+        close(old, gate);
+    }
+    st.conn
+        .as_ref()
+        .filter(|c| !c.closed)
+        .map(|old| format!("QEMU (connection {}) is connected", old.id))
+}
+
+/// The daemon's HELLO (§4), first and alone: it carries the shared
+/// memory's files. It is small, so on a fresh socket this never blocks.
+fn send_hello(stream: &UnixStream, hello_info: Hello, memory: &MirrorMemory) -> io::Result<()> {
+    let mut hello = Vec::with_capacity(HEADER_LEN + proto::DAEMON_HELLO_LEN);
+    proto::encode_hello(
+        hello_info.boot_bypass,
+        hello_info.features(),
+        memory.hello_shm(),
+        &mut hello,
+    );
+    let fds = [
+        memory.table.file().as_raw_fd(),
+        memory.flags.file().as_raw_fd(),
+    ];
+    let sent = stream
+        .send_with_fds(&[&hello[..]], &fds)
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    if sent != hello.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "short HELLO write",
+        ));
+    }
+    Ok(())
+}
+
+/// The reader thread of connection `id`: its messages until it ends, then
+/// what goes with it (its completion files, QEMU's VFIO devices).
+fn read_until_closed(
+    reader: UnixStream,
+    shared: &Shared,
+    id: u64,
+    hello_info: Hello,
+    hooks: &dyn MirrorHooks,
+) {
+    let inbound = Inbound {
+        stream: reader,
+        files: VecDeque::new(),
+    };
+    let outcome = read_loop(inbound, shared, id, hello_info, hooks);
+    shared.completion.disarm();
+    if hello_info.vfio_devices {
+        hooks.vfio_devices_gone();
+    }
+    match outcome {
+        Ok(()) => log::info!("mirror: QEMU closed the connection {id}"),
+        // A peer that exits with data unread resets the connection: it went
+        // away, nothing failed here (§12).
+        Err(ReadError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
+            log::info!("mirror: QEMU reset the connection {id} (it exited)")
+        }
+        Err(e) => log::error!("mirror: connection {id}: {e}; closing it"),
+    }
+    if let Some(c) = shared.lock().conn.as_mut().filter(|c| c.id == id) {
+        close(c, &shared.gate);
+    }
+    shared.changed.notify_all();
 }
 
 fn write_loop(mut stream: UnixStream, shared: Arc<Shared>, id: u64) {
