@@ -48,6 +48,11 @@ pub enum CliError {
          iommufd-backed VFIO devices: its endpoints are VFIO devices"
     )]
     NoVfio,
+    #[error(
+        "no socket to listen on: give --socket-path PATH or --fd N, or start the daemon \
+         through systemd socket activation (LISTEN_FDS)"
+    )]
+    NoSocket,
     #[error("--vfio is for --mode iommufd (emulated mode has no real devices)")]
     VfioNeedsIommufd,
     #[error(

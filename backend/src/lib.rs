@@ -28,7 +28,8 @@
 //!   iommufd QEMU forwarded), one type;
 //! - [`emulated`]: the device model over the in-process iommufd model;
 //! - [`passthrough`]: the device model over the kernel's `/dev/iommu` and VFIO devices;
-//! - [`config`]: command-line values, checked.
+//! - [`config`]: command-line values, checked;
+//! - [`confine`]: no new privileges and a seccomp filter of the daemon's calls.
 //!
 //! The device model itself (requests, domains, mappings) is the
 //! `virtio-iommu` crate and the IOAS model the `iopt` crate; neither knows
@@ -37,6 +38,7 @@
 pub mod capabilities;
 pub mod chain;
 pub mod config;
+pub mod confine;
 pub mod device_state;
 pub mod dirty_log;
 pub mod emulated;

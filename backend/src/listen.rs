@@ -20,9 +20,30 @@ use std::path::{Path, PathBuf};
 /// The longest path `sockaddr_un` holds, its terminating NUL excluded.
 const SUN_PATH_MAX: usize = 107;
 
-/// Listen on `path`, replacing a stale socket there (never another kind of
-/// file: that is `AddrInUse`, as `bind(2)` would answer).
-pub fn listen_at(path: &Path) -> io::Result<UnixListener> {
+/// Who may connect to a socket bound at a path: its mode and group, set
+/// before it appears (`None`: the umask's mode, the daemon's group).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Access {
+    pub mode: Option<u32>,
+    pub group: Option<u32>,
+}
+
+impl Access {
+    fn apply(&self, path: &Path) -> io::Result<()> {
+        if let Some(gid) = self.group {
+            std::os::unix::fs::lchown(path, None, Some(gid))?;
+        }
+        if let Some(mode) = self.mode {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        }
+        Ok(())
+    }
+}
+
+/// Listen on `path` with `access`, replacing a stale socket there (never
+/// another kind of file: that is `AddrInUse`, as `bind(2)` would answer).
+pub fn listen_at(path: &Path, access: Access) -> io::Result<UnixListener> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if !m.file_type().is_socket() => {
             return Err(io::Error::new(
@@ -35,11 +56,16 @@ pub fn listen_at(path: &Path) -> io::Result<UnixListener> {
     let Some(hidden) = hidden_sibling(path) else {
         // No room for a longer name: bind in place, with the short window.
         let _ = std::fs::remove_file(path);
-        return UnixListener::bind(path);
+        let listener = UnixListener::bind(path)?;
+        access.apply(path)?;
+        return Ok(listener);
     };
     let _ = std::fs::remove_file(&hidden);
     let listener = UnixListener::bind(&hidden)?;
-    if let Err(e) = std::fs::rename(&hidden, path) {
+    if let Err(e) = access
+        .apply(&hidden)
+        .and_then(|()| std::fs::rename(&hidden, path))
+    {
         let _ = std::fs::remove_file(&hidden);
         return Err(e);
     }
@@ -72,7 +98,7 @@ mod tests {
     fn the_path_accepts_as_soon_as_it_exists_and_no_hidden_name_is_left() {
         let dir = scratch("accepts");
         let path = dir.join("s.sock");
-        let l = listen_at(&path).unwrap();
+        let l = listen_at(&path, Access::default()).unwrap();
         UnixStream::connect(&path).unwrap();
         l.accept().unwrap();
         let names: Vec<_> = std::fs::read_dir(&dir)
@@ -89,14 +115,32 @@ mod tests {
         let path = dir.join("s.sock");
         drop(UnixListener::bind(&path).unwrap());
         assert!(UnixStream::connect(&path).is_err(), "stale");
-        let _l = listen_at(&path).unwrap();
+        let _l = listen_at(&path, Access::default()).unwrap();
         UnixStream::connect(&path).unwrap();
 
         let file = dir.join("file");
         std::fs::write(&file, b"keep").unwrap();
-        let e = listen_at(&file).unwrap_err();
+        let e = listen_at(&file, Access::default()).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
         assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_socket_appears_with_its_mode_and_group() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = scratch("access");
+        let path = dir.join("s.sock");
+        // SAFETY: getgid has no arguments and cannot fail.
+        let gid = unsafe { libc::getgid() };
+        let access = Access {
+            mode: Some(0o660),
+            group: Some(gid),
+        };
+        let _l = listen_at(&path, access).unwrap();
+        let m = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o660);
+        assert_eq!(m.gid(), gid);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -106,7 +150,7 @@ mod tests {
         let room = SUN_PATH_MAX - dir.as_os_str().len() - 1;
         let path = dir.join("x".repeat(room));
         assert!(hidden_sibling(&path).is_none());
-        let _l = listen_at(&path).unwrap();
+        let _l = listen_at(&path, Access::default()).unwrap();
         UnixStream::connect(&path).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }

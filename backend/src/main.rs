@@ -10,13 +10,14 @@ use clap::{Parser, ValueEnum};
 use iopt::kernel::KernelIommufd;
 use vhost_user_iommu::config::RawConfig;
 use vhost_user_iommu::guest_ram::MemoryFiles;
+use vhost_user_iommu::listen::Access;
 use vhost_user_iommu::mirror::{Hello, MirrorHandle, MirrorMemory, MirrorServer};
 use vhost_user_iommu::serve::{Server, SocketSource};
 use vhost_user_iommu::state_file::Journal;
 use vhost_user_iommu::vhu_iommu::{
     BackendHooks, IommuBackend, DEFAULT_POLL_US, DEFAULT_WORKER_SLICE_US,
 };
-use vhost_user_iommu::{capabilities, config, emulated, passthrough, sched};
+use vhost_user_iommu::{capabilities, config, confine, emulated, passthrough, sched};
 
 /// How guest domains are implemented.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -37,6 +38,24 @@ impl From<ModeArg> for config::Mode {
     }
 }
 
+/// What the seccomp filter does with a call outside the list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum SeccompArg {
+    Kill,
+    Log,
+    None,
+}
+
+impl From<SeccompArg> for confine::Seccomp {
+    fn from(s: SeccompArg) -> Self {
+        match s {
+            SeccompArg::Kill => confine::Seccomp::Kill,
+            SeccompArg::Log => confine::Seccomp::Log,
+            SeccompArg::None => confine::Seccomp::None,
+        }
+    }
+}
+
 /// vhost-user back-end for a virtio-iommu device (virtio ID 23) whose domains
 /// are iommufd I/O address spaces.
 ///
@@ -44,14 +63,24 @@ impl From<ModeArg> for config::Mode {
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
-    /// Listen for the front-end on this Unix socket path.
-    #[arg(long, value_name = "PATH", conflicts_with = "fd",
-          required_unless_present_any = ["fd", "print_capabilities"])]
+    /// Listen for the front-end on this Unix socket path. Without it and
+    /// --fd, the socket systemd's socket activation passed (LISTEN_FDS=1).
+    #[arg(long, value_name = "PATH", conflicts_with = "fd")]
     socket_path: Option<PathBuf>,
 
     /// Use this inherited, listening Unix socket instead of --socket-path.
     #[arg(long, value_name = "N")]
     fd: Option<RawFd>,
+
+    /// The mode of the sockets the daemon binds (--socket-path,
+    /// --mirror-socket), in octal, e.g. 0660; set before they appear.
+    #[arg(long, value_name = "OCTAL", value_parser = socket_mode)]
+    socket_mode: Option<u32>,
+
+    /// The group of the sockets the daemon binds: a name or a number (e.g.
+    /// the group QEMU runs as, with --socket-mode 0660).
+    #[arg(long, value_name = "GROUP", value_parser = socket_group)]
+    socket_group: Option<u32>,
 
     /// Print the back-end's capabilities as JSON and exit.
     #[arg(long)]
@@ -146,6 +175,14 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     state_file: Option<PathBuf>,
 
+    /// What happens to a system call outside the daemon's own list, once
+    /// it has bound its sockets and opened its files: "kill" the process
+    /// (SIGSYS), "log" it and let it through (the kernel's audit log,
+    /// `audit: type=1326`), or "none" (no filter). no_new_privs is set in
+    /// every case.
+    #[arg(long, value_enum, default_value_t = SeccompArg::Kill)]
+    seccomp: SeccompArg,
+
     /// The iommufd device node (--mode iommufd).
     #[arg(long, value_name = "PATH", default_value = KernelIommufd::DEFAULT_PATH)]
     iommufd: PathBuf,
@@ -165,6 +202,31 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--socket-mode`: octal permission bits.
+fn socket_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| m & !0o777 == 0)
+        .ok_or_else(|| format!("{s:?}: want octal permission bits, e.g. 0660"))
+}
+
+/// `--socket-group`: a group name (group(5)) or number.
+fn socket_group(s: &str) -> Result<u32, String> {
+    if let Ok(gid) = s.parse::<u32>() {
+        return Ok(gid);
+    }
+    let name = std::ffi::CString::new(s).map_err(|_| format!("{s:?}: not a group name"))?;
+    // SAFETY: getgrnam reads a NUL-terminated name and returns a pointer to
+    // static storage (or null), read at once, before any other call could
+    // reuse it (the command line is parsed on the main thread, alone).
+    let gr = unsafe { libc::getgrnam(name.as_ptr()) };
+    if gr.is_null() {
+        return Err(format!("{s:?}: no such group"));
+    }
+    // SAFETY: non-null: a valid `struct group`.
+    Ok(unsafe { (*gr).gr_gid })
 }
 
 /// `on` or `off`.
@@ -192,6 +254,8 @@ fn worker_slice(us: u64) -> Result<Option<Duration>, String> {
 }
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    // Before any thread starts: it edits the environment.
+    let systemd_socket = SocketSource::from_systemd()?;
     let config = RawConfig {
         endpoints: cli.endpoints,
         page_size_mask: cli.page_size_mask,
@@ -214,12 +278,17 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         config::Mode::Iommufd => passthrough::device(&config, &cli.iommufd)?,
     };
     let device_config = *device.device_config();
-    let source = match (cli.socket_path, cli.fd) {
-        (Some(p), None) => SocketSource::Path(p),
-        (None, Some(fd)) => SocketSource::Fd(fd),
-        _ => unreachable!("clap requires exactly one of --socket-path and --fd"),
+    let source = match (cli.socket_path, cli.fd, systemd_socket) {
+        (Some(p), None, _) => SocketSource::Path(p),
+        (None, Some(fd), _) => SocketSource::Fd(fd),
+        (None, None, Some(s)) => s,
+        _ => return Err(config::CliError::NoSocket.into()),
     };
-    let server = Server::bind(&source)?;
+    let access = Access {
+        mode: cli.socket_mode,
+        group: cli.socket_group,
+    };
+    let server = Server::bind_with(&source, access)?;
     server.stop_on_signals()?;
 
     let hooks = Arc::new(BackendHooks::default());
@@ -227,8 +296,14 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Some(path) => {
             let memory = MirrorMemory::for_device(&device_config)?;
             let hello = Hello::new(config.device.bypass, vfio_from_qemu);
-            let s = MirrorServer::start_with(path, hello, hooks.clone(), Arc::new(memory))
-                .map_err(|e| format!("cannot listen on --mirror-socket {}: {e}", path.display()))?;
+            let s = MirrorServer::start_with_access(
+                path,
+                access,
+                hello,
+                hooks.clone(),
+                Arc::new(memory),
+            )
+            .map_err(|e| format!("cannot listen on --mirror-socket {}: {e}", path.display()))?;
             let h = s.handle();
             (Some(s), h)
         }
@@ -255,6 +330,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         backend = backend.with_journal(journal, recovered);
     }
     let _ = hooks.0.set(backend.clone());
+    // Every socket is bound and every file opened: from here on the daemon
+    // makes only the calls on its list (src/confine.rs).
+    confine::confine(cli.seccomp.into())?;
     log::info!(
         "virtio-iommu ({:?} mode): {} endpoints, page size mask {:#x}, input range {:#x}-{:#x}",
         config.mode,

@@ -31,6 +31,7 @@ use crate::guest_ram::GuestMem;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::listen::Access;
 use crate::vhu_iommu::IommuBackend;
 
 /// Where the vhost-user socket comes from.
@@ -42,6 +43,33 @@ pub enum SocketSource {
     Fd(RawFd),
 }
 
+/// The first descriptor systemd passes (sd_listen_fds(3)).
+const SD_LISTEN_FDS_START: RawFd = 3;
+
+impl SocketSource {
+    /// The socket systemd's socket activation passed this process, if any
+    /// (sd_listen_fds(3)): `LISTEN_PID` is this process and `LISTEN_FDS`
+    /// is 1. The variables are removed either way, as `sd_listen_fds`
+    /// does with `unset_environment`.
+    pub fn from_systemd() -> Result<Option<Self>, ServeError> {
+        let pid = std::env::var("LISTEN_PID").ok();
+        let fds = std::env::var("LISTEN_FDS").ok();
+        for v in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+            std::env::remove_var(v);
+        }
+        let (Some(pid), Some(fds)) = (pid, fds) else {
+            return Ok(None);
+        };
+        if pid.parse::<u32>().ok() != Some(std::process::id()) {
+            return Ok(None);
+        }
+        match fds.parse::<u32>() {
+            Ok(1) => Ok(Some(SocketSource::Fd(SD_LISTEN_FDS_START))),
+            _ => Err(ServeError::ListenFds(fds)),
+        }
+    }
+}
+
 /// Why serving failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -49,6 +77,8 @@ pub enum ServeError {
     Listen { path: PathBuf, source: io::Error },
     #[error("--fd {fd} is not a listening Unix socket: {source}")]
     BadFd { fd: RawFd, source: io::Error },
+    #[error("LISTEN_FDS={0}: socket activation must pass exactly one socket")]
+    ListenFds(String),
     #[error("cannot set up signal handling: {0}")]
     Signals(io::Error),
     #[error("cannot set up the accept loop: {0}")]
@@ -158,11 +188,18 @@ pub struct Server {
 impl Server {
     /// Bind (or adopt) the listening socket.
     pub fn bind(source: &SocketSource) -> Result<Self, ServeError> {
+        Self::bind_with(source, Access::default())
+    }
+
+    /// [`Self::bind`]; a socket bound at a path appears with `access`.
+    pub fn bind_with(source: &SocketSource, access: Access) -> Result<Self, ServeError> {
         let (listener, path) = match source {
             SocketSource::Path(path) => {
-                let l = crate::listen::listen_at(path).map_err(|source| ServeError::Listen {
-                    path: path.clone(),
-                    source,
+                let l = crate::listen::listen_at(path, access).map_err(|source| {
+                    ServeError::Listen {
+                        path: path.clone(),
+                        source,
+                    }
                 })?;
                 (l, Some(path.clone()))
             }

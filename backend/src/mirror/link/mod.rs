@@ -537,7 +537,18 @@ impl MirrorServer {
         hooks: Arc<dyn MirrorHooks>,
         memory: Arc<MirrorMemory>,
     ) -> io::Result<Self> {
-        let listener = crate::listen::listen_at(path)?;
+        Self::start_with_access(path, Access::default(), hello, hooks, memory)
+    }
+
+    /// [`Self::start_with`], the socket appearing with `access`.
+    pub fn start_with_access(
+        path: &Path,
+        access: Access,
+        hello: Hello,
+        hooks: Arc<dyn MirrorHooks>,
+        memory: Arc<MirrorMemory>,
+    ) -> io::Result<Self> {
+        let listener = crate::listen::listen_at(path, access)?;
         let handle = MirrorHandle {
             shared: Arc::default(),
             memory: Some(memory.clone()),
@@ -777,6 +788,8 @@ fn write_loop(mut stream: UnixStream, shared: Arc<Shared>, id: u64) {
 }
 
 mod read;
+
+use crate::listen::Access;
 
 pub use read::ReadError;
 use read::{read_loop, Inbound};
