@@ -61,7 +61,7 @@ impl From<SeccompArg> for confine::Seccomp {
 ///
 /// QEMU: -chardev socket,id=c0,path=SOCKET -device vhost-user-iommu,chardev=c0
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, long_version = capabilities::LONG_VERSION, about, long_about = None)]
 struct Cli {
     /// Listen for the front-end on this Unix socket path. Without it and
     /// --fd, the socket systemd's socket activation passed (LISTEN_FDS=1).
@@ -85,6 +85,10 @@ struct Cli {
     /// Print the back-end's capabilities as JSON and exit.
     #[arg(long)]
     print_capabilities: bool,
+
+    /// Print this manual page (roff, man(7)) and exit.
+    #[arg(long, hide = true)]
+    print_man_page: bool,
 
     /// Endpoint IDs (PCI requester IDs) the device manages: IDs and inclusive
     /// ranges, comma-separated [default: 0-0xffff].
@@ -194,6 +198,16 @@ fn main() -> ExitCode {
     if cli.print_capabilities {
         print!("{}", capabilities::capabilities_json());
         return ExitCode::SUCCESS;
+    }
+    if cli.print_man_page {
+        let man = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).section("8");
+        return match man.render(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vhost-user-iommu: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
