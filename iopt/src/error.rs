@@ -7,6 +7,7 @@ pub struct Errno(pub i32);
 impl Errno {
     pub const EPERM: Errno = Errno(1);
     pub const ENOENT: Errno = Errno(2);
+    pub const E2BIG: Errno = Errno(7);
     pub const EINTR: Errno = Errno(4);
     pub const EIO: Errno = Errno(5);
     pub const EBADF: Errno = Errno(9);
@@ -74,7 +75,11 @@ pub enum IoptError {
     /// there are. `EMSGSIZE`.
     #[error("output buffer too small: {needed} entries needed")]
     MessageSize { needed: u32 },
-    /// User memory could not be reached. `EFAULT`.
+    /// Bytes past the uAPI structure the kernel knows were not zero
+    /// (`copy_struct_from_user`). `E2BIG`.
+    #[error("structure larger than the kernel's, with non-zero bytes past it")]
+    TooBig,
+    /// User memory could not be reached (or pinned). `EFAULT`.
     #[error("bad user address")]
     Fault,
     /// Any other errno from the kernel.
@@ -97,6 +102,7 @@ impl IoptError {
             IoptError::Permission => Errno::EPERM,
             IoptError::MessageSize { .. } => Errno::EMSGSIZE,
             IoptError::Fault => Errno::EFAULT,
+            IoptError::TooBig => Errno::E2BIG,
             IoptError::Other(e) => *e,
         }
     }
@@ -114,6 +120,7 @@ impl IoptError {
             Errno::EBUSY => IoptError::Busy,
             Errno::EPERM => IoptError::Permission,
             Errno::EFAULT => IoptError::Fault,
+            Errno::E2BIG => IoptError::TooBig,
             e => IoptError::Other(e),
         }
     }

@@ -9,7 +9,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::{DeviceId, IoptError, IovaRange, Prot, Result, HPAGE_SIZE, PAGE_SIZE};
+use crate::pinning::{pinned_pages, Backing};
+use crate::{DeviceId, IoptError, IovaRange, Prot, Result, Thp, PAGE_SIZE};
 
 /// A mapped area: `[iova, last]` translates to `user_va + (iova' - iova)`.
 ///
@@ -79,6 +80,9 @@ pub struct IoPagetable {
     /// `iova_alignment`: the largest minimum page size of the attached
     /// domains, 1 with none.
     iova_alignment: u64,
+    /// Whether the kernel has transparent huge pages: caps the allocator's
+    /// alignment.
+    thp: Thp,
 }
 
 impl Default for IoPagetable {
@@ -131,6 +135,15 @@ fn holes(used: &[IovaRange], lo: u64, hi: u64, mut f: impl FnMut(IovaRange) -> b
     }
 }
 
+/// Pin the pages of one segment (`pfn_reader_user_pin`): `FOLL_WRITE` when
+/// the memory was mapped writeable; a page that cannot be pinned → `EFAULT`.
+fn pin_segment(backing: &dyn Backing, s: &Segment) -> Result<()> {
+    match pinned_pages(s.user_va, s.length) {
+        Some((start, len)) if backing.pinnable(start, len, s.writable_pages) => Ok(()),
+        _ => Err(IoptError::Fault),
+    }
+}
+
 /// `__alloc_iova_check_range`: align the start of `span` (keeping
 /// `page_offset`) and see whether `length` bytes still fit before its end.
 fn fit(span: IovaRange, length: u64, alignment: u64, page_offset: u64) -> Option<u64> {
@@ -143,14 +156,27 @@ fn fit(span: IovaRange, length: u64, alignment: u64, page_offset: u64) -> Option
 
 impl IoPagetable {
     /// An empty IOAS (`iopt_init_table`): no areas, nothing reserved,
-    /// anything allowed, alignment 1.
+    /// anything allowed, alignment 1; on a kernel with transparent huge
+    /// pages.
     pub fn new() -> Self {
+        Self::with_thp(Thp::Enabled)
+    }
+
+    /// An empty IOAS of a kernel built with or without transparent huge
+    /// pages.
+    pub fn with_thp(thp: Thp) -> Self {
         Self {
             areas: BTreeMap::new(),
             allowed: Vec::new(),
             reserved: Vec::new(),
             iova_alignment: 1,
+            thp,
         }
+    }
+
+    /// Whether this IOAS's kernel has transparent huge pages.
+    pub fn thp(&self) -> Thp {
+        self.thp
     }
 
     /// The minimum alignment of a mapping's IOVA and length
@@ -261,7 +287,8 @@ impl IoPagetable {
     /// (`iopt_alloc_iova`):
     /// - the alignment is `roundup_pow_of_two(length)`, lowered to the
     ///   alignment `uptr` has (so huge pages stay mappable) and capped at
-    ///   `HPAGE_SIZE`; below the IOAS alignment → `EINVAL`;
+    ///   `HPAGE_SIZE` with transparent huge pages, at `PAGE_SIZE` without
+    ///   ([`Thp::max_alloc_alignment`]); below the IOAS alignment → `EINVAL`;
     /// - the IOVA keeps `uptr`'s offset in its page;
     /// - first fit, lowest IOVA first, inside `[PAGE_SIZE, ULONG_MAX -
     ///   PAGE_SIZE]` (never IOVA 0) and inside the allowed ranges if any,
@@ -275,7 +302,7 @@ impl IoPagetable {
         if uptr != 0 {
             alignment = alignment.min(1 << uptr.trailing_zeros());
         }
-        alignment = alignment.min(HPAGE_SIZE);
+        alignment = alignment.min(self.thp.max_alloc_alignment());
         if alignment < self.iova_alignment {
             return Err(IoptError::Invalid(
                 "allocation alignment below the IOAS alignment",
@@ -318,13 +345,22 @@ impl IoPagetable {
     }
 
     /// Place `segments` back to back at `dst` (or at an allocated IOVA),
-    /// all with `prot` (`iopt_alloc_area_pages` + `iopt_insert_area`).
-    /// Returns the first IOVA. Nothing changes on failure.
+    /// all with `prot` (`iopt_map_pages`: `iopt_alloc_area_pages` +
+    /// `iopt_insert_area`, then `iopt_fill_domains_pages`). Returns the first
+    /// IOVA. Nothing changes on failure.
     ///
     /// Length not a multiple of the IOAS alignment → `EINVAL`; the IOVA is
     /// checked or allocated as above; WRITE on memory that was not mapped
-    /// writeable → `EPERM`; a page offset the alignment forbids → `EINVAL`.
-    pub fn map_pages(&mut self, dst: Option<u64>, segments: &[Segment], prot: Prot) -> Result<u64> {
+    /// writeable → `EPERM`; a page offset the alignment forbids → `EINVAL`;
+    /// then, when the IOAS has a domain (`pin` is its memory), a segment
+    /// whose pages cannot be pinned → `EFAULT`.
+    pub fn map_pages(
+        &mut self,
+        dst: Option<u64>,
+        segments: &[Segment],
+        prot: Prot,
+        pin: Option<&dyn Backing>,
+    ) -> Result<u64> {
         let mut length: u64 = 0;
         for s in segments {
             length = length.checked_add(s.length).ok_or(IoptError::Overflow)?;
@@ -348,6 +384,9 @@ impl IoPagetable {
                     "page offset not aligned to the IOAS alignment",
                 ));
             }
+        }
+        if let Some(backing) = pin {
+            segments.iter().try_for_each(|s| pin_segment(backing, s))?;
         }
         let mut at = iova;
         for s in segments {
@@ -471,6 +510,21 @@ impl IoPagetable {
         Ok(())
     }
 
+    /// Pin every area for a first domain (`iopt_fill_domain`): an area
+    /// whose pages cannot be pinned → `EFAULT`. Changes nothing.
+    pub fn fill_domain(&self, backing: &dyn Backing) -> Result<()> {
+        self.areas.values().try_for_each(|a| {
+            pin_segment(
+                backing,
+                &Segment {
+                    user_va: a.user_va,
+                    length: a.length(),
+                    writable_pages: a.writable_pages,
+                },
+            )
+        })
+    }
+
     /// Reserve `range` for `owner` (`iopt_reserve_iova`): touching an area
     /// or an allowed range → `EADDRINUSE`.
     pub fn reserve(&mut self, range: IovaRange, owner: DeviceId) -> Result<()> {
@@ -519,6 +573,7 @@ impl IoPagetable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::HPAGE_SIZE;
 
     fn seg(user_va: u64, length: u64) -> [Segment; 1] {
         [Segment {
@@ -582,10 +637,10 @@ mod tests {
     #[test]
     fn alloc_is_first_fit_around_areas() {
         let mut iopt = IoPagetable::new();
-        iopt.map_pages(Some(0x1000), &seg(0x1000, 0x1000), Prot::RW)
+        iopt.map_pages(Some(0x1000), &seg(0x1000, 0x1000), Prot::RW, None)
             .unwrap();
         let iova = iopt
-            .map_pages(None, &seg(0x10_0000, 0x1000), Prot::RW)
+            .map_pages(None, &seg(0x10_0000, 0x1000), Prot::RW, None)
             .unwrap();
         assert_eq!(iova, 0x2000);
     }
@@ -593,9 +648,9 @@ mod tests {
     #[test]
     fn unmap_of_a_straddled_range_keeps_earlier_unmaps() {
         let mut iopt = IoPagetable::new();
-        iopt.map_pages(Some(0x1000), &seg(0, 0x1000), Prot::RW)
+        iopt.map_pages(Some(0x1000), &seg(0, 0x1000), Prot::RW, None)
             .unwrap();
-        iopt.map_pages(Some(0x2000), &seg(0, 0x2000), Prot::RW)
+        iopt.map_pages(Some(0x2000), &seg(0, 0x2000), Prot::RW, None)
             .unwrap();
         let (n, r) = iopt.unmap(0x1000, 0x2000);
         assert_eq!(r.unwrap_err().errno(), crate::Errno::ENOENT);
@@ -607,12 +662,73 @@ mod tests {
     #[test]
     fn raising_the_alignment_over_a_misaligned_area_is_refused() {
         let mut iopt = IoPagetable::new();
-        iopt.map_pages(Some(0x800), &seg(0x800, 0x800), Prot::RW)
+        iopt.map_pages(Some(0x800), &seg(0x800, 0x800), Prot::RW, None)
             .unwrap();
         assert_eq!(
             iopt.set_iova_alignment(PAGE_SIZE),
             Err(IoptError::AddressInUse)
         );
         assert_eq!(iopt.iova_alignment(), 1);
+    }
+
+    #[test]
+    fn without_thp_the_allocator_aligns_to_a_page_at_most() {
+        let iopt = IoPagetable::with_thp(Thp::Disabled);
+        let mut with = IoPagetable::new();
+        let mut without = IoPagetable::with_thp(Thp::Disabled);
+        // One page taken at 0x1000: 4 MiB at a 4 MiB-aligned address goes
+        // right after it without THP, at 2 MiB with.
+        for t in [&mut with, &mut without] {
+            t.map_pages(Some(0x1000), &seg(0, 0x1000), Prot::RW, None)
+                .unwrap();
+        }
+        assert_eq!(with.alloc_iova(0x40_0000, 0x40_0000).unwrap(), HPAGE_SIZE);
+        assert_eq!(without.alloc_iova(0x40_0000, 0x40_0000).unwrap(), 0x2000);
+        assert_eq!(iopt.alloc_iova(0x1_0000, 0x1_0000).unwrap(), PAGE_SIZE);
+    }
+
+    /// Memory whose pages from `hole` on cannot be pinned, and whose pages
+    /// below `read_only` cannot be pinned for writing.
+    #[derive(Debug)]
+    struct Holey {
+        hole: u64,
+        read_only: u64,
+    }
+
+    impl Backing for Holey {
+        fn pinnable(&self, start: u64, length: u64, write: bool) -> bool {
+            start + length <= self.hole && !(write && start < self.read_only)
+        }
+    }
+
+    #[test]
+    fn with_a_domain_unpinnable_memory_is_efault_and_nothing_is_mapped() {
+        let mem = Holey {
+            hole: 0x10_0000,
+            read_only: 0x1_0000,
+        };
+        let mut iopt = IoPagetable::new();
+        // The tail's last page is in the hole; the pin takes whole pages.
+        let r = iopt.map_pages(Some(0x1000), &seg(0xf_f000, 0x1001), Prot::RW, Some(&mem));
+        assert_eq!(r, Err(IoptError::Fault));
+        assert_eq!(iopt.areas().count(), 0);
+        // Without a domain nothing is pinned.
+        iopt.map_pages(Some(0x1000), &seg(0xf_f000, 0x2000), Prot::RW, None)
+            .unwrap();
+        assert_eq!(iopt.fill_domain(&mem), Err(IoptError::Fault));
+        assert_eq!(iopt.unmap_all(), 0x2000);
+        // Read-only memory pins for reading only.
+        let ro = [Segment {
+            user_va: 0,
+            length: 0x1000,
+            writable_pages: false,
+        }];
+        iopt.map_pages(Some(0x1000), &ro, Prot::READ, Some(&mem))
+            .unwrap();
+        assert_eq!(iopt.fill_domain(&mem), Ok(()));
+        assert_eq!(
+            iopt.map_pages(Some(0x2000), &seg(0, 0x1000), Prot::RW, Some(&mem)),
+            Err(IoptError::Fault)
+        );
     }
 }

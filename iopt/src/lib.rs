@@ -27,7 +27,10 @@ pub mod io_pagetable;
 mod iommufd;
 pub mod kernel;
 pub mod model;
+pub mod pinning;
 mod range;
+mod thp;
+pub mod uapi;
 
 pub use error::{Errno, IoptError, Result};
 pub use io_pagetable::{Area, IoPagetable, Reserved, Segment};
@@ -35,10 +38,12 @@ pub use iommufd::{
     AccessFlags, CopyRequest, DeviceId, IoasId, IommuOption, Iommufd, IovaRanges, MapRequest,
     OptionOp, Prot, UserMemory,
 };
+pub use pinning::{AllBacked, Backing};
 pub use range::IovaRange;
+pub use thp::Thp;
 
 /// The CPU page size the kernel pins user memory in (`PAGE_SIZE` on x86_64).
 pub const PAGE_SIZE: u64 = 4096;
-/// The largest alignment the IOVA allocator asks for (`HPAGE_SIZE` on x86_64
-/// with transparent huge pages).
+/// The largest alignment the IOVA allocator asks for on a kernel with
+/// transparent huge pages (`HPAGE_SIZE` on x86_64; see [`Thp`]).
 pub const HPAGE_SIZE: u64 = 2 << 20;

@@ -8,6 +8,7 @@
 #[cfg(feature = "conformance")]
 mod fixture;
 mod uapi;
+mod ucmd;
 mod vfio;
 
 #[cfg(feature = "conformance")]

@@ -1,10 +1,12 @@
-//! The iommufd and VFIO-cdev uAPI structures and ioctl numbers of Linux 6.12
-//! (`include/uapi/linux/iommufd.h`, `include/uapi/linux/vfio.h`).
+//! The iommufd ioctl numbers and the VFIO-cdev uAPI structures of Linux 6.12
+//! (`include/uapi/linux/iommufd.h`, `include/uapi/linux/vfio.h`); the
+//! iommufd structures themselves are [`crate::uapi`]'s, shared with the
+//! model.
 //!
 //! Every structure starts with its own size (`size` / `argsz`): the kernel
 //! accepts any size from the first release of the structure onwards and
 //! checks that bytes it does not know are zero, so these 6.12 layouts keep
-//! working on newer kernels. Tests below pin each size and field offset.
+//! working on newer kernels. Tests below pin each size and ioctl number.
 
 #![allow(non_camel_case_types)]
 
@@ -29,106 +31,17 @@ ioctl_io_nr!(VFIO_DEVICE_BIND_IOMMUFD, VFIO_TYPE, VFIO_BASE + 18);
 ioctl_io_nr!(VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_TYPE, VFIO_BASE + 19);
 ioctl_io_nr!(VFIO_DEVICE_DETACH_IOMMUFD_PT, VFIO_TYPE, VFIO_BASE + 20);
 
-pub const IOMMU_IOAS_MAP_FIXED_IOVA: u32 = 1 << 0;
-pub const IOMMU_IOAS_MAP_WRITEABLE: u32 = 1 << 1;
-pub const IOMMU_IOAS_MAP_READABLE: u32 = 1 << 2;
-
-pub const IOMMU_OPTION_RLIMIT_MODE: u32 = 0;
-pub const IOMMU_OPTION_HUGE_PAGES: u32 = 1;
-pub const IOMMU_OPTION_OP_SET: u16 = 0;
-pub const IOMMU_OPTION_OP_GET: u16 = 1;
+pub use crate::uapi::{
+    iommu_destroy, iommu_ioas_alloc, iommu_ioas_allow_iovas, iommu_ioas_copy,
+    iommu_ioas_iova_ranges, iommu_ioas_map, iommu_ioas_unmap, iommu_iova_range, iommu_option,
+    IOMMU_IOAS_MAP_FIXED_IOVA, IOMMU_IOAS_MAP_READABLE, IOMMU_IOAS_MAP_WRITEABLE,
+    IOMMU_OPTION_HUGE_PAGES, IOMMU_OPTION_OP_GET, IOMMU_OPTION_OP_SET, IOMMU_OPTION_RLIMIT_MODE,
+};
 
 /// The size of a uAPI structure as its `size`/`argsz` field wants it.
 pub fn size_of<T>() -> u32 {
     // The structures here are a few dozen bytes: the cast cannot truncate.
     std::mem::size_of::<T>() as u32
-}
-
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct iommu_destroy {
-    pub size: u32,
-    pub id: u32,
-}
-
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct iommu_ioas_alloc {
-    pub size: u32,
-    pub flags: u32,
-    pub out_ioas_id: u32,
-}
-
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct iommu_iova_range {
-    pub start: u64,
-    pub last: u64,
-}
-
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct iommu_ioas_iova_ranges {
-    pub size: u32,
-    pub ioas_id: u32,
-    pub num_iovas: u32,
-    pub __reserved: u32,
-    pub allowed_iovas: u64,
-    pub out_iova_alignment: u64,
-}
-
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct iommu_ioas_allow_iovas {
-    pub size: u32,
-    pub ioas_id: u32,
-    pub num_iovas: u32,
-    pub __reserved: u32,
-    pub allowed_iovas: u64,
-}
-
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct iommu_ioas_map {
-    pub size: u32,
-    pub flags: u32,
-    pub ioas_id: u32,
-    pub __reserved: u32,
-    pub user_va: u64,
-    pub length: u64,
-    pub iova: u64,
-}
-
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct iommu_ioas_copy {
-    pub size: u32,
-    pub flags: u32,
-    pub dst_ioas_id: u32,
-    pub src_ioas_id: u32,
-    pub length: u64,
-    pub dst_iova: u64,
-    pub src_iova: u64,
-}
-
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct iommu_ioas_unmap {
-    pub size: u32,
-    pub ioas_id: u32,
-    pub iova: u64,
-    pub length: u64,
-}
-
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct iommu_option {
-    pub size: u32,
-    pub option_id: u32,
-    pub op: u16,
-    pub __reserved: u16,
-    pub object_id: u32,
-    pub val64: u64,
 }
 
 #[repr(C)]
@@ -159,35 +72,6 @@ pub struct vfio_device_detach_iommufd_pt {
 mod tests {
     use super::*;
     use std::mem::{offset_of, size_of};
-
-    #[test]
-    fn iommufd_struct_layouts_match_the_uapi() {
-        assert_eq!(size_of::<iommu_destroy>(), 8);
-        assert_eq!(size_of::<iommu_ioas_alloc>(), 12);
-        assert_eq!(offset_of!(iommu_ioas_alloc, out_ioas_id), 8);
-        assert_eq!(size_of::<iommu_iova_range>(), 16);
-        assert_eq!(size_of::<iommu_ioas_iova_ranges>(), 32);
-        assert_eq!(offset_of!(iommu_ioas_iova_ranges, allowed_iovas), 16);
-        assert_eq!(offset_of!(iommu_ioas_iova_ranges, out_iova_alignment), 24);
-        assert_eq!(size_of::<iommu_ioas_allow_iovas>(), 24);
-        assert_eq!(offset_of!(iommu_ioas_allow_iovas, allowed_iovas), 16);
-        assert_eq!(size_of::<iommu_ioas_map>(), 40);
-        assert_eq!(offset_of!(iommu_ioas_map, user_va), 16);
-        assert_eq!(offset_of!(iommu_ioas_map, length), 24);
-        assert_eq!(offset_of!(iommu_ioas_map, iova), 32);
-        assert_eq!(size_of::<iommu_ioas_copy>(), 40);
-        assert_eq!(offset_of!(iommu_ioas_copy, src_ioas_id), 12);
-        assert_eq!(offset_of!(iommu_ioas_copy, length), 16);
-        assert_eq!(offset_of!(iommu_ioas_copy, dst_iova), 24);
-        assert_eq!(offset_of!(iommu_ioas_copy, src_iova), 32);
-        assert_eq!(size_of::<iommu_ioas_unmap>(), 24);
-        assert_eq!(offset_of!(iommu_ioas_unmap, iova), 8);
-        assert_eq!(offset_of!(iommu_ioas_unmap, length), 16);
-        assert_eq!(size_of::<iommu_option>(), 24);
-        assert_eq!(offset_of!(iommu_option, op), 8);
-        assert_eq!(offset_of!(iommu_option, object_id), 12);
-        assert_eq!(offset_of!(iommu_option, val64), 16);
-    }
 
     #[test]
     fn vfio_cdev_struct_layouts_match_the_6_12_uapi() {

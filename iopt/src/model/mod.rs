@@ -5,65 +5,28 @@
 //! checks, object lookup) and the attach path of `device.c`, kept thin: the
 //! behaviour lives in [`IoPagetable`]. Devices are mocks with an aperture, a
 //! list of reserved regions and a minimum page size, like the kernel's
-//! `selftest.c` mock domain.
+//! `selftest.c` mock domain ([`MockDevice`]). The byte-level uAPI entry
+//! point ([`crate::uapi::Ioctl`]) is `ucmd.rs`, over the same methods.
+//!
+//! Two facts of the host change what the kernel answers, and are the
+//! model's options: whether it has transparent huge pages ([`Thp`], see
+//! [`ModelIommufd::with_thp`]), and which user memory can be pinned
+//! ([`Backing`], see [`ModelIommufd::with_backing`]).
+
+mod mock;
+mod ucmd;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+pub use mock::MockDevice;
 
 use crate::io_pagetable::Segment;
 use crate::{
-    AccessFlags, CopyRequest, DeviceId, IoPagetable, IoasId, IommuOption, Iommufd, IoptError,
-    IovaRange, IovaRanges, MapRequest, OptionOp, Prot, Result, UserMemory, PAGE_SIZE,
+    AccessFlags, AllBacked, Backing, CopyRequest, DeviceId, IoPagetable, IoasId, IommuOption,
+    Iommufd, IoptError, IovaRange, IovaRanges, MapRequest, OptionOp, Prot, Result, Thp, UserMemory,
+    PAGE_SIZE,
 };
-
-/// A device the model can attach: what the kernel learns from the IOMMU
-/// driver at attach time.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MockDevice {
-    /// The IOVA window the device's domain can translate
-    /// (`iommu_domain_geometry`); everything outside is reserved on attach.
-    pub aperture: IovaRange,
-    /// Reserved regions (`iommu_get_resv_regions`), e.g. the MSI window.
-    pub reserved: Vec<IovaRange>,
-    /// The domain's smallest page size (`pgsize_bitmap`'s lowest bit); the
-    /// IOAS alignment rises to it while the device is attached.
-    pub page_size: u64,
-}
-
-impl MockDevice {
-    /// A device behind an x86 IOMMU: 48-bit aperture, 4 KiB pages, the MSI
-    /// window `0xfee00000..=0xfeefffff` reserved.
-    pub fn x86() -> Self {
-        Self {
-            aperture: IovaRange {
-                start: 0,
-                last: (1 << 48) - 1,
-            },
-            reserved: vec![IovaRange {
-                start: 0xfee0_0000,
-                last: 0xfeef_ffff,
-            }],
-            page_size: PAGE_SIZE,
-        }
-    }
-
-    /// The ranges the device reserves in any IOAS it is attached to.
-    fn reservations(&self) -> Vec<IovaRange> {
-        let mut v = self.reserved.clone();
-        if self.aperture.start > 0 {
-            v.push(IovaRange {
-                start: 0,
-                last: self.aperture.start - 1,
-            });
-        }
-        if self.aperture.last < u64::MAX {
-            v.push(IovaRange {
-                start: self.aperture.last + 1,
-                last: u64::MAX,
-            });
-        }
-        v
-    }
-}
 
 #[derive(Clone, Debug)]
 struct Ioas {
@@ -80,17 +43,54 @@ struct Device {
 }
 
 /// The in-process iommufd: IOAS objects and mock devices.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ModelIommufd {
     ioas: BTreeMap<u32, Ioas>,
     devices: BTreeMap<DeviceId, Device>,
     rlimit_mode: u64,
+    thp: Thp,
+    /// The memory a pin would find (shared: it describes the process).
+    backing: Arc<dyn Backing>,
+}
+
+impl Default for ModelIommufd {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl ModelIommufd {
-    /// An empty iommufd.
+    /// An empty iommufd of a kernel with transparent huge pages, over memory
+    /// that is always there ([`AllBacked`]).
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            ioas: BTreeMap::new(),
+            devices: BTreeMap::new(),
+            rlimit_mode: 0,
+            thp: Thp::Enabled,
+            backing: Arc::new(AllBacked),
+        }
+    }
+
+    /// The model of a kernel built with or without transparent huge pages
+    /// (`CONFIG_TRANSPARENT_HUGEPAGE`: the IOVA allocator's alignment cap).
+    /// Applies to IOASes allocated from now on.
+    pub fn with_thp(mut self, thp: Thp) -> Self {
+        self.thp = thp;
+        self
+    }
+
+    /// Answer pins from `backing`: with a device attached, memory it says
+    /// cannot be pinned makes `IOMMU_IOAS_MAP`/`COPY` and the first attach
+    /// fail with `EFAULT`, as the kernel's `pin_user_pages` does.
+    pub fn with_backing(mut self, backing: Arc<dyn Backing>) -> Self {
+        self.backing = backing;
+        self
+    }
+
+    /// Whether the modelled kernel has transparent huge pages.
+    pub fn thp(&self) -> Thp {
+        self.thp
     }
 
     /// Register a mock device (the model's `VFIO_DEVICE_BIND_IOMMUFD`).
@@ -195,9 +195,12 @@ impl ModelIommufd {
         }
     }
 
-    /// Recompute an IOAS's alignment from the devices attached to it (the
-    /// kernel recomputes it when a domain leaves the io_pagetable).
-    fn recalc_alignment(&mut self, ioas: IoasId) {
+    /// Recompute an IOAS's alignment from the devices attached to it and
+    /// its huge pages option (`iopt_calculate_iova_alignment`: `PAGE_SIZE`
+    /// at least while huge pages are off, else 1; then the largest minimum
+    /// page of the domains). Raising it over a misaligned area →
+    /// `EADDRINUSE`, and nothing changes.
+    fn recalc_alignment(&mut self, ioas: IoasId) -> Result<()> {
         let align = self
             .devices
             .values()
@@ -205,11 +208,57 @@ impl ModelIommufd {
             .map(|d| d.mock.page_size)
             .max()
             .unwrap_or(1);
-        if let Some(i) = self.ioas.get_mut(&ioas.0) {
-            // Lowering the alignment cannot fail.
-            let _ = i.iopt.set_iova_alignment(align);
-        }
+        let i = self.get_mut(ioas)?;
+        let floor = if i.huge_pages == 0 { PAGE_SIZE } else { 1 };
+        i.iopt.set_iova_alignment(align.max(floor))
     }
+
+    /// `IOMMU_OPTION_HUGE_PAGES` set (`iopt_disable_large_pages`,
+    /// `iopt_enable_large_pages`): turning huge pages off raises the IOAS
+    /// alignment to `PAGE_SIZE`, and is refused (`EINVAL`) once a device is
+    /// attached and something is mapped; turning them on lowers it again.
+    fn set_huge_pages(&mut self, ioas: IoasId, value: u64) -> Result<u64> {
+        let i = self.get_mut(ioas)?;
+        match value {
+            0 if i.huge_pages == 0 => return Ok(0),
+            0 if i.attached > 0 && i.iopt.areas().next().is_some() => {
+                return Err(IoptError::Invalid(
+                    "huge pages cannot be turned off with domains holding areas",
+                ))
+            }
+            0 | 1 => {}
+            _ => return Err(IoptError::Invalid("option value must be 0 or 1")),
+        }
+        let before = i.huge_pages;
+        i.huge_pages = value;
+        if let Err(e) = self.recalc_alignment(ioas) {
+            self.get_mut(ioas)?.huge_pages = before;
+            return Err(e);
+        }
+        Ok(value)
+    }
+}
+
+/// `iommufd_ioas_load_iovas`: each allowed range, in the order given, must
+/// have `start < last` (a one-byte range is refused too) and must not
+/// overlap one before it, else `EINVAL`. `next` yields the ranges, or the
+/// error of reading one.
+fn load_iovas(
+    count: usize,
+    mut next: impl FnMut(usize) -> Result<IovaRange>,
+) -> Result<Vec<IovaRange>> {
+    let mut loaded: Vec<IovaRange> = Vec::new();
+    for i in 0..count {
+        let r = next(i)?;
+        if r.start >= r.last {
+            return Err(IoptError::Invalid("allowed range with start >= last"));
+        }
+        if loaded.iter().any(|l| l.overlaps(&r)) {
+            return Err(IoptError::Invalid("allowed ranges overlap"));
+        }
+        loaded.push(r);
+    }
+    Ok(loaded)
 }
 
 /// `IOMMU_IOAS_MAP`/`COPY` values are `__u64` but the kernel keeps IOVAs and
@@ -239,7 +288,7 @@ impl Iommufd for ModelIommufd {
         self.ioas.insert(
             id,
             Ioas {
-                iopt: IoPagetable::new(),
+                iopt: IoPagetable::with_thp(self.thp),
                 huge_pages: 1,
                 attached: 0,
             },
@@ -274,14 +323,19 @@ impl Iommufd for ModelIommufd {
     }
 
     fn allow_iovas(&mut self, ioas: IoasId, allowed: &[IovaRange]) -> Result<()> {
-        self.get_mut(ioas)?.iopt.set_allowed(allowed)
+        let iopt = &mut self.get_mut(ioas)?.iopt;
+        let loaded = load_iovas(allowed.len(), |i| Ok(allowed[i]))?;
+        iopt.set_allowed(&loaded)
     }
 
     fn map(&mut self, ioas: IoasId, req: MapRequest) -> Result<u64> {
         check_ulong(req.iova.unwrap_or(0))?;
         check_ulong(req.length)?;
         check_prot(req.prot)?;
-        let iopt = &mut self.get_mut(ioas)?.iopt;
+        let target = self
+            .ioas
+            .get_mut(&ioas.0)
+            .ok_or(IoptError::NotFound("no such IOAS"))?;
         // iopt_alloc_pages(): the user range itself.
         if req.length == 0 || req.length > u64::MAX - PAGE_SIZE {
             return Err(IoptError::Invalid("bad length"));
@@ -294,7 +348,8 @@ impl Iommufd for ModelIommufd {
             length: req.length,
             writable_pages: req.prot.write,
         }];
-        iopt.map_pages(req.iova, &seg, req.prot)
+        let pin = (target.attached > 0).then_some(&*self.backing);
+        target.iopt.map_pages(req.iova, &seg, req.prot, pin)
     }
 
     fn copy(&mut self, req: CopyRequest) -> Result<u64> {
@@ -306,9 +361,12 @@ impl Iommufd for ModelIommufd {
             .get(req.src_ioas)?
             .iopt
             .get_pages(req.src_iova, req.length)?;
-        self.get_mut(req.dst_ioas)?
-            .iopt
-            .map_pages(req.dst_iova, &segments, req.prot)
+        let dst = self
+            .ioas
+            .get_mut(&req.dst_ioas.0)
+            .ok_or(IoptError::NotFound("no such IOAS"))?;
+        let pin = (dst.attached > 0).then_some(&*self.backing);
+        dst.iopt.map_pages(req.dst_iova, &segments, req.prot, pin)
     }
 
     fn unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64> {
@@ -324,25 +382,25 @@ impl Iommufd for ModelIommufd {
 
     /// `IOMMU_OPTION` (`iommufd_option_rlimit_mode`, `iommufd_ioas_option`):
     /// the accounting mode can be set only while the iommufd holds no
-    /// objects (IOAS or bound device) → `EBUSY`, checked before the value.
+    /// objects (IOAS or bound device) → `EBUSY`, checked before the value;
+    /// huge pages as [`ModelIommufd::set_huge_pages`] says.
     fn option(&mut self, option: IommuOption, op: OptionOp) -> Result<u64> {
-        if option == IommuOption::RlimitMode
-            && matches!(op, OptionOp::Set(_))
-            && !(self.ioas.is_empty() && self.devices.is_empty())
-        {
-            return Err(IoptError::Busy);
-        }
-        let slot = match option {
-            IommuOption::RlimitMode => &mut self.rlimit_mode,
-            IommuOption::HugePages(ioas) => &mut self.get_mut(ioas)?.huge_pages,
-        };
-        match op {
-            OptionOp::Get => Ok(*slot),
-            OptionOp::Set(v) if v <= 1 => {
-                *slot = v;
+        match (option, op) {
+            (IommuOption::RlimitMode, OptionOp::Get) => Ok(self.rlimit_mode),
+            (IommuOption::RlimitMode, OptionOp::Set(_))
+                if !(self.ioas.is_empty() && self.devices.is_empty()) =>
+            {
+                Err(IoptError::Busy)
+            }
+            (IommuOption::RlimitMode, OptionOp::Set(v)) if v <= 1 => {
+                self.rlimit_mode = v;
                 Ok(v)
             }
-            OptionOp::Set(_) => Err(IoptError::Invalid("option value must be 0 or 1")),
+            (IommuOption::RlimitMode, OptionOp::Set(_)) => {
+                Err(IoptError::Invalid("option value must be 0 or 1"))
+            }
+            (IommuOption::HugePages(ioas), OptionOp::Get) => Ok(self.get(ioas)?.huge_pages),
+            (IommuOption::HugePages(ioas), OptionOp::Set(v)) => self.set_huge_pages(ioas, v),
         }
     }
 
@@ -355,16 +413,26 @@ impl Iommufd for ModelIommufd {
         if d.ioas == Some(ioas) {
             return Ok(());
         }
-        let target = self.get_mut(ioas)?;
+        let backing = &*self.backing;
+        let target = self
+            .ioas
+            .get_mut(&ioas.0)
+            .ok_or(IoptError::NotFound("no such IOAS"))?;
         // iopt_table_enforce_dev_resv_regions + the domain's aperture, then
-        // the domain's page size; undo everything on failure.
+        // the domain's page size, then (for the IOAS's first domain) pinning
+        // every area (iopt_fill_domain); undo everything on failure.
         let before = target.iopt.clone();
+        let first_domain = target.attached == 0;
         let result = (|| {
             for r in d.mock.reservations() {
                 target.iopt.reserve(r, dev)?;
             }
             let align = target.iopt.iova_alignment().max(d.mock.page_size);
-            target.iopt.set_iova_alignment(align)
+            target.iopt.set_iova_alignment(align)?;
+            if first_domain {
+                target.iopt.fill_domain(backing)?;
+            }
+            Ok(())
         })();
         if let Err(e) = result {
             target.iopt = before;
@@ -423,173 +491,10 @@ impl ModelIommufd {
             i.iopt.release_reserved(dev);
             i.attached = i.attached.saturating_sub(1);
         }
-        self.recalc_alignment(ioas);
+        // Lowering the alignment cannot fail.
+        let _ = self.recalc_alignment(ioas);
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The conformance suite, against the model.
-    #[test]
-    fn model_passes_the_conformance_suite() {
-        let report = crate::conformance::run_all(&crate::conformance::ModelFixture);
-        report.assert_all_passed();
-        // The model has a device, so no case may be skipped.
-        assert_eq!(report.counts(), (crate::conformance::CASES.len(), 0, 0));
-    }
-
-    /// User memory backed by a byte vector at a fixed base address.
-    struct Mem {
-        base: u64,
-        bytes: std::cell::RefCell<Vec<u8>>,
-    }
-
-    impl UserMemory for Mem {
-        fn read(&self, user_va: u64, buf: &mut [u8]) -> Result<()> {
-            let off = user_va.checked_sub(self.base).ok_or(IoptError::Fault)? as usize;
-            let src = self.bytes.borrow();
-            let src = src.get(off..off + buf.len()).ok_or(IoptError::Fault)?;
-            buf.copy_from_slice(src);
-            Ok(())
-        }
-        fn write(&self, user_va: u64, buf: &[u8]) -> Result<()> {
-            let off = user_va.checked_sub(self.base).ok_or(IoptError::Fault)? as usize;
-            let mut dst = self.bytes.borrow_mut();
-            let dst = dst.get_mut(off..off + buf.len()).ok_or(IoptError::Fault)?;
-            dst.copy_from_slice(buf);
-            Ok(())
-        }
-    }
-
-    fn mapped() -> (ModelIommufd, IoasId, Mem) {
-        let mem = Mem {
-            base: 0x10_0000,
-            bytes: std::cell::RefCell::new(vec![0; 4 * PAGE_SIZE as usize]),
-        };
-        let mut m = ModelIommufd::new();
-        let ioas = m.ioas_alloc().unwrap();
-        // Two areas back to back, the second read-only, over swapped pages.
-        let map = |m: &mut ModelIommufd, iova, user_va, prot| {
-            m.map(
-                ioas,
-                MapRequest {
-                    iova: Some(iova),
-                    user_va,
-                    length: PAGE_SIZE,
-                    prot,
-                },
-            )
-            .unwrap();
-        };
-        map(&mut m, 0x1000, 0x10_0000 + PAGE_SIZE, Prot::RW);
-        map(&mut m, 0x2000, 0x10_0000, Prot::READ);
-        (m, ioas, mem)
-    }
-
-    #[test]
-    fn access_goes_through_contiguous_areas_to_their_memory() {
-        let (m, ioas, mem) = mapped();
-        mem.bytes.borrow_mut()[0] = 0xaa;
-        mem.bytes.borrow_mut()[PAGE_SIZE as usize - 1] = 0xbb;
-        let mut buf = [0u8; 2];
-        m.access_read(ioas, 0x1fff, &mut buf, &mem).unwrap();
-        // 0x1fff is the last byte of page 1 of the memory, 0x2000 the first of page 0.
-        assert_eq!(buf, [0, 0xaa]);
-        m.access_write(ioas, 0x1000, &[1, 2, 3], &mem).unwrap();
-        assert_eq!(
-            &mem.bytes.borrow()[PAGE_SIZE as usize..PAGE_SIZE as usize + 3],
-            &[1, 2, 3]
-        );
-    }
-
-    #[test]
-    fn access_refuses_writes_to_read_only_areas_gaps_and_zero_lengths() {
-        let (m, ioas, mem) = mapped();
-        assert_eq!(
-            m.access_write(ioas, 0x1ffe, &[0; 4], &mem),
-            Err(IoptError::Permission)
-        );
-        let mut buf = [0u8; 4];
-        assert_eq!(
-            m.access_read(ioas, 0x2ffe, &mut buf, &mem)
-                .unwrap_err()
-                .errno(),
-            crate::Errno::ENOENT
-        );
-        assert_eq!(
-            m.access_read(ioas, 0x1000, &mut [], &mem)
-                .unwrap_err()
-                .errno(),
-            crate::Errno::EINVAL
-        );
-        // Nothing was written by the refused write.
-        assert!(mem.bytes.borrow()[PAGE_SIZE as usize..]
-            .iter()
-            .all(|&b| b == 0));
-    }
-
-    #[test]
-    fn a_failing_case_is_reported() {
-        /// A fixture whose iommufd forgets every map.
-        struct Amnesiac;
-        impl crate::conformance::Fixture for Amnesiac {
-            fn name(&self) -> &str {
-                "amnesiac"
-            }
-            fn open(&self) -> crate::conformance::Session {
-                crate::conformance::Session {
-                    fd: Box::new(Forgetful(ModelIommufd::new())),
-                    device: None,
-                }
-            }
-        }
-        #[derive(Debug)]
-        struct Forgetful(ModelIommufd);
-        impl Iommufd for Forgetful {
-            fn ioas_alloc(&mut self) -> Result<IoasId> {
-                self.0.ioas_alloc()
-            }
-            fn ioas_destroy(&mut self, ioas: IoasId) -> Result<()> {
-                self.0.ioas_destroy(ioas)
-            }
-            fn iova_ranges(&self, ioas: IoasId, out: &mut [IovaRange]) -> Result<IovaRanges> {
-                self.0.iova_ranges(ioas, out)
-            }
-            fn allow_iovas(&mut self, ioas: IoasId, allowed: &[IovaRange]) -> Result<()> {
-                self.0.allow_iovas(ioas, allowed)
-            }
-            fn map(&mut self, _: IoasId, req: MapRequest) -> Result<u64> {
-                Ok(req.iova.unwrap_or(PAGE_SIZE))
-            }
-            fn copy(&mut self, req: CopyRequest) -> Result<u64> {
-                self.0.copy(req)
-            }
-            fn unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64> {
-                self.0.unmap(ioas, iova, length)
-            }
-            fn option(&mut self, option: IommuOption, op: OptionOp) -> Result<u64> {
-                self.0.option(option, op)
-            }
-            fn attach(&mut self, dev: DeviceId, ioas: IoasId) -> Result<()> {
-                self.0.attach(dev, ioas)
-            }
-            fn detach(&mut self, dev: DeviceId) -> Result<()> {
-                self.0.detach(dev)
-            }
-            fn device_iova_ranges(&mut self, dev: DeviceId) -> Result<Vec<IovaRange>> {
-                self.0.device_iova_ranges(dev)
-            }
-        }
-        let report = crate::conformance::run_all(&Amnesiac);
-        let (passed, skipped, failed) = report.counts();
-        assert!(failed > 10, "only {failed} failures");
-        assert!(skipped > 5, "device cases must skip without a device");
-        assert!(passed > 0);
-        assert!(report
-            .failures()
-            .iter()
-            .any(|(n, _)| *n == "map_over_an_existing_area_is_eexist"));
-    }
-}
+mod tests;
