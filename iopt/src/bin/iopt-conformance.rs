@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use iopt::conformance::{run_all, ModelFixture, Outcome};
 use iopt::kernel::KernelFixture;
+use iopt::Thp;
 
 fn main() -> ExitCode {
     let mut iommufd = PathBuf::from("/dev/iommu");
@@ -24,7 +25,14 @@ fn main() -> ExitCode {
             }
         }
     }
-    let model = run_all(&ModelFixture);
+    // The model of the kernel this runs on: with or without transparent
+    // huge pages as that kernel was built.
+    let thp = Thp::of_host();
+    println!(
+        "conformance: model: {thp:?} transparent huge pages (from {})",
+        Thp::SYSFS
+    );
+    let model = run_all(&ModelFixture { thp });
     if !iommufd.exists() {
         println!(
             "conformance: kernel: skipped: {} does not exist",

@@ -2,8 +2,10 @@
 //! file per case, with the VFIO device bound to it when one is given.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use crate::conformance::{Fixture, Session};
+use crate::conformance::{Fixture, Session, SuiteMemory};
+use crate::Thp;
 
 use super::{KernelIommufd, VfioDevice};
 
@@ -24,7 +26,8 @@ impl Fixture for KernelFixture {
         "kernel"
     }
 
-    fn open(&self) -> Session {
+    /// The kernel finds the suite's memory by itself.
+    fn open(&self, _memory: Arc<SuiteMemory>) -> Session {
         let mut fd = KernelIommufd::open(&self.iommufd).expect("open /dev/iommu");
         let device = self.device.as_ref().map(|p| {
             let dev = VfioDevice::open(p).expect("open the VFIO device");
@@ -33,6 +36,7 @@ impl Fixture for KernelFixture {
         Session {
             fd: Box::new(fd),
             device,
+            thp: Thp::of_host(),
         }
     }
 }

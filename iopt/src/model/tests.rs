@@ -2,13 +2,16 @@
 
 use super::*;
 
-/// The conformance suite, against the model.
+/// The conformance suite, against the model of a kernel with transparent
+/// huge pages and of one without.
 #[test]
 fn model_passes_the_conformance_suite() {
-    let report = crate::conformance::run_all(&crate::conformance::ModelFixture);
-    report.assert_all_passed();
-    // The model has a device, so no case may be skipped.
-    assert_eq!(report.counts(), (crate::conformance::CASES.len(), 0, 0));
+    for thp in [crate::Thp::Enabled, crate::Thp::Disabled] {
+        let report = crate::conformance::run_all(&crate::conformance::ModelFixture { thp });
+        report.assert_all_passed();
+        // The model has a device, so no case may be skipped.
+        assert_eq!(report.counts(), (crate::conformance::cases().len(), 0, 0));
+    }
 }
 
 /// User memory backed by a byte vector at a fixed base address.
@@ -109,15 +112,24 @@ fn a_failing_case_is_reported() {
         fn name(&self) -> &str {
             "amnesiac"
         }
-        fn open(&self) -> crate::conformance::Session {
+        fn open(
+            &self,
+            _: std::sync::Arc<crate::conformance::SuiteMemory>,
+        ) -> crate::conformance::Session {
             crate::conformance::Session {
                 fd: Box::new(Forgetful(ModelIommufd::new())),
                 device: None,
+                thp: crate::Thp::Enabled,
             }
         }
     }
     #[derive(Debug)]
     struct Forgetful(ModelIommufd);
+    impl crate::uapi::Ioctl for Forgetful {
+        fn ioctl(&mut self, cmd: crate::uapi::Cmd, arg: &mut [u8], user: &mut [u8]) -> Result<()> {
+            self.0.ioctl(cmd, arg, user)
+        }
+    }
     impl Iommufd for Forgetful {
         fn ioas_alloc(&mut self) -> Result<IoasId> {
             self.0.ioas_alloc()
