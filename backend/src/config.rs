@@ -8,6 +8,7 @@
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
+use iopt::Thp;
 use virtio_iommu::DeviceConfig;
 
 /// A bad command-line value.
@@ -55,6 +56,10 @@ pub enum CliError {
     NoSocket,
     #[error("--vfio is for --mode iommufd (emulated mode has no real devices)")]
     VfioNeedsIommufd,
+    #[error(
+        "--model-thp is for emulated mode; in --mode iommufd the host kernel's own build decides"
+    )]
+    ModelThpNeedsEmulated,
     #[error(
         "--endpoints is for emulated mode; in --mode iommufd the endpoints are the --vfio ones"
     )]
@@ -174,6 +179,9 @@ pub struct RawConfig {
     pub mode: Mode,
     /// `--vfio` values.
     pub vfio: Vec<String>,
+    /// `--model-thp`: whether the modelled kernel has transparent huge
+    /// pages (emulated mode); `None` = on.
+    pub model_thp: Option<bool>,
 }
 
 impl Config {
@@ -193,6 +201,10 @@ pub struct Config {
     pub mode: Mode,
     /// The pass-through devices (iommufd mode), in endpoint order.
     pub vfio: Vec<VfioEndpoint>,
+    /// Whether the kernel behind the domains has transparent huge pages
+    /// (the IOVA allocator's alignment cap): the model's option in emulated
+    /// mode, the host's build in iommufd mode.
+    pub thp: Thp,
 }
 
 impl RawConfig {
@@ -261,6 +273,12 @@ impl RawConfig {
         {
             return Err(CliError::VfioFdNotOpen(fd));
         }
+        let thp = match (self.mode, self.model_thp) {
+            (Mode::Emulated, Some(false)) => Thp::Disabled,
+            (Mode::Emulated, _) => Thp::Enabled,
+            (Mode::Iommufd, Some(_)) => return Err(CliError::ModelThpNeedsEmulated),
+            (Mode::Iommufd, None) => Thp::of_host(),
+        };
         let endpoints = match self.mode {
             Mode::Emulated => parse_endpoints(self.endpoints.as_deref().unwrap_or("0-0xffff"))?,
             Mode::Iommufd => {
@@ -278,6 +296,7 @@ impl RawConfig {
             endpoints,
             mode: self.mode,
             vfio,
+            thp,
         })
     }
 }
@@ -418,5 +437,26 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(emulated.check(), Err(CliError::VfioNeedsIommufd));
+    }
+
+    #[test]
+    fn thp_is_a_flag_in_emulated_mode_and_the_hosts_in_iommufd_mode() {
+        let emulated = |model_thp| RawConfig {
+            model_thp,
+            ..Default::default()
+        };
+        assert_eq!(emulated(None).check().unwrap().thp, Thp::Enabled);
+        assert_eq!(emulated(Some(true)).check().unwrap().thp, Thp::Enabled);
+        assert_eq!(emulated(Some(false)).check().unwrap().thp, Thp::Disabled);
+        let iommufd = |model_thp| RawConfig {
+            mode: Mode::Iommufd,
+            model_thp,
+            ..Default::default()
+        };
+        assert_eq!(iommufd(None).check().unwrap().thp, Thp::of_host());
+        assert_eq!(
+            iommufd(Some(false)).check(),
+            Err(CliError::ModelThpNeedsEmulated)
+        );
     }
 }

@@ -12,7 +12,8 @@ use virtio_iommu::Device;
 use crate::config::Config;
 use crate::ioas::{DaemonIoas, IommuDevice};
 
-/// The model with one mock device per endpoint (device ID = endpoint ID).
+/// The model with one mock device per endpoint (device ID = endpoint ID),
+/// of a kernel with or without transparent huge pages as configured.
 pub fn model_for(config: &Config) -> ModelIommufd {
     let dev = &config.device;
     let (start, last) = dev.input_range;
@@ -25,7 +26,7 @@ pub fn model_for(config: &Config) -> ModelIommufd {
         }],
         page_size: 1 << dev.page_size_mask.trailing_zeros(),
     };
-    let mut model = ModelIommufd::new();
+    let mut model = ModelIommufd::new().with_thp(config.thp);
     for &ep in &config.endpoints {
         // Endpoint IDs are unique (the config deduplicates them).
         let _ = model.add_device(DeviceId(ep), mock.clone());

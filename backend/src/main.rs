@@ -187,6 +187,14 @@ struct Cli {
     #[arg(long, value_enum, default_value_t = SeccompArg::Kill)]
     seccomp: SeccompArg,
 
+    /// Whether the modelled kernel has transparent huge pages (emulated
+    /// mode): with "on" the IOVAs the model allocates are aligned up to 2 MiB,
+    /// with "off" up to a page, as Linux's iommufd built without
+    /// CONFIG_TRANSPARENT_HUGEPAGE does. --mode iommufd takes the host's
+    /// (/sys/kernel/mm/transparent_hugepage) [default: on].
+    #[arg(long, value_name = "on|off", value_parser = on_off)]
+    model_thp: Option<bool>,
+
     /// The iommufd device node (--mode iommufd).
     #[arg(long, value_name = "PATH", default_value = KernelIommufd::DEFAULT_PATH)]
     iommufd: PathBuf,
@@ -280,6 +288,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         bypass: Some(cli.bypass),
         mode: cli.mode.into(),
         vfio: cli.vfio,
+        model_thp: cli.model_thp,
     }
     .check()?;
     let vfio_from_qemu = config.vfio_from_front_end();
@@ -348,12 +357,14 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     // makes only the calls on its list (src/confine.rs).
     confine::confine(cli.seccomp.into())?;
     log::info!(
-        "virtio-iommu ({:?} mode): {} endpoints, page size mask {:#x}, input range {:#x}-{:#x}",
+        "virtio-iommu ({:?} mode): {} endpoints, page size mask {:#x}, input range {:#x}-{:#x}, \
+         transparent huge pages {:?}",
         config.mode,
         config.endpoints.len(),
         device_config.page_size_mask,
         device_config.input_range.0,
-        device_config.input_range.1
+        device_config.input_range.1,
+        config.thp
     );
     server.run(&backend)?;
     drop(mirror_server);
