@@ -112,6 +112,14 @@ pub fn iommufd_kernel() -> Option<PathBuf> {
     printed_path(&P, "scripts/kernel/build-iommufd-kernel.sh")
 }
 
+/// The cached minimal kernel (`bzImage`) of the nested test bed's
+/// second-level guest, if built: it has iommufd and VFIO cdev too, and no
+/// transparent huge pages.
+pub fn minimal_kernel() -> Option<PathBuf> {
+    static P: OnceLock<Option<PathBuf>> = OnceLock::new();
+    printed_path(&P, "scripts/kernel/build-minimal-kernel.sh")
+}
+
 /// Debian's stock QEMU, which the pass-through test bed runs on (it needs
 /// only intel-iommu and edu, not the project's device).
 pub fn stock_qemu() -> Option<PathBuf> {

@@ -23,10 +23,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use qemu_tests::{iommufd_kernel, passthrough_skip_reason, qemu, repo, stock_qemu, Guest, Viommu};
+use qemu_tests::{
+    iommufd_kernel, minimal_kernel, passthrough_skip_reason, qemu, repo, stock_qemu, Guest, Viommu,
+};
 
 /// Who owns the passed-through device's DMA mappings in L1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,24 +55,6 @@ fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join("target"))
-}
-
-/// The minimal second-level kernel, if built.
-fn minimal_kernel() -> Option<PathBuf> {
-    static P: OnceLock<Option<PathBuf>> = OnceLock::new();
-    P.get_or_init(|| {
-        let out = Command::new(repo().join("scripts/kernel/build-minimal-kernel.sh"))
-            .arg("--print-path")
-            .stderr(std::process::Stdio::null())
-            .output()
-            .ok()?;
-        let path = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()?
-            .to_string();
-        out.status.success().then(|| PathBuf::from(path))
-    })
-    .clone()
 }
 
 /// Why the nested test bed cannot run, if it cannot.

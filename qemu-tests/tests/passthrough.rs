@@ -5,9 +5,29 @@
 //! VFIO_DEVICE_CDEV, and two `edu` devices on vfio-pci. Inside, the
 //! conformance suite runs against the kernel, then the daemon in
 //! `--mode iommufd` serves the Rust test front-end, which drives the edu
-//! DMA engines (guest-tools `passthrough`).
+//! DMA engines (guest-tools `passthrough`). A second guest runs the
+//! conformance suite alone on a kernel built without transparent huge pages
+//! (the nested test bed's minimal kernel), where the IOVA allocator aligns
+//! to a page at most.
 
-use qemu_tests::{iommufd_kernel, passthrough_skip_reason, stock_qemu, Guest, Viommu};
+use qemu_tests::{
+    iommufd_kernel, minimal_kernel, passthrough_skip_reason, stock_qemu, Guest, Run, Viommu,
+};
+
+/// The suite ran every case on the kernel (a device was there for the
+/// device and pinning cases) and the model agreed on each.
+fn assert_conformance(run: &Run) {
+    assert_eq!(run.lines("VUI-CHECK conformance-rc 0").len(), 1);
+    let summary = run.lines("conformance: kernel:");
+    assert!(
+        summary.iter().any(|l| l.contains("0 disagreements")),
+        "the model and the kernel disagree"
+    );
+    assert!(
+        summary.iter().any(|l| l.contains(" 0 skipped, 0 failed")),
+        "cases were skipped or failed on the kernel: {summary:?}"
+    );
+}
 
 #[test]
 fn guest_maps_become_kernel_ioas_mappings_that_real_dma_obeys() {
@@ -50,11 +70,47 @@ fn guest_maps_become_kernel_ioas_mappings_that_real_dma_obeys() {
     assert_eq!(run.lines("VUI-CHECK pt-fault-logged yes").len(), 1);
     assert_eq!(run.lines("VUI-CHECK cli-iommufd-mode ok").len(), 1);
     assert_eq!(run.lines("VUI-CHECK cli-second-daemon-refused ok").len(), 1);
-    assert_eq!(run.lines("VUI-CHECK conformance-rc 0").len(), 1);
-    assert!(
-        run.lines("conformance: kernel:")
-            .iter()
-            .any(|l| l.contains("0 disagreements")),
-        "the model and the kernel disagree"
+    assert_conformance(&run);
+    assert_eq!(
+        run.lines("conformance: model: Enabled transparent huge pages")
+            .len(),
+        1,
+        "the test bed's kernel is built with THP"
     );
+}
+
+#[test]
+fn the_model_without_thp_answers_as_a_kernel_built_without_it() {
+    if let Some(why) = passthrough_skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let Some(kernel) = minimal_kernel() else {
+        eprintln!(
+            "skipped: the minimal kernel is not built (scripts/kernel/build-minimal-kernel.sh, \
+             ~5 min; scripts/qemu-tests.sh builds it)"
+        );
+        return;
+    };
+    let mut g = Guest::new(Viommu::Intel, "conformance.sh");
+    g.kernel = Some(kernel);
+    g.qemu = stock_qemu();
+    g.edu = 1;
+    g.append = "intel_iommu=on".into();
+    let run = g.run(None);
+    println!(
+        "no-THP conformance: status {} in {:.1?}",
+        run.status, run.took
+    );
+    for l in run.lines("conformance:").iter().chain(&run.lines("VUI-")) {
+        println!("  {l}");
+    }
+    run.assert_passed("conformance on a kernel without THP");
+    assert_eq!(
+        run.lines("conformance: model: Disabled transparent huge pages")
+            .len(),
+        1,
+        "the minimal kernel is built without THP"
+    );
+    assert_conformance(&run);
 }
