@@ -15,6 +15,12 @@
 //! - [`model::ModelIommufd`] implements [`Iommufd`] in process (the `ioas.c`
 //!   glue over [`IoPagetable`]); [`kernel::KernelIommufd`] is the other
 //!   implementation, over `/dev/iommu` and VFIO cdev devices.
+//! - [`uapi`] is the same uAPI at the byte level ([`uapi::Ioctl`]): the
+//!   kernel's structures in, with their `size`, the kernel's errno out. Both
+//!   implementations provide it too.
+//! - Two facts of the host change what the kernel answers, and are options
+//!   of the model: [`Thp`] (the IOVA allocator's alignment cap) and
+//!   [`Backing`] (which user memory a pin reaches).
 //! - `conformance` (with the `conformance` feature, off by default) is the
 //!   behaviour both implementations must show, written once as functions
 //!   over [`Iommufd`]; this crate's tests and the `iopt-conformance` binary

@@ -4,6 +4,7 @@
 //! method fills one uAPI structure, issues one ioctl, and turns the errno
 //! into the same [`IoptError`] the model returns for that failure. Devices
 //! are VFIO cdev files (`/dev/vfio/devices/vfioN`) bound to this iommufd.
+//! The byte-level entry point ([`crate::uapi::Ioctl`]) is `ucmd.rs`.
 
 #[cfg(feature = "conformance")]
 mod fixture;

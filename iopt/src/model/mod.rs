@@ -242,23 +242,28 @@ impl ModelIommufd {
 /// `iommufd_ioas_load_iovas`: each allowed range, in the order given, must
 /// have `start < last` (a one-byte range is refused too) and must not
 /// overlap one before it, else `EINVAL`. `next` yields the ranges, or the
-/// error of reading one.
+/// error of reading one. Like the kernel's interval tree, a range is checked
+/// against its neighbours only (the ones loaded are disjoint), so a long
+/// list costs `n log n`.
 fn load_iovas(
     count: usize,
     mut next: impl FnMut(usize) -> Result<IovaRange>,
 ) -> Result<Vec<IovaRange>> {
-    let mut loaded: Vec<IovaRange> = Vec::new();
+    // Keyed by start: the loaded ranges never overlap.
+    let mut loaded: BTreeMap<u64, IovaRange> = BTreeMap::new();
     for i in 0..count {
         let r = next(i)?;
         if r.start >= r.last {
             return Err(IoptError::Invalid("allowed range with start >= last"));
         }
-        if loaded.iter().any(|l| l.overlaps(&r)) {
+        let before = loaded.range(..=r.start).next_back();
+        let after = loaded.range(r.start..).next();
+        if before.into_iter().chain(after).any(|(_, l)| l.overlaps(&r)) {
             return Err(IoptError::Invalid("allowed ranges overlap"));
         }
-        loaded.push(r);
+        loaded.insert(r.start, r);
     }
-    Ok(loaded)
+    Ok(loaded.into_values().collect())
 }
 
 /// `IOMMU_IOAS_MAP`/`COPY` values are `__u64` but the kernel keeps IOVAs and

@@ -175,3 +175,36 @@ fn a_failing_case_is_reported() {
         .iter()
         .any(|(n, _)| *n == "map_over_an_existing_area_is_eexist"));
 }
+
+#[test]
+fn allowed_ranges_load_in_order_against_their_neighbours() {
+    let r = |start, last| IovaRange { start, last };
+    let load = |v: &[IovaRange]| super::load_iovas(v.len(), |i| Ok(v[i]));
+    assert_eq!(
+        load(&[r(30, 39), r(10, 19), r(20, 29)]),
+        Ok(vec![r(10, 19), r(20, 29), r(30, 39)])
+    );
+    for bad in [
+        vec![r(10, 19), r(0, 10)],
+        vec![r(10, 19), r(19, 25)],
+        vec![r(10, 19), r(12, 14)],
+        vec![r(12, 14), r(0, 100)],
+        vec![r(5, 5)],
+        vec![r(6, 5)],
+    ] {
+        assert_eq!(
+            load(&bad).unwrap_err().errno(),
+            crate::Errno::EINVAL,
+            "{bad:?}"
+        );
+    }
+    // A range that cannot be read stops the load there.
+    assert_eq!(
+        super::load_iovas(2, |i| if i == 0 {
+            Ok(r(0, 1))
+        } else {
+            Err(IoptError::Fault)
+        }),
+        Err(IoptError::Fault)
+    );
+}
