@@ -388,7 +388,9 @@ impl Iommufd for ModelIommufd {
     /// `IOMMU_OPTION` (`iommufd_option_rlimit_mode`, `iommufd_ioas_option`):
     /// the accounting mode can be set only while the iommufd holds no
     /// objects (IOAS or bound device) → `EBUSY`, checked before the value;
-    /// huge pages as [`ModelIommufd::set_huge_pages`] says.
+    /// huge pages off raises the IOAS alignment to `PAGE_SIZE`
+    /// (`iopt_disable_large_pages`, refused with `EINVAL` once a device is
+    /// attached and something is mapped), on lowers it again.
     fn option(&mut self, option: IommuOption, op: OptionOp) -> Result<u64> {
         match (option, op) {
             (IommuOption::RlimitMode, OptionOp::Get) => Ok(self.rlimit_mode),
