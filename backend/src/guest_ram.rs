@@ -196,9 +196,73 @@ impl virtio_iommu::GuestRam for GuestRamView<'_> {
     }
 }
 
+/// Guest RAM as a pin would find it ([`iopt::Backing`]): the daemon's
+/// mappings of the front-end's memory regions, read-write. An immutable
+/// snapshot, made when the memory table changes and handed to the model
+/// ([`iopt::model::ModelIommufd::set_backing`]): a MAP asks it without a
+/// lock.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RamBacking {
+    /// `[start, end)` of each region's mapping, sorted.
+    regions: Vec<(u64, u64)>,
+}
+
+impl RamBacking {
+    /// The regions of `ram`.
+    pub fn of(ram: &impl virtio_iommu::GuestRam) -> Self {
+        let mut regions = Vec::new();
+        ram.for_each_region(&mut |r| {
+            if let Some(end) = r.user_va.checked_add(r.len) {
+                regions.push((r.user_va, end));
+            }
+        });
+        regions.sort_unstable();
+        Self { regions }
+    }
+}
+
+impl iopt::Backing for RamBacking {
+    /// Backed if the range lies in the mappings, across regions that touch.
+    fn pinnable(&self, start: u64, length: u64, _write: bool) -> bool {
+        let Some(end) = start.checked_add(length) else {
+            return false;
+        };
+        let first = self.regions.partition_point(|&(_, e)| e <= start);
+        let mut reached = start;
+        for &(s, e) in &self.regions[first..] {
+            if s > reached {
+                return false;
+            }
+            reached = reached.max(e);
+            if reached >= end {
+                return true;
+            }
+        }
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ram_backing_covers_its_regions_and_regions_that_touch_only() {
+        use iopt::Backing;
+        let b = RamBacking {
+            regions: vec![(0x1000, 0x3000), (0x3000, 0x4000), (0x8000, 0x9000)],
+        };
+        assert!(
+            b.pinnable(0x1000, 0x3000, true),
+            "across two touching regions"
+        );
+        assert!(b.pinnable(0x8000, 0x1000, true));
+        assert!(!b.pinnable(0x3000, 0x2000, true), "into the hole");
+        assert!(!b.pinnable(0x0, 0x2000, false), "before the first");
+        assert!(!b.pinnable(0x8800, 0x1000, false), "past the last");
+        assert!(!b.pinnable(u64::MAX - 0xfff, 0x2000, false));
+        assert!(!RamBacking::default().pinnable(0x1000, 0x1000, false));
+    }
     use virtio_iommu::GuestRam;
 
     fn two_regions() -> GuestMem {

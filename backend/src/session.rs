@@ -14,7 +14,8 @@ use std::sync::Arc;
 use virtio_iommu::journal::{self, Answered, Completion};
 use virtio_iommu::{GuestRam, NoRam};
 
-use crate::ioas::IommuDevice;
+use crate::guest_ram::RamBacking;
+use crate::ioas::{DaemonIoas, IommuDevice};
 use crate::mirror::{Batch, MirrorHandle, Record, SharedMem, Ticket, TranslationTable};
 use crate::state_file::{Journal, Journaled, Recovered};
 
@@ -141,6 +142,16 @@ impl Session {
 
     pub fn device_mut(&mut self) -> &mut IommuDevice {
         &mut self.device
+    }
+
+    /// Guest RAM is now `ram`: the model's pins are answered from it first
+    /// (iommufd pins user pages, iopt/src/pinning.rs), then the device moves
+    /// its mappings.
+    pub fn set_memory(&mut self, ram: &impl GuestRam) {
+        if let DaemonIoas::Model(m) = self.device.iommufd_mut() {
+            m.set_backing(Arc::new(RamBacking::of(ram)));
+        }
+        self.device.set_memory(ram);
     }
 
     pub fn table(&self) -> Option<&SharedTable> {
@@ -339,7 +350,7 @@ impl Session {
             }
         }
         if clears.memory {
-            self.device.set_memory(&NoRam);
+            self.set_memory(&NoRam);
         }
     }
 
@@ -493,7 +504,7 @@ mod tests {
     fn session() -> Session {
         let config = crate::config::RawConfig::default().check().unwrap();
         let mut s = Session::new(crate::emulated::device(&config).unwrap(), None);
-        s.device_mut().set_memory(&Ram);
+        s.set_memory(&Ram);
         s
     }
 
@@ -569,10 +580,54 @@ mod tests {
             let kept = s.device().acked_features() == features;
             assert_eq!(kept, !c.features, "{kind:?}: features");
             assert_eq!(s.qemu_instance == 0, c.recovery, "{kind:?}: whose state");
-            // The device serves again at once.
+            // The device serves again at once (once a front-end that left
+            // has sent its memory table again).
+            if c.memory {
+                s.set_memory(&Ram);
+            }
             assert_eq!(request(&mut s, 2, attach), OK);
             assert_eq!(request(&mut s, 3, map(1, 0x1000)), OK, "{kind:?}");
         }
+    }
+
+    #[test]
+    fn the_models_pins_are_answered_from_guest_ram() {
+        use iopt::{Iommufd, IoptError, MapRequest, Prot};
+        let mut s = session();
+        let attach = Request::Attach {
+            domain: 1,
+            endpoint: 8,
+            flags: 0,
+        };
+        assert_eq!(request(&mut s, 0, attach), OK);
+        let ioas = s.device().domain(1).unwrap().ioas.unwrap();
+        let DaemonIoas::Model(m) = s.device_mut().iommufd_mut() else {
+            panic!("emulated mode runs the model");
+        };
+        // With a device attached, iommufd pins at MAP time: memory outside
+        // guest RAM (Ram: 1 GiB at 0x7000_0000_0000) is EFAULT.
+        let map = |user_va| MapRequest {
+            iova: None,
+            user_va,
+            length: 0x1000,
+            prot: Prot {
+                read: true,
+                write: true,
+            },
+        };
+        assert_eq!(
+            m.map(ioas, map(0x7000_0000_0000 + (1 << 30))),
+            Err(IoptError::Fault)
+        );
+        assert!(m.map(ioas, map(0x7000_0000_1000)).is_ok());
+        // A front-end that left took its memory with it.
+        s.reset(Reset::FrontEnd, &MirrorHandle::disconnected());
+        assert_eq!(request(&mut s, 1, attach), OK);
+        let ioas = s.device().domain(1).unwrap().ioas.unwrap();
+        let DaemonIoas::Model(m) = s.device_mut().iommufd_mut() else {
+            unreachable!()
+        };
+        assert_eq!(m.map(ioas, map(0x7000_0000_1000)), Err(IoptError::Fault));
     }
 
     #[test]

@@ -586,9 +586,7 @@ impl VhostUserBackend for IommuBackend {
                          (--allow-unsealed-memory)"
                     );
                 }
-                st.session
-                    .device_mut()
-                    .set_memory(&GuestRamView::new(&table));
+                st.session.set_memory(&GuestRamView::new(&table));
                 st.mem = Some(mem);
                 Ok(())
             }
@@ -597,7 +595,7 @@ impl VhostUserBackend for IommuBackend {
                 mem.lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .replace(GuestMem::new());
-                st.session.device_mut().set_memory(&NoRam);
+                st.session.set_memory(&NoRam);
                 log::error!("front-end memory table refused: {e}");
                 Err(io::Error::new(io::ErrorKind::InvalidInput, e))
             }

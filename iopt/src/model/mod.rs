@@ -88,6 +88,13 @@ impl ModelIommufd {
         self
     }
 
+    /// [`Self::with_backing`] on a model in use: what a pin finds from now
+    /// on (the process's memory changed). Areas already mapped are not
+    /// checked again, as the kernel keeps the pages it pinned.
+    pub fn set_backing(&mut self, backing: Arc<dyn Backing>) {
+        self.backing = backing;
+    }
+
     /// Whether the modelled kernel has transparent huge pages.
     pub fn thp(&self) -> Thp {
         self.thp
