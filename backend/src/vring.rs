@@ -69,8 +69,8 @@ pub fn complete_chains(
             .is_none_or(|e| chain::need_event(e, next, old)))
 }
 
-/// The chains a batch takes from the available ring, [`CLAIM`] at a time
-/// under one vring lock each ([`Avail::claim`]).
+/// The chains a batch takes from the available ring, `CLAIM` at a time
+/// under one vring lock each (`Avail::claim`).
 #[allow(missing_debug_implementations)]
 pub struct Avail<'v, 'm> {
     vring: &'v Vring,
@@ -99,7 +99,7 @@ impl<'v, 'm> Avail<'v, 'm> {
     }
 
     /// The next available chain: its ring position, head, and descriptors.
-    /// The buffers of the chain [`LOOKAHEAD`] places on are asked into the
+    /// The buffers of the chain `LOOKAHEAD` places on are asked into the
     /// cache meanwhile.
     pub fn next_chain(&mut self) -> Option<(u16, u16, Descs<'m>)> {
         if self.at == self.taken && !self.claim() {

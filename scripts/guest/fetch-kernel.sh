@@ -74,7 +74,6 @@ CONFIG=$WORK/boot/config-$KVER
 grep -q '^CONFIG_VIRTIO_IOMMU=[ym]' "$CONFIG" || die "$KVER has no CONFIG_VIRTIO_IOMMU"
 grep -q '^CONFIG_ACPI_VIOT=y' "$CONFIG" || die "$KVER has no CONFIG_ACPI_VIOT=y"
 
-MODDIR=$WORK/lib/modules/$KVER
 # The package ships no modules.dep (depmod makes it at install time).
 command -v depmod >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kmod >/dev/null
 depmod -b "$WORK" "$KVER"

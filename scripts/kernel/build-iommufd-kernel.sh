@@ -37,7 +37,6 @@ done
 say() { echo "build-iommufd-kernel: $*" >&2; }
 die() { say "error: $*"; exit 1; }
 
-HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE_ROOT=${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-iommu/kernel
 PKG=linux-source-6.12
 

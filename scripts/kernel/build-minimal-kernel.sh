@@ -104,10 +104,10 @@ say "unpacking the source"
 dpkg-deb --fsys-tarfile "$DEB" | tar -C "$WORK" -x --wildcards './usr/src/linux-source-*.tar.*'
 TARBALL=$(ls "$WORK"/usr/src/linux-source-*.tar.* | head -n1)
 tar -C "$WORK" -xf "$TARBALL"
-rm -rf "$WORK/usr"
+rm -rf "${WORK:?}/usr"
 SRC=$(ls -d "$WORK"/linux-source-*/ | head -n1)
 
-say "configuring: allnoconfig + $(echo $OPTIONS | wc -w) options"
+say "configuring: allnoconfig + $(echo "$OPTIONS" | wc -w) options"
 for opt in $OPTIONS; do echo "CONFIG_$opt=y"; done >"$WORK/guest.config"
 make -C "$SRC" -s allnoconfig >&2
 (cd "$SRC" && scripts/kconfig/merge_config.sh -m .config "$WORK/guest.config" >/dev/null)

@@ -17,7 +17,7 @@ impl IommuBackend {
     /// Queue a fault event for the guest and deliver what fits in the event
     /// queue (virtio 1.2 §5.13.6.9: the device reports faults on the
     /// eventq). Without a buffer it waits for one, up to
-    /// [`MAX_PENDING_FAULTS`], the oldest dropped beyond (mirror protocol
+    /// `MAX_PENDING_FAULTS`, the oldest dropped beyond (mirror protocol
     /// §10).
     pub fn report_fault(&self, fault: virtio_iommu::FaultEvent) {
         let mut st = self.lock();

@@ -388,19 +388,19 @@ impl MirrorHandle {
     }
 
     /// How long new connections have to send their HELLO (tests; default
-    /// [`HELLO_DEADLINE`]).
+    /// `HELLO_DEADLINE`).
     pub fn set_hello_deadline(&self, deadline: Duration) {
         self.shared.lock().hello_deadline = Some(deadline);
     }
 
     /// How long QEMU has to acknowledge its dump (tests; default
-    /// [`DUMP_ACK_DEADLINE`]).
+    /// `DUMP_ACK_DEADLINE`).
     pub fn set_dump_ack_deadline(&self, deadline: Duration) {
         self.shared.lock().dump_ack_deadline = Some(deadline);
     }
 
     /// How long writes to new connections may wait for the peer to read
-    /// (tests; default [`WRITE_DEADLINE`]).
+    /// (tests; default `WRITE_DEADLINE`).
     pub fn set_write_deadline(&self, deadline: Duration) {
         self.shared.lock().write_deadline = Some(deadline);
     }
