@@ -107,7 +107,9 @@ done
 
 say "building bzImage with $JOBS jobs (about 13 min on 2 cores)"
 start=$(date +%s)
-make -C "$SRC" -s -j"$JOBS" bzImage >&2
+# shellcheck source=scripts/lib/progress.sh
+. "$(dirname "$0")/../lib/progress.sh"
+progress_run "build-iommufd-kernel: building" "$SRC" make -C "$SRC" -s -j"$JOBS" bzImage >&2
 say "built in $(( $(date +%s) - start )) s"
 
 mkdir -p "$OUT"

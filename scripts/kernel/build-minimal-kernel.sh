@@ -118,7 +118,9 @@ done
 
 say "building bzImage with $JOBS jobs (about 4.5 min on 2 cores)"
 start=$(date +%s)
-make -C "$SRC" -s -j"$JOBS" bzImage >&2
+# shellcheck source=scripts/lib/progress.sh
+. "$(dirname "$0")/../lib/progress.sh"
+progress_run "build-minimal-kernel: building" "$SRC" make -C "$SRC" -s -j"$JOBS" bzImage >&2
 say "built in $(( $(date +%s) - start )) s"
 
 mkdir -p "$OUT"
