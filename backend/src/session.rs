@@ -533,14 +533,17 @@ mod tests {
 
     const OK: u8 = 0;
 
+    /// Endpoint 8 into domain 1.
+    const ATTACH_1_8: Request = Request::Attach {
+        domain: 1,
+        endpoint: 8,
+        flags: 0,
+    };
+
     #[test]
     fn a_request_is_carried_out_end_to_end_without_a_socket() {
         let mut s = session();
-        let attach = Request::Attach {
-            domain: 1,
-            endpoint: 8,
-            flags: 0,
-        };
+        let attach = ATTACH_1_8;
         assert_eq!(request(&mut s, 0, attach), OK);
         assert_eq!(request(&mut s, 1, map(1, 0x1000)), OK);
         let st = s.device().stats();
@@ -594,11 +597,7 @@ mod tests {
     fn the_models_pins_are_answered_from_guest_ram() {
         use iopt::{Iommufd, IoptError, MapRequest, Prot};
         let mut s = session();
-        let attach = Request::Attach {
-            domain: 1,
-            endpoint: 8,
-            flags: 0,
-        };
+        let attach = ATTACH_1_8;
         assert_eq!(request(&mut s, 0, attach), OK);
         let ioas = s.device().domain(1).unwrap().ioas.unwrap();
         let DaemonIoas::Model(m) = s.device_mut().iommufd_mut() else {

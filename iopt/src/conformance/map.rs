@@ -141,15 +141,7 @@ fn allocated_iovas_stay_inside_the_allowed_ranges(c: &mut Ctx) -> CaseResult {
 
 fn allocation_outside_a_too_small_allowed_range_is_enospc(c: &mut Ctx) -> CaseResult {
     let a = c.ioas();
-    c.fd()
-        .allow_iovas(
-            a,
-            &[IovaRange {
-                start: BASE,
-                last: BASE + P - 1,
-            }],
-        )
-        .unwrap();
+    c.allow_only_the_first_page(a);
     expect_errno(c.map(a, None, 0, 2 * P), Errno::ENOSPC);
     c.map(a, None, 0, P).unwrap();
     expect_errno(c.map(a, None, 0, P), Errno::ENOSPC);
@@ -158,15 +150,7 @@ fn allocation_outside_a_too_small_allowed_range_is_enospc(c: &mut Ctx) -> CaseRe
 
 fn fixed_maps_may_ignore_the_allowed_ranges(c: &mut Ctx) -> CaseResult {
     let a = c.ioas();
-    c.fd()
-        .allow_iovas(
-            a,
-            &[IovaRange {
-                start: BASE,
-                last: BASE + P - 1,
-            }],
-        )
-        .unwrap();
+    c.allow_only_the_first_page(a);
     c.map(a, Some(2 * BASE), 0, P).unwrap();
     Ok(())
 }

@@ -195,6 +195,26 @@ impl Ctx {
         (out[..r.num_iovas as usize].to_vec(), r.out_iova_alignment)
     }
 
+    /// Allow only `[BASE, BASE + P)` in `ioas` (`IOMMU_IOAS_ALLOW_IOVAS`).
+    fn allow_only_the_first_page(&mut self, ioas: IoasId) {
+        let first = IovaRange {
+            start: BASE,
+            last: BASE + P - 1,
+        };
+        self.fd().allow_iovas(ioas, &[first]).expect("ALLOW_IOVAS");
+    }
+
+    /// `ioas` reports one usable range, all of the IOVA space, with no
+    /// alignment (an IOAS with no device and no allowed list).
+    fn expect_the_whole_space_usable(&mut self, ioas: IoasId) {
+        let (ranges, align) = self.ranges(ioas);
+        let all = IovaRange {
+            start: 0,
+            last: u64::MAX,
+        };
+        assert_eq!((ranges, align), (vec![all], 1));
+    }
+
     /// A reserved IOVA below 2^40 of the fixture's device: the first IOVA
     /// after its first usable range.
     fn reserved_iova(&mut self, dev: DeviceId) -> std::result::Result<u64, Skip> {
