@@ -107,7 +107,11 @@ struct Cli {
     #[arg(long, value_name = "A-B")]
     domain_range: Option<String>,
 
-    /// The MSI doorbell window PROBE reports [default: 0xfee00000-0xfeefffff].
+    /// The MSI doorbell window PROBE reports: the machine's, which QEMU lets
+    /// through untranslated (x86: 0xfee00000-0xfeefffff; arm64 `virt`:
+    /// 0x8090000-0x809ffff with GICv3's ITS, 0x8020000-0x8020fff with
+    /// GICv2m). A QEMU whose machine names another is refused at its mirror
+    /// HELLO [default: 0xfee00000-0xfeefffff].
     #[arg(long, value_name = "A-B")]
     msi_window: Option<String>,
 
@@ -318,7 +322,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let (mirror_server, mirror) = match &cli.mirror_socket {
         Some(path) => {
             let memory = MirrorMemory::for_device(&device_config)?;
-            let hello = Hello::new(config.device.bypass, vfio_from_qemu);
+            let hello = Hello::new(config.device.bypass, vfio_from_qemu)
+                .with_msi_window(config.device.msi_window);
             let s = MirrorServer::start_with_access(
                 path,
                 access,

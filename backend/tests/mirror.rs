@@ -118,11 +118,28 @@ impl FakeQemu {
     }
 
     fn connect_with(path: &Path, instance: Option<u64>) -> Self {
+        let mut q = Self::open(path);
+        let mut hello = [0u8; 48];
+        hello[0..4].copy_from_slice(&0x4d49_5556u32.to_le_bytes());
+        hello[4..6].copy_from_slice(&2u16.to_le_bytes());
+        match instance {
+            None => q.send(HELLO, 0, 0, &hello[..24]),
+            Some(i) => {
+                hello[6..8].copy_from_slice(&2u16.to_le_bytes());
+                hello[40..48].copy_from_slice(&i.to_le_bytes());
+                q.send(HELLO, 0, 0, &hello);
+            }
+        }
+        q
+    }
+
+    /// Connect and take the daemon's HELLO, sending none yet.
+    fn open(path: &Path) -> Self {
         use vmm_sys_util::sock_ctrl_msg::ScmSocket;
         let s = UnixStream::connect(path).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        // The daemon's HELLO (16 + 40 bytes) comes with two files.
-        let mut buf = [0u8; 56];
+        // The daemon's HELLO (16 + 64 bytes) comes with two files.
+        let mut buf = [0u8; 80];
         let mut fds = [-1; 2];
         let mut iov = [libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
@@ -130,13 +147,17 @@ impl FakeQemu {
         }];
         // SAFETY: the iovec points at `buf`, which outlives the call.
         let (n, nfds) = unsafe { s.recv_with_fds(&mut iov, &mut fds) }.unwrap();
-        assert_eq!((n, nfds), (56, 2), "HELLO and its two files");
+        assert_eq!((n, nfds), (80, 2), "HELLO and its two files");
         // SAFETY: both descriptors were just received and are ours.
         let fds = fds.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
         assert_eq!(u16::from_le_bytes([buf[0], buf[1]]), HELLO);
         let p = &buf[16..];
         assert_eq!(&p[0..4], &0x4d49_5556u32.to_le_bytes());
         assert_eq!(u16::from_le_bytes([p[4], p[5]]), 2, "major 2");
+        // 2.4: the MSI window its PROBE reports, x86's by default.
+        assert_eq!(p[8] & 4, 4, "features: MSI_WINDOW");
+        assert_eq!(&p[48..56], &0xfee0_0000u64.to_le_bytes());
+        assert_eq!(&p[56..64], &0xfeef_ffffu64.to_le_bytes());
         let pages = u32::from_le_bytes(p[24..28].try_into().unwrap()) as usize;
         let levels = u32::from(p[28]);
         let flags_len = u32::from_le_bytes(p[32..36].try_into().unwrap()) as usize;
@@ -159,24 +180,12 @@ impl FakeQemu {
             libc::MAP_FAILED,
             "the table must be sealed against writes"
         );
-        let mut q = Self {
+        Self {
             s,
             table,
             levels,
             flags,
-        };
-        let mut hello = [0u8; 48];
-        hello[0..4].copy_from_slice(&0x4d49_5556u32.to_le_bytes());
-        hello[4..6].copy_from_slice(&2u16.to_le_bytes());
-        match instance {
-            None => q.send(HELLO, 0, 0, &hello[..24]),
-            Some(i) => {
-                hello[6..8].copy_from_slice(&2u16.to_le_bytes());
-                hello[40..48].copy_from_slice(&i.to_le_bytes());
-                q.send(HELLO, 0, 0, &hello);
-            }
         }
-        q
     }
 
     /// What QEMU's translate() finds for `iova` in the tree at `root`
@@ -459,6 +468,54 @@ fn only_the_front_ends_process_is_served_on_the_mirror_socket() {
     );
     // The front-end's own process is served.
     let mut q = FakeQemu::connect(mirror(&d));
+    let (seq, sync, _) = q.events();
+    assert!(sync);
+    q.ack(seq);
+}
+
+/// A 2.4 QEMU's HELLO naming the MSI window its machine lets through.
+fn hello_with_msi_window(start: u64, last: u64) -> [u8; 64] {
+    let mut hello = [0u8; 64];
+    hello[0..4].copy_from_slice(&0x4d49_5556u32.to_le_bytes());
+    hello[4..6].copy_from_slice(&2u16.to_le_bytes());
+    hello[6..8].copy_from_slice(&4u16.to_le_bytes());
+    hello[8] = 4; // MSI_WINDOW
+    hello[40..48].copy_from_slice(&7u64.to_le_bytes());
+    hello[48..56].copy_from_slice(&start.to_le_bytes());
+    hello[56..64].copy_from_slice(&last.to_le_bytes());
+    hello
+}
+
+#[test]
+fn a_qemu_whose_machine_lets_another_msi_window_through_is_refused() {
+    let d = start("msi-window");
+    let _vm = d.connect(VmOptions::default()).unwrap();
+    // arm64 virt's GICv3 ITS doorbell, to a daemon reporting x86's.
+    let mut q = FakeQemu::open(mirror(&d));
+    q.send(
+        HELLO,
+        0,
+        0,
+        &hello_with_msi_window(0x0809_0000, 0x0809_ffff),
+    );
+    let mut buf = [0u8; 64];
+    let closed = loop {
+        match q.s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => continue,
+            Err(_) => break false,
+        }
+    };
+    assert!(closed, "a wrong MSI window closes the connection");
+    drop(q);
+    // The same window as the daemon's is served.
+    let mut q = FakeQemu::open(mirror(&d));
+    q.send(
+        HELLO,
+        0,
+        0,
+        &hello_with_msi_window(0xfee0_0000, 0xfeef_ffff),
+    );
     let (seq, sync, _) = q.events();
     assert!(sync);
     q.ack(seq);

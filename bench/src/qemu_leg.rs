@@ -211,7 +211,7 @@ mod tests {
         let daemon = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
             let mut hello = Vec::new();
-            proto::encode_hello(false, 0, shm, &mut hello);
+            proto::encode_hello(false, 0, shm, (0, 0), &mut hello);
             s.send_with_fds(&[&hello[..]], &fds).unwrap();
             let mut dump = Vec::new();
             let attach = Record::Attach {

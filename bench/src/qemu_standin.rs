@@ -224,7 +224,7 @@ fn parse_hello(
     }
     match h.payload_len() {
         Ok(n) if n >= DAEMON_HELLO_LEN => {}
-        Ok(_) => return Err(QemuError::Hello("payload shorter than 40 bytes")),
+        Ok(_) => return Err(QemuError::Hello("payload shorter than the daemon's HELLO")),
         Err(_) => return Err(QemuError::Hello("payload over the size limit")),
     }
     if le_u32(payload, 0) != MAGIC {
@@ -575,16 +575,20 @@ mod tests {
         assert!(c.roots.is_empty() && c.endpoints.is_empty());
     }
 
-    fn daemon_hello(major: u16, pages: u32, levels: u8) -> ([u8; HEADER_LEN], [u8; 40]) {
+    fn daemon_hello(
+        major: u16,
+        pages: u32,
+        levels: u8,
+    ) -> ([u8; HEADER_LEN], [u8; DAEMON_HELLO_LEN]) {
         let mut h = [0u8; HEADER_LEN];
         Header {
             msg_type: 1,
             flags: 0,
-            size: 40,
+            size: DAEMON_HELLO_LEN as u32,
             seq: 0,
         }
         .encode(&mut h);
-        let mut p = [0u8; 40];
+        let mut p = [0u8; DAEMON_HELLO_LEN];
         p[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         p[4..6].copy_from_slice(&major.to_le_bytes());
         p[24..28].copy_from_slice(&pages.to_le_bytes());

@@ -63,7 +63,7 @@ fn qemu_hello(g: &mut Gen, honest: bool) -> Vec<u8> {
 
 /// The daemon's HELLO and its files, if it comes.
 fn receive_hello(s: &UnixStream) -> Option<(Vec<u8>, Vec<OwnedFd>)> {
-    let mut buf = [0u8; 56];
+    let mut buf = [0u8; 80];
     let mut fds = [-1 as RawFd; 4];
     let mut iov = [libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
@@ -240,7 +240,7 @@ impl MirrorTarget {
             s.set_read_timeout(Some(Duration::from_secs(5)))
                 .map_err(|e| e.to_string())?;
             match receive_hello(&s) {
-                Some((b, fds)) if b.len() == 56 && fds.len() == 2 => return Ok(()),
+                Some((b, fds)) if b.len() == 80 && fds.len() == 2 => return Ok(()),
                 other => {
                     // The previous peer may still be on its way out (one
                     // QEMU at a time): try again for a while.
@@ -289,7 +289,7 @@ impl Target for MirrorTarget {
         if g.chance(3, 4) {
             if let Some((b, fds)) = receive_hello(&s) {
                 self.hellos += 1;
-                if b.len() == 56 && fds.len() == 2 {
+                if b.len() == 80 && fds.len() == 2 {
                     let flags_len =
                         u32::from_le_bytes(b[48..52].try_into().expect("4 bytes")) as usize;
                     flags_file = fds.into_iter().nth(1).map(|f| (f, flags_len));

@@ -1,4 +1,4 @@
-//! Wire format of the translation mirror (docs/mirror-protocol.md, version 2.3).
+//! Wire format of the translation mirror (docs/mirror-protocol.md, version 2.4).
 //!
 //! Pure encoding and decoding: no sockets here. Every integer is
 //! little-endian; every message is a 16-byte [`Header`] and a payload.
@@ -20,11 +20,17 @@ pub const MAX_RECORDS: usize = MAX_PAYLOAD_LEN / RECORD_LEN;
 pub const HELLO_LEN: usize = 24;
 /// Size of QEMU's HELLO payload from 2.2 on: with its `instance` (§4).
 pub const QEMU_HELLO_LEN: usize = 48;
+/// Size of either side's HELLO payload from 2.4 on: with the MSI window
+/// at [`MSI_WINDOW_AT`] (§4).
+pub const HELLO_LEN_2_4: usize = 64;
 /// Where QEMU's HELLO carries its `instance` (2.2, §4).
 const INSTANCE_AT: usize = 40;
-/// Size of the daemon's HELLO payload: QEMU's, plus the shared memory's
-/// geometry (§4, §11).
-pub const DAEMON_HELLO_LEN: usize = 40;
+/// Where both HELLOs carry the MSI window, `msi_start` then `msi_last`
+/// (2.4, §4).
+pub const MSI_WINDOW_AT: usize = 48;
+/// Size of the daemon's HELLO payload: QEMU's, with the shared memory's
+/// geometry where QEMU has reserved bytes, and the MSI window (§4, §11).
+pub const DAEMON_HELLO_LEN: usize = HELLO_LEN_2_4;
 pub const FAULT_LEN: usize = 24;
 /// Size of the VFIO_DEVICE payload (§4).
 pub const VFIO_DEVICE_LEN: usize = 16;
@@ -32,7 +38,7 @@ pub const VFIO_DEVICE_LEN: usize = 16;
 /// `magic` of HELLO: the bytes `V U I M`.
 pub const MAGIC: u32 = 0x4d49_5556;
 pub const MAJOR: u16 = 2;
-pub const MINOR: u16 = 3;
+pub const MINOR: u16 = 4;
 
 /// HELLO `features` bit (daemon, 2.1): the daemon owns the DMA translation
 /// of the iommufd-backed VFIO devices QEMU forwards with VFIO_DEVICE (§14).
@@ -41,6 +47,11 @@ pub const FEATURE_VFIO_DEVICES: u64 = 1 << 0;
 /// gives with COMPLETION_FD after every update of the request queue's used
 /// ring (§15).
 pub const FEATURE_COMPLETION_FD: u64 = 1 << 1;
+/// HELLO `features` bit (both sides, 2.4): the HELLO carries an MSI window
+/// at [`MSI_WINDOW_AT`]: QEMU's is the machine's doorbell its translate()
+/// lets through untranslated, the daemon's the RESV_MEM MSI region its
+/// PROBE reports. They must be the same.
+pub const FEATURE_MSI_WINDOW: u64 = 1 << 2;
 
 /// FAULT `flags` bits QEMU may set: READ, WRITE (§4).
 pub const FAULT_FLAGS: u32 = 0b11;
@@ -135,6 +146,52 @@ pub enum ProtoError {
     MissingCompletionFile,
     #[error("{0} files received with no VFIO_DEVICE ADD or COMPLETION_FD to carry them")]
     StrayFiles(usize),
+    #[error(
+        "MSI window mismatch: QEMU's machine lets its MSI doorbell {q_start:#x}-{q_last:#x} \
+         through untranslated, but this daemon's PROBE reports {d_start:#x}-{d_last:#x}: \
+         the guest's MSIs would fault; start the daemon with --msi-window {q_start:#x}-{q_last:#x}"
+    )]
+    MsiWindowMismatch {
+        q_start: u64,
+        q_last: u64,
+        d_start: u64,
+        d_last: u64,
+    },
+    #[error(
+        "MSI window mismatch: QEMU's machine set no MSI doorbell (no reserved-regions), \
+         but this daemon's PROBE reports {d_start:#x}-{d_last:#x}"
+    )]
+    NoQemuMsiWindow { d_start: u64, d_last: u64 },
+}
+
+/// The MSI window a QEMU's HELLO names (2.4, §4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QemuMsiWindow {
+    /// A QEMU before 2.4 says nothing of it (it let x86's through).
+    Unknown,
+    /// Its machine set none: nothing passes untranslated.
+    None,
+    /// The inclusive window its translate() lets through.
+    Window(u64, u64),
+}
+
+impl QemuMsiWindow {
+    /// Whether a daemon whose PROBE reports `daemon` serves this QEMU
+    /// right: the same window, or a QEMU that does not say.
+    pub fn check(self, daemon: (u64, u64)) -> Result<(), ProtoError> {
+        let (d_start, d_last) = daemon;
+        match self {
+            Self::Unknown => Ok(()),
+            Self::Window(s, l) if (s, l) == daemon => Ok(()),
+            Self::Window(q_start, q_last) => Err(ProtoError::MsiWindowMismatch {
+                q_start,
+                q_last,
+                d_start,
+                d_last,
+            }),
+            Self::None => Err(ProtoError::NoQemuMsiWindow { d_start, d_last }),
+        }
+    }
 }
 
 /// The message header (§3).
@@ -198,8 +255,16 @@ pub struct HelloShm {
 }
 
 /// The daemon's HELLO payload (§4): `boot_bypass` is the bypass value the
-/// device takes on a system reset; `shm` the shared memory sent with it.
-pub fn encode_hello(boot_bypass: bool, features: u64, shm: HelloShm, out: &mut Vec<u8>) {
+/// device takes on a system reset; `shm` the shared memory sent with it;
+/// `msi_window` the one its PROBE reports (with [`FEATURE_MSI_WINDOW`] in
+/// `features`; else sent as zeros).
+pub fn encode_hello(
+    boot_bypass: bool,
+    features: u64,
+    shm: HelloShm,
+    msi_window: (u64, u64),
+    out: &mut Vec<u8>,
+) {
     push_header(out, MsgType::Hello, 0, DAEMON_HELLO_LEN, 0);
     out.extend_from_slice(&MAGIC.to_le_bytes());
     out.extend_from_slice(&MAJOR.to_le_bytes());
@@ -212,6 +277,14 @@ pub fn encode_hello(boot_bypass: bool, features: u64, shm: HelloShm, out: &mut V
     out.extend_from_slice(&[0; 3]);
     out.extend_from_slice(&shm.flags_len.to_le_bytes());
     out.extend_from_slice(&[0; 4]);
+    // QEMU's `instance` slot: reserved here.
+    out.extend_from_slice(&[0; 8]);
+    let (start, last) = match features & FEATURE_MSI_WINDOW {
+        0 => (0, 0),
+        _ => msi_window,
+    };
+    out.extend_from_slice(&start.to_le_bytes());
+    out.extend_from_slice(&last.to_le_bytes());
 }
 
 fn push_header(out: &mut Vec<u8>, t: MsgType, flags: u16, size: usize, seq: u64) {
@@ -340,6 +413,8 @@ pub enum FromQemu {
     /// connection it makes (2.2, §4, §6 rule 4); 0 from an older QEMU.
     Hello {
         instance: u64,
+        /// The MSI window its machine lets through (2.4).
+        msi_window: QemuMsiWindow,
     },
     Ack(u64),
     Fault(Fault),
@@ -373,7 +448,16 @@ pub fn decode_from_qemu(h: &Header, payload: &[u8]) -> Result<FromQemu, ProtoErr
             let instance = payload
                 .get(INSTANCE_AT..INSTANCE_AT + 8)
                 .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
-            Ok(FromQemu::Hello { instance })
+            let features = le_u64(&payload[8..16]);
+            let msi_window = match payload.get(MSI_WINDOW_AT..MSI_WINDOW_AT + 16) {
+                None => QemuMsiWindow::Unknown,
+                Some(_) if features & FEATURE_MSI_WINDOW == 0 => QemuMsiWindow::None,
+                Some(w) => QemuMsiWindow::Window(le_u64(&w[..8]), le_u64(&w[8..])),
+            };
+            Ok(FromQemu::Hello {
+                instance,
+                msi_window,
+            })
         }
         MsgType::Ack => Ok(FromQemu::Ack(h.seq)),
         MsgType::Fault => {
@@ -476,56 +560,113 @@ mod tests {
     }
 
     #[test]
-    fn hello_carries_magic_boot_bypass_and_the_shared_memory_geometry() {
+    fn hello_carries_magic_boot_bypass_the_shared_memory_geometry_and_the_msi_window() {
         let mut out = Vec::new();
         let shm = HelloShm {
             table_pages: 0x40000,
             table_levels: 3,
             flags_len: 0x10000,
         };
-        encode_hello(true, 0, shm, &mut out);
+        encode_hello(
+            true,
+            FEATURE_MSI_WINDOW,
+            shm,
+            (0x0809_0000, 0x0809_ffff),
+            &mut out,
+        );
         assert_eq!(out.len(), HEADER_LEN + DAEMON_HELLO_LEN);
         assert_eq!(&out[16..20], b"VUIM");
         assert_eq!(&out[20..22], &[2, 0], "major 2");
+        assert_eq!(&out[22..24], &[4, 0], "minor 4");
+        assert_eq!(out[24], 4, "MSI_WINDOW");
         assert_eq!(out[32], 1);
         assert_eq!(&out[40..48], &[0, 0, 4, 0, 3, 0, 0, 0]);
         assert_eq!(&out[48..56], &[0, 0, 1, 0, 0, 0, 0, 0]);
+        assert_eq!(&out[56..64], &[0; 8], "QEMU's instance slot");
+        assert_eq!(&out[64..72], &0x0809_0000u64.to_le_bytes());
+        assert_eq!(&out[72..80], &0x0809_ffffu64.to_le_bytes());
         let h = Header::decode(out[..16].try_into().unwrap());
-        // The daemon's HELLO decodes as a QEMU's: its bytes 40.. are not
-        // there, so no instance.
+        // The daemon's HELLO decodes as a QEMU's: no instance, the window.
         assert_eq!(
             decode_from_qemu(&h, &out[16..]),
-            Ok(FromQemu::Hello { instance: 0 })
+            Ok(FromQemu::Hello {
+                instance: 0,
+                msi_window: QemuMsiWindow::Window(0x0809_0000, 0x0809_ffff),
+            })
         );
+        // Without the feature, the window is sent as zeros.
+        out.clear();
+        encode_hello(false, 0, shm, (0x0809_0000, 0x0809_ffff), &mut out);
+        assert_eq!(&out[64..80], &[0; 16]);
     }
 
-    #[test]
-    fn a_qemu_hello_carries_its_instance_from_2_2_on() {
-        let mut p = [0u8; QEMU_HELLO_LEN];
+    fn qemu_hello(len: usize, features: u64) -> (Header, Vec<u8>) {
+        let mut p = vec![0u8; HELLO_LEN_2_4];
         p[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         p[4..6].copy_from_slice(&MAJOR.to_le_bytes());
         p[6..8].copy_from_slice(&2u16.to_le_bytes());
+        p[8..16].copy_from_slice(&features.to_le_bytes());
         p[40..48].copy_from_slice(&0x0123_4567_89ab_cdefu64.to_le_bytes());
-        let h = |len: usize| Header {
+        p[48..56].copy_from_slice(&0xfee0_0000u64.to_le_bytes());
+        p[56..64].copy_from_slice(&0xfeef_ffffu64.to_le_bytes());
+        p.truncate(len);
+        let h = Header {
             msg_type: MsgType::Hello as u16,
             flags: 0,
             size: len as u32,
             seq: 0,
         };
+        (h, p)
+    }
+
+    #[test]
+    fn a_qemu_hello_carries_its_instance_from_2_2_on() {
+        let (h, p) = qemu_hello(QEMU_HELLO_LEN, 0);
         assert_eq!(
-            decode_from_qemu(&h(QEMU_HELLO_LEN), &p),
+            decode_from_qemu(&h, &p),
             Ok(FromQemu::Hello {
-                instance: 0x0123_4567_89ab_cdef
+                instance: 0x0123_4567_89ab_cdef,
+                msi_window: QemuMsiWindow::Unknown,
             })
         );
         // A 2.1 QEMU's 24 bytes, or a HELLO cut inside the field: unknown.
         for len in [HELLO_LEN, 44] {
+            let (h, p) = qemu_hello(len, 0);
             assert_eq!(
-                decode_from_qemu(&h(len), &p[..len]),
-                Ok(FromQemu::Hello { instance: 0 }),
+                decode_from_qemu(&h, &p),
+                Ok(FromQemu::Hello {
+                    instance: 0,
+                    msi_window: QemuMsiWindow::Unknown,
+                }),
                 "{len} bytes"
             );
         }
+    }
+
+    #[test]
+    fn a_qemu_hello_carries_its_msi_window_from_2_4_on() {
+        let (h, p) = qemu_hello(HELLO_LEN_2_4, FEATURE_MSI_WINDOW);
+        let Ok(FromQemu::Hello { msi_window, .. }) = decode_from_qemu(&h, &p) else {
+            panic!("not a HELLO");
+        };
+        assert_eq!(msi_window, QemuMsiWindow::Window(0xfee0_0000, 0xfeef_ffff));
+        assert_eq!(msi_window.check((0xfee0_0000, 0xfeef_ffff)), Ok(()));
+        let err = msi_window.check((0x0809_0000, 0x0809_ffff)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("start the daemon with --msi-window 0xfee00000-0xfeefffff"),
+            "{err}"
+        );
+        // A 2.4 QEMU whose machine set no window: nothing passes, so a
+        // daemon that reports one is wrong.
+        let (h, p) = qemu_hello(HELLO_LEN_2_4, 0);
+        let Ok(FromQemu::Hello { msi_window, .. }) = decode_from_qemu(&h, &p) else {
+            panic!("not a HELLO");
+        };
+        assert_eq!(msi_window, QemuMsiWindow::None);
+        assert!(msi_window.check((0xfee0_0000, 0xfeef_ffff)).is_err());
+        // Before 2.4: taken at its word.
+        assert_eq!(QemuMsiWindow::Unknown.check((1, 2)), Ok(()));
     }
 
     #[test]

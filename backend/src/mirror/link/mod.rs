@@ -484,6 +484,10 @@ pub struct Hello {
     pub vfio_devices: bool,
     /// The daemon signals QEMU's completion eventfd (§15).
     pub completion_fd: bool,
+    /// The MSI window the daemon's PROBE reports (2.4, §4): announced, and
+    /// a QEMU whose machine lets another through is refused. `None`:
+    /// neither.
+    pub msi_window: Option<(u64, u64)>,
 }
 
 impl Hello {
@@ -493,6 +497,16 @@ impl Hello {
             boot_bypass,
             vfio_devices,
             completion_fd: true,
+            msi_window: None,
+        }
+    }
+
+    /// Announce `window` as the one PROBE reports, and refuse a QEMU whose
+    /// machine lets another through untranslated.
+    pub fn with_msi_window(self, window: (u64, u64)) -> Self {
+        Self {
+            msi_window: Some(window),
+            ..self
         }
     }
 
@@ -503,6 +517,9 @@ impl Hello {
         }
         if self.completion_fd {
             f |= FEATURE_COMPLETION_FD;
+        }
+        if self.msi_window.is_some() {
+            f |= proto::FEATURE_MSI_WINDOW;
         }
         f
     }
@@ -700,6 +717,7 @@ fn send_hello(stream: &UnixStream, hello_info: Hello, memory: &MirrorMemory) -> 
         hello_info.boot_bypass,
         hello_info.features(),
         memory.hello_shm(),
+        hello_info.msi_window.unwrap_or_default(),
         &mut hello,
     );
     let fds = [

@@ -125,7 +125,18 @@ pub(super) fn read_loop(
     let mut payload = vec![0u8; proto::MAX_PAYLOAD_LEN];
     while let Some(msg) = r.next_message(&mut payload)? {
         match (r.hello, msg) {
-            (false, FromQemu::Hello { instance }) => r.on_hello(instance)?,
+            (
+                false,
+                FromQemu::Hello {
+                    instance,
+                    msi_window,
+                },
+            ) => {
+                if let Some(ours) = offered.msi_window {
+                    msi_window.check(ours)?;
+                }
+                r.on_hello(instance)?
+            }
             (true, FromQemu::Hello { .. }) => return Err(ProtoError::SecondHello.into()),
             (false, _) => return Err(ProtoError::NoHello.into()),
             (true, FromQemu::Ack(seq)) => {
