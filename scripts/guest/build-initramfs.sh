@@ -5,11 +5,13 @@ set -eu
 usage() {
     cat <<USAGE
 usage: scripts/guest/build-initramfs.sh --out FILE [--kernel-dir DIR | --no-modules]
-                                        [--add SRC[:DEST]]... [--with-fio] [--help]
+                                        [--add SRC[:DEST]]... [--with-fio]
+                                        [--arch amd64|arm64] [--help]
 
-Builds a gzip'd cpio initramfs: a static busybox (Debian's busybox-static,
-fetched with apt-get download and cached), the kernel modules of --kernel-dir
-(default: scripts/guest/fetch-kernel.sh --print-path) loaded in their order,
+Builds a gzip'd cpio initramfs: a static busybox (Debian's busybox-static of
+--arch, default amd64, fetched with apt-get download and cached), the kernel
+modules of --kernel-dir (default: scripts/guest/fetch-kernel.sh --arch ARCH
+--print-path) loaded in their order,
 extra files (--add, e.g. test scripts or static test programs; DEST defaults
 to /tests/<name>), with --with-fio Debian's fio and the libraries it loads
 (scripts/guest/fetch-fio.sh, about 30 MiB more; /usr/bin/fio), and an /init
@@ -23,7 +25,7 @@ scripts/guest/run-guest.sh boots it and exits with that status.
 USAGE
 }
 
-OUT="" KDIR="" NOMOD=0 ADDS="" FIO=0
+OUT="" KDIR="" NOMOD=0 ADDS="" FIO=0 ARCH=amd64
 while [ $# -gt 0 ]; do
     case "$1" in
         --help|-h) usage; exit 0 ;;
@@ -32,25 +34,43 @@ while [ $# -gt 0 ]; do
         --no-modules) NOMOD=1 ;;
         --add) shift; ADDS="$ADDS ${1:?--add needs SRC[:DEST]}" ;;
         --with-fio) FIO=1 ;;
+        --arch) shift; ARCH=${1:?--arch needs amd64 or arm64} ;;
         *) echo "build-initramfs.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
     esac
     shift
 done
 [ -n "$OUT" ] || { usage >&2; exit 2; }
+case "$ARCH" in
+    amd64|arm64) ;;
+    *) echo "build-initramfs.sh: --arch must be amd64 or arm64" >&2; exit 2 ;;
+esac
 
 say() { echo "build-initramfs: $*" >&2; }
 die() { say "error: $*"; exit 1; }
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-iommu/guest
 
-# busybox, cached.
-BUSYBOX=$ROOT/busybox/busybox
+# busybox, cached (this machine's architecture in busybox/, another in busybox-ARCH/, its
+# package lists in a private apt state: scripts/lib/apt-sources.sh).
+BBDIR=$ROOT/busybox APT_OPTS=
+if [ "$ARCH" != "$(dpkg --print-architecture)" ]; then
+    . "$HERE/../lib/apt-sources.sh"
+    BBDIR=$ROOT/busybox-$ARCH
+    APT_OPTS=$(foreign_apt_options "$ROOT/apt-$ARCH" "$ARCH")
+fi
+BUSYBOX=$BBDIR/busybox
 if [ ! -x "$BUSYBOX" ]; then
-    mkdir -p "$ROOT/busybox"
-    say "downloading busybox-static"
-    (cd "$ROOT/busybox" && apt-get download -q busybox-static >&2)
+    mkdir -p "$BBDIR"
+    say "downloading busybox-static ($ARCH)"
+    # shellcheck disable=SC2086 # options, one word each
+    if ! (cd "$BBDIR" && apt-get $APT_OPTS download -q "busybox-static:$ARCH" >&2); then
+        # shellcheck disable=SC2086
+        [ -n "$APT_OPTS" ] && apt-get $APT_OPTS update -qq
+        # shellcheck disable=SC2086
+        (cd "$BBDIR" && apt-get $APT_OPTS download -q "busybox-static:$ARCH" >&2)
+    fi
     tmp=$(mktemp -d)
-    dpkg-deb -x "$(ls -t "$ROOT"/busybox/busybox-static_*.deb | head -n1)" "$tmp"
+    dpkg-deb -x "$(ls -t "$BBDIR"/busybox-static_*.deb | head -n1)" "$tmp"
     cp "$tmp/bin/busybox" "$BUSYBOX.tmp"
     rm -rf "$tmp"
     mv "$BUSYBOX.tmp" "$BUSYBOX"
@@ -66,8 +86,8 @@ ln -s busybox "$STAGE/bin/sh"
 mknod -m 600 "$STAGE/dev/console" c 5 1 2>/dev/null || true
 : >"$STAGE/etc/modules.order"
 if [ "$NOMOD" = 0 ]; then
-    [ -n "$KDIR" ] || KDIR=$("$HERE/fetch-kernel.sh" --print-path) ||
-        die "no guest kernel: run scripts/guest/fetch-kernel.sh"
+    [ -n "$KDIR" ] || KDIR=$("$HERE/fetch-kernel.sh" --arch "$ARCH" --print-path) ||
+        die "no guest kernel: run scripts/guest/fetch-kernel.sh --arch $ARCH"
     cp "$KDIR"/modules/*.ko "$STAGE/lib/modules/"
     cp "$KDIR/modules.order" "$STAGE/etc/modules.order"
 fi

@@ -1,13 +1,13 @@
 #!/bin/sh
-# Fetch Debian's 6.12 amd64 kernel and the modules the guest tests load, and
-# cache them (decompressed, with their load order).
+# Fetch Debian's 6.12 amd64 (or arm64) kernel and the modules the guest tests
+# load, and cache them (decompressed, with their load order).
 set -eu
 
 usage() {
     cat <<USAGE
-usage: scripts/guest/fetch-kernel.sh [--help] [--print-path]
+usage: scripts/guest/fetch-kernel.sh [--help] [--print-path] [--arch amd64|arm64]
 
-Downloads Debian's newest linux-image-6.12.*-amd64-unsigned with apt-get
+Downloads Debian's newest linux-image-6.12.*-ARCH-unsigned with apt-get
 download (apt sources derived from this machine's own list), checks that its
 config has VIRTIO_IOMMU=m and ACPI_VIOT=y, and caches under
   \${XDG_CACHE_HOME:-\$HOME/.cache}/vhost-user-iommu/guest/kernel-<version>/
@@ -15,17 +15,29 @@ config has VIRTIO_IOMMU=m and ACPI_VIOT=y, and caches under
 The cache directory is the last line on stdout. A second run reuses it.
 
   --print-path   print the cache directory if it is complete, else fail
+  --arch ARCH    amd64 (default) or arm64. Another architecture's package
+                 lists are kept apart, in a private apt state under
+                 \${XDG_CACHE_HOME:-\$HOME/.cache}/vhost-user-iommu/guest/apt-ARCH/
+                 (the machine's own sources, APT::Architecture=ARCH): this
+                 machine's dpkg is not told about the architecture.
 USAGE
 }
 
-PRINT=0
-for a in "$@"; do
-    case "$a" in
+PRINT=0 ARCH=amd64
+while [ $# -gt 0 ]; do
+    case "$1" in
         --help|-h) usage; exit 0 ;;
         --print-path) PRINT=1 ;;
-        *) echo "fetch-kernel.sh: unknown argument $a" >&2; usage >&2; exit 2 ;;
+        --arch) shift; ARCH=${1:-} ;;
+        --arch=*) ARCH=${1#--arch=} ;;
+        *) echo "fetch-kernel.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
     esac
+    shift
 done
+case "$ARCH" in
+    amd64|arm64) ;;
+    *) echo "fetch-kernel.sh: --arch must be amd64 or arm64" >&2; exit 2 ;;
+esac
 
 say() { echo "fetch-kernel: $*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -34,21 +46,29 @@ ROOT=${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-iommu/guest
 # Modules the guest tests need; their dependencies come from modules.dep.
 WANT="virtio_pci virtio_iommu virtio_blk vfio_pci vfio_iommu_type1"
 
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+. "$HERE/lib/apt-sources.sh"
+# apt's options for ARCH: none for this machine's own, a private state for another.
+APT_OPTS=
+if [ "$ARCH" != "$(dpkg --print-architecture)" ]; then
+    APT_OPTS=$(foreign_apt_options "$ROOT/apt-$ARCH" "$ARCH")
+fi
+
 pkg_name() {
-    apt-cache search --names-only '^linux-image-6\.12\.[0-9]+\+[a-z0-9]+-amd64-unsigned$' 2>/dev/null |
+    # shellcheck disable=SC2086 # options, one word each
+    apt-cache $APT_OPTS search --names-only "^linux-image-6\.12\.[0-9]+\+[a-z0-9]+-$ARCH-unsigned\$" 2>/dev/null |
         awk '{print $1}' | sort -V | tail -n1
 }
 
 PKG=$(pkg_name)
 if [ -z "$PKG" ]; then
-    [ "$PRINT" = 1 ] && die "no 6.12 kernel known to apt; run without --print-path"
-    HERE=$(cd "$(dirname "$0")/.." && pwd)
-    . "$HERE/lib/apt-sources.sh"
+    [ "$PRINT" = 1 ] && die "no 6.12 $ARCH kernel known to apt; run without --print-path"
     ensure_backports_sources
-    apt-get update -qq
+    # shellcheck disable=SC2086
+    apt-get $APT_OPTS update -qq
     PKG=$(pkg_name)
 fi
-[ -n "$PKG" ] || die "apt knows no linux-image-6.12.*-amd64-unsigned"
+[ -n "$PKG" ] || die "apt knows no linux-image-6.12.*-$ARCH-unsigned"
 KVER=${PKG#linux-image-}
 KVER=${KVER%-unsigned}
 OUT=$ROOT/kernel-$KVER
@@ -64,7 +84,8 @@ mkdir -p "$ROOT/downloads"
 exec 9>"$ROOT/.lock"
 flock 9
 say "downloading $PKG"
-(cd "$ROOT/downloads" && apt-get download -q "$PKG" >&2)
+# shellcheck disable=SC2086
+(cd "$ROOT/downloads" && apt-get $APT_OPTS download -q "$PKG" >&2)
 DEB=$(ls -t "$ROOT/downloads/${PKG}"_*.deb | head -n1)
 
 WORK=$(mktemp -d "$ROOT/work.XXXXXX")

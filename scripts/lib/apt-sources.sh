@@ -48,3 +48,16 @@ EOT
         apt-get update -qq
     fi
 }
+
+# apt options (one word each) for another architecture's packages, kept in a
+# private state under $1 (made here): the machine's own sources, read with
+# APT::Architecture=$2, without telling this machine's dpkg about $2. Use as
+#   apt-get $(foreign_apt_options DIR arm64) update | download PKG
+foreign_apt_options() {
+    dir=$1 arch=$2
+    mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial"
+    [ -f "$dir/status" ] || : >"$dir/status"
+    echo "-o Dir::State::Lists=$dir/lists -o Dir::Cache=$dir/cache" \
+        "-o Dir::State::status=$dir/status -o APT::Architecture=$arch" \
+        "-o APT::Architectures=$arch -o APT::Sandbox::User=root"
+}

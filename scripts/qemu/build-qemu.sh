@@ -1,5 +1,6 @@
 #!/bin/sh
-# Build QEMU (x86_64-softmmu) with the vhost-user-iommu patch series and cache it.
+# Build QEMU (x86_64-softmmu, or aarch64-softmmu) with the vhost-user-iommu patch series and
+# cache it.
 #
 # See --help. POSIX sh; progress goes to stderr, the binary's path to stdout (last line).
 set -eu
@@ -9,13 +10,17 @@ REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
 PATCH_DIR=${VUI_QEMU_PATCH_DIR:-$SCRIPT_DIR/patches}
 CACHE_ROOT=${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-iommu/qemu
 JOBS=${VUI_QEMU_JOBS:-2}
+TARGET=${VUI_QEMU_TARGET:-x86_64}
 # The QEMU series the patches are written against: only orig tarballs of it are accepted.
 QEMU_SERIES=10.0
 
 # Everything that changes the binary besides the source and the patches: part of the cache key.
-CONFIGURE_FLAGS="--target-list=x86_64-softmmu --without-default-features --enable-kvm \
+# Set after the arguments (--target); one build, and one cache entry, per target.
+configure_flags() {
+    echo "--target-list=$TARGET-softmmu --without-default-features --enable-kvm \
 --enable-tcg --enable-vhost-user --enable-fdt=system --disable-install-blobs --disable-docs \
 --disable-werror --disable-download"
+}
 BUILD_DEPS="ninja-build gcc make pkg-config python3 python3-venv libglib2.0-dev \
 libpixman-1-dev libfdt-dev flex bison bzip2 xz-utils patch ccache"
 # Too old or missing in <codename> itself: taken from <codename>-backports.
@@ -25,13 +30,16 @@ RUN_DEPS="libglib2.0-0 libpixman-1-0 libfdt1 seabios qemu-system-data"
 
 usage() {
     cat <<EOF
-Usage: scripts/qemu/build-qemu.sh [--print-path] [--force] [--keep-build] [--help]
+Usage: scripts/qemu/build-qemu.sh [--target x86_64|aarch64] [--print-path] [--force]
+                                  [--keep-build] [--help]
 
-Builds qemu-system-x86_64 from Debian's QEMU $QEMU_SERIES.x orig tarball (source package
+Builds qemu-system-x86_64 (or, with --target aarch64, qemu-system-aarch64: the arm64 "virt"
+machine) from Debian's QEMU $QEMU_SERIES.x orig tarball (source package
 "qemu" from <codename>-backports, fetched with apt-get source), with the patch series in
 scripts/qemu/patches/ applied, and caches it under
   \${XDG_CACHE_HOME:-\$HOME/.cache}/vhost-user-iommu/qemu/<version>-<patch-hash>/
-        bin/qemu-system-x86_64, stamp
+        bin/qemu-system-<target>, stamp
+(each target a build and a cache entry of its own: the configure flags are in the key).
 A run whose source version and patches (and configure flags) are already built does
 nothing but print the cached path. The path of the binary is the last line on stdout;
 all progress goes to stderr.
@@ -40,8 +48,10 @@ Installs with apt (as root): the build dependencies (meson >= 1.5 from backports
 glib, pixman, libfdt, python3-pycotap, ccache, ...) and the firmware packages
 seabios + qemu-system-data. Run the binary with:
   qemu-system-x86_64 -L /usr/share/seabios -L /usr/share/qemu ...
+qemu-system-aarch64 boots a kernel directly (-M virt -kernel ...) and needs no firmware.
 
 Options:
+  --target T     x86_64 (default) or aarch64
   --print-path   print the cached binary's path for the current source + patches and
                  exit (status 1 if it is not built yet); builds nothing
   --force        rebuild even if the cache has this build
@@ -53,6 +63,7 @@ Environment:
   VUI_QEMU_JOBS         parallel compile jobs (default 2; the build runs under nice -n 10)
   VUI_QEMU_SUITE        apt suite of the qemu source (default <codename>-backports)
   VUI_QEMU_PATCH_DIR    patch series directory (default scripts/qemu/patches)
+  VUI_QEMU_TARGET       the default of --target
 EOF
 }
 
@@ -60,15 +71,23 @@ say() { printf 'build-qemu: %s\n' "$*" >&2; }
 die() { printf 'build-qemu: error: %s\n' "$*" >&2; exit 1; }
 
 PRINT_PATH=0 FORCE=0 KEEP_BUILD=0
-for arg in "$@"; do
-    case $arg in
+while [ $# -gt 0 ]; do
+    case $1 in
         --help|-h) usage; exit 0 ;;
         --print-path) PRINT_PATH=1 ;;
         --force) FORCE=1 ;;
         --keep-build) KEEP_BUILD=1 ;;
-        *) usage >&2; die "unknown argument: $arg" ;;
+        --target) shift; TARGET=${1:-} ;;
+        --target=*) TARGET=${1#--target=} ;;
+        *) usage >&2; die "unknown argument: $1" ;;
     esac
+    shift
 done
+case $TARGET in
+    x86_64|aarch64) ;;
+    *) die "--target must be x86_64 or aarch64, not '$TARGET'" ;;
+esac
+CONFIGURE_FLAGS=$(configure_flags)
 
 . "$REPO_ROOT/scripts/lib/apt-sources.sh"
 CODENAME=$(debian_codename)
@@ -145,7 +164,7 @@ esac
 
 BUILD_ID=$SRC_VERSION-$PATCH_HASH
 OUT_DIR=$CACHE_ROOT/$BUILD_ID
-BIN=$OUT_DIR/bin/qemu-system-x86_64
+BIN=$OUT_DIR/bin/qemu-system-$TARGET
 STAMP=$OUT_DIR/stamp
 
 cached() { [ -f "$STAMP" ] && [ -x "$BIN" ]; }
@@ -249,22 +268,22 @@ fi
 (cd "$BUILD" && nice -n 10 ../configure --python=/usr/bin/python3 ${CC_ARG:+--cc="$CC_ARG"} \
     $CONFIGURE_FLAGS > configure.log 2>&1) ||
     { tail -n 30 "$BUILD/configure.log" >&2; die "configure failed (log: $BUILD/configure.log)"; }
-say "building qemu-system-x86_64 with ninja -j$JOBS (cold: several minutes)"
-if ! (cd "$BUILD" && nice -n 10 ninja -j"$JOBS" qemu-system-x86_64 > ninja.log 2>&1); then
+say "building qemu-system-$TARGET with ninja -j$JOBS (cold: several minutes)"
+if ! (cd "$BUILD" && nice -n 10 ninja -j"$JOBS" "qemu-system-$TARGET" > ninja.log 2>&1); then
     grep -E 'error|Error' "$BUILD/ninja.log" | head -n 40 >&2 || true
     die "build failed (log: $BUILD/ninja.log)"
 fi
 END=$(date +%s)
 say "built in $((END - START)) s"
 
-"$BUILD/qemu-system-x86_64" --version >/dev/null || die "built binary does not run"
+"$BUILD/qemu-system-$TARGET" --version >/dev/null || die "built binary does not run"
 
 # ---------------------------------------------------------------------------------------------
 # 7. Install into the cache, atomically.
 TMP_OUT=$CACHE_ROOT/.tmp-$BUILD_ID.$$
 rm -rf "$TMP_OUT"
 mkdir -p "$TMP_OUT/bin"
-cp "$BUILD/qemu-system-x86_64" "$TMP_OUT/bin/"
+cp "$BUILD/qemu-system-$TARGET" "$TMP_OUT/bin/"
 for p in $PATCHES; do cp "$p" "$TMP_OUT/"; done
 {
     echo "qemu_source=$SRC_VERSION"
