@@ -15,7 +15,11 @@ kernel of the nested test bed's second-level guest
 (scripts/kernel/build-minimal-kernel.sh, ~5 min cold), then runs the guest
 tests of qemu-tests/ in release mode, one guest at a time. The nested test bed
 (qemu-tests/tests/nested.rs, ~4 min a path under nested TCG) is skipped, with a
-message saying so, when VUI_NESTED=0 is in the environment.
+message saying so, when VUI_NESTED=0 is in the environment. The arm64 tier
+(qemu-tests/tests/arm64.rs: the virt machine, qemu-system-aarch64 from
+scripts/qemu/build-qemu.sh --target aarch64, ~12 min cold, and Debian's arm64
+kernel from scripts/guest/fetch-kernel.sh --arch arm64) is skipped likewise
+with VUI_ARM64=0.
 Each test boots the guest behind QEMU's virtio-iommu-pci and behind
 vhost-user-iommu (a few seconds per boot under TCG). Without a filter, a
 smoke run of the guest benchmark follows (guest-bench --quick, ~1.5 min).
@@ -34,6 +38,14 @@ echo "== qemu-tests: iommufd guest kernel (pass-through test bed; ~13 min the fi
 scripts/kernel/build-iommufd-kernel.sh >/dev/null
 echo "== qemu-tests: minimal kernel (nested test bed's second level; ~5 min the first time)"
 scripts/kernel/build-minimal-kernel.sh >/dev/null
+if [ "${VUI_ARM64:-1}" = 0 ]; then
+    echo "== qemu-tests: arm64 tier skipped (VUI_ARM64=0): no aarch64 QEMU, no arm64 kernel"
+else
+    echo "== qemu-tests: QEMU aarch64 (arm64 tier; ~12 min the first time)"
+    scripts/qemu/build-qemu.sh --target aarch64 >/dev/null
+    echo "== qemu-tests: arm64 guest kernel"
+    scripts/guest/fetch-kernel.sh --arch arm64 >/dev/null
+fi
 echo "== qemu-tests: guests"
 VUI_QEMU_TESTS=1 cargo test --release --locked -p qemu-tests -- --test-threads=1 --nocapture "$@"
 if [ $# -eq 0 ]; then

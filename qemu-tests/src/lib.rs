@@ -15,6 +15,10 @@
 //! The tier needs QEMU built and a kernel fetched, so the tests run
 //! only when `VUI_QEMU_TESTS=1` (set by `scripts/qemu-tests.sh`, which also
 //! builds QEMU and fetches the kernel); otherwise each says it skipped and why.
+//!
+//! A guest is x86 (q35) by default; [`Arch::Arm64`] boots the arm64 `virt`
+//! machine instead (`qemu-system-aarch64`, Debian's arm64 kernel, a busybox
+//! initramfs without the x86 guest tools): [`arm64_skip_reason`].
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -25,7 +29,7 @@ use std::time::{Duration, Instant};
 use test_frontend::daemon::DaemonProcess;
 use vhost_user_iommu::config::RawConfig;
 use vhost_user_iommu::emulated;
-use vhost_user_iommu::mirror::{MirrorMemory, MirrorServer};
+use vhost_user_iommu::mirror::{Hello, MirrorMemory, MirrorServer};
 use vhost_user_iommu::serve::{ServeError, Server, SocketSource, Stopper};
 use vhost_user_iommu::vhu_iommu::{BackendHooks, IommuBackend, DEFAULT_POLL_US};
 
@@ -40,6 +44,45 @@ pub enum Viommu {
     Intel,
     /// No vIOMMU: the disk's DMA goes straight to guest memory.
     None,
+}
+
+/// The guest's architecture, and with it QEMU's machine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Arch {
+    /// q35, `qemu-system-x86_64`, Debian's amd64 kernel.
+    #[default]
+    X86_64,
+    /// `virt` with GICv3 (its ITS the MSI doorbell), `-cpu max`,
+    /// `qemu-system-aarch64`, Debian's arm64 kernel.
+    Arm64,
+}
+
+impl Arch {
+    /// Debian's name (`fetch-kernel.sh --arch`, `run-guest.sh --arch`).
+    pub fn debian(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "amd64",
+            Arch::Arm64 => "arm64",
+        }
+    }
+
+    /// `build-qemu.sh --target`.
+    pub fn qemu_target(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Arm64 => "aarch64",
+        }
+    }
+
+    /// The machine's MSI doorbell, which QEMU lets through untranslated
+    /// and the daemon's PROBE must report (its `--msi-window`): the APIC
+    /// range on x86, the GICv3 ITS `GITS_TRANSLATER` frame on `virt`.
+    pub fn msi_window(self) -> (u64, u64) {
+        match self {
+            Arch::X86_64 => (0xfee0_0000, 0xfeef_ffff),
+            Arch::Arm64 => (0x0809_0000, 0x0809_ffff),
+        }
+    }
 }
 
 /// The repository root.
@@ -78,6 +121,30 @@ macro_rules! skip_unless_ready {
     };
 }
 
+/// Why the arm64 guests cannot run, if they cannot.
+pub fn arm64_skip_reason() -> Option<String> {
+    if let Some(why) = tier_off() {
+        return Some(why);
+    }
+    if std::env::var("VUI_ARM64").as_deref() == Ok("0") {
+        return Some("VUI_ARM64=0".into());
+    }
+    if qemu_for(Arch::Arm64).is_none() {
+        return Some(
+            "the patched qemu-system-aarch64 is not built \
+             (scripts/qemu/build-qemu.sh --target aarch64)"
+                .into(),
+        );
+    }
+    if kernel_dir_for(Arch::Arm64).is_none() {
+        return Some(
+            "the arm64 guest kernel is not fetched (scripts/guest/fetch-kernel.sh --arch arm64)"
+                .into(),
+        );
+    }
+    None
+}
+
 fn script_output(script: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(repo().join(script))
         .args(args)
@@ -102,8 +169,21 @@ fn printed_path(cell: &OnceLock<Option<PathBuf>>, script: &str) -> Option<PathBu
 
 /// The patched QEMU binary.
 pub fn qemu() -> Option<PathBuf> {
-    static P: OnceLock<Option<PathBuf>> = OnceLock::new();
-    printed_path(&P, "scripts/qemu/build-qemu.sh")
+    qemu_for(Arch::X86_64)
+}
+
+/// The patched QEMU binary for `arch`'s guests.
+pub fn qemu_for(arch: Arch) -> Option<PathBuf> {
+    static P: [OnceLock<Option<PathBuf>>; 2] = [OnceLock::new(), OnceLock::new()];
+    P[arch as usize]
+        .get_or_init(|| {
+            script_output(
+                "scripts/qemu/build-qemu.sh",
+                &["--target", arch.qemu_target(), "--print-path"],
+            )
+            .map(PathBuf::from)
+        })
+        .clone()
 }
 
 /// The cached iommufd guest kernel (`bzImage`), if built.
@@ -149,8 +229,21 @@ pub fn passthrough_skip_reason() -> Option<String> {
 
 /// The cached guest kernel directory.
 pub fn kernel_dir() -> Option<PathBuf> {
-    static P: OnceLock<Option<PathBuf>> = OnceLock::new();
-    printed_path(&P, "scripts/guest/fetch-kernel.sh")
+    kernel_dir_for(Arch::X86_64)
+}
+
+/// The cached guest kernel directory of `arch`.
+pub fn kernel_dir_for(arch: Arch) -> Option<PathBuf> {
+    static P: [OnceLock<Option<PathBuf>>; 2] = [OnceLock::new(), OnceLock::new()];
+    P[arch as usize]
+        .get_or_init(|| {
+            script_output(
+                "scripts/guest/fetch-kernel.sh",
+                &["--arch", arch.debian(), "--print-path"],
+            )
+            .map(PathBuf::from)
+        })
+        .clone()
 }
 
 /// This process's scratch root, `target/qemu-tests/run-<pid>`. Disk images
@@ -205,6 +298,15 @@ pub fn initramfs(modules: bool) -> PathBuf {
         build_initramfs(name, &options)
     })
     .clone()
+}
+
+/// The arm64 initramfs: an arm64 busybox, the guest scripts and the arm64
+/// kernel's modules (no guest tools: they are built for x86), built once
+/// per test run.
+pub fn initramfs_arm64() -> PathBuf {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| build_initramfs("initrd-arm64.gz", &["--arch".into(), "arm64".into()]))
+        .clone()
 }
 
 /// An initramfs with the guest scripts and the Debian kernel's modules,
@@ -332,7 +434,26 @@ pub fn poll_us() -> u64 {
 impl Daemon {
     /// Start serving in `dir` with the default configuration.
     pub fn start(dir: &Path) -> Self {
-        let config = RawConfig::default().check().expect("default config");
+        Self::start_for(dir, Arch::X86_64)
+    }
+
+    /// Start serving in `dir` a guest of `arch`: its machine's MSI window
+    /// (`--msi-window`), announced on the mirror, where QEMU's is checked
+    /// against it.
+    pub fn start_for(dir: &Path, arch: Arch) -> Self {
+        let (start, last) = arch.msi_window();
+        Self::start_with(dir, Some((start, last)))
+    }
+
+    /// Start serving in `dir`, its PROBE reporting `msi_window` (`None`:
+    /// the daemon's default) — a wrong one for the test of the refusal.
+    pub fn start_with(dir: &Path, msi_window: Option<(u64, u64)>) -> Self {
+        let config = RawConfig {
+            msi_window: msi_window.map(|(a, b)| format!("{a:#x}-{b:#x}")),
+            ..RawConfig::default()
+        }
+        .check()
+        .expect("daemon config");
         let device = emulated::device(&config).expect("device");
         let socket = dir.join("viommu.sock");
         let mirror = dir.join("viommu-mirror.sock");
@@ -344,13 +465,11 @@ impl Daemon {
         );
         let hooks = Arc::new(BackendHooks::default());
         let memory = MirrorMemory::for_device(device.device_config()).expect("shared table");
-        let mirror_server = MirrorServer::start(
-            &mirror,
-            config.device.bypass,
-            hooks.clone(),
-            Arc::new(memory),
-        )
-        .expect("mirror socket");
+        let hello =
+            Hello::new(config.device.bypass, false).with_msi_window(config.device.msi_window);
+        let mirror_server =
+            MirrorServer::start_with(&mirror, hello, hooks.clone(), Arc::new(memory))
+                .expect("mirror socket");
         let backend = IommuBackend::new(device, mirror_server.handle())
             .with_polling(Duration::from_micros(poll_us()));
         let _ = hooks.0.set(backend.clone());
@@ -444,6 +563,8 @@ pub struct Sockets<'a> {
 #[derive(Clone, Debug)]
 pub struct Guest {
     pub viommu: Viommu,
+    /// x86 (q35) or arm64 (`virt`).
+    pub arch: Arch,
     pub test: &'static str,
     /// Extra kernel parameters.
     pub append: String,
@@ -471,6 +592,7 @@ impl Guest {
     pub fn new(viommu: Viommu, test: &'static str) -> Self {
         Self {
             viommu,
+            arch: Arch::X86_64,
             test,
             append: String::new(),
             disk: None,
@@ -571,9 +693,11 @@ impl Guest {
         if self.reboot {
             cmd.arg("--reboot");
         }
-        let initrd = match &self.initrd {
-            Some(i) => i.clone(),
-            None => initramfs(self.kernel.is_none()),
+        cmd.arg("--arch").arg(self.arch.debian());
+        let initrd = match (&self.initrd, self.arch) {
+            (Some(i), _) => i.clone(),
+            (None, Arch::Arm64) => initramfs_arm64(),
+            (None, Arch::X86_64) => initramfs(self.kernel.is_none()),
         };
         cmd.arg("--initrd")
             .arg(initrd)

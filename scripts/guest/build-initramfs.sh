@@ -113,6 +113,7 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
+echo "VUI-UP $(cut -d' ' -f1 /proc/uptime)"
 # insmod, unlike modprobe, does not read MODULE.PARAM=VALUE from the kernel
 # command line: pass those on by hand.
 for m in $(cat /etc/modules.order); do
@@ -150,6 +151,9 @@ else
 fi
 echo "VUI-GUEST-DONE rc=$rc"
 sync
+# arm64's PL011 console may still be sending the last lines when the machine
+# powers off (seen: the status line lost): let it drain.
+[ -c /dev/ttyAMA0 ] && sleep 0.5
 poweroff -f
 INIT
 chmod +x "$STAGE/init" "$STAGE"/tests/* 2>/dev/null || true
