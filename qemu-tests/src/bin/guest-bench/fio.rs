@@ -1,11 +1,40 @@
 //! The guests' fio jobs (`qemu-tests/guest/fio.sh`) and their results: the
 //! `VUI-FIO` lines of a guest's output, checked once it has finished.
 
-use qemu_tests::{Run, Viommu};
+use std::sync::OnceLock;
+
+use qemu_tests::{Arch, Run, Viommu};
 
 use crate::options::Mode;
 
+/// fio's jobs (`qemu-tests/guest/fio.sh`), on x86.
 pub const JOBS: [&str; 3] = ["rand4k-qd1", "rand4k-qd32", "seq128k-qd1"];
+/// busybox dd's jobs (`qemu-tests/guest/ddbench.sh`), on arm64, where no
+/// fio is in the initramfs: sequential O_DIRECT reads, one at a time.
+pub const DD_JOBS: [&str; 2] = ["seq4k-qd1", "seq128k-qd1"];
+
+static ARCH: OnceLock<Arch> = OnceLock::new();
+
+/// The guests' architecture, for [`jobs`]: set once, at the start.
+pub fn set_arch(arch: Arch) {
+    let _ = ARCH.set(arch);
+}
+
+/// The jobs every guest runs, in order: fio's on x86, dd's on arm64.
+pub fn jobs() -> &'static [&'static str] {
+    match ARCH.get().copied().unwrap_or_default() {
+        Arch::X86_64 => &JOBS,
+        Arch::Arm64 => &DD_JOBS,
+    }
+}
+
+/// The guest script that runs [`jobs`], and the initramfs option it needs.
+pub fn guest_script(arch: Arch) -> (&'static str, &'static [&'static str]) {
+    match arch {
+        Arch::X86_64 => ("fio.sh", &["--with-fio"]),
+        Arch::Arm64 => ("ddbench.sh", &["--arch", "arm64"]),
+    }
+}
 
 /// One fio job's result in one guest.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -85,7 +114,7 @@ pub fn check_run(
         return Err(format!("the disk's IOMMU domain is {domain}, not {want}"));
     }
     let results = parse_fio(run)?;
-    for job in JOBS {
+    for &job in jobs() {
         if !results.iter().any(|(j, _)| j == job) {
             return Err(format!("no result for {job}"));
         }

@@ -8,11 +8,11 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use qemu_tests::{disk_image, scratch, Guest, Run, Running, Sockets, Viommu};
+use qemu_tests::{disk_image, scratch, Arch, Guest, Run, Running, Sockets, Viommu};
 use test_frontend::daemon::DaemonProcess;
 
 use crate::daemon::{daemon_report, DaemonReport};
-use crate::fio::{check_run, Sample, JOBS};
+use crate::fio::{check_run, guest_script, jobs, Sample};
 use crate::guestlog::{tail, LogTail, END};
 use crate::options::{viommu_name, Mode};
 use crate::procstat::{
@@ -31,6 +31,8 @@ const SUN_PATH_MAX: usize = 107;
 #[derive(Debug)]
 pub struct Ctx {
     pub seconds: u64,
+    /// The guests' architecture (and machine).
+    pub arch: Arch,
     pub initrd: PathBuf,
     /// The daemon binary and its arguments (when ours is booted).
     pub daemon: Option<(PathBuf, Vec<String>)>,
@@ -43,7 +45,7 @@ impl Ctx {
     /// A guest's timeout (run-guest.sh kills it after that): n guests share
     /// the host's cores, so they boot more slowly.
     fn guest_timeout(&self, n: usize) -> Duration {
-        Duration::from_secs(60 + 120 * n as u64 + 6 * self.seconds * JOBS.len() as u64)
+        Duration::from_secs(60 + 120 * n as u64 + 6 * self.seconds * jobs().len() as u64)
     }
 }
 
@@ -170,6 +172,17 @@ impl Group {
     }
 }
 
+/// The daemon's `--msi-window`: its machine's (x86's is its default).
+fn msi_window_args(arch: Arch) -> Vec<String> {
+    match arch {
+        Arch::X86_64 => Vec::new(),
+        Arch::Arm64 => {
+            let (start, last) = arch.msi_window();
+            vec!["--msi-window".into(), format!("{start:#x}-{last:#x}")]
+        }
+    }
+}
+
 /// Prepare guest `number`'s directory, disk and daemon; its boot command.
 fn prepare(
     ctx: &Ctx,
@@ -194,6 +207,7 @@ fn prepare(
         (Viommu::Ours, Some((bin, args))) => Some(
             DaemonProcess::builder(bin, dir.join("viommu.sock"))
                 .mirror(&mirror)
+                .args(msi_window_args(ctx.arch))
                 .args(args)
                 .rust_log("info")
                 .log_file(dir.join("daemon.log"))
@@ -203,7 +217,8 @@ fn prepare(
         (Viommu::Ours, None) => return Err("ours without a daemon binary".into()),
         _ => None,
     };
-    let mut guest = Guest::new(viommu, "fio.sh");
+    let mut guest = Guest::new(viommu, guest_script(ctx.arch).0);
+    guest.arch = ctx.arch;
     guest.disk = Some(disk);
     guest.initrd = Some(ctx.initrd.clone());
     guest.qemu_args = vec![
@@ -326,10 +341,10 @@ fn wait_ready(
 /// Run the guests' jobs in step: a go to all at once for each job, and
 /// each job's measurement window.
 fn run_jobs(vms: &mut [Vm], deadline: Instant, ticks_per_s: f64) -> Result<Vec<Window>, String> {
-    wait_ready(vms, JOBS[0], deadline)?;
+    wait_ready(vms, jobs()[0], deadline)?;
     let mut windows = Vec::new();
-    for (k, &job) in JOBS.iter().enumerate() {
-        let next = JOBS.get(k + 1).copied().unwrap_or(END);
+    for (k, &job) in jobs().iter().enumerate() {
+        let next = jobs().get(k + 1).copied().unwrap_or(END);
         let start: Vec<Ticks> = vms
             .iter()
             .map(|vm| vm.cpu_ticks().map_err(|e| vm.failure(&e)))

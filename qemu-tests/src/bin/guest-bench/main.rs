@@ -40,7 +40,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use qemu_tests::{initramfs_with, kernel_dir, poll_us, qemu, Viommu};
+use qemu_tests::{initramfs_with, kernel_dir_for, poll_us, qemu_for, Arch, Viommu};
 
 use crate::daemon::{build_daemon, daemon_args};
 use crate::group::{run_group, Ctx};
@@ -78,12 +78,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if qemu().is_none() {
-        eprintln!("guest-bench: the patched QEMU is not built: run scripts/qemu/build-qemu.sh");
+    fio::set_arch(opts.arch);
+    let (target, debian) = (opts.arch.qemu_target(), opts.arch.debian());
+    if qemu_for(opts.arch).is_none() {
+        eprintln!(
+            "guest-bench: the patched QEMU is not built: run scripts/qemu/build-qemu.sh \
+             --target {target}"
+        );
         return ExitCode::FAILURE;
     }
-    if kernel_dir().is_none() {
-        eprintln!("guest-bench: no guest kernel: run scripts/guest/fetch-kernel.sh");
+    if kernel_dir_for(opts.arch).is_none() {
+        eprintln!(
+            "guest-bench: no guest kernel: run scripts/guest/fetch-kernel.sh --arch {debian}"
+        );
         return ExitCode::FAILURE;
     }
     let mut command = String::from("cargo run --release -p qemu-tests --bin guest-bench");
@@ -118,10 +125,12 @@ fn main() -> ExitCode {
     } else {
         None
     };
-    println!("== building the initramfs with fio");
+    let (script, initrd_options) = fio::guest_script(opts.arch);
+    println!("== building the initramfs for {script} ({debian})");
     let ctx = Ctx {
         seconds: opts.seconds,
-        initrd: initramfs_with("initrd-fio.gz", &["--with-fio"]),
+        arch: opts.arch,
+        initrd: initramfs_with(&format!("initrd-bench-{debian}.gz"), initrd_options),
         daemon,
         ours_qemu_args: std::env::var("VUI_QEMU_ARGS")
             .unwrap_or_default()
@@ -158,10 +167,14 @@ fn main() -> ExitCode {
     }
     let took = start.elapsed();
     let load = [load_start, loadavg()];
+    let (tool, machine) = match opts.arch {
+        Arch::X86_64 => ("fio", "x86 q35"),
+        Arch::Arm64 => ("busybox dd", "arm64 virt (GICv3, -cpu max)"),
+    };
     println!(
-        "== fio in each guest: TCG, 1 vCPU, 1 GiB, virtio-blk (iommu_platform=on), O_DIRECT; \
-         {} s per job, the guests' jobs started together; mean of {} round(s); none = no vIOMMU \
-         (one boot per round, both modes)",
+        "== {tool} in each guest: {machine}, TCG, 1 vCPU, 1 GiB, virtio-blk (iommu_platform=on), \
+         O_DIRECT; {} s per job, the guests' jobs started together; mean of {} round(s); none = \
+         no vIOMMU (one boot per round, both modes)",
         opts.seconds, opts.rounds
     );
     println!(

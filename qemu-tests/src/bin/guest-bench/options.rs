@@ -3,11 +3,11 @@
 
 use std::path::PathBuf;
 
-use qemu_tests::Viommu;
+use qemu_tests::{Arch, Viommu};
 
 pub const USAGE: &str = "\
 usage: guest-bench [--seconds S] [--rounds N] [--quick] [--guests LIST]
-                   [--viommu LIST] [--json FILE] [--help]
+                   [--viommu LIST] [--arch x86_64|arm64] [--json FILE] [--help]
 
 Boots TCG guests (Debian 6.12, 1 vCPU, 1 GiB each) behind our
 vhost-user-iommu daemon, behind QEMU's virtio-iommu-pci and with no vIOMMU,
@@ -31,6 +31,12 @@ ours), with the ratios ours/QEMU.
   --viommu LIST boot only these, comma-separated: ours, qemu, none
                 (default all three; to compare two builds of ours, run
                 each build's guest-bench with --viommu ours, alternately)
+  --arch A      x86_64 (default: q35, fio) or arm64: the `virt` machine
+                (GICv3, -cpu max, TCG; qemu-system-aarch64 of
+                scripts/qemu/build-qemu.sh --target aarch64, the kernel of
+                scripts/guest/fetch-kernel.sh --arch arm64), whose busybox
+                initramfs has no fio: busybox dd reads the disk instead
+                (qemu-tests/guest/ddbench.sh: seq4k-qd1, seq128k-qd1, O_DIRECT)
   --json FILE   also write the figures, per round and averaged, to FILE
 
 Environment: VUI_DAEMON_BIN=PATH runs that daemon binary instead of building
@@ -59,6 +65,7 @@ pub struct Options {
     pub viommus: Vec<Viommu>,
     /// Guest counts, ascending, each once.
     pub guests: Vec<usize>,
+    pub arch: Arch,
     pub json: Option<PathBuf>,
 }
 
@@ -130,6 +137,7 @@ pub fn parse(args: &[String]) -> Result<Option<Options>, String> {
     let (mut seconds, mut rounds, mut quick, mut json) = (None, 1, false, None);
     let mut viommus = VIOMMUS.to_vec();
     let mut guests = vec![1];
+    let mut arch = Arch::X86_64;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = |what: &str| {
@@ -173,6 +181,13 @@ pub fn parse(args: &[String]) -> Result<Option<Options>, String> {
                 viommus = VIOMMUS.into_iter().filter(|v| chosen.contains(v)).collect();
             }
             "--json" => json = Some(PathBuf::from(value("a file")?)),
+            "--arch" => {
+                arch = match value("x86_64 or arm64")?.as_str() {
+                    "x86_64" | "amd64" => Arch::X86_64,
+                    "arm64" | "aarch64" => Arch::Arm64,
+                    other => return Err(format!("--arch {other}: want x86_64 or arm64")),
+                }
+            }
             _ => return Err(format!("unknown argument {a}")),
         }
     }
@@ -186,6 +201,7 @@ pub fn parse(args: &[String]) -> Result<Option<Options>, String> {
         },
         viommus,
         guests,
+        arch,
         json,
     }))
 }
@@ -216,6 +232,19 @@ mod tests {
         assert!(parse(&args("--rounds 0")).is_err());
         assert!(parse(&args("--json")).is_err());
         assert!(parse(&args("--help")).unwrap().is_none());
+    }
+
+    #[test]
+    fn arch_is_x86_by_default_and_arm64_on_request() {
+        assert_eq!(parse(&[]).unwrap().unwrap().arch, Arch::X86_64);
+        let o = parse(&args("--arch arm64 --quick")).unwrap().unwrap();
+        assert_eq!((o.arch, o.seconds), (Arch::Arm64, 1));
+        assert_eq!(
+            parse(&args("--arch aarch64")).unwrap().unwrap().arch,
+            Arch::Arm64
+        );
+        assert!(parse(&args("--arch riscv64")).is_err());
+        assert!(parse(&args("--arch")).is_err());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use qemu_tests::Viommu;
 use serde_json::{json, Map, Value};
 
-use crate::fio::{Sample, JOBS};
+use crate::fio::{jobs, Sample};
 use crate::group::Group;
 use crate::options::{viommu_name, Mode, Options, VIOMMUS};
 use crate::procstat::CpuTime;
@@ -147,7 +147,7 @@ pub fn progress(g: &Group) -> String {
             let _ = writeln!(t, "       daemon {}: {}", i + 1, d.stats);
         }
     }
-    let jobs: Vec<String> = JOBS
+    let jobs: Vec<String> = jobs()
         .iter()
         .map(|job| {
             let a = g.aggregate(job);
@@ -203,7 +203,7 @@ fn figure(x: f64, decimals: usize) -> String {
 pub fn table(opts: &Options, groups: &[Group]) -> String {
     let mut t = String::new();
     for &mode in &opts.modes {
-        for job in JOBS {
+        for &job in jobs() {
             let _ = writeln!(t, "-- {} {job}", mode.name());
             let _ = writeln!(
                 t,
@@ -313,7 +313,7 @@ fn json_guest(g: &Group, i: usize) -> Value {
 
 /// One group: its aggregate figures per job, and each guest's.
 fn json_group(g: &Group) -> Value {
-    let jobs: Map<String, Value> = JOBS
+    let jobs: Map<String, Value> = jobs()
         .iter()
         .map(|job| (job.to_string(), json_aggregate(&g.aggregate(job))))
         .collect();
@@ -341,7 +341,7 @@ pub fn json(
 ) -> String {
     let mut means = Vec::new();
     for &mode in &opts.modes {
-        for job in JOBS {
+        for &job in jobs() {
             for &n in &opts.guests {
                 let [o, q, no] = VIOMMUS.map(|v| mean(groups, mode, v, n, job));
                 means.push(json!({
@@ -404,7 +404,7 @@ mod tests {
     fn two_qemu_guests() -> Group {
         let guest = |iops: f64| GuestRun {
             took: Duration::ZERO,
-            results: JOBS
+            results: jobs()
                 .iter()
                 .map(|j| (j.to_string(), sample(iops, iops)))
                 .collect(),
@@ -417,7 +417,7 @@ mod tests {
             took: Duration::ZERO,
             guests: vec![guest(100.0), guest(300.0)],
             windows: vec![Window {
-                job: JOBS[0],
+                job: jobs()[0],
                 cpu: vec![cpu(0.1, 0.0), cpu(0.3, 0.0)],
                 seconds: vec![1.0, 1.0],
                 host_busy: 1.0,
@@ -469,20 +469,20 @@ mod tests {
     #[test]
     fn a_group_aggregates_each_job_over_its_guests() {
         let g = two_qemu_guests();
-        let a = g.aggregate(JOBS[0]);
+        let a = g.aggregate(jobs()[0]);
         assert_eq!((a.iops, a.ios), (400.0, 400.0));
         assert!((a.cpu_us_per_io() - 1000.0).abs() < 1e-9);
         // A job without a window has no figures.
-        assert!(g.aggregate(JOBS[1]).iops.is_nan());
+        assert!(g.aggregate(jobs()[1]).iops.is_nan());
         let groups = [g];
         assert_eq!(
-            mean(&groups, Mode::Strict, Viommu::Qemu, 2, JOBS[0]).iops,
+            mean(&groups, Mode::Strict, Viommu::Qemu, 2, jobs()[0]).iops,
             400.0
         );
-        assert!(mean(&groups, Mode::Strict, Viommu::Qemu, 1, JOBS[0])
+        assert!(mean(&groups, Mode::Strict, Viommu::Qemu, 1, jobs()[0])
             .iops
             .is_nan());
-        assert!(mean(&groups, Mode::Lazy, Viommu::Qemu, 2, JOBS[0])
+        assert!(mean(&groups, Mode::Lazy, Viommu::Qemu, 2, jobs()[0])
             .iops
             .is_nan());
         assert!(table(
@@ -513,7 +513,7 @@ mod tests {
         let mean = &v["mean"][0];
         assert_eq!(
             (&mean["job"], &mean["guests"]),
-            (&json!(JOBS[0]), &json!(2))
+            (&json!(jobs()[0]), &json!(2))
         );
         assert_eq!(mean["qemu"]["iops"], 400.0);
         assert_eq!(mean["qemu"]["cpu_us_per_io"], 1000.0);
@@ -526,10 +526,10 @@ mod tests {
         );
         let guest = &group["per_guest"][1];
         assert_eq!(guest["guest"], 2);
-        assert_eq!(guest["results"][JOBS[0]]["cpu_s"], 0.3);
-        assert_eq!(guest["results"][JOBS[0]]["cpu_us_per_io"], 1000.0);
+        assert_eq!(guest["results"][jobs()[0]]["cpu_s"], 0.3);
+        assert_eq!(guest["results"][jobs()[0]]["cpu_us_per_io"], 1000.0);
         // A job without a window: its fio figures, no CPU.
-        assert_eq!(guest["results"][JOBS[1]]["fio"]["iops"], 300.0);
-        assert!(guest["results"][JOBS[1]]["cpu_s"].is_null());
+        assert_eq!(guest["results"][jobs()[1]]["fio"]["iops"], 300.0);
+        assert!(guest["results"][jobs()[1]]["cpu_s"].is_null());
     }
 }
