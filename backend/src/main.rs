@@ -56,6 +56,30 @@ impl From<SeccompArg> for confine::Seccomp {
     }
 }
 
+/// How much the daemon logs when RUST_LOG does not say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogLevelArg {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    /// Also a line per request and per mirror record (as QEMU's trace
+    /// events).
+    Trace,
+}
+
+impl From<LogLevelArg> for log::LevelFilter {
+    fn from(l: LogLevelArg) -> Self {
+        match l {
+            LogLevelArg::Error => log::LevelFilter::Error,
+            LogLevelArg::Warn => log::LevelFilter::Warn,
+            LogLevelArg::Info => log::LevelFilter::Info,
+            LogLevelArg::Debug => log::LevelFilter::Debug,
+            LogLevelArg::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
 /// vhost-user back-end for a virtio-iommu device (virtio ID 23) whose domains
 /// are iommufd I/O address spaces.
 ///
@@ -202,11 +226,35 @@ struct Cli {
     /// The iommufd device node (--mode iommufd).
     #[arg(long, value_name = "PATH", default_value = KernelIommufd::DEFAULT_PATH)]
     iommufd: PathBuf,
+
+    /// What the daemon logs (on stderr): "trace" adds a line per request
+    /// and per mirror record, as QEMU's trace events. RUST_LOG, when set,
+    /// is applied over it: a bare level there replaces it, module
+    /// directives (e.g. RUST_LOG=virtio_iommu=trace) refine it.
+    #[arg(long, value_enum, default_value_t = LogLevelArg::Info)]
+    log_level: LogLevelArg,
+}
+
+/// The logger: `level`, then RUST_LOG's directives over it (a bare level
+/// replaces `level`; `module=level` directives add to it), and
+/// RUST_LOG_STYLE for colours, as env_logger reads them.
+fn init_logging(level: log::LevelFilter) {
+    let mut b = env_logger::Builder::new();
+    b.filter_level(level);
+    if let Ok(filters) = std::env::var("RUST_LOG") {
+        if !filters.trim().is_empty() {
+            b.parse_filters(&filters);
+        }
+    }
+    if let Ok(style) = std::env::var("RUST_LOG_STYLE") {
+        b.parse_write_style(&style);
+    }
+    b.init();
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
+    init_logging(cli.log_level.into());
     if cli.print_capabilities {
         print!("{}", capabilities::capabilities_json());
         return ExitCode::SUCCESS;

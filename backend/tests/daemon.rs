@@ -612,3 +612,43 @@ fn while_the_daemon_polls_back_to_back_requests_need_no_kick() {
         "without polling: {kicks} kicks for 100 requests"
     );
 }
+
+/// `--log-level trace`: a line per request (as QEMU's trace events) with
+/// its fields and status; RUST_LOG, set, is applied over the flag.
+#[test]
+fn log_level_trace_gives_a_line_per_request_and_rust_log_overrides_it() {
+    for (rust_log, traced) in [("", true), ("info", false), ("virtio_iommu=trace", true)] {
+        let dir = Scratch::new("test-trace");
+        let log = dir.join("daemon.log");
+        let d = DaemonProcess::builder(BIN, dir.join("viommu.sock"))
+            .args(["--endpoints", "8", "--log-level", "trace"])
+            .rust_log(rust_log)
+            .log_file(&log)
+            .spawn()
+            .owning(dir);
+        let mut vm = d.connect(VmOptions::default()).unwrap();
+        let buf = vm.ram().alloc(0x1000, 0x1000).unwrap();
+        assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+        assert_eq!(vm.map(1, 0x1000, 0x1fff, buf, READ).unwrap(), Status::Ok);
+        assert_eq!(vm.unmap(1, 0x1000, 0x1fff).unwrap(), Status::Ok);
+        assert_eq!(vm.detach(2, 8).unwrap(), Status::NoEnt);
+        let lines = [
+            "virtio_iommu_attach domain=1 endpoint=0x8 flags=0x0 status=Ok".to_string(),
+            format!(
+                "virtio_iommu_map domain=1 virt_start=0x1000 virt_end=0x1fff \
+                 phys_start={buf:#x} flags=0x1 status=Ok"
+            ),
+            "virtio_iommu_unmap domain=1 virt_start=0x1000 virt_end=0x1fff status=Ok".into(),
+            "virtio_iommu_detach domain=2 endpoint=0x8 status=NoEnt".into(),
+        ];
+        drop(vm);
+        let text = d.wait_log("front-end disconnected", Duration::from_secs(5));
+        for l in &lines {
+            assert_eq!(
+                text.contains(l.as_str()),
+                traced,
+                "RUST_LOG={rust_log:?}: {l}\n{text}"
+            );
+        }
+    }
+}

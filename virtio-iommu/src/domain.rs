@@ -62,6 +62,18 @@ impl Domain {
         self.mappings.values_mut()
     }
 
+    /// The mappings that end at or after `iova`, in IOVA order: the one
+    /// holding `iova` first, if any (a page of them is copied out under the
+    /// caller's lock: each step is one tree step).
+    pub fn mappings_from(&self, iova: u64) -> impl Iterator<Item = &Mapping> + '_ {
+        // A mapping starting at `iova` holds it; those starting before and
+        // holding it are the one `lookup` finds: none is counted twice.
+        let after = iova.checked_add(1).map(|next| self.mappings.range(next..));
+        self.lookup(iova)
+            .into_iter()
+            .chain(after.into_iter().flatten().map(|(_, m)| m))
+    }
+
     /// Number of mappings.
     pub fn mapping_count(&self) -> usize {
         self.mappings.len()
@@ -146,6 +158,23 @@ mod tests {
         assert_eq!(d.lookup(0x4abc).map(|m| m.map.virt_start), Some(0x3000));
         assert!(d.lookup(0x2000).is_none());
         assert!(d.lookup(0x5000).is_none());
+    }
+
+    #[test]
+    fn mappings_from_an_iova_start_with_the_one_holding_it() {
+        let d = domain();
+        let starts = |iova| {
+            d.mappings_from(iova)
+                .map(|m| m.map.virt_start)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(starts(0), [0x1000, 0x3000]);
+        assert_eq!(starts(0x1000), [0x1000, 0x3000]);
+        assert_eq!(starts(0x1fff), [0x1000, 0x3000]);
+        assert_eq!(starts(0x2000), [0x3000]);
+        assert_eq!(starts(0x4fff), [0x3000]);
+        assert_eq!(starts(0x5000), Vec::<u64>::new());
+        assert_eq!(starts(u64::MAX), Vec::<u64>::new());
     }
 
     #[test]

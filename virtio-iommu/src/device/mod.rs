@@ -40,6 +40,7 @@ mod probe_reply;
 mod save_restore;
 #[cfg(test)]
 mod test_support;
+mod trace;
 mod translate;
 
 pub use crate::change::{Change, ChangeSink, Discard};
@@ -357,6 +358,24 @@ impl<F: Iommufd> Device<F> {
         self.domains.get(&id)
     }
 
+    /// The domains from ID `first` on, in ID order (a page of them is
+    /// copied out under the caller's lock: each step is one tree step).
+    pub fn domains_from(&self, first: u32) -> impl Iterator<Item = (u32, &Domain)> + '_ {
+        self.domains.range(first..).map(|(&id, d)| (id, d))
+    }
+
+    /// The endpoints from ID `first` on, in ID order, with the domain each
+    /// is attached to.
+    pub fn endpoints_from(&self, first: u32) -> impl Iterator<Item = (u32, Option<u32>)> + '_ {
+        self.endpoints.range(first..).map(|(&id, e)| (id, e.domain))
+    }
+
+    /// Whether unattached endpoints bypass translation now (the config
+    /// space's `bypass`).
+    pub fn bypass(&self) -> bool {
+        self.bypass
+    }
+
     /// Handle one request: `req` is the device-readable part of the chain,
     /// `reply` its device-writable part. Returns the bytes written to
     /// `reply` (the used length): the tail, after `probe_size` property
@@ -379,6 +398,7 @@ impl<F: Iommufd> Device<F> {
             // unwritten, used length 0.
             Err(Status::Unsupp) => {
                 self.stats.failed[0] += 1;
+                trace::request(&parsed, req.first().copied(), Status::Unsupp);
                 return 0;
             }
             // A PROBE too short to name its endpoint: the tail still goes
@@ -396,6 +416,7 @@ impl<F: Iommufd> Device<F> {
         } else {
             self.stats.failed[kind] += 1;
         }
+        trace::request(&parsed, req.first().copied(), status);
         let tail = ReqTail {
             status: status as u8,
             reserved: [0; 3],

@@ -443,11 +443,63 @@ fn enqueue(conn: &mut Conn, records: &[Record], sync_last: bool) -> Option<Ticke
         conn.next_seq += 1;
         let sync = sync_last && chunks.peek().is_none();
         proto::encode_events(conn.next_seq, sync, chunk, &mut conn.out);
+        if log::max_level() >= log::LevelFilter::Trace {
+            trace_records(conn.id, conn.next_seq, sync, chunk);
+        }
     }
     Some(Ticket {
         conn: conn.id,
         seq: conn.next_seq,
     })
+}
+
+/// One trace line per record sent to QEMU (and one per batch), as QEMU's
+/// trace events: only called with trace level on, nothing formatted
+/// otherwise.
+#[cold]
+#[inline(never)]
+fn trace_records(conn: u64, seq: u64, sync: bool, records: &[Record]) {
+    log::trace!(
+        "mirror_events connection={conn} seq={seq} records={} sync={sync}",
+        records.len()
+    );
+    for r in records {
+        match *r {
+            Record::Attach {
+                endpoint,
+                domain,
+                bypass,
+                root,
+            } => log::trace!(
+                "mirror_record seq={seq} attach endpoint={endpoint:#x} domain={domain} \
+                 bypass={bypass} root={root}"
+            ),
+            Record::Detach { endpoint, domain } => {
+                log::trace!("mirror_record seq={seq} detach endpoint={endpoint:#x} domain={domain}")
+            }
+            Record::Map(m) => log::trace!(
+                "mirror_record seq={seq} map domain={} virt_start={:#x} virt_end={:#x} \
+                 phys_start={:#x} flags={:#x}",
+                m.domain,
+                m.virt_start,
+                m.virt_end,
+                m.phys_start,
+                m.flags
+            ),
+            Record::Unmap(u) => log::trace!(
+                "mirror_record seq={seq} unmap domain={} virt_start={:#x} virt_end={:#x}",
+                u.domain,
+                u.virt_start,
+                u.virt_end
+            ),
+            Record::GlobalBypass(on) => {
+                log::trace!("mirror_record seq={seq} global_bypass on={on}")
+            }
+            Record::Reset { system, reset_id } => {
+                log::trace!("mirror_record seq={seq} reset system={system} reset_id={reset_id}")
+            }
+        }
+    }
 }
 
 /// Whether the peer of `conn` has closed its end (or the socket failed),

@@ -124,6 +124,9 @@ pub(super) fn read_loop(
     };
     let mut payload = vec![0u8; proto::MAX_PAYLOAD_LEN];
     while let Some(msg) = r.next_message(&mut payload)? {
+        if log::max_level() >= log::LevelFilter::Trace {
+            log::trace!("mirror_recv connection={id} {msg:?}");
+        }
         match (r.hello, msg) {
             (
                 false,
