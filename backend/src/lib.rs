@@ -29,7 +29,10 @@
 //! - [`emulated`]: the device model over the in-process iommufd model;
 //! - [`passthrough`]: the device model over the kernel's `/dev/iommu` and VFIO devices;
 //! - [`config`]: command-line values, checked;
-//! - [`confine`]: no new privileges and a seccomp filter of the daemon's calls.
+//! - [`confine`]: no new privileges and a seccomp filter of the daemon's calls;
+//! - [`control`]: the control socket (status, the device's state in pages,
+//!   counters, latency histograms, faults, events) and `vhost-user-iommu
+//!   ctl`.
 //!
 //! The device model itself (requests, domains, mappings) is the
 //! `virtio-iommu` crate and the IOAS model the `iopt` crate; neither knows
@@ -39,6 +42,7 @@ pub mod capabilities;
 pub mod chain;
 pub mod config;
 pub mod confine;
+pub mod control;
 pub mod device_state;
 pub mod dirty_log;
 pub mod emulated;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use iopt::kernel::KernelIommufd;
 use vhost_user_iommu::config::RawConfig;
+use vhost_user_iommu::control::{self, ControlServer, Telemetry};
 use vhost_user_iommu::guest_ram::MemoryFiles;
 use vhost_user_iommu::listen::Access;
 use vhost_user_iommu::mirror::{Hello, MirrorHandle, MirrorMemory, MirrorServer};
@@ -86,7 +87,12 @@ impl From<LogLevelArg> for log::LevelFilter {
 /// QEMU: -chardev socket,id=c0,path=SOCKET -device vhost-user-iommu,chardev=c0
 #[derive(Debug, Parser)]
 #[command(version, long_version = capabilities::LONG_VERSION, about, long_about = None)]
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
+    /// Without a command, the daemon runs (the flags below).
+    #[command(subcommand)]
+    command: Option<Subcommand>,
+
     /// Listen for the front-end on this Unix socket path. Without it and
     /// --fd, the socket systemd's socket activation passed (LISTEN_FDS=1).
     #[arg(long, value_name = "PATH", conflicts_with = "fd")]
@@ -233,6 +239,22 @@ struct Cli {
     /// directives (e.g. RUST_LOG=virtio_iommu=trace) refine it.
     #[arg(long, value_enum, default_value_t = LogLevelArg::Info)]
     log_level: LogLevelArg,
+
+    /// Serve the control socket at this path (JSON lines, like QMP:
+    /// status, endpoints, domains, mappings, translate, counters, latency
+    /// histograms, faults, events; docs/control-socket.md), with the
+    /// --socket-mode and --socket-group of the other sockets. `ctl` talks
+    /// to it.
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+}
+
+/// Commands besides running the daemon.
+#[derive(Debug, clap::Subcommand)]
+enum Subcommand {
+    /// Ask a running daemon through its --control-socket and print the
+    /// answer for people (tables) or scripts (--json).
+    Ctl(control::ctl::CtlArgs),
 }
 
 /// The logger: `level`, then RUST_LOG's directives over it (a bare level
@@ -253,7 +275,16 @@ fn init_logging(level: log::LevelFilter) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Some(Subcommand::Ctl(args)) = cli.command.take() {
+        return match control::ctl::run(&args, &mut std::io::stdout().lock()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vhost-user-iommu ctl: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     init_logging(cli.log_level.into());
     if cli.print_capabilities {
         print!("{}", capabilities::capabilities_json());
@@ -389,7 +420,18 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         true => MemoryFiles::AllowUnsealed,
         false => MemoryFiles::SealedOnly,
     };
+    // Bound with the other sockets, before the filter.
+    let control_listener = match &cli.control_socket {
+        Some(path) => Some(
+            vhost_user_iommu::listen::listen_at(path, access).map_err(|e| {
+                format!("cannot listen on --control-socket {}: {e}", path.display())
+            })?,
+        ),
+        None => None,
+    };
+    let telemetry = Arc::new(Telemetry::new(control_listener.is_some()));
     let mut backend = IommuBackend::new(device, mirror)
+        .with_telemetry(telemetry)
         .with_polling(Duration::from_micros(cli.poll_us))
         .with_worker_slice(worker_slice(cli.worker_slice_us)?)
         .with_vcpu_following(cli.follow_vcpu)
@@ -419,7 +461,23 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         device_config.input_range.1,
         config.thp
     );
+    let control = match control_listener {
+        Some(listener) => Some(ControlServer::start(
+            listener,
+            cli.control_socket.clone(),
+            backend.clone(),
+            control::server::DaemonInfo {
+                mode: match config.mode {
+                    config::Mode::Emulated => "emulated",
+                    config::Mode::Iommufd => "iommufd",
+                },
+            },
+            control::server::Limits::default(),
+        )?),
+        None => None,
+    };
     server.run(&backend)?;
+    drop(control);
     drop(mirror_server);
     Ok(())
 }

@@ -232,7 +232,7 @@ struct TableDomain {
 }
 
 /// Counters of the table.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TableStats {
     /// Pages holding tables (all domains), and pages waiting in limbo.
     pub pages_in_use: u32,

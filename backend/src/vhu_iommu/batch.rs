@@ -28,10 +28,27 @@ struct Buffers {
     reply: [u8; MAX_REPLY],
 }
 
+/// One chain served: the bytes written to it, and the lengths of its
+/// request and reply in the [`Buffers`] (none for a chain that could not be
+/// read).
+struct Served {
+    used: u32,
+    request: Option<(usize, usize)>,
+}
+
+impl Served {
+    /// The request's type byte (0: none), for its latency histogram.
+    fn kind(&self, bufs: &Buffers) -> u8 {
+        match self.request {
+            Some((len, _)) if len > 0 => bufs.req[0],
+            _ => 0,
+        }
+    }
+}
+
 /// One request chain: read (every guest-supplied buffer checked once, all
 /// of them: a descriptor outside guest memory, or out of order, and the
 /// chain is completed with nothing written), carried out, replied to.
-/// Returns the bytes written.
 fn serve_chain(
     requests: &mut Requests<'_, '_>,
     pos: u16,
@@ -40,20 +57,27 @@ fn serve_chain(
     ram: &GuestRamView<'_>,
     bufs: &mut Buffers,
     stats: &mut QueueStats,
-) -> u32 {
+) -> Served {
     let Ok(layout) = chain::read_request(chain.clone(), mem, &mut bufs.req) else {
         stats.bad_chains += 1;
-        return 0;
+        return Served {
+            used: 0,
+            request: None,
+        };
     };
     let room = usize::try_from(layout.writable).map_or(MAX_REPLY, |w| w.min(MAX_REPLY));
     let reply = &mut bufs.reply[..room];
     let written = requests.request(pos, &bufs.req[..layout.request_len], reply, ram);
-    match chain::write_reply(chain, mem, &reply[..written]) {
+    let used = match chain::write_reply(chain, mem, &reply[..written]) {
         Ok(n) => n as u32,
         Err(_) => {
             stats.bad_chains += 1;
             0
         }
+    };
+    Served {
+        used,
+        request: Some((layout.request_len, written)),
     }
 }
 
@@ -63,6 +87,7 @@ impl IommuBackend {
     /// completions go into the used ring together (one index update, one
     /// notification decision: [`complete_chains`]).
     pub(super) fn process_batch(&self, vring: &Vring, polled: bool) -> io::Result<()> {
+        let since = self.telemetry.clock();
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         let done = match self.carry_out(vring, polled) {
             Some((completed, ticket)) => {
@@ -72,6 +97,9 @@ impl IommuBackend {
             None => Ok(()),
         };
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if let Some(t) = since {
+            self.telemetry.batch_done(t);
+        }
         done
     }
 
@@ -96,10 +124,20 @@ impl IommuBackend {
             ..
         } = st;
         let mut avail = Avail::new(vring, &mem);
+        // Without a control socket: no clock read, one load per request
+        // for events (src/control/).
+        let telemetry = &*self.telemetry;
+        let mut since = telemetry.clock();
         let ((), ticket) = session.requests(&self.mirror, |requests| {
             while let Some((pos, head, chain)) = avail.next_chain() {
-                let used = serve_chain(requests, pos, chain, &mem, &ram, &mut bufs, stats);
-                completed.push((head, used));
+                let served = serve_chain(requests, pos, chain, &mem, &ram, &mut bufs, stats);
+                if let Some((req, reply)) = served.request {
+                    telemetry.request_event(&bufs.req[..req], &bufs.reply[..reply]);
+                }
+                if let Some(t) = since {
+                    since = Some(telemetry.request_done(served.kind(&bufs), t));
+                }
+                completed.push((head, served.used));
             }
         });
         stats.requests += completed.len() as u64;

@@ -29,6 +29,12 @@ impl mirror::MirrorHooks for BackendHooks {
 
     fn fault(&self, fault: mirror::Fault) {
         let Some(backend) = self.0.get() else { return };
+        backend.telemetry().fault(crate::control::FaultRecord::new(
+            fault.reason,
+            fault.flags,
+            fault.endpoint,
+            fault.address,
+        ));
         let event =
             virtio_iommu::encode_fault(fault.reason, fault.flags, fault.endpoint, fault.address);
         backend.report_fault(event);

@@ -38,12 +38,14 @@ use crate::vring::Vring;
 mod batch;
 mod faults;
 mod hooks;
+mod inspect;
 mod migration;
 mod polling;
 mod worker;
 
 use faults::MAX_PENDING_FAULTS;
 pub use hooks::BackendHooks;
+pub use inspect::CounterSnapshot;
 use polling::Polled;
 use worker::SPARE_LOOK_BUSY;
 
@@ -72,7 +74,7 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 const STOP_WAIT: Duration = Duration::from_secs(2);
 
 /// Counters of the vhost-user side (the model keeps its own).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueStats {
     /// Notifications (kicks) of the request queue handled.
     pub kicks: u64,
@@ -157,6 +159,9 @@ pub struct IommuBackend {
     /// ring: `GET_VRING_BASE` is answered only once none is
     /// (docs/mirror-protocol.md §8 rule 2).
     in_flight: Arc<AtomicU32>,
+    /// What the control socket reads: latencies, events, faults
+    /// (src/control/; nothing recorded without one).
+    telemetry: Arc<crate::control::Telemetry>,
 }
 
 impl IommuBackend {
@@ -181,6 +186,7 @@ impl IommuBackend {
             in_flight: Arc::default(),
             worker_slice: None,
             follow_vcpu: true,
+            telemetry: Arc::default(),
         }
     }
 
@@ -245,12 +251,16 @@ impl IommuBackend {
     /// (docs/mirror-protocol.md §6 rule 7).
     pub fn front_end_process(&self, pid: Option<u32>) {
         self.mirror.set_front_end(pid);
+        if pid.is_some() {
+            self.telemetry.front_end_came(pid);
+        }
     }
 
     /// A front-end connected whose process could not be found: the mirror
     /// serves any process, as without one.
     pub fn front_end_process_unknown(&self) {
         self.mirror.set_front_end_unknown();
+        self.telemetry.front_end_came(None);
     }
 
     /// Start over for a new front-end connection: the device at power-on,
@@ -280,6 +290,8 @@ impl IommuBackend {
         let mut st = self.lock();
         st.last_session = Some(st.session.device().stats());
         self.reset(&mut st, Reset::FrontEnd);
+        drop(st);
+        self.telemetry.front_end_left();
     }
 
     /// The daemon is stopping (a signal) under a front-end that is still

@@ -370,6 +370,17 @@ impl<F: Iommufd> Device<F> {
         self.endpoints.range(first..).map(|(&id, e)| (id, e.domain))
     }
 
+    /// The number of endpoints the device manages.
+    pub fn endpoint_count(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// Requests carried out and failed, per type byte (index 0: unknown
+    /// types), without the walks [`Self::stats`] makes.
+    pub fn request_counts(&self) -> ([u64; 6], [u64; 6]) {
+        (self.stats.ok, self.stats.failed)
+    }
+
     /// Whether unattached endpoints bypass translation now (the config
     /// space's `bypass`).
     pub fn bypass(&self) -> bool {

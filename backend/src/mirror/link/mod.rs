@@ -410,6 +410,16 @@ impl MirrorHandle {
         self.shared.lock().conn.as_ref().is_some_and(|c| !c.closed)
     }
 
+    /// Whether a QEMU is connected, its process, and whether it has
+    /// acknowledged its dump (its copy is the daemon's state).
+    pub fn peer(&self) -> (bool, Option<u32>, bool) {
+        let st = self.shared.lock();
+        match st.conn.as_ref().filter(|c| !c.closed) {
+            Some(c) => (true, c.peer, c.synced()),
+            None => (false, None, false),
+        }
+    }
+
     /// Whether no QEMU is connected and none ever was: then no QEMU can be
     /// holding a frozen copy of the state (§6 rule 4) whose walks could
     /// reach table pages of destroyed domains.

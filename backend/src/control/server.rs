@@ -1,0 +1,910 @@
+//! The control socket's threads: one accepts, one per client (at most
+//! [`Limits::max_clients`]) reads its commands and writes the answers, one
+//! hands events to the subscribers. None of them is the request path: a
+//! command takes the device lock only for a snapshot of bounded size
+//! (src/vhu_iommu/inspect.rs), and the events reach the dispatcher
+//! through a queue the request path never waits on (src/control/events.rs).
+//!
+//! A client is untrusted: its lines are bounded ([`MAX_LINE`]), a line
+//! must arrive whole within [`Limits::line`], an answer must be read within
+//! [`Limits::write`], a client that sends nothing for [`Limits::idle`] (and
+//! has no subscription) is closed, and a subscriber whose queue of event
+//! lines ([`Limits::subscriber_queue`]) fills is closed. Anything that does
+//! not parse is an error answer.
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::events::Stamped;
+use super::protocol::{
+    self, Command, ControlCounters, FaultRow, Faults, FrontEnd, Greeting, GreetingLine,
+    KindLatency, ProtocolError, RequestCount, Status, Subscription, COMMANDS, MAX_LINE, PROTOCOL,
+};
+use super::REQUEST_KINDS;
+use crate::vhu_iommu::IommuBackend;
+
+/// What bounds a client (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_clients: usize,
+    /// How long a client without a subscription may stay silent.
+    pub idle: Duration,
+    /// How long a line may take to arrive whole.
+    pub line: Duration,
+    /// How long one answer (or event line) may take to be read.
+    pub write: Duration,
+    /// Event lines waiting for one subscriber.
+    pub subscriber_queue: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_clients: 8,
+            idle: Duration::from_secs(60),
+            line: Duration::from_secs(5),
+            write: Duration::from_secs(5),
+            subscriber_queue: 1024,
+        }
+    }
+}
+
+/// What `status` says of the daemon beyond the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DaemonInfo {
+    /// `emulated` or `iommufd`.
+    pub mode: &'static str,
+}
+
+/// How often a client thread looks at its subscription's queue (and at
+/// the server stopping) while it waits for input.
+const SUBSCRIBED_TICK: Duration = Duration::from_millis(20);
+/// How often a client thread without a subscription looks at its
+/// deadlines and at the server stopping.
+const IDLE_TICK: Duration = Duration::from_millis(200);
+/// How long a client being closed for what it did may take to read the
+/// error that says why.
+const LINGER: Duration = Duration::from_millis(200);
+/// How often the dispatcher looks at the event queue while there are
+/// subscribers (it never sleeps on the queue itself: see events.rs).
+const DISPATCH_TICK: Duration = Duration::from_millis(10);
+
+#[derive(Debug, Default)]
+struct Counters {
+    accepted: AtomicU64,
+    refused: AtomicU64,
+    dropped: AtomicU64,
+    commands: AtomicU64,
+    errors: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    client: u64,
+    mask: u32,
+    tx: SyncSender<Arc<str>>,
+    /// Set by the dispatcher when the queue was full: the client closes.
+    lagging: Arc<AtomicBool>,
+}
+
+struct Shared {
+    backend: IommuBackend,
+    info: DaemonInfo,
+    limits: Limits,
+    stop: AtomicBool,
+    clients: AtomicUsize,
+    next_client: AtomicU64,
+    counters: Counters,
+    subscribers: Mutex<Vec<Subscriber>>,
+    /// Wakes the dispatcher when the first subscriber comes (and at stop).
+    subscribed: Condvar,
+}
+
+impl Shared {
+    fn subscribers(&self) -> MutexGuard<'_, Vec<Subscriber>> {
+        self.subscribers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn control_counters(&self) -> ControlCounters {
+        let c = &self.counters;
+        ControlCounters {
+            clients: self.clients.load(Ordering::Relaxed) as u64,
+            accepted: c.accepted.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
+            dropped: c.dropped.load(Ordering::Relaxed),
+            commands: c.commands.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The control socket, served until dropped (its path is removed then).
+pub struct ControlServer {
+    shared: Arc<Shared>,
+    path: Option<PathBuf>,
+    accept: Option<JoinHandle<()>>,
+    dispatch: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ControlServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlServer")
+            .field("path", &self.path)
+            .field("counters", &self.shared.control_counters())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ControlServer {
+    /// Serve `listener` (bound at `path`, if it was) for `backend`.
+    pub fn start(
+        listener: UnixListener,
+        path: Option<PathBuf>,
+        backend: IommuBackend,
+        info: DaemonInfo,
+        limits: Limits,
+    ) -> io::Result<Self> {
+        let events = backend.telemetry().events().take_receiver();
+        let shared = Arc::new(Shared {
+            backend,
+            info,
+            limits,
+            stop: AtomicBool::new(false),
+            clients: AtomicUsize::new(0),
+            next_client: AtomicU64::new(0),
+            counters: Counters::default(),
+            subscribers: Mutex::default(),
+            subscribed: Condvar::new(),
+        });
+        let dispatch = match events {
+            Some(rx) => {
+                let s = shared.clone();
+                Some(
+                    std::thread::Builder::new()
+                        .name("control-events".into())
+                        .spawn(move || dispatch(&s, &rx))?,
+                )
+            }
+            None => None,
+        };
+        let s = shared.clone();
+        let accept = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || accept_loop(&s, &listener))?;
+        Ok(Self {
+            shared,
+            path,
+            accept: Some(accept),
+            dispatch,
+        })
+    }
+
+    /// The socket's own counters.
+    pub fn counters(&self) -> ControlCounters {
+        self.shared.control_counters()
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.subscribed.notify_all();
+        if let Some(path) = &self.path {
+            // Wake the accept; the client threads see the stop within a tick.
+            let _ = UnixStream::connect(path);
+            if let Some(t) = self.accept.take() {
+                let _ = t.join();
+            }
+            let _ = std::fs::remove_file(path);
+        }
+        if let Some(t) = self.dispatch.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener) {
+    log::info!("control socket: serving");
+    loop {
+        let accepted = listener.accept();
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // Out of files, most likely: not a busy loop.
+                log::warn!("control socket: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let max = shared.limits.max_clients;
+        if shared.clients.fetch_add(1, Ordering::SeqCst) >= max {
+            shared.clients.fetch_sub(1, Ordering::SeqCst);
+            shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+            refuse(stream, max);
+            continue;
+        }
+        shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+        let id = shared.next_client.fetch_add(1, Ordering::Relaxed);
+        let s = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("control-client".into())
+            .spawn(move || serve_client(&s, stream, id));
+        if let Err(e) = spawned {
+            shared.clients.fetch_sub(1, Ordering::SeqCst);
+            log::warn!("control socket: cannot start a client thread: {e}");
+        }
+    }
+}
+
+/// Tell a client over the cap why it is closed, without waiting for it.
+fn refuse(stream: UnixStream, max: usize) {
+    let line = answer_line(None, Err(ProtocolError::TooManyClients(max)));
+    if stream.set_nonblocking(true).is_ok() {
+        let _ = (&stream).write(&line);
+    }
+}
+
+fn answer_line(id: Option<Value>, result: Result<Value, ProtocolError>) -> Vec<u8> {
+    let mut line = serde_json::to_vec(&protocol::answer(id, result))
+        .unwrap_or_else(|_| br#"{"error":{"class":"ParseError","desc":"unencodable"}}"#.to_vec());
+    line.push(b'\n');
+    line
+}
+
+/// Why a client's connection ended.
+#[derive(Debug, thiserror::Error)]
+enum Closed {
+    #[error("the client closed it")]
+    ByClient,
+    #[error("the server stops")]
+    Stopping,
+    #[error("{0}")]
+    Dropped(&'static str),
+    #[error("{0}")]
+    Io(io::Error),
+}
+
+fn serve_client(shared: &Arc<Shared>, stream: UnixStream, id: u64) {
+    let mut client = Client {
+        shared: shared.clone(),
+        stream,
+        id,
+        input: Vec::with_capacity(1024),
+        partial_since: None,
+        last_heard: Instant::now(),
+        subscription: None,
+    };
+    match client.run() {
+        Ok(()) | Err(Closed::ByClient | Closed::Stopping) => {}
+        Err(e) => {
+            shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            log::debug!("control socket: client {id} closed: {e}");
+            client.linger();
+        }
+    }
+    client.unsubscribe();
+    shared.clients.fetch_sub(1, Ordering::SeqCst);
+}
+
+struct Client {
+    shared: Arc<Shared>,
+    stream: UnixStream,
+    id: u64,
+    /// Bytes of a line not yet whole, at most [`MAX_LINE`].
+    input: Vec<u8>,
+    partial_since: Option<Instant>,
+    last_heard: Instant,
+    subscription: Option<(Receiver<Arc<str>>, Arc<AtomicBool>)>,
+}
+
+impl Client {
+    fn run(&mut self) -> Result<(), Closed> {
+        let limits = self.shared.limits;
+        self.stream
+            .set_write_timeout(Some(limits.write))
+            .map_err(Closed::Io)?;
+        self.stream
+            .set_read_timeout(Some(IDLE_TICK))
+            .map_err(Closed::Io)?;
+        let greeting = GreetingLine {
+            greeting: Greeting {
+                daemon: "vhost-user-iommu".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                protocol: PROTOCOL,
+                commands: COMMANDS.iter().map(|c| c.to_string()).collect(),
+            },
+        };
+        let mut line = serde_json::to_vec(&greeting).unwrap_or_default();
+        line.push(b'\n');
+        self.write(&line)?;
+        let mut chunk = [0u8; 4096];
+        loop {
+            if self.shared.stop.load(Ordering::Relaxed) {
+                return Err(Closed::Stopping);
+            }
+            self.forward_events()?;
+            let now = Instant::now();
+            if self
+                .partial_since
+                .is_some_and(|t| now.duration_since(t) > limits.line)
+            {
+                return Err(Closed::Dropped("a line did not arrive whole in time"));
+            }
+            if self.subscription.is_none() && now.duration_since(self.last_heard) > limits.idle {
+                return Err(Closed::Dropped("idle"));
+            }
+            let tick = match self.subscription {
+                Some(_) => SUBSCRIBED_TICK,
+                None => IDLE_TICK,
+            };
+            if !readable(&self.stream, tick)? {
+                continue;
+            }
+            let n = match self.stream.read(&mut chunk) {
+                Ok(0) => return Err(Closed::ByClient),
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(Closed::Io(e)),
+            };
+            self.last_heard = Instant::now();
+            self.take_input(&chunk[..n])?;
+        }
+    }
+
+    /// Answer every whole line in `bytes` (after what came before); keep
+    /// the rest, up to [`MAX_LINE`].
+    fn take_input(&mut self, mut bytes: &[u8]) -> Result<(), Closed> {
+        while let Some(end) = bytes.iter().position(|&b| b == b'\n') {
+            if self.input.len() + end > MAX_LINE {
+                return self.too_long();
+            }
+            let mut line = std::mem::take(&mut self.input);
+            line.extend_from_slice(&bytes[..end]);
+            bytes = &bytes[end + 1..];
+            self.partial_since = None;
+            self.line(&line)?;
+            line.clear();
+            self.input = line;
+        }
+        if self.input.len() + bytes.len() > MAX_LINE {
+            return self.too_long();
+        }
+        self.input.extend_from_slice(bytes);
+        if !self.input.is_empty() && self.partial_since.is_none() {
+            self.partial_since = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Before closing on a client: what it sent and we did not read would
+    /// turn the close into a reset that loses our last answer (the error
+    /// saying why), so our side is shut and its input read away, for
+    /// [`LINGER`] at most.
+    fn linger(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        let end = Instant::now() + LINGER;
+        let mut sink = [0u8; 4096];
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            if self
+                .stream
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .is_err()
+            {
+                return;
+            }
+            match self.stream.read(&mut sink) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn too_long(&mut self) -> Result<(), Closed> {
+        self.count_error();
+        let line = answer_line(None, Err(ProtocolError::LineTooLong));
+        let _ = self.write(&line);
+        Err(Closed::Dropped("line too long"))
+    }
+
+    fn count_error(&self) {
+        self.shared.counters.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One command line: its answer written.
+    fn line(&mut self, line: &[u8]) -> Result<(), Closed> {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return Ok(());
+        }
+        self.shared
+            .counters
+            .commands
+            .fetch_add(1, Ordering::Relaxed);
+        let (id, command) = protocol::parse(line);
+        let result = command.and_then(|c| self.execute(c));
+        if result.is_err() {
+            self.count_error();
+        }
+        let answer = answer_line(id, result);
+        self.write(&answer)
+    }
+
+    fn execute(&mut self, command: Command) -> Result<Value, ProtocolError> {
+        let backend = &self.shared.backend;
+        let value = match command {
+            Command::Status => to_value(&self.status()),
+            Command::Endpoints {
+                start,
+                count,
+                attached,
+            } => to_value(&backend.endpoints_page(start, count, attached)),
+            Command::Domains { start, count } => to_value(&backend.domains_page(start, count)),
+            Command::Mappings {
+                domain,
+                start,
+                count,
+            } => match backend.mappings_page(domain, start, count) {
+                Some(m) => to_value(&m),
+                None => return Err(ProtocolError::NoDomain(domain)),
+            },
+            Command::Translate {
+                endpoint,
+                iova,
+                access,
+            } => to_value(&backend.translate(endpoint, iova, access)),
+            Command::Counters => to_value(&self.counters()),
+            Command::Latency => to_value(&latency(backend)),
+            Command::Faults => to_value(&faults(backend)),
+            Command::Subscribe { mask } => {
+                self.subscribe(mask);
+                to_value(&Subscription {
+                    events: protocol::kinds_of(mask),
+                })
+            }
+            Command::Unsubscribe => {
+                self.unsubscribe();
+                to_value(&Subscription { events: Vec::new() })
+            }
+            Command::Commands => to_value(&COMMANDS),
+        };
+        Ok(value)
+    }
+
+    fn status(&self) -> Status {
+        let backend = &self.shared.backend;
+        let t = backend.telemetry();
+        let (device, requests) = backend.summary();
+        let (connected, pid, connections) = t.front_end();
+        Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            mode: self.shared.info.mode.into(),
+            pid: std::process::id(),
+            uptime_ms: u64::try_from(t.uptime().as_millis()).unwrap_or(u64::MAX),
+            front_end: FrontEnd {
+                connected,
+                pid,
+                connections,
+            },
+            mirror: backend.mirror_status(),
+            device,
+            requests,
+            control: self.shared.control_counters(),
+        }
+    }
+
+    fn counters(&self) -> protocol::Counters {
+        let backend = &self.shared.backend;
+        let c = backend.counter_snapshot();
+        protocol::Counters {
+            requests: REQUEST_KINDS
+                .iter()
+                .enumerate()
+                .map(|(i, k)| RequestCount {
+                    kind: k.to_string(),
+                    ok: c.ok[i],
+                    failed: c.failed[i],
+                })
+                .collect(),
+            device: c.device,
+            queue: c.queue,
+            table: c.table,
+            events: backend.telemetry().events().counters(),
+            control: self.shared.control_counters(),
+        }
+    }
+
+    fn subscribe(&mut self, mask: u32) {
+        let mut subs = self.shared.subscribers();
+        if let Some(s) = subs.iter_mut().find(|s| s.client == self.id) {
+            s.mask = mask;
+            return;
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(self.shared.limits.subscriber_queue);
+        let lagging = Arc::new(AtomicBool::new(false));
+        subs.push(Subscriber {
+            client: self.id,
+            mask,
+            tx,
+            lagging: lagging.clone(),
+        });
+        drop(subs);
+        self.subscription = Some((rx, lagging));
+        self.shared.backend.telemetry().events().subscribed(true);
+        self.shared.subscribed.notify_all();
+    }
+
+    fn unsubscribe(&mut self) {
+        if self.subscription.take().is_none() {
+            return;
+        }
+        self.shared.subscribers().retain(|s| s.client != self.id);
+        self.shared.backend.telemetry().events().subscribed(false);
+    }
+
+    /// Write the event lines waiting for this subscriber.
+    fn forward_events(&mut self) -> Result<(), Closed> {
+        let Some((rx, lagging)) = &self.subscription else {
+            return Ok(());
+        };
+        if lagging.load(Ordering::Relaxed) {
+            let line = answer_line(None, Err(ProtocolError::TooSlow));
+            let _ = self.write(&line);
+            return Err(Closed::Dropped("a subscriber too slow for its events"));
+        }
+        let mut lines = Vec::new();
+        while let Ok(line) = rx.try_recv() {
+            lines.push(line);
+            if lines.len() == 256 {
+                break;
+            }
+        }
+        for l in lines {
+            self.write(l.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Write `bytes` whole within [`Limits::write`], or close.
+    fn write(&mut self, bytes: &[u8]) -> Result<(), Closed> {
+        let deadline = Instant::now() + self.shared.limits.write;
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            if Instant::now() > deadline {
+                return Err(Closed::Dropped("an answer was not read in time"));
+            }
+            match self.stream.write(rest) {
+                Ok(0) => return Err(Closed::ByClient),
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(Closed::Dropped("an answer was not read in time"))
+                }
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Err(Closed::ByClient),
+                Err(e) => return Err(Closed::Io(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn to_value<T: serde::Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+fn latency(backend: &IommuBackend) -> protocol::Latency {
+    let l = backend.telemetry().latency();
+    protocol::Latency {
+        requests: REQUEST_KINDS
+            .iter()
+            .zip(&l.requests)
+            .map(|(k, h)| KindLatency {
+                kind: k.to_string(),
+                histogram: h.snapshot(),
+            })
+            .collect(),
+        batches: l.batches.snapshot(),
+    }
+}
+
+fn faults(backend: &IommuBackend) -> Faults {
+    let (recent, total) = backend.telemetry().recent_faults();
+    Faults {
+        faults: recent
+            .into_iter()
+            .map(|(time_us, f)| FaultRow {
+                time_us,
+                endpoint: f.endpoint,
+                address: f.address,
+                reason: f.reason.into(),
+                flags: f.flags,
+            })
+            .collect(),
+        total,
+    }
+}
+
+/// Whether `stream` has input (or an end) within `timeout`.
+fn readable(stream: &UnixStream, timeout: Duration) -> Result<bool, Closed> {
+    let mut pfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd for a descriptor `stream` keeps open.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::Interrupted => Ok(false),
+            _ => Err(Closed::Io(e)),
+        };
+    }
+    Ok(n > 0)
+}
+
+/// The dispatcher: each event made into its line once, and offered to each
+/// subscriber that asked for its kind; a subscriber whose queue is full is
+/// marked lagging (its thread closes it).
+fn dispatch(shared: &Shared, rx: &Receiver<Stamped>) {
+    loop {
+        {
+            let mut subs = shared.subscribers();
+            while subs.is_empty() && !shared.stop.load(Ordering::SeqCst) {
+                subs = shared
+                    .subscribed
+                    .wait_timeout(subs, Duration::from_secs(1))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        }
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut any = false;
+        for _ in 0..1024 {
+            let ev = match rx.try_recv() {
+                Ok(ev) => ev,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return,
+            };
+            any = true;
+            let Some(line) = event_line(&ev) else {
+                continue;
+            };
+            let bit = ev.event.bit();
+            for s in shared.subscribers().iter().filter(|s| s.mask & bit != 0) {
+                if let Err(TrySendError::Full(_)) = s.tx.try_send(line.clone()) {
+                    s.lagging.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        if !any {
+            std::thread::sleep(DISPATCH_TICK);
+        }
+    }
+}
+
+/// `{"event": KIND, "data": {...}, "time_us": N}` and its newline.
+fn event_line(ev: &Stamped) -> Option<Arc<str>> {
+    let mut v = serde_json::to_value(ev.event).ok()?;
+    v.as_object_mut()?
+        .insert("time_us".into(), Value::from(ev.time_us));
+    let mut s = v.to_string();
+    s.push('\n');
+    Some(s.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::client::{Client, ClientError};
+    use crate::control::protocol::ErrorClass;
+    use crate::control::Telemetry;
+    use crate::mirror::MirrorHandle;
+    use std::io::BufRead;
+
+    /// A server over a device without a front-end, at a fresh path.
+    fn server(name: &str, limits: Limits) -> (ControlServer, PathBuf) {
+        let config = crate::config::RawConfig {
+            endpoints: Some("8,9".into()),
+            ..Default::default()
+        }
+        .check()
+        .unwrap();
+        let device = crate::emulated::device(&config).unwrap();
+        let backend = IommuBackend::new(device, MirrorHandle::disconnected())
+            .with_telemetry(Arc::new(Telemetry::new(true)));
+        let path = std::env::temp_dir().join(format!("vui-control-{name}-{}", std::process::id()));
+        let listener = crate::listen::listen_at(&path, Default::default()).unwrap();
+        let info = DaemonInfo { mode: "emulated" };
+        let s = ControlServer::start(listener, Some(path.clone()), backend, info, limits).unwrap();
+        (s, path)
+    }
+
+    fn raw(path: &Path) -> (UnixStream, io::BufReader<UnixStream>) {
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let r = io::BufReader::new(s.try_clone().unwrap());
+        (s, r)
+    }
+
+    fn line(r: &mut impl BufRead) -> Value {
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l:?}"))
+    }
+
+    use std::path::Path;
+
+    #[test]
+    fn commands_are_answered_and_bad_lines_get_errors_not_a_closed_socket() {
+        let (_s, path) = server("answers", Limits::default());
+        let (mut w, mut r) = raw(&path);
+        assert_eq!(line(&mut r)["greeting"]["protocol"], PROTOCOL);
+        for (input, class) in [
+            ("garbage\n", "ParseError"),
+            ("{\"execute\":\"reboot\",\"id\":3}\n", "CommandNotFound"),
+            ("\u{0}\u{ff}\n", "ParseError"),
+            (
+                "{\"execute\":\"mappings\",\"arguments\":{\"domain\":1}}\n",
+                "NotFound",
+            ),
+            (
+                "{\"execute\":\"status\",\"arguments\":{\"x\":1}}\n",
+                "InvalidArgument",
+            ),
+        ] {
+            w.write_all(input.as_bytes()).unwrap();
+            let a = line(&mut r);
+            assert_eq!(a["error"]["class"], class, "{input:?}: {a}");
+        }
+        // Blank lines are skipped; a command split over writes is one.
+        w.write_all(b"\n\r\n{\"execute\":\"sta").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        w.write_all(b"tus\",\"id\":\"s\"}\r\n").unwrap();
+        let a = line(&mut r);
+        assert_eq!(a["id"], "s");
+        assert_eq!(a["return"]["mode"], "emulated");
+        assert_eq!(a["return"]["device"]["endpoints"], 2);
+        assert_eq!(a["return"]["control"]["errors"], 5);
+    }
+
+    #[test]
+    fn a_line_too_long_is_an_error_and_the_end_of_the_connection() {
+        let (_s, path) = server("long", Limits::default());
+        let (mut w, mut r) = raw(&path);
+        line(&mut r);
+        let _ = w.write_all(&vec![b'x'; MAX_LINE * 4]);
+        assert_eq!(line(&mut r)["error"]["class"], "LineTooLong");
+        let mut rest = String::new();
+        assert_eq!(r.read_line(&mut rest).unwrap(), 0, "closed");
+    }
+
+    #[test]
+    fn clients_over_the_cap_are_refused_and_others_served_after() {
+        let limits = Limits {
+            max_clients: 2,
+            ..Limits::default()
+        };
+        let (s, path) = server("cap", limits);
+        let a = Client::connect(&path, Duration::from_secs(5)).unwrap();
+        let b = Client::connect(&path, Duration::from_secs(5)).unwrap();
+        match Client::connect(&path, Duration::from_secs(5)) {
+            Err(ClientError::Daemon { class, .. }) => assert_eq!(class, ErrorClass::TooManyClients),
+            other => panic!("{other:?}"),
+        }
+        drop((a, b));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while s.counters().clients > 0 {
+            assert!(Instant::now() < deadline, "clients never left");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut c = Client::connect(&path, Duration::from_secs(5)).unwrap();
+        let st: Status = c.call("status", Value::Null).unwrap();
+        assert_eq!(st.control.refused, 1);
+    }
+
+    #[test]
+    fn silent_clients_and_half_lines_are_closed_at_their_deadlines() {
+        let limits = Limits {
+            idle: Duration::from_millis(300),
+            line: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let (s, path) = server("deadlines", limits);
+        for half in [false, true] {
+            let (mut w, mut r) = raw(&path);
+            line(&mut r);
+            if half {
+                w.write_all(b"{\"execute\":").unwrap();
+            }
+            let t0 = Instant::now();
+            let mut rest = String::new();
+            assert_eq!(r.read_line(&mut rest).unwrap(), 0, "closed");
+            assert!(t0.elapsed() < Duration::from_secs(3));
+        }
+        assert_eq!(s.counters().dropped, 2);
+    }
+
+    #[test]
+    fn a_client_that_never_reads_is_dropped_without_holding_anyone_else() {
+        let limits = Limits {
+            write: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let (s, path) = server("noread", limits);
+        let (mut w, _r) = raw(&path);
+        // Commands whose answers it never reads, until the socket's buffer
+        // is full and the daemon gives up on it.
+        let cmd = b"{\"execute\":\"counters\"}\n".repeat(64);
+        w.set_write_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let t0 = Instant::now();
+        while w.write_all(&cmd).is_ok() && t0.elapsed() < Duration::from_secs(10) {}
+        let mut c = Client::connect(&path, Duration::from_secs(5)).unwrap();
+        let _: Status = c.call("status", Value::Null).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while s.counters().dropped == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the silent reader was never dropped"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn subscribers_get_the_kinds_they_asked_for_and_the_socket_goes_with_the_server() {
+        let (s, path) = server("events", Limits::default());
+        let mut c = Client::connect(&path, Duration::from_secs(5)).unwrap();
+        let sub: Subscription = c
+            .call(
+                "subscribe",
+                serde_json::json!({"events": ["front_end_connected"]}),
+            )
+            .unwrap();
+        assert_eq!(sub.events, ["front_end_connected"]);
+        let t = s.shared.backend.telemetry().clone();
+        t.front_end_left();
+        t.front_end_came(Some(42));
+        t.front_end_left();
+        let e = c.next_event(Duration::from_secs(5)).unwrap().unwrap();
+        assert_eq!(e["event"], "front_end_connected");
+        assert_eq!(e["data"]["pid"], 42);
+        assert!(e["time_us"].is_u64());
+        assert!(c.next_event(Duration::from_millis(200)).unwrap().is_none());
+        let st: Status = c.call("status", Value::Null).unwrap();
+        assert!(!st.front_end.connected);
+        assert_eq!(st.front_end.connections, 1);
+        drop(s);
+        assert!(!path.exists());
+    }
+}
