@@ -212,7 +212,10 @@ const COMMON: &[i64] = &[
     libc::SYS_clock_getres,
     libc::SYS_gettimeofday,
     libc::SYS_sched_yield,
-    // Sockets: vhost-user and the mirror.
+    // Sockets: vhost-user, the mirror and the control socket (src/control/:
+    // accept4, poll/ppoll on a client with a timeout, SO_RCVTIMEO and
+    // SO_SNDTIMEO, shutdown before closing on a client; a thread per
+    // client, clone3 below; nothing it needs is not already here).
     libc::SYS_accept4,
     libc::SYS_connect,
     libc::SYS_bind,

@@ -591,6 +591,75 @@ fn a_fault_from_qemu_reaches_the_guest_on_the_event_queue() {
     assert_eq!(f.flags, 2 | 0x100, "WRITE | ADDRESS");
 }
 
+/// With `--control-socket`: the mirror's peer in `status`, QEMU's faults
+/// in `faults` and as events; with `--log-level trace`, a line per record
+/// sent and per message received.
+#[test]
+fn the_control_socket_shows_the_mirror_peer_and_its_faults_and_trace_shows_its_records() {
+    use vhost_user_iommu::control::client::Client;
+    use vhost_user_iommu::control::protocol;
+    let dir = Scratch::new("mirror-control");
+    let control = dir.join("control.sock");
+    let log = dir.join("daemon.log");
+    let d = DaemonProcess::builder(BIN, dir.join("viommu.sock"))
+        .mirror(dir.join("viommu.mirror"))
+        .args([
+            "--endpoints",
+            "8",
+            "--log-level",
+            "trace",
+            "--control-socket",
+        ])
+        .arg(&control)
+        .rust_log("")
+        .log_file(&log)
+        .spawn()
+        .owning(dir);
+    let mut c = Client::connect(&control, Duration::from_secs(5)).unwrap();
+    let st: protocol::Status = c.call("status", serde_json::Value::Null).unwrap();
+    assert!(st.mirror.configured && !st.mirror.connected);
+    let mut vm = d.connect(VmOptions::default()).unwrap();
+    let mut q = FakeQemu::connect(mirror(&d));
+    let batches = q.auto_ack();
+    batches.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+    let st: protocol::Status = c.call("status", serde_json::Value::Null).unwrap();
+    assert!(st.mirror.connected && st.mirror.synced, "{:?}", st.mirror);
+    if let Some(pid) = st.mirror.pid {
+        assert_eq!(pid, std::process::id());
+    }
+    let mut events = Client::connect(&control, Duration::from_secs(5)).unwrap();
+    events
+        .call::<protocol::Subscription>("subscribe", serde_json::json!({"events": ["fault"]}))
+        .unwrap();
+    q.send(FAULT, 0, 0, &fault_msg(0xdead_0000));
+    vm.next_fault(Duration::from_secs(5))
+        .unwrap()
+        .expect("a fault event");
+    let e = events.next_event(Duration::from_secs(5)).unwrap().unwrap();
+    assert_eq!(
+        e["data"],
+        serde_json::json!({"endpoint": 8, "address": 0xdead_0000u64, "reason": "mapping", "flags": 2})
+    );
+    let f: protocol::Faults = c.call("faults", serde_json::Value::Null).unwrap();
+    assert_eq!(f.total, 1);
+    assert_eq!(
+        (f.faults[0].endpoint, f.faults[0].address),
+        (8, 0xdead_0000)
+    );
+    drop(vm);
+    let text = d.wait_log("front-end disconnected", Duration::from_secs(5));
+    for needle in [
+        "mirror_record seq=",
+        "attach endpoint=0x8 domain=1 bypass=false root=",
+        "mirror_recv connection=",
+        "Fault(Fault {",
+        "virtio_iommu_attach domain=1 endpoint=0x8",
+    ] {
+        assert!(text.contains(needle), "{needle}:\n{text}");
+    }
+}
+
 /// A FAULT message for endpoint 8: a write to `address`, no mapping.
 fn fault_msg(address: u64) -> [u8; 24] {
     let mut fault = [0u8; 24];
