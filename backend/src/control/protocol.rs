@@ -77,6 +77,8 @@ pub enum ProtocolError {
     TooManyClients(usize),
     #[error("events were not read fast enough; the subscription is closed")]
     TooSlow,
+    #[error("closed, silent, to make room for another client")]
+    Evicted,
 }
 
 impl ProtocolError {
@@ -87,7 +89,7 @@ impl ProtocolError {
             Self::UnknownCommand(_) => ErrorClass::CommandNotFound,
             Self::Arguments(_) => ErrorClass::InvalidArgument,
             Self::NoDomain(_) => ErrorClass::NotFound,
-            Self::TooManyClients(_) => ErrorClass::TooManyClients,
+            Self::TooManyClients(_) | Self::Evicted => ErrorClass::TooManyClients,
             Self::TooSlow => ErrorClass::TooSlow,
         }
     }

@@ -71,6 +71,9 @@ const SUBSCRIBED_TICK: Duration = Duration::from_millis(20);
 /// How often a client thread without a subscription looks at its
 /// deadlines and at the server stopping.
 const IDLE_TICK: Duration = Duration::from_millis(200);
+/// How long a client must have been silent to be closed for a new one
+/// when the cap of clients is reached.
+const EVICT_IDLE: Duration = Duration::from_secs(1);
 /// How long a client being closed for what it did may take to read the
 /// error that says why.
 const LINGER: Duration = Duration::from_millis(200);
@@ -96,7 +99,18 @@ struct Subscriber {
     lagging: Arc<AtomicBool>,
 }
 
+/// A client as the accept loop sees it: when it was last heard from,
+/// whether it subscribed, whether it was told to make room.
+#[derive(Debug)]
+struct Slot {
+    id: u64,
+    last_heard_ms: AtomicU64,
+    subscribed: AtomicBool,
+    evicted: AtomicBool,
+}
+
 struct Shared {
+    started: Instant,
     backend: IommuBackend,
     info: DaemonInfo,
     limits: Limits,
@@ -105,6 +119,7 @@ struct Shared {
     next_client: AtomicU64,
     counters: Counters,
     subscribers: Mutex<Vec<Subscriber>>,
+    slots: Mutex<Vec<Arc<Slot>>>,
     /// Wakes the dispatcher when the first subscriber comes (and at stop).
     subscribed: Condvar,
 }
@@ -112,6 +127,31 @@ struct Shared {
 impl Shared {
     fn subscribers(&self) -> MutexGuard<'_, Vec<Subscriber>> {
         self.subscribers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// At the cap of clients: tell the one silent the longest (at least
+    /// [`EVICT_IDLE`], without a subscription) to make room. False if none
+    /// may be.
+    fn evict_one(&self) -> bool {
+        let now = self.now_ms();
+        let min_idle = EVICT_IDLE.as_millis() as u64;
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let oldest = slots
+            .iter()
+            .filter(|s| !s.evicted.load(Ordering::Relaxed) && !s.subscribed.load(Ordering::Relaxed))
+            .filter(|s| now.saturating_sub(s.last_heard_ms.load(Ordering::Relaxed)) >= min_idle)
+            .min_by_key(|s| s.last_heard_ms.load(Ordering::Relaxed));
+        match oldest {
+            Some(s) => {
+                s.evicted.store(true, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
     }
 
     fn control_counters(&self) -> ControlCounters {
@@ -155,6 +195,7 @@ impl ControlServer {
     ) -> io::Result<Self> {
         let events = backend.telemetry().events().take_receiver();
         let shared = Arc::new(Shared {
+            started: Instant::now(),
             backend,
             info,
             limits,
@@ -163,6 +204,7 @@ impl ControlServer {
             next_client: AtomicU64::new(0),
             counters: Counters::default(),
             subscribers: Mutex::default(),
+            slots: Mutex::default(),
             subscribed: Condvar::new(),
         });
         let dispatch = match events {
@@ -229,13 +271,17 @@ fn accept_loop(shared: &Arc<Shared>, listener: &UnixListener) {
                 continue;
             }
         };
+        // At the cap, a client silent for a while makes room: held-open
+        // connections cannot lock the operator out. Those told to go and
+        // still on their way out are at most one per slot, so there are
+        // never more than twice the cap.
         let max = shared.limits.max_clients;
-        if shared.clients.fetch_add(1, Ordering::SeqCst) >= max {
-            shared.clients.fetch_sub(1, Ordering::SeqCst);
+        if shared.clients.load(Ordering::SeqCst) >= max && !shared.evict_one() {
             shared.counters.refused.fetch_add(1, Ordering::Relaxed);
             refuse(stream, max);
             continue;
         }
+        shared.clients.fetch_add(1, Ordering::SeqCst);
         shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
         let id = shared.next_client.fetch_add(1, Ordering::Relaxed);
         let s = shared.clone();
@@ -278,10 +324,22 @@ enum Closed {
 }
 
 fn serve_client(shared: &Arc<Shared>, stream: UnixStream, id: u64) {
+    let slot = Arc::new(Slot {
+        id,
+        last_heard_ms: AtomicU64::new(shared.now_ms()),
+        subscribed: AtomicBool::new(false),
+        evicted: AtomicBool::new(false),
+    });
+    shared
+        .slots
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(slot.clone());
     let mut client = Client {
         shared: shared.clone(),
         stream,
         id,
+        slot,
         input: Vec::with_capacity(1024),
         partial_since: None,
         last_heard: Instant::now(),
@@ -296,6 +354,11 @@ fn serve_client(shared: &Arc<Shared>, stream: UnixStream, id: u64) {
         }
     }
     client.unsubscribe();
+    shared
+        .slots
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|s| s.id != id);
     shared.clients.fetch_sub(1, Ordering::SeqCst);
 }
 
@@ -303,6 +366,7 @@ struct Client {
     shared: Arc<Shared>,
     stream: UnixStream,
     id: u64,
+    slot: Arc<Slot>,
     /// Bytes of a line not yet whole, at most [`MAX_LINE`].
     input: Vec<u8>,
     partial_since: Option<Instant>,
@@ -346,6 +410,11 @@ impl Client {
             if self.subscription.is_none() && now.duration_since(self.last_heard) > limits.idle {
                 return Err(Closed::Dropped("idle"));
             }
+            if self.slot.evicted.load(Ordering::Relaxed) {
+                let line = answer_line(None, Err(ProtocolError::Evicted));
+                let _ = self.write(&line);
+                return Err(Closed::Dropped("silent while another client waited"));
+            }
             let tick = match self.subscription {
                 Some(_) => SUBSCRIBED_TICK,
                 None => IDLE_TICK,
@@ -369,6 +438,9 @@ impl Client {
                 Err(e) => return Err(Closed::Io(e)),
             };
             self.last_heard = Instant::now();
+            self.slot
+                .last_heard_ms
+                .store(self.shared.now_ms(), Ordering::Relaxed);
             self.take_input(&chunk[..n])?;
         }
     }
@@ -551,6 +623,7 @@ impl Client {
         });
         drop(subs);
         self.subscription = Some((rx, lagging));
+        self.slot.subscribed.store(true, Ordering::Relaxed);
         self.shared.backend.telemetry().events().subscribed(true);
         self.shared.subscribed.notify_all();
     }
@@ -559,6 +632,7 @@ impl Client {
         if self.subscription.take().is_none() {
             return;
         }
+        self.slot.subscribed.store(false, Ordering::Relaxed);
         self.shared.subscribers().retain(|s| s.client != self.id);
         self.shared.backend.telemetry().events().subscribed(false);
     }
@@ -815,13 +889,20 @@ mod tests {
             ..Limits::default()
         };
         let (s, path) = server("cap", limits);
-        let a = Client::connect(&path, Duration::from_secs(5)).unwrap();
+        let mut a = Client::connect(&path, Duration::from_secs(5)).unwrap();
         let b = Client::connect(&path, Duration::from_secs(5)).unwrap();
         match Client::connect(&path, Duration::from_secs(5)) {
             Err(ClientError::Daemon { class, .. }) => assert_eq!(class, ErrorClass::TooManyClients),
             other => panic!("{other:?}"),
         }
-        drop((a, b));
+        // Once one has been silent a while, a newcomer takes its place:
+        // the silent one (b) goes, the one that spoke (a) stays.
+        std::thread::sleep(EVICT_IDLE + Duration::from_millis(100));
+        let _: Status = a.call("status", Value::Null).unwrap();
+        let mut n = Client::connect(&path, Duration::from_secs(5)).unwrap();
+        let _: Status = n.call("status", Value::Null).unwrap();
+        let _: Status = a.call("status", Value::Null).unwrap();
+        drop((a, b, n));
         let deadline = Instant::now() + Duration::from_secs(5);
         while s.counters().clients > 0 {
             assert!(Instant::now() < deadline, "clients never left");
