@@ -394,6 +394,16 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         mode: cli.socket_mode,
         group: cli.socket_group,
     };
+    // Before the vhost-user socket: a launcher that waits for that one
+    // finds this one listening too.
+    let control_listener = match &cli.control_socket {
+        Some(path) => Some(
+            vhost_user_iommu::listen::listen_at(path, access).map_err(|e| {
+                format!("cannot listen on --control-socket {}: {e}", path.display())
+            })?,
+        ),
+        None => None,
+    };
     let server = Server::bind_with(&source, access)?;
     server.stop_on_signals()?;
 
@@ -419,15 +429,6 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let memory_files = match cli.allow_unsealed_memory {
         true => MemoryFiles::AllowUnsealed,
         false => MemoryFiles::SealedOnly,
-    };
-    // Bound with the other sockets, before the filter.
-    let control_listener = match &cli.control_socket {
-        Some(path) => Some(
-            vhost_user_iommu::listen::listen_at(path, access).map_err(|e| {
-                format!("cannot listen on --control-socket {}: {e}", path.display())
-            })?,
-        ),
-        None => None,
     };
     let telemetry = Arc::new(Telemetry::new(control_listener.is_some()));
     let mut backend = IommuBackend::new(device, mirror)

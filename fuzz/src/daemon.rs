@@ -65,6 +65,8 @@ pub struct Daemon {
     process: DaemonProcess,
     pub socket: PathBuf,
     pub mirror: Option<PathBuf>,
+    /// Its `--control-socket`, if it has one.
+    pub control: Option<PathBuf>,
     pub log: PathBuf,
     /// Deaths seen (each followed by a restart).
     pub deaths: u64,
@@ -75,9 +77,22 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(bin: &Path, name: &str, mirror: bool, args: &[&str]) -> Result<Self, String> {
+        Self::start_with(bin, name, mirror, false, args)
+    }
+
+    /// [`Self::start`], with a `--control-socket` in its directory if
+    /// `control`.
+    pub fn start_with(
+        bin: &Path,
+        name: &str,
+        mirror: bool,
+        control: bool,
+        args: &[&str],
+    ) -> Result<Self, String> {
         let mut dir = Scratch::new(&format!("fuzz-{name}"));
         let socket = dir.join("viommu.sock");
         let mirror = mirror.then(|| dir.join("viommu.mirror"));
+        let control = control.then(|| dir.join("control.sock"));
         let log = dir.join("daemon.log");
         let mut start = DaemonProcess::builder(bin, &socket)
             .args(["--endpoints", "8,9", "--poll-us", "0"])
@@ -87,6 +102,9 @@ impl Daemon {
             .log_file(&log);
         if let Some(m) = &mirror {
             start = start.mirror(m);
+        }
+        if let Some(c) = &control {
+            start = start.arg("--control-socket").arg(c);
         }
         let process = match start.try_spawn() {
             Ok(p) => p,
@@ -100,6 +118,7 @@ impl Daemon {
             process,
             socket,
             mirror,
+            control,
             log,
             deaths: 0,
             dir,

@@ -19,9 +19,12 @@
 //! - [`vhost_user`]: arbitrary vhost-user message sequences (with files) to
 //!   a daemon process;
 //! - [`mirror`]: arbitrary mirror-protocol messages (with files) to a daemon
-//!   process from QEMU's side.
+//!   process from QEMU's side;
+//! - [`control`]: arbitrary bytes and commands to a daemon process's control
+//!   socket from a hostile local client.
 
 pub mod chain;
+pub mod control;
 pub mod daemon;
 pub mod gen;
 pub mod ioas;
@@ -40,13 +43,14 @@ pub use gen::Gen;
 pub type Verdict = Result<(), String>;
 
 /// The targets, by name.
-pub const TARGETS: [&str; 6] = [
+pub const TARGETS: [&str; 7] = [
     "request",
     "chain",
     "ioas",
     "ram-bound",
     "vhost-user",
     "mirror",
+    "control",
 ];
 
 /// How long one input may take before it counts as a hang. Daemon targets
@@ -154,6 +158,7 @@ pub fn target(name: &str, opts: &Options) -> Result<Box<dyn Target>, String> {
         "ram-bound" => Box::new(ram_bound::RamBoundTarget::default()),
         "vhost-user" => Box::new(vhost_user::VhostUserTarget::new(opts)?),
         "mirror" => Box::new(mirror::MirrorTarget::new(opts)?),
+        "control" => Box::new(control::ControlTarget::new(opts)?),
         _ => return Err(format!("unknown target {name}; targets: {TARGETS:?}")),
     })
 }

@@ -18,7 +18,7 @@ const USAGE: &str = "usage: vui-fuzz [--seconds S | --inputs N] [--seed N] [--ta
   --seconds S     total time, shared equally by the targets (default 60)
   --inputs N      N inputs per target instead of a time
   --seed N        the run's seed (default 1); input i of a target is a function of (seed, i)
-  --target NAME   run only this target (repeatable): request chain ioas ram-bound vhost-user mirror
+  --target NAME   run only this target (repeatable): request chain ioas ram-bound vhost-user mirror control
   --replay INDEX  run only input INDEX (with --target), verbose
   --daemon PATH   the vhost-user-iommu binary (default: next to this one)
   -v              print every finding as it happens

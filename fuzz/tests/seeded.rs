@@ -60,3 +60,10 @@ fn mirror_messages_from_a_hostile_qemu() {
         pass("mirror", 120);
     }
 }
+
+#[test]
+fn control_socket_bytes_from_a_hostile_client() {
+    if daemon_built() {
+        pass("control", 120);
+    }
+}
