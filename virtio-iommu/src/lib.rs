@@ -9,6 +9,8 @@
 //! - [`Change`] and [`ChangeSink`]: the change stream, each change of the
 //!   translation state as the device makes it;
 //! - [`state`]: the migration state and its format;
+//! - [`trace`]: a trace line per request (QEMU's trace events), for the
+//!   daemon to call after each;
 //! - [`journal`]: the state journal's records, and folding them into a
 //!   state (a restarted daemon's recovery);
 //! - [`device`]: the device model — endpoints, domains, mappings, bypass,
@@ -28,6 +30,7 @@ pub mod map_unmap;
 pub mod probe;
 pub mod request;
 pub mod state;
+pub mod trace;
 pub mod wire;
 
 pub use change::{Change, ChangeSink, Discard};

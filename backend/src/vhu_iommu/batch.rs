@@ -7,12 +7,14 @@
 
 use std::io;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use vhost_user_backend::VringT;
 use vm_memory::GuestAddressSpace;
 
 use super::{IommuBackend, QueueStats, Vring, ACK_TIMEOUT, MAX_REPLY, MAX_REQUEST};
 use crate::chain::{self, Descs};
+use crate::control::Telemetry;
 use crate::guest_ram::{GuestMem, GuestRamView};
 use crate::mirror::{Ticket, WaitOutcome};
 use crate::session::Requests;
@@ -29,21 +31,13 @@ struct Buffers {
 }
 
 /// One chain served: the bytes written to it, and the lengths of its
-/// request and reply in the [`Buffers`] (none for a chain that could not be
-/// read).
+/// request and reply in the [`Buffers`] (0 for a chain that could not be
+/// read). Eight bytes: returned in a register.
+#[derive(Clone, Copy)]
 struct Served {
     used: u32,
-    request: Option<(usize, usize)>,
-}
-
-impl Served {
-    /// The request's type byte (0: none), for its latency histogram.
-    fn kind(&self, bufs: &Buffers) -> u8 {
-        match self.request {
-            Some((len, _)) if len > 0 => bufs.req[0],
-            _ => 0,
-        }
-    }
+    request: u16,
+    reply: u16,
 }
 
 /// One request chain: read (every guest-supplied buffer checked once, all
@@ -62,12 +56,17 @@ fn serve_chain(
         stats.bad_chains += 1;
         return Served {
             used: 0,
-            request: None,
+            request: 0,
+            reply: 0,
         };
     };
     let room = usize::try_from(layout.writable).map_or(MAX_REPLY, |w| w.min(MAX_REPLY));
     let reply = &mut bufs.reply[..room];
     let written = requests.request(pos, &bufs.req[..layout.request_len], reply, ram);
+    // QEMU's trace events: one relaxed load while trace level is off.
+    if virtio_iommu::trace::on() {
+        virtio_iommu::trace::request(&bufs.req[..layout.request_len], &reply[..written]);
+    }
     let used = match chain::write_reply(chain, mem, &reply[..written]) {
         Ok(n) => n as u32,
         Err(_) => {
@@ -75,10 +74,27 @@ fn serve_chain(
             0
         }
     };
+    // Both fit: the request is at most MAX_REQUEST bytes, the reply
+    // MAX_REPLY.
     Served {
         used,
-        request: Some((layout.request_len, written)),
+        request: layout.request_len as u16,
+        reply: written as u16,
     }
+}
+
+/// What a control socket keeps of one request served: its event for the
+/// subscribers, its service time since `since` (returned: the next
+/// request's start). Out of the loop's way: only called with a control
+/// socket.
+#[inline(never)]
+fn observe(telemetry: &Telemetry, bufs: &Buffers, served: Served, since: Instant) -> Instant {
+    let (req, reply) = (
+        &bufs.req[..served.request as usize],
+        &bufs.reply[..served.reply as usize],
+    );
+    telemetry.request_event(req, reply);
+    telemetry.request_done(req.first().copied().unwrap_or(0), since)
 }
 
 impl IommuBackend {
@@ -124,18 +140,15 @@ impl IommuBackend {
             ..
         } = st;
         let mut avail = Avail::new(vring, &mem);
-        // Without a control socket: no clock read, one load per request
-        // for events (src/control/).
+        // Without a control socket: one test of a local per request, no
+        // clock read, no event (src/control/).
         let telemetry = &*self.telemetry;
         let mut since = telemetry.clock();
         let ((), ticket) = session.requests(&self.mirror, |requests| {
             while let Some((pos, head, chain)) = avail.next_chain() {
                 let served = serve_chain(requests, pos, chain, &mem, &ram, &mut bufs, stats);
-                if let Some((req, reply)) = served.request {
-                    telemetry.request_event(&bufs.req[..req], &bufs.reply[..reply]);
-                }
                 if let Some(t) = since {
-                    since = Some(telemetry.request_done(served.kind(&bufs), t));
+                    since = Some(observe(telemetry, &bufs, served, t));
                 }
                 completed.push((head, served.used));
             }

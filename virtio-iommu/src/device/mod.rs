@@ -40,7 +40,6 @@ mod probe_reply;
 mod save_restore;
 #[cfg(test)]
 mod test_support;
-mod trace;
 mod translate;
 
 pub use crate::change::{Change, ChangeSink, Discard};
@@ -409,7 +408,6 @@ impl<F: Iommufd> Device<F> {
             // unwritten, used length 0.
             Err(Status::Unsupp) => {
                 self.stats.failed[0] += 1;
-                trace::request(&parsed, req.first().copied(), Status::Unsupp);
                 return 0;
             }
             // A PROBE too short to name its endpoint: the tail still goes
@@ -427,7 +425,6 @@ impl<F: Iommufd> Device<F> {
         } else {
             self.stats.failed[kind] += 1;
         }
-        trace::request(&parsed, req.first().copied(), status);
         let tail = ReqTail {
             status: status as u8,
             reserved: [0; 3],
