@@ -43,6 +43,9 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     for r in rows {
         line(&mut r.iter().map(String::as_str));
     }
+    if rows.is_empty() {
+        out.push_str("(none)\n");
+    }
     out
 }
 
