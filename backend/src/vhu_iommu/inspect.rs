@@ -205,3 +205,51 @@ impl IommuBackend {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mirror::MirrorHandle;
+
+    /// A backend over the default device: every endpoint `0-0xffff`.
+    fn backend() -> IommuBackend {
+        let config = crate::config::RawConfig::default().check().unwrap();
+        let device = crate::emulated::device(&config).unwrap();
+        IommuBackend::new(device, MirrorHandle::disconnected())
+    }
+
+    #[test]
+    fn a_page_copies_at_most_its_count_and_looks_at_most_at_max_scan_endpoints() {
+        let b = backend();
+        let p = b.endpoints_page(0, u32::MAX, false);
+        assert_eq!(
+            (p.entries.len(), p.next),
+            (MAX_PAGE as usize, Some(MAX_PAGE))
+        );
+        // None attached: a page of nothing, after MAX_SCAN looks.
+        let p = b.endpoints_page(0, 16, true);
+        assert_eq!((p.entries.len(), p.next), (0, Some(MAX_SCAN)));
+        let p = b.endpoints_page(0xfff0, 1024, false);
+        assert_eq!((p.entries.len(), p.next), (16, None));
+        let p = b.domains_page(0, 0);
+        assert_eq!((p.entries.len(), p.next), (0, None));
+        assert!(b.mappings_page(1, 0, 1).is_none());
+        let (d, r) = b.summary();
+        assert_eq!(
+            (d.endpoints, d.attached, d.domains, r.ok),
+            (0x1_0000, 0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn translate_names_why_an_access_goes_nowhere() {
+        let b = backend();
+        let t = b.translate(0x1_0000, 0, Access::Any);
+        assert_eq!(
+            (t.result.as_str(), t.reason.as_deref()),
+            ("fault", Some("unknown"))
+        );
+        let t = b.translate(8, 0x1000, Access::Write);
+        assert_eq!((t.result.as_str(), t.domain), ("bypass", None));
+    }
+}
