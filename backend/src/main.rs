@@ -103,7 +103,8 @@ struct Cli {
     fd: Option<RawFd>,
 
     /// The mode of the sockets the daemon binds (--socket-path,
-    /// --mirror-socket), in octal, e.g. 0660; set before they appear.
+    /// --mirror-socket, --control-socket), in octal, e.g. 0660; set before
+    /// they appear.
     #[arg(long, value_name = "OCTAL", value_parser = socket_mode)]
     socket_mode: Option<u32>,
 
