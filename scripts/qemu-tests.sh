@@ -46,6 +46,8 @@ else
     echo "== qemu-tests: arm64 guest kernel"
     scripts/guest/fetch-kernel.sh --arch arm64 >/dev/null
 fi
+echo "== qemu-tests: Debian's DPDK testpmd (vhost-user net test; it skips where apt has none)"
+scripts/dpdk/fetch-testpmd.sh >/dev/null || echo "qemu-tests: no DPDK testpmd: the vhost-user net test skips"
 echo "== qemu-tests: guests"
 VUI_QEMU_TESTS=1 cargo test --release --locked -p qemu-tests -- --test-threads=1 --nocapture "$@"
 if [ $# -eq 0 ]; then

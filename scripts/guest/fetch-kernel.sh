@@ -44,7 +44,7 @@ die() { say "error: $*"; exit 1; }
 
 ROOT=${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-iommu/guest
 # Modules the guest tests need; their dependencies come from modules.dep.
-WANT="virtio_pci virtio_iommu virtio_blk vfio_pci vfio_iommu_type1"
+WANT="virtio_pci virtio_iommu virtio_blk virtio_net vfio_pci vfio_iommu_type1"
 
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 . "$HERE/lib/apt-sources.sh"
@@ -73,7 +73,13 @@ KVER=${PKG#linux-image-}
 KVER=${KVER%-unsigned}
 OUT=$ROOT/kernel-$KVER
 
-if [ -f "$OUT/.complete" ]; then
+# Complete, and made with every module of $WANT (a cache from before a module
+# was added is fetched again).
+cache_complete() {
+    [ -f "$OUT/.complete" ] && [ "$(cat "$OUT/want" 2>/dev/null)" = "$WANT" ]
+}
+
+if cache_complete; then
     [ "$PRINT" = 1 ] || say "cached: $KVER"
     echo "$OUT"
     exit 0
@@ -121,6 +127,7 @@ done
 cp "$WORK/boot/vmlinuz-$KVER" "$OUT.tmp/vmlinuz"
 cp "$CONFIG" "$OUT.tmp/config"
 echo "$KVER" >"$OUT.tmp/version"
+echo "$WANT" >"$OUT.tmp/want"
 touch "$OUT.tmp/.complete"
 rm -rf "$OUT"
 mv "$OUT.tmp" "$OUT"

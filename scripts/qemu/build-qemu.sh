@@ -18,7 +18,7 @@ QEMU_SERIES=10.0
 # Set after the arguments (--target); one build, and one cache entry, per target.
 configure_flags() {
     echo "--target-list=$TARGET-softmmu --without-default-features --enable-kvm \
---enable-tcg --enable-vhost-user --enable-fdt=system --disable-install-blobs --disable-docs \
+--enable-tcg --enable-vhost-user --enable-vhost-net --enable-fdt=system --disable-install-blobs --disable-docs \
 --disable-werror --disable-download"
 }
 BUILD_DEPS="ninja-build gcc make pkg-config python3 python3-venv libglib2.0-dev \
