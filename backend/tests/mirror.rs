@@ -35,7 +35,7 @@ fn start(name: &str) -> DaemonProcess {
     let dir = Scratch::new(&format!("mirror-{name}"));
     DaemonProcess::builder(BIN, dir.join("viommu.sock"))
         .mirror(dir.join("viommu.mirror"))
-        .args(["--endpoints", "8"])
+        .args(["--endpoints", "8,16"])
         .rust_log("warn")
         .spawn()
         .owning(dir)
@@ -211,6 +211,12 @@ impl FakeQemu {
     /// Say that endpoint `ep` has IOMMU notifiers (or no longer has).
     fn set_notified(&self, ep: u32, on: bool) {
         self.flags.set_u8(ep as usize, u8::from(on));
+    }
+
+    /// Say which notifications endpoint `ep`'s notifiers need (2.5):
+    /// bit 0 MAP, bit 1 UNMAP.
+    fn set_notifier_kinds(&self, ep: u32, kinds: u8) {
+        self.flags.set_u8(ep as usize, kinds);
     }
 
     fn send(&mut self, t: u16, flags: u16, seq: u64, payload: &[u8]) {
@@ -562,6 +568,67 @@ fn with_notifiers_an_unmap_completes_only_after_qemus_ack() {
     assert!(done_at >= acked_at);
     let (_vm, status) = guest.join().unwrap();
     assert_eq!(status, Status::Ok);
+}
+
+#[test]
+fn an_unmap_only_notifier_makes_maps_complete_without_a_record_and_unmaps_wait() {
+    let d = start("unmap-only");
+    let mut vm = d.connect(VmOptions::default()).unwrap();
+    let buf = vm.ram().alloc(0x2000, 0x1000).unwrap();
+    let mut q = FakeQemu::connect(mirror(&d));
+    let (seq, _, _) = q.events();
+    q.ack(seq);
+    // Endpoint 8 (say, a vhost device: its IOTLB needs UNMAP only).
+    q.set_notifier_kinds(8, 2);
+    let guest = std::thread::spawn(move || {
+        assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+        vm
+    });
+    let (seq, _, recs) = q.events();
+    let root = root_of(&recs, 1);
+    q.ack(seq);
+    let mut vm = guest.join().unwrap();
+
+    // The MAP completes with nothing sent and nothing acknowledged.
+    assert_eq!(vm.map(1, 0x1000, 0x2fff, buf, 3).unwrap(), Status::Ok);
+    assert_eq!(q.translate(root, 0x1000), Some((buf, true, true)));
+    q.s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    assert!(q.s.read(&mut b).is_err(), "no record for the MAP");
+    q.s.set_read_timeout(None).unwrap();
+
+    // The UNMAP is a record, and completes only after its ACK.
+    let (tx, rx) = mpsc::channel();
+    let guest = std::thread::spawn(move || {
+        let s = vm.unmap(1, 0x1000, 0x2fff).unwrap();
+        tx.send(Instant::now()).unwrap();
+        (vm, s)
+    });
+    let (seq, _, recs) = q.events();
+    assert_eq!(recs, vec![(OP_UNMAP, 0, 0, 1, 0x1000, 0x2fff, 0)]);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(rx.try_recv().is_err(), "UNMAP completed before the ACK");
+    let acked_at = Instant::now();
+    q.ack(seq);
+    let done_at = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(done_at >= acked_at);
+    let (mut vm, status) = guest.join().unwrap();
+    assert_eq!(status, Status::Ok);
+
+    // A VFIO endpoint joining the domain (MAP | UNMAP): MAPs are records again.
+    q.set_notifier_kinds(16, 3);
+    let guest = std::thread::spawn(move || {
+        assert_eq!(vm.attach(1, 16, 0).unwrap(), Status::Ok);
+        assert_eq!(vm.map(1, 0x1000, 0x1fff, buf, 1).unwrap(), Status::Ok);
+        vm
+    });
+    let (seq, _, _) = q.events();
+    q.ack(seq);
+    let (seq, _, recs) = q.events();
+    assert_eq!(recs, vec![(OP_MAP, 1, 0, 1, 0x1000, 0x1fff, buf)]);
+    q.ack(seq);
+    guest.join().unwrap();
 }
 
 #[test]

@@ -5,8 +5,9 @@
 //! becomes a record for QEMU only if QEMU needs to *act* on it:
 //! attachments, bypass and resets always (QEMU switches address spaces and
 //! fires notifiers), MAP and UNMAP only in domains where an endpoint has
-//! IOMMU notifiers (VFIO, vhost): QEMU's `translate()` reads the table
-//! itself, so for everything else a MAP or UNMAP is complete once written.
+//! IOMMU notifiers of that kind (VFIO: MAP and UNMAP; vhost: UNMAP only):
+//! QEMU's `translate()` reads the table itself, so for everything else a MAP
+//! or UNMAP is complete once written.
 
 use std::sync::atomic::{fence, AtomicU8, Ordering};
 
@@ -18,6 +19,17 @@ use super::table::{TableStore, TranslationTable};
 /// The per-endpoint notifier flags QEMU writes (§11): byte `ep` is non-zero
 /// while endpoint `ep`'s IOMMU memory region has notifiers.
 pub const NOTIFIER_FLAGS_LEN: usize = 1 << 16;
+
+/// Bit 0 of a notifier flag (2.5): the endpoint's notifiers need MAP
+/// records. Bit 1 says they need UNMAP records, which any non-zero byte
+/// gets: before 2.5 QEMU wrote 1 for every kind, so a byte of 1 still asks
+/// for both.
+pub const NOTIFY_MAP: u8 = 1 << 0;
+
+/// Which records the notifier flag `byte` asks for: (MAP, UNMAP).
+pub fn notified_kinds(byte: u8) -> (bool, bool) {
+    (byte & NOTIFY_MAP != 0, byte != 0)
+}
 
 /// Collects the records of a batch of changes, applying each to the table.
 #[derive(Debug)]
@@ -51,18 +63,23 @@ impl<'a, S: TableStore> Batch<'a, S> {
             .any(|r| matches!(r, Record::Map(_) | Record::Unmap(_)))
         {
             fence(Ordering::SeqCst);
+            // (MAP, UNMAP) wanted by any endpoint of `domain`.
             let notified = |domain: u32| {
-                flags.is_some_and(|f| {
-                    table.endpoints(domain).iter().any(|&ep| {
-                        f.get(ep as usize)
-                            .is_some_and(|b| b.load(Ordering::Relaxed) != 0)
+                let Some(f) = flags else {
+                    return (false, false);
+                };
+                table
+                    .endpoints(domain)
+                    .iter()
+                    .fold((false, false), |acc, &ep| {
+                        let b = f.get(ep as usize).map_or(0, |b| b.load(Ordering::Relaxed));
+                        let (map, unmap) = notified_kinds(b);
+                        (acc.0 | map, acc.1 | unmap)
                     })
-                })
             };
             self.records.retain(|r| match *r {
-                Record::Map(Map { domain, .. }) | Record::Unmap(Unmap { domain, .. }) => {
-                    notified(domain)
-                }
+                Record::Map(Map { domain, .. }) => notified(domain).0,
+                Record::Unmap(Unmap { domain, .. }) => notified(domain).1,
                 _ => true,
             });
         }
@@ -114,5 +131,73 @@ pub fn dump<S: TableStore>(
             _ => {}
         }
         out.push(r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mirror::table::memory_store;
+
+    /// The records a batch keeps of an ATTACH of endpoints 8 (notifier
+    /// flag `a`) and 16 (`b`) to domain 1, then one MAP and one UNMAP.
+    fn kept(a: u8, b: u8) -> Vec<Record> {
+        let mut table = TranslationTable::new(memory_store(64), 3);
+        let flags: Vec<AtomicU8> = (0..32).map(|_| AtomicU8::new(0)).collect();
+        flags[8].store(a, Ordering::Relaxed);
+        flags[16].store(b, Ordering::Relaxed);
+        let mut records = Vec::new();
+        let mut batch = Batch::new(Some(&mut table), &mut records);
+        for endpoint in [8, 16] {
+            batch.change(Change::Attach {
+                endpoint,
+                domain: 1,
+                bypass: false,
+            });
+        }
+        let map = Map {
+            domain: 1,
+            virt_start: 0x1000,
+            virt_end: 0x1fff,
+            phys_start: 0x8000,
+            flags: 3,
+        };
+        batch.change(Change::Map(map));
+        batch.change(Change::Unmap(map.undo()));
+        batch.finish(Some(&flags)).to_vec()
+    }
+
+    fn ops(records: &[Record]) -> Vec<&'static str> {
+        records
+            .iter()
+            .map(|r| match r {
+                Record::Attach { .. } => "attach",
+                Record::Map(_) => "map",
+                Record::Unmap(_) => "unmap",
+                _ => "other",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn records_go_to_the_kinds_of_notifiers_an_endpoint_has() {
+        // No notifiers: the table is enough.
+        assert_eq!(ops(&kept(0, 0)), ["attach", "attach"]);
+        // vhost (UNMAP only, 2.5): the MAP costs no record, the UNMAP does.
+        assert_eq!(ops(&kept(2, 0)), ["attach", "attach", "unmap"]);
+        // VFIO (MAP | UNMAP), or a QEMU before 2.5 (1: every kind).
+        for all in [3, 1] {
+            assert_eq!(ops(&kept(all, 0)), ["attach", "attach", "map", "unmap"]);
+        }
+        // One endpoint of the domain needing MAP is enough.
+        assert_eq!(ops(&kept(2, 3)), ["attach", "attach", "map", "unmap"]);
+    }
+
+    #[test]
+    fn a_byte_asks_for_unmap_whenever_it_is_set() {
+        assert_eq!(notified_kinds(0), (false, false));
+        assert_eq!(notified_kinds(1), (true, true));
+        assert_eq!(notified_kinds(2), (false, true));
+        assert_eq!(notified_kinds(3), (true, true));
     }
 }

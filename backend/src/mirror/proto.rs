@@ -1,4 +1,4 @@
-//! Wire format of the translation mirror (docs/mirror-protocol.md, version 2.4).
+//! Wire format of the translation mirror (docs/mirror-protocol.md, version 2.5).
 //!
 //! Pure encoding and decoding: no sockets here. Every integer is
 //! little-endian; every message is a 16-byte [`Header`] and a payload.
@@ -38,7 +38,7 @@ pub const VFIO_DEVICE_LEN: usize = 16;
 /// `magic` of HELLO: the bytes `V U I M`.
 pub const MAGIC: u32 = 0x4d49_5556;
 pub const MAJOR: u16 = 2;
-pub const MINOR: u16 = 4;
+pub const MINOR: u16 = 5;
 
 /// HELLO `features` bit (daemon, 2.1): the daemon owns the DMA translation
 /// of the iommufd-backed VFIO devices QEMU forwards with VFIO_DEVICE (§14).
@@ -577,7 +577,7 @@ mod tests {
         assert_eq!(out.len(), HEADER_LEN + DAEMON_HELLO_LEN);
         assert_eq!(&out[16..20], b"VUIM");
         assert_eq!(&out[20..22], &[2, 0], "major 2");
-        assert_eq!(&out[22..24], &[4, 0], "minor 4");
+        assert_eq!(&out[22..24], &[5, 0], "minor 5");
         assert_eq!(out[24], 4, "MSI_WINDOW");
         assert_eq!(out[32], 1);
         assert_eq!(&out[40..48], &[0, 0, 4, 0, 3, 0, 0, 0]);
