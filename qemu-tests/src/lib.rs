@@ -186,6 +186,13 @@ pub fn qemu_for(arch: Arch) -> Option<PathBuf> {
         .clone()
 }
 
+/// Debian's DPDK `dpdk-testpmd` (a wrapper running it from its unpacked
+/// packages), if fetched: the vhost-user net back-end of the DPDK test.
+pub fn testpmd() -> Option<PathBuf> {
+    static P: OnceLock<Option<PathBuf>> = OnceLock::new();
+    printed_path(&P, "scripts/dpdk/fetch-testpmd.sh")
+}
+
 /// The cached iommufd guest kernel (`bzImage`), if built.
 pub fn iommufd_kernel() -> Option<PathBuf> {
     static P: OnceLock<Option<PathBuf>> = OnceLock::new();
@@ -451,9 +458,13 @@ impl Daemon {
         let config = RawConfig {
             msi_window: msi_window.map(|(a, b)| format!("{a:#x}-{b:#x}")),
             ..RawConfig::default()
-        }
-        .check()
-        .expect("daemon config");
+        };
+        Self::start_config(dir, config)
+    }
+
+    /// Start serving in `dir` with `config` (e.g. boot bypass off).
+    pub fn start_config(dir: &Path, config: RawConfig) -> Self {
+        let config = config.check().expect("daemon config");
         let device = emulated::device(&config).expect("device");
         let socket = dir.join("viommu.sock");
         let mirror = dir.join("viommu-mirror.sock");
