@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Install the vhost-user-iommu daemon, its QEMU vhost-user.json entry, its
 # manual page, the example systemd units and the licences.
 set -eu

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Tier 2: the real-QEMU, real-Linux-guest tests (qemu-tests/).
 set -eu
 

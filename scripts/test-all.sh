@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Run every test tier of vhost-user-iommu, from a fresh machine:
 #   1. the Rust workspace (unit, conformance, property and daemon integration tests);
 #   2. the QEMU guest tests (qemu-tests/, through scripts/qemu-tests.sh),

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The main job, for now: the daemon and a scripted guest-driver session.
 //!
 //! Starts `vhost-user-iommu` in this process on a temporary socket, connects

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What the daemon tells a management layer about itself (QEMU's
 //! "Backend program conventions", docs/interop/vhost-user.rst and
 //! docs/interop/vhost-user.json).

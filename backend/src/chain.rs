@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The request queue's split virtqueue (virtio 1.2 §2.7) and a request's
 //! descriptor chain, read and written in place, allocating nothing.
 //!

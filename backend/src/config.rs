@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The daemon's configuration, parsed and checked before anything starts.
 //!
 //! Command-line values arrive as strings; this module turns them into a

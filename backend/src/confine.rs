@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Confinement: `PR_SET_NO_NEW_PRIVS` and a seccomp filter (seccomp(2)) that
 //! allows the system calls the daemon makes and nothing else.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Migration state transfer (vhost-user `SET_DEVICE_STATE_FD` and
 //! `CHECK_DEVICE_STATE`): the bytes of [`virtio_iommu::DeviceState`] move
 //! through a pipe the front-end hands over, on a thread of their own — the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Dirty-page logging for migration (vhost-user `LOG_SHMFD` and
 //! `SET_LOG_BASE`; QEMU refuses to migrate a vhost-user device whose
 //! back-end cannot log). Every write the daemon makes to guest memory —

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Emulated mode: the guest's domains live in the in-process iommufd model.
 //!
 //! Every endpoint is a mock device of [`ModelIommufd`] that behaves like a

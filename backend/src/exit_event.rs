@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The exit events of a connection's vring worker threads, made before the
 //! connection and closed after it.
 //!

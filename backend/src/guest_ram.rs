@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest RAM as the device model sees it: guest physical ranges turned into
 //! the daemon's own addresses of that memory.
 //!

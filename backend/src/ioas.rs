@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The IOAS implementation the daemon runs, chosen at start: one concrete
 //! type over the three ways a daemon gets its domains' address spaces.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vhost-user-iommu`: a vhost-user back-end that gives a guest a
 //! virtio-iommu device (virtio 1.2 §5.13, device ID 23) whose domains are
 //! iommufd IOAS objects.

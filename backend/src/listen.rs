@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A listening Unix socket that appears at its path only once it listens.
 //!
 //! `bind(2)` creates the socket file and `listen(2)` follows: between the

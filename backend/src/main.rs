@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vhost-user-iommu`: the daemon's command line.
 
 use std::os::fd::RawFd;

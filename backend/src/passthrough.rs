@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Pass-through mode (`--mode iommufd`): each guest domain is a kernel IOAS
 //! on `/dev/iommu`, each endpoint a VFIO cdev device bound to it.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Who is at the other end of a Unix socket: its process, as the kernel
 //! recorded it at connect time (`SO_PEERCRED`, unix(7)).
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Where the vring worker runs: beside the vCPU it serves, when that vCPU
 //! sleeps on its kick (docs/mirror-protocol.md §15).
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Bounded, adaptive busy-polling of the request queue, that gives way
 //! when the host has no CPU to spare.
 //!

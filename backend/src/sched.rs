@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! How the vring worker asks the host scheduler for prompt wake-ups.
 //!
 //! A guest's request waits for the worker to be woken and *run*; on a host

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The serve loop: one front-end at a time, a fresh device state for each,
 //! until SIGINT or SIGTERM.
 //!

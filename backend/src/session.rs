@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The device as one front-end's guest sees it, whoever serves its queues:
 //! the device model, what QEMU sees of it (the shared translation table and
 //! the records of each change), the state file, the requests a previous

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! How much CPU the host has to spare, measured: the idle time of the
 //! daemon's CPUs plus the worker's own CPU time, per unit of wall time.
 //!

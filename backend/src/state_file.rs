@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The state journal (`--state-file`, docs/state-journal.md): a memory
 //! mapped file the daemon appends every change of the device to, so that a
 //! daemon restarted under a running guest comes back as the device the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The request queue's rings, a batch at a time: chains claimed from the
 //! available ring under one vring lock, completions published to the used
 //! ring with one index store (virtio 1.2 §2.7.6–§2.7.8). The rings

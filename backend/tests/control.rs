@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The control socket (`--control-socket`, docs/control-socket.md) of a
 //! real daemon process, under the seccomp filter it runs with by default,
 //! while the Rust test front-end plays VMM and guest driver: what it

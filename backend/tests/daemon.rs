@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The real daemon, over a real Unix socket, driven by the Rust test
 //! front-end acting as VMM and guest driver.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Fault injection (issue 11): a front-end killed with SIGKILL at a random
 //! point while it drives the daemon as hard as it can. Whatever it held is
 //! released — the next front-end finds a fresh device — the daemon's open

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A front-end that lies or misbehaves must not take the daemon down
 //! (issue 11, defects 1-3): memory tables that reach past the end of their
 //! files, memory files shrunk under the daemon's feet, and connections that

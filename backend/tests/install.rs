@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! scripts/install.sh puts each file where it says, twice over, and what it
 //! installs names the installed daemon.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Property tests of isolation (issue 11, "Hostile input,
 //! systematically"): for random ATTACH / DETACH / MAP / UNMAP sequences
 //! over three endpoints and four domains,

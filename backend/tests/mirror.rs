@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The daemon with its translation mirror, and a stand-in for QEMU's side of
 //! docs/mirror-protocol.md written from the document (not from the daemon's
 //! code): the shared translation table, the full-state dump, strict

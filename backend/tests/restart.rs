@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A daemon restarted with `--state-file` comes back as the device its
 //! front-end left: killed (SIGKILL) or stopped (SIGTERM) under a connected
 //! front-end, the next daemon has every domain, attachment and mapping.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The bounded soak (issue 11): for `VUI_SOAK_SECS` seconds (default 20;
 //! minutes for a local run) one guest's worth of MAP/UNMAP load, mixed at
 //! random with the four ways a device's life can be interrupted:

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The daemon as systemd runs it: the example units in backend/share/systemd
 //! pass `systemd-analyze verify`, and socket activation (LISTEN_FDS) serves
 //! a front-end. Skipped, saying so, on a host without systemd's tools.

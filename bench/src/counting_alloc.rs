@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The bench binary's global allocator: the system allocator, counting
 //! allocations, so that the report can tell whether the device model
 //! allocates on its hot path. Only the binary installs it (libraries must

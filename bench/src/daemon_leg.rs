@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The daemon leg: a guest driver on the vhost-user socket, which kicks
 //! and then busy-polls the used ring, as Linux's virtio-iommu driver does.
 

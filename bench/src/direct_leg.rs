@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The direct leg: the daemon's own device model, called in this process
 //! with the encoded request bytes — what the daemon does per request, minus
 //! the vhost-user transport (rings, notifications, threads).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A latency histogram that never allocates after it is made.
 //!
 //! Log-linear buckets, as HdrHistogram lays them out: values below 64 ns

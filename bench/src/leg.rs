@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A *leg*: one way of running requests through the device. Both legs run
 //! the same [`Plan`](crate::workload::Plan)s, so their numbers compare.
 

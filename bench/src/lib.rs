@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vhost-user-iommu-bench`: host-side performance runs of the
 //! `vhost-user-iommu` daemon.
 //!

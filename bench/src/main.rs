@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vhost-user-iommu-bench`: the command line.
 
 mod counting_alloc;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A file the daemon shared with QEMU, mapped into this process the way
 //! QEMU maps it (docs/mirror-protocol.md §4, §11): the translation table
 //! read-only, the notifier flags read-write. The daemon writes (or reads)

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `--plot FILE.svg`: the latency distribution of every workload, through
 //! the daemon (top) and on the device model in-process (bottom); with
 //! `--scaling`, the cost of a request against the mappings a domain holds.

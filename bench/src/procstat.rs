@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What a process cost, from `/proc`: CPU time (`/proc/PID/stat` utime +
 //! stime, all threads) and context switches (voluntary + involuntary,
 //! summed over `/proc/PID/task/*/status`).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One status line per workload on stderr, rewritten in place at most every
 //! half second when stderr is a terminal; elsewhere (CI logs) only the
 //! final line of each workload is printed.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The QEMU leg: the daemon leg with a QEMU stand-in on the daemon's
 //! translation mirror ([`QemuStandIn`]), and the strictness check QEMU's
 //! emulated devices rely on: once a MAP has completed, a walk of the shared

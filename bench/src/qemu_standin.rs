@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A stand-in for QEMU's end of the translation mirror
 //! (docs/mirror-protocol.md, version 2), as much of it as the QEMU leg
 //! needs: the HELLOs, the shared memory (the table mapped read-only, the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The results: the `--json` document and the table on stdout.
 
 use std::fmt::Write as _;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Running a plan on a leg: set-up, warm-up, the measured cycles with the
 //! daemon's `/proc` counters around them, tear-down.
 

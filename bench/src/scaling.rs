@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `--scaling`: how the cost of a request grows with the mappings a domain
 //! already holds.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The named workloads: which MAP/UNMAP requests go out, and how many per
 //! notification, the way guest drivers send them.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The bench binary end to end, against a daemon served in this process
 //! (the backend library, as the daemon's own demo does), so that
 //! `cargo test` needs no daemon binary built beforehand.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Target `chain`: the daemon's descriptor-chain reader
 //! (`vhost_user_iommu::chain`) over arbitrary descriptor tables written
 //! into guest memory: buffers outside memory, straddling a region's end or

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Target `control`: the daemon's control socket (`--control-socket`,
 //! docs/control-socket.md) played by a hostile local client: arbitrary
 //! bytes, commands of every name with arguments of every type and edge

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The daemon process the socket targets talk to: started with its log in
 //! a file, checked for life, restarted if it died (after the death was
 //! counted). Its files go when the run was clean and stay when it was not.

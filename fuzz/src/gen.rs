@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The input source: a seeded SplitMix64 stream with helpers that favour
 //! boundary values. An input is fully determined by `(seed, index)`, so a
 //! finding is replayed with `vui-fuzz --seed S --target T --replay I`.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Target `ioas`: arbitrary sequences of `Iommufd` operations on the model
 //! (`ModelIommufd`) against a reference written here page by page: each
 //! IOAS is a `BTreeMap` from IOVA page to (first IOVA of its area, user

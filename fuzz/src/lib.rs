@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A fuzz harness on stable Rust (issue 11, "Hostile input, systematically").
 //!
 //! Every target takes its input from a [`gen::Gen`] seeded by `(seed,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vui-fuzz`: run the fuzz targets for a time or a number of inputs and
 //! print, per target, the inputs tried, panics, hangs and divergences.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Target `mirror`: QEMU's side of the mirror protocol
 //! (docs/mirror-protocol.md) played by a hostile peer: arbitrary headers
 //! and payloads, every message type (and unknown ones) with fields at

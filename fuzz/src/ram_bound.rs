@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Target `ram-bound`: the pass-through shape of the device (bypass through
 //! an identity IOAS, as `--mode iommufd` runs it) over the IOAS model, fed
 //! well-formed MAP / UNMAP / ATTACH / DETACH aimed at the edges of guest

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Target `request`: `Device::handle_request` over the IOAS model with
 //! arbitrary request bytes and reply lengths, memory tables changing under
 //! it, endpoints coming and going, resets.

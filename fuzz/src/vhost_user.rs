@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Target `vhost-user`: arbitrary vhost-user message sequences, with
 //! arbitrary files (sealed and unsealed memfds of any size, eventfds,
 //! `/dev/null`, pipes), sent to a daemon process over its socket; rings

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The short seeded fuzz pass of tier 1: a fixed number of inputs per
 //! target, seed 1; no panics, hangs or divergences. The long pass is
 //! `vui-fuzz --seconds N --seed S` (README, "Fuzzing").

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! QEMU's `edu` device (hw/misc/edu.c, docs/specs/edu.rst): BAR0 registers
 //! and a DMA engine that copies between a 4 KiB buffer inside the device
 //! (at device address 0x40000) and bus addresses (28 bits by default).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! VFIO type1 (linux/vfio.h): a container, a group, a device, DMA maps.
 
 use std::ffi::CString;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Errors, each mapped to the errno the kernel returns for it.
 
 /// A Linux errno value, as the iommufd ioctls return them.

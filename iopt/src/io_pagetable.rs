@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The io_pagetable: areas, allowed and reserved IOVA ranges, and the IOVA
 //! allocator of one IOAS.
 //!

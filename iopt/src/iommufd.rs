@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The iommufd interface both implementations provide.
 
 use crate::{IovaRange, Result};

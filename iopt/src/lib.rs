@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The iommufd IOAS model.
 //!
 //! This crate models the I/O address space (IOAS) objects of Linux iommufd

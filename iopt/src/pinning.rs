@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Which user memory the kernel could pin: the model's view of the process
 //! memory an IOAS's areas point into.
 //!

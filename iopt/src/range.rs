@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Inclusive IOVA ranges, as the kernel's interval trees hold them.
 
 /// An inclusive range of IOVAs `[start, last]`, the form of

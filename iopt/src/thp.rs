@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Whether the kernel the model stands for was built with transparent huge
 //! pages: the one build option of the host that changes what iommufd answers.
 

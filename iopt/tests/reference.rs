@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Property test: random MAP / UNMAP / COPY sequences on two IOASes give the
 //! same results, the same errnos and the same translations in the model as in
 //! a page-by-page reference that is correct by inspection.

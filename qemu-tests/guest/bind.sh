@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Test 1: the virtio-iommu driver binds, the endpoints get IOMMU groups, and
 # each group's reserved_regions shows the MSI window the device reported.
 sleep 1

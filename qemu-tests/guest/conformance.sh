@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # The iommufd conformance suite alone, on a kernel built without transparent
 # huge pages (the nested test bed's minimal kernel): the model of such a
 # kernel against it, with an edu device on vfio-pci for the device cases.

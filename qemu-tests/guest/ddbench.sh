@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # The guest benchmark where the initramfs has no fio (arm64: busybox only):
 # busybox dd reads the virtio-blk disk behind the vIOMMU with O_DIRECT, one
 # block at a time, for vui.secs=S seconds per job, and prints fio.sh's line

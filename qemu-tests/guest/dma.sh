@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Test 2/3: DMA through the vIOMMU: write 64 MiB of a pattern to the
 # virtio-blk disk, drop the caches, read it back, compare checksums.
 MIB=${VUI_MIB:-64}

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Test 4: guest userspace VFIO. The edu device, behind the vIOMMU, is bound
 # to vfio-pci; edu-dma maps a buffer through VFIO type1, runs DMA both ways,
 # unmaps, and checks that a DMA to the unmapped IOVA wrote nothing. The

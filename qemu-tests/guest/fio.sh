@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # The guest benchmark (qemu-tests/src/bin/guest-bench/): fio reads the
 # virtio-blk disk behind the vIOMMU with O_DIRECT, one job after another,
 # and prints one line per job for the host:

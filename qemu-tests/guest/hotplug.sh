@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Memory hot-plug under DMA through the vIOMMU: a pattern is written to the
 # virtio-blk disk once; every round onlines any memory block the harness
 # hot-added (as ZONE_MOVABLE, which user-memory allocations try first, so

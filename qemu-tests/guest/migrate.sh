@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Migration: DMA through the vIOMMU keeps verifying while the machine moves
 # to a fresh QEMU and a fresh daemon. A pattern is written to the
 # virtio-blk disk once; then every round drops the caches, reads it back

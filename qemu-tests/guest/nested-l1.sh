@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # The nested test bed's first level (issue 12): an intel-iommu guest with
 # the iommufd kernel and two edu devices on vfio-pci runs the daemon and the
 # patched QEMU, whose second-level guest (nested-l2.sh) gets both edu

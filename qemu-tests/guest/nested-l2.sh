@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # The nested test bed's second-level guest (minimal kernel): its two edu
 # devices are the first level's, given to it by the patched QEMU's vfio-pci
 # behind vhost-user-iommu. edu-dma drives them through guest VFIO type1, so

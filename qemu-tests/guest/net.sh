@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # vhost-user net behind the vIOMMU: the guest's virtio-net NIC, served by
 # DPDK's testpmd (icmpecho: it answers ARP and ping for any address), pings
 # through it. One round per vui.rounds entry, SIZE:COUNT:INTERVAL (bytes of

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # The pass-through test bed (needs the iommufd kernel of
 # scripts/kernel/build-iommufd-kernel.sh, an intel-iommu and two edu
 # devices). First the conformance suite, model against the kernel's

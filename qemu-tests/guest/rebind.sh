@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Test 5: an endpoint leaves its domain and comes back, and the disk works
 # after each step. Linux 6.12's virtio-iommu driver sends
 #   - ATTACH when the group's domain changes (unbind the driver, write the

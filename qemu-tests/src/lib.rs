@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Real QEMU, real Linux guest: the harness of the guest tests.
 //!
 //! A test boots the Debian guest kernel under TCG with an initramfs holding

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The guest tests on the arm64 `virt` machine (GICv3, `-cpu max`, TCG):
 //! each runs against QEMU's virtio-iommu-pci and against ours, which the
 //! machine wires alike (device-tree `iommu-map`, the ITS doorbell as the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Test 6 of issue 4: configurations that cannot work fail at QEMU start
 //! with a message saying why, instead of a guest that silently lacks its
 //! IOMMU.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The control socket under a real guest (docs/control-socket.md): the
 //! daemon, as a process of its own under its seccomp filter, serves a Linux
 //! guest reading its disk in strict mode, and what the socket answers is

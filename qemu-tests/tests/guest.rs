@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The guest tests of issue 4: each runs against our device and against
 //! QEMU's in-process virtio-iommu-pci in the same run.
 

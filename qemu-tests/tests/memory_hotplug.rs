@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest memory changes under live mappings (issue 11): while the guest
 //! reads its disk through the vIOMMU in strict mode, a DIMM is hot-added
 //! (the guest onlines it as ZONE_MOVABLE, so its page cache — the DMA

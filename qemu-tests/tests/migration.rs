@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Migration of a guest whose DMA goes through vhost-user-iommu: while the
 //! guest reads its disk through the vIOMMU in strict mode, the machine is
 //! saved to a file and restored into a fresh QEMU with a fresh daemon, or

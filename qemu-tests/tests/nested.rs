@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The nested test bed (issue 12): a VFIO device given to a QEMU guest
 //! behind vhost-user-iommu, its DMA checked from inside that guest.
 //!

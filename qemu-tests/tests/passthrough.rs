@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The pass-through test bed: real kernel iommufd, a DMA-capable device.
 //!
 //! These machines have no IOMMU, so the host side runs inside a guest that

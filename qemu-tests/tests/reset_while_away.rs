@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A system reset while the daemon is away (docs/mirror-protocol.md §6
 //! rule 4, §9 rule 1): the daemon, with a `--state-file`, is killed
 //! (SIGKILL) under a guest reading its disk through the vIOMMU in strict

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The daemon restarted under a running guest (issue 11): while the guest
 //! reads its disk through the vIOMMU in strict mode — a MAP and an UNMAP
 //! per request — the daemon is killed (SIGKILL), started again on the same

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! DPDK's vhost-user net back-end behind the vIOMMU (issue 19), as a user
 //! runs it: Debian's `dpdk-testpmd` with the `net_vhost` PMD and
 //! `iommu-support=1` answers the guest's ARP and ping (`icmpecho`), the

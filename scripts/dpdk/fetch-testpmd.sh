@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Fetch Debian's DPDK testpmd with the vhost-user net PMD, unpacked into a cache.
 #
 # See --help. POSIX sh; progress goes to stderr, the wrapper's path to stdout (last line).

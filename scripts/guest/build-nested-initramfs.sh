@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Build the first-level initramfs of the nested test bed (issue 12): the
 # patched QEMU and what it loads, the daemon, and a second-level guest
 # (minimal kernel + busybox initramfs with edu-dma) for it to boot.

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Fetch Debian's fio with every shared library it loads, as a tree to put
 # into a guest initramfs (build-initramfs.sh --with-fio), and cache it.
 set -eu

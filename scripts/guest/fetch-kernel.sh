@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Fetch Debian's 6.12 amd64 (or arm64) kernel and the modules the guest tests
 # load, and cache them (decompressed, with their load order).
 set -eu

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Boot a test guest under TCG and report the status its init printed.
 set -eu
 

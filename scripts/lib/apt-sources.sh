@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Derive extra apt sources from the machine's own Debian source list, so no
 # registry host name is ever written into this repository.
 #

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Progress for a long build step: a line every 30 s on stderr, so a cold
 # start never sits silent for minutes.
 #

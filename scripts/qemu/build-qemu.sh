@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Build QEMU (x86_64-softmmu, or aarch64-softmmu) with the vhost-user-iommu patch series and
 # cache it.
 #

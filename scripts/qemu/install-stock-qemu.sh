@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Install Debian's stock qemu-system-x86 (no project patches): the QEMU of
 # the pass-through test bed, which needs only intel-iommu and edu.
 set -eu

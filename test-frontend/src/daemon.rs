@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The daemon binary as a child process of a test, and the scratch
 //! directory its files live in: one way, shared by every test that starts
 //! `vhost-user-iommu`, to start it, wait until it listens, signal it, and

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The daemon's open files, read from `/proc`, for the leak checks of the
 //! hostile-front-end and fault-injection tests.
 

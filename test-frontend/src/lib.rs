@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `test-frontend`: a stand-in for QEMU *and* the guest's virtio-iommu driver,
 //! used to drive the `vhost-user-iommu` daemon from Rust without a VM.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest RAM: one memfd, mapped as one or more guest-physical regions.
 //!
 //! The memfd is what SET_MEM_TABLE hands to the daemon, so every region is a

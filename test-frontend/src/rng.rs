@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A small seeded generator (SplitMix64) for the randomised daemon tests:
 //! a failing run replays from the seed it printed.
 

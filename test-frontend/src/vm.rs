@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! [`TestVm`]: one vhost-user session with the daemon — the VMM half
 //! (handshake, memory table, vrings, config space) and the guest-driver half
 //! (virtio-iommu requests on the request queue, faults on the event queue).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A split virtqueue, driver side, living in [`GuestRam`].
 //!
 //! Layout (virtio 1.x, "Split Virtqueues"):

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! virtio-iommu wire formats, written here from the virtio specification
 //! (v1.2+, section "IOMMU device") on purpose, independently of the
 //! `virtio-iommu` crate: the test front-end double-checks the device's

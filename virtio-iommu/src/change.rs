@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The change stream: each change of the translation state, reported as
 //! the device makes it, to whoever keeps a copy (QEMU's translation mirror,
 //! the state journal). The migration state ([`crate::state`]) and the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A domain: its IOAS and the mappings the driver made in it, as the
 //! virtio-iommu driver sees them (IOVA → guest physical address).
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The 40-byte entry: one layout, one codec, for the migration state's
 //! entries (docs/device-state.md) and the state journal's records
 //! (docs/state-journal.md), which add kinds of their own.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The state journal's records (docs/state-journal.md): every change the
 //! device makes, each request's completion, and the negotiated features, so
 //! that a daemon restarted under a running guest can become the device the

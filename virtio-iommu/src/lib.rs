@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The virtio-iommu device (virtio 1.2 §5.13, device ID 23) without I/O.
 //!
 //! - [`wire`]: every structure on the wire, with its exact layout;

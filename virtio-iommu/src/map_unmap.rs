@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One MAP and one UNMAP, the same value from the parsed request through
 //! the device, the change stream, the state and journal entries, to the
 //! daemon's translation table and QEMU's mirror record. Conversions happen

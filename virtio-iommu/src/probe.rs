@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Writing PROBE properties (virtio 1.2 §5.13.6.8).
 
 use vm_memory::ByteValued;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Parsing the device-readable part of a request (virtio 1.2 §5.13.6).
 //!
 //! The guest is untrusted: every length is checked here, once, and the rest

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The device's migration state (vhost-user `SET_DEVICE_STATE_FD`): what a
 //! fresh device needs to carry on where another one stopped.
 //!

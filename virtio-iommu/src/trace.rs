@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One trace line per request, as QEMU's own virtio-iommu has one trace
 //! event per request (hw/virtio/trace-events: `virtio_iommu_attach`,
 //! `virtio_iommu_detach`, `virtio_iommu_map`, `virtio_iommu_unmap`,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The virtio-iommu wire format (virtio 1.2 §5.13): every structure the
 //! driver and the device exchange, little-endian, with its exact size.
 

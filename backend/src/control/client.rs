@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A client of the control socket, for `vhost-user-iommu ctl` and tests:
 //! one command at a time, each answer awaited with a deadline; event lines
 //! that come meanwhile are kept for [`Client::next_event`].

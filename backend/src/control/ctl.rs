@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vhost-user-iommu ctl`: the control socket for people (tables) and
 //! scripts (`--json`: each answer as the daemon's JSON, one line).
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Events for the control socket's subscribers, and the ring of recent
 //! faults.
 //!

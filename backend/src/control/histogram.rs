@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A latency histogram the request path records into without a lock:
 //! power-of-two buckets of atomic counters (bucket `i` holds durations in
 //! `[2^(i-1), 2^i)` ns, bucket 0 a zero duration), plus the sum and the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Watching the daemon while it runs: the control socket
 //! (`--control-socket PATH`, docs/control-socket.md) and what the request
 //! path leaves for it.

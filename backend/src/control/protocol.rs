@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The control socket's protocol (docs/control-socket.md): JSON lines, in
 //! QMP's shape. The daemon greets; each command is one line
 //! `{"execute": NAME, "arguments": {...}, "id": ANY}` and gets one line

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The control socket's threads: one accepts, one per client (at most
 //! [`Limits::max_clients`]) reads its commands and writes the answers, one
 //! hands events to the subscribers. None of them is the request path: a

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The control socket's answers for people: aligned tables and `key:
 //! value` lines (`vhost-user-iommu ctl` without `--json`).
 

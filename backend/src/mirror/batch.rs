@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What one batch of device changes becomes on the mirror
 //! (docs/mirror-protocol.md §5, §7, §11).
 //!

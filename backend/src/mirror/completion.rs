@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The completion signal (docs/mirror-protocol.md §15): QEMU hands over,
 //! with COMPLETION_FD, a pipe (or eventfd) to write after updates of the
 //! request queue's used ring, and its kick page. A vCPU that kicked the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The translation mirror: what QEMU needs of the daemon's state to
 //! translate its emulated devices' DMA and fire its IOMMU notifiers
 //! (docs/mirror-protocol.md): a shared translation table QEMU reads

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Wire format of the translation mirror (docs/mirror-protocol.md, version 2.5).
 //!
 //! Pure encoding and decoding: no sockets here. Every integer is

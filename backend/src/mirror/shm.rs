@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Shared memory the daemon hands to QEMU over the mirror socket
 //! (docs/mirror-protocol.md §11): a sealed memfd, mapped here read-write and
 //! seen by this process only through atomics, because another process reads

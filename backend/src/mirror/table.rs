@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The shared translation table (docs/mirror-protocol.md §11): the daemon's
 //! mappings as IOMMU-style radix page tables in memory QEMU maps read-only,
 //! so that QEMU's `translate()` finds a MAP as soon as the daemon wrote it

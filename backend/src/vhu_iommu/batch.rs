@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One batch of the request queue, in three steps: carried out under one
 //! device lock ([`IommuBackend::carry_out`]), then QEMU waited for when it
 //! must act ([`IommuBackend::wait_for_qemu`], docs/mirror-protocol.md §7–§8),

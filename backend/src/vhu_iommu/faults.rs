@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Fault events on the event queue (virtio 1.2 §5.13.6.3): faults QEMU
 //! reports through the mirror (docs/mirror-protocol.md §10) wait for a
 //! buffer the driver posts, the oldest dropped beyond a bound.

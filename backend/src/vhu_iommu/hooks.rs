@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What the translation mirror asks of the backend: the full-state dump,
 //! QEMU's faults, HELLO and system resets, and the VFIO devices it forwards
 //! (docs/mirror-protocol.md §6, §9, §10, §14).

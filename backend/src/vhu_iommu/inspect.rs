@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What the control socket reads of the device (src/control/): snapshots
 //! copied out under the device lock, each bounded — a page is at most
 //! [`MAX_PAGE`] entries, and an `endpoints` answer looks at most at

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Migration: the device's state out through a vhost-user
 //! `SET_DEVICE_STATE_FD` transfer while the device is stopped, and in,
 //! checked entry by entry as a guest request would be

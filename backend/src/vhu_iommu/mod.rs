@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The vhost-user glue: [`VhostUserBackend`] for a virtio-iommu device.
 //!
 //! Features, protocol features, the config space and the two virtqueues

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Batches of a notification, and the polling window after each
 //! (src/poll.rs decides how long; this is the loop and the look at the
 //! ring).

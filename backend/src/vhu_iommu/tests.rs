@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The glue without a socket: an [`IommuBackend`] given a sealed memfd as
 //! guest RAM and two vrings laid out in it by hand, driven through its
 //! `VhostUserBackend` entry points the way vhost-user-backend's worker

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The vring worker thread's own state: where it runs (beside a vCPU
 //! asleep on its kick, src/placement.rs), its scheduler slice
 //! (src/sched.rs), and its meter of the host's spare CPU (src/spare.rs,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What one hand-off between two processes costs on this host, by where
 //! they run: a request's round trip between a vCPU that sleeps on its kick
 //! and the daemon's worker, stripped to its bones (two pipes, one byte each

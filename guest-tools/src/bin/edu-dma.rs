@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest test 4 (issue 4): a guest program maps a buffer through VFIO
 //! (type1), runs edu DMA both ways and checks the data; after unmapping, a
 //! DMA must not touch the buffer (the vIOMMU refuses it and reports a fault

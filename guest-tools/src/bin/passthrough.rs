@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The pass-through test, run inside the iommufd test guest: a kernel with
 //! IOMMUFD + VFIO_DEVICE_CDEV, an intel-iommu, two QEMU `edu` devices bound
 //! to vfio-pci.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Run the iommufd conformance suite against the model and, where
 //! `/dev/iommu` exists, the kernel; print one line per case and whether the
 //! two agree. Used inside the iommufd test guest.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `IOMMU_IOAS_ALLOW_IOVAS`, through the typed interface.
 
 use super::*;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Devices: attach and detach, and what they do to an IOAS.
 
 use super::*;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! IOAS objects (`IOMMU_IOAS_ALLOC`, `IOMMU_DESTROY`), `IOMMU_IOAS_IOVA_RANGES`
 //! and `IOMMU_OPTION`, through the typed interface.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The memory the cases map, and what a pin finds in it.
 //!
 //! The kernel pins what a case maps once a device is attached; the model

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The behaviour every [`Iommufd`] implementation must show, written once.
 //!
 //! Each case is one behaviour of the merged Linux iommufd, named after it,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Pinning: with a device attached the kernel pins what an IOAS maps
 //! (`pin_user_pages` from `pages.c`), at MAP/COPY time and, for what was
 //! mapped before, when the first device attaches; memory it cannot pin is

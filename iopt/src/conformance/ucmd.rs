@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The byte-level entry point ([`crate::uapi::Ioctl`]): what only the
 //! structures can say (`size`, `__reserved`, unknown flags, `IOMMU_OPTION`'s
 //! operations, the user arrays), and the order the kernel checks things in

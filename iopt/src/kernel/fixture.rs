@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The conformance suite's fixture for the kernel: a fresh `/dev/iommu`
 //! file per case, with the VFIO device bound to it when one is given.
 

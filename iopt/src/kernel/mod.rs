@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The kernel iommufd driver: [`Iommufd`] over `/dev/iommu`.
 //!
 //! This is the thin uAPI edge, the counterpart of the model: each trait

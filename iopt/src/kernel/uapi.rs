@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The iommufd ioctl numbers and the VFIO-cdev uAPI structures of Linux 6.12
 //! (`include/uapi/linux/iommufd.h`, `include/uapi/linux/vfio.h`); the
 //! iommufd structures themselves are [`crate::uapi`]'s, shared with the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The uAPI entry point on the kernel: one ioctl with the caller's bytes.
 
 use std::os::raw::c_ulong;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! VFIO cdev devices (`/dev/vfio/devices/vfioN`), the devices a kernel IOAS
 //! translates for.
 

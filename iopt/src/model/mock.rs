@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The model's devices: what the kernel learns from the IOMMU driver when a
 //! device attaches, like the kernel's `selftest.c` mock domain.
 

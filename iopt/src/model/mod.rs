@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The in-process iommufd: [`Iommufd`] over [`IoPagetable`], with mock
 //! devices.
 //!

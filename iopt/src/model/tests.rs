@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The model's own tests; the conformance suite runs from here too.
 
 use super::*;

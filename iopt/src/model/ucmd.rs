@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The model's byte-level uAPI entry point: Linux 6.12's
 //! `iommufd_fops_ioctl` (`main.c`) and the `ioas.c` handlers, in their
 //! order, over the typed methods of [`ModelIommufd`].

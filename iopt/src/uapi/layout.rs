@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The iommufd uAPI structures of Linux 6.12 (`include/uapi/linux/iommufd.h`)
 //! and their bytes.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The iommufd uAPI at the byte level: the kernel's structures in, the
 //! kernel's errno out.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The main job: a Linux guest whose disk DMA goes through vhost-user-iommu.
 //!
 //! Sets everything up on first run (the patched QEMU is built and the Debian

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! ATTACH and DETACH, and the endpoints they move: endpoints coming and
 //! going, domains made by their first endpoint and gone with their last, and
 //! where an endpoint in no domain goes (bypass, or blocked).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! MAP and UNMAP: the mappings of a domain, as the driver sees them and as
 //! areas of the domain's IOAS.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest RAM as the device sees it, and moves of the front-end's memory
 //! table: an IOAS area holds this process's address of guest pages, so a
 //! new table means new areas, in every domain's IOAS and in the identity

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The device model: endpoints, domains and their mappings; each
 //! translated domain over an IOAS of its own, bypassing endpoints over an
 //! identity IOAS or none ([`DeviceConfig::identity_ioas`]).

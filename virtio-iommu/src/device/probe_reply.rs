@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! PROBE: the reserved regions of an endpoint, as properties in the
 //! request's reply (property writing itself is [`crate::probe`]'s).
 

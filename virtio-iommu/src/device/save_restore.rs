@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The whole state out and back in: as changes, for a mirror that just
 //! connected ([`Device::replay`]); as the migration state
 //! ([`Device::save_state`], docs/device-state.md); and restored from one,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What the device's tests share: guest RAM, devices, and a driver that
 //! sends requests as bytes.
 #![allow(clippy::field_reassign_with_default)]

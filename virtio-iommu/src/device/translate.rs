@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Where an endpoint's access goes (what QEMU's translate() does with the
 //! mirrored state), and the fault event when it goes nowhere.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The daemon's end of the mirror connection (docs/mirror-protocol.md §6–§8).
 //!
 //! One listener thread accepts QEMU; each connection has a reader thread

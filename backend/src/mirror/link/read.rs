@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The reading side of a mirror connection: QEMU's messages and the
 //! files that come with them (`SCM_RIGHTS`), the HELLO that starts the
 //! dump, ACKs, faults, system resets, forwarded devices and the completion

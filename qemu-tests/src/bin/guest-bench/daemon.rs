@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Our daemon as the benchmark runs it: built from the working tree, its
 //! arguments, and the counters it logs when its QEMU goes.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The guests' fio jobs (`qemu-tests/guest/fio.sh`) and their results: the
 //! `VUI-FIO` lines of a guest's output, checked once it has finished.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! n guests of one configuration booted at once, each with its own
 //! directory, disk and (behind ours) daemon process, their fio jobs run in
 //! step through the go/ready sync, and each job's measurement window.

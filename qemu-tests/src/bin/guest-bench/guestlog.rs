@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A guest's output as the host reads it while the guest runs: the
 //! `VUI-READY` lines of the go/ready sync (`fio.sh`, `vui.sync=1`) and the
 //! first `VUI-FAIL`.

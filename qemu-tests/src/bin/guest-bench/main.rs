@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The guest benchmark: the same guest booted three ways — behind our
 //! vhost-user-iommu daemon, behind QEMU's in-process virtio-iommu-pci,
 //! and with no vIOMMU — running fio on a virtio-blk disk behind the vIOMMU

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The command line: `USAGE`, the options, and the configurations and
 //! invalidation modes they name.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Host CPU readings from `/proc`: a process's CPU time (`/proc/PID/stat`),
 //! the whole host's (`/proc/stat`) and its load average.
 

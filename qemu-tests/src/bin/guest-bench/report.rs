@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The figures: each job's aggregate over a group's guests and its mean
 //! over the rounds, the progress lines, the table and the `--json` file.
 
