@@ -22,7 +22,7 @@ use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_iommu::NoRam;
-use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
@@ -417,24 +417,7 @@ impl IommuBackend {
     /// them and re-check (virtio 1.2 §2.7.10).
     fn process_requests(&self, vring: &Vring) -> io::Result<()> {
         let woke = Instant::now();
-        let (window, mem, unconfirmed) = {
-            let mut st = self.lock();
-            st.stats.kicks += 1;
-            st.poll.woken(woke);
-            // The busy regime ends as soon as the host is seen to have a CPU
-            // to spare again, not only when its cool-down runs out.
-            if st.poll.regime(woke) == Regime::Busy
-                && Self::cpu_to_spare(woke, SPARE_LOOK_BUSY) == Some(true)
-            {
-                st.poll.spare_found();
-                st.stats.spare_found += 1;
-            }
-            (
-                st.poll.window(woke),
-                st.mem.as_ref().map(|m| m.memory()),
-                st.session.unconfirmed(),
-            )
-        };
+        let (window, mem, unconfirmed) = self.woken(woke);
         // A vCPU asleep on its kick (docs/mirror-protocol.md §15) on a host
         // with no CPU to spare: its own CPU is the one to serve it on, and
         // a poller there would only take its time.
@@ -452,14 +435,40 @@ impl IommuBackend {
         // A recovered state may be another QEMU's: nothing is carried out
         // on it before a QEMU's HELLO has said (its dump, made after the
         // HELLO, is acknowledged once it has).
-        let outcome = match (unconfirmed, mem) {
-            (true, _) if self.mirror.wait_synced() == WaitOutcome::Released => {
-                Ok(Polled::default())
-            }
-            (_, None) => Ok(Polled::default()),
-            (_, Some(mem)) => self.serve_and_poll(vring, &mem, window),
+        let polled = match (unconfirmed, mem) {
+            (true, _) if self.mirror.wait_synced() == WaitOutcome::Released => Polled::default(),
+            (_, None) => Polled::default(),
+            (_, Some(mem)) => self.serve_and_poll(vring, &mem, window)?,
         };
-        let polled = outcome?;
+        self.going_to_sleep(woke, polled);
+        Ok(())
+    }
+
+    /// The worker woke at `woke`: count the kick, and decide how long it
+    /// may poll (issue 17's regimes, `poll.rs`). Returns that window, the
+    /// guest memory, and whether the state still waits for its QEMU.
+    fn woken(&self, woke: Instant) -> (Window, Option<GuestMemoryLoadGuard<GuestMem>>, bool) {
+        let mut st = self.lock();
+        st.stats.kicks += 1;
+        st.poll.woken(woke);
+        // The busy regime ends as soon as the host is seen to have a CPU
+        // to spare again, not only when its cool-down runs out.
+        if st.poll.regime(woke) == Regime::Busy
+            && Self::cpu_to_spare(woke, SPARE_LOOK_BUSY) == Some(true)
+        {
+            st.poll.spare_found();
+            st.stats.spare_found += 1;
+        }
+        (
+            st.poll.window(woke),
+            st.mem.as_ref().map(|m| m.memory()),
+            st.session.unconfirmed(),
+        )
+    }
+
+    /// The worker goes back to sleep: account its time and what the poll
+    /// saw, so the next window is planned from it.
+    fn going_to_sleep(&self, woke: Instant, polled: Polled) {
         let mut st = self.lock();
         let now = Instant::now();
         st.stats.poll_us += polled.time.as_micros() as u64;
@@ -477,7 +486,6 @@ impl IommuBackend {
             st.poll.uncontended();
         }
         st.poll.sleeping(now);
-        Ok(())
     }
 }
 
