@@ -21,10 +21,8 @@ use test_frontend::{TestVm, VmOptions};
 use vhost_user_iommu::control::client::Client;
 use vhost_user_iommu::control::protocol::{self, COMMANDS};
 
-use crate::daemon::{locate, Daemon};
+use crate::daemon::{locate, Daemon, SERVE_EVERY};
 use crate::{Gen, Options, Target, Verdict};
-
-const SERVE_EVERY: u64 = 8;
 
 /// A JSON value of some type, edgy when a number.
 fn value(g: &mut Gen, depth: u32) -> Value {
@@ -193,20 +191,9 @@ impl ControlTarget {
     }
 
     fn check_daemon(&mut self) -> Verdict {
-        if let Err(e) = self.daemon.alive() {
-            return Err(format!("panic: {e}"));
-        }
-        if self.daemon.log_has_panic() {
-            return Err(format!(
-                "panic: in the daemon's log:\n{}",
-                self.daemon.log_tail()
-            ));
-        }
+        self.daemon.unharmed()?;
         let served = self.daemon.serves().and_then(|()| self.control_serves());
-        served.map_err(|e| match self.daemon.alive() {
-            Err(dead) => format!("panic: {dead}"),
-            Ok(()) => format!("hang: {e}; log:\n{}", self.daemon.log_tail()),
-        })?;
+        self.daemon.judge(served)?;
         self.served += 1;
         Ok(())
     }
@@ -302,9 +289,7 @@ impl Target for ControlTarget {
             }
         }
         drop(held);
-        if let Err(e) = self.daemon.alive() {
-            return Err(format!("panic: {e}"));
-        }
+        self.daemon.living()?;
         if self.inputs.is_multiple_of(SERVE_EVERY) {
             self.check_daemon()?;
         }
@@ -315,14 +300,8 @@ impl Target for ControlTarget {
         self.check_daemon()
     }
 
-    fn recover(&mut self) {
-        if self.daemon.alive().is_err() {
-            let _ = self.daemon.restart();
-        }
-    }
-
-    fn keep_logs(&mut self) {
-        self.daemon.keep_logs();
+    fn daemon(&mut self) -> Option<&mut Daemon> {
+        Some(&mut self.daemon)
     }
 
     fn notes(&self) -> Vec<String> {

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use test_frontend::daemon::{DaemonBuilder, DaemonProcess, Scratch, SIGKILL};
 use test_frontend::{Status, VmOptions};
 
+use crate::Verdict;
+
 const DAEMON_BIN: &str = "vhost-user-iommu";
 
 /// `explicit`, or the daemon next to this executable (cargo puts every
@@ -59,6 +61,10 @@ pub fn connect(path: &Path) -> Result<std::os::unix::net::UnixStream, String> {
 /// own; killed when dropped. The directory goes with it after a clean run;
 /// after one that found something ([`Daemon::keep_logs`]) it is kept, with
 /// the log of every death, and its path printed.
+/// How often, in inputs, a daemon target checks that well-behaved peers
+/// are still served.
+pub const SERVE_EVERY: u64 = 8;
+
 #[derive(Debug)]
 pub struct Daemon {
     /// How it was started, to start it again after a death.
@@ -175,6 +181,37 @@ impl Daemon {
             }
         }
         self.alive()
+    }
+
+    /// The daemon still runs and its log shows no panic: a "panic" finding
+    /// otherwise.
+    pub fn unharmed(&mut self) -> Verdict {
+        self.living()?;
+        if self.log_has_panic() {
+            return Err(format!("panic: in the daemon's log:\n{}", self.log_tail()));
+        }
+        Ok(())
+    }
+
+    /// The verdict on a well-behaved peer's session `served`: a "panic" if
+    /// the daemon died meanwhile, a "hang" if it lives but did not serve.
+    pub fn judge(&mut self, served: Result<(), String>) -> Verdict {
+        served.map_err(|e| match self.alive() {
+            Err(dead) => format!("panic: {dead}"),
+            Ok(()) => format!("hang: {e}; log:\n{}", self.log_tail()),
+        })
+    }
+
+    /// The daemon still runs: a "panic" finding otherwise.
+    pub fn living(&mut self) -> Verdict {
+        self.alive().map_err(|e| format!("panic: {e}"))
+    }
+
+    /// Restart the daemon if it died (a target going on after a finding).
+    pub fn recover(&mut self) {
+        if self.alive().is_err() {
+            let _ = self.restart();
+        }
     }
 
     /// Start again after a death; the dead one's log is kept beside as

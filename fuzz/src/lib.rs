@@ -141,13 +141,25 @@ pub trait Target {
     fn notes(&self) -> Vec<String> {
         Vec::new()
     }
-    /// Whether the target can go on after a panic or hang (a dead daemon
-    /// is restarted by the target itself).
-    fn recover(&mut self) {}
+    /// The daemon process under test, for the targets that keep one.
+    fn daemon(&mut self) -> Option<&mut daemon::Daemon> {
+        None
+    }
+    /// Whether the target can go on after a panic or hang: a dead daemon
+    /// is restarted.
+    fn recover(&mut self) {
+        if let Some(d) = self.daemon() {
+            d.recover();
+        }
+    }
     /// The run found something: keep the evidence the target would
     /// otherwise delete when dropped (the daemon targets keep their
     /// daemon's logs, and say where).
-    fn keep_logs(&mut self) {}
+    fn keep_logs(&mut self) {
+        if let Some(d) = self.daemon() {
+            d.keep_logs();
+        }
+    }
 }
 
 /// Build a target by name.

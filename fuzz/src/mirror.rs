@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use test_frontend::{TestVm, VmOptions};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use crate::daemon::{locate, Daemon};
+use crate::daemon::{locate, Daemon, SERVE_EVERY};
 use crate::{Gen, Options, Target, Verdict};
 
 const HELLO: u16 = 1;
@@ -214,8 +214,6 @@ pub struct MirrorTarget {
     served: u64,
 }
 
-const SERVE_EVERY: u64 = 8;
-
 impl MirrorTarget {
     pub fn new(opts: &Options) -> Result<Self, String> {
         let bin = locate(opts.daemon.as_deref())?;
@@ -258,20 +256,9 @@ impl MirrorTarget {
     }
 
     fn check_daemon(&mut self) -> Verdict {
-        if let Err(e) = self.daemon.alive() {
-            return Err(format!("panic: {e}"));
-        }
-        if self.daemon.log_has_panic() {
-            return Err(format!(
-                "panic: in the daemon's log:\n{}",
-                self.daemon.log_tail()
-            ));
-        }
+        self.daemon.unharmed()?;
         let served = self.daemon.serves().and_then(|()| self.mirror_serves());
-        served.map_err(|e| match self.daemon.alive() {
-            Err(dead) => format!("panic: {dead}"),
-            Ok(()) => format!("hang: {e}; log:\n{}", self.daemon.log_tail()),
-        })?;
+        self.daemon.judge(served)?;
         self.served += 1;
         Ok(())
     }
@@ -425,9 +412,7 @@ impl Target for MirrorTarget {
         } else {
             drop(s);
         }
-        if let Err(e) = self.daemon.alive() {
-            return Err(format!("panic: {e}"));
-        }
+        self.daemon.living()?;
         if self.inputs.is_multiple_of(SERVE_EVERY) {
             self.check_daemon()?;
         }
@@ -438,14 +423,8 @@ impl Target for MirrorTarget {
         self.check_daemon()
     }
 
-    fn recover(&mut self) {
-        if self.daemon.alive().is_err() {
-            let _ = self.daemon.restart();
-        }
-    }
-
-    fn keep_logs(&mut self) {
-        self.daemon.keep_logs();
+    fn daemon(&mut self) -> Option<&mut Daemon> {
+        Some(&mut self.daemon)
     }
 
     fn notes(&self) -> Vec<String> {

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use crate::daemon::{locate, Daemon};
+use crate::daemon::{locate, Daemon, SERVE_EVERY};
 use crate::{Gen, Options, Target, Verdict};
 
 /// Where the front-end claims its memory is in its own address space.
@@ -378,9 +378,6 @@ pub struct VhostUserTarget {
     served: u64,
 }
 
-/// How often (in inputs) a well-behaved front-end checks the daemon.
-pub const SERVE_EVERY: u64 = 8;
-
 impl VhostUserTarget {
     pub fn new(opts: &Options) -> Result<Self, String> {
         let bin = locate(opts.daemon.as_deref())?;
@@ -394,21 +391,9 @@ impl VhostUserTarget {
     }
 
     fn check_daemon(&mut self) -> Verdict {
-        if let Err(e) = self.daemon.alive() {
-            return Err(format!("panic: {e}"));
-        }
-        if self.daemon.log_has_panic() {
-            return Err(format!(
-                "panic: in the daemon's log:\n{}",
-                self.daemon.log_tail()
-            ));
-        }
-        self.daemon
-            .serves()
-            .map_err(|e| match self.daemon.alive() {
-                Err(dead) => format!("panic: {dead}"),
-                Ok(()) => format!("hang: {e}; log:\n{}", self.daemon.log_tail()),
-            })?;
+        self.daemon.unharmed()?;
+        let served = self.daemon.serves();
+        self.daemon.judge(served)?;
         self.served += 1;
         Ok(())
     }
@@ -454,9 +439,7 @@ impl Target for VhostUserTarget {
         self.messages += sess.sent;
         self.closed_by_daemon += u64::from(sess.closed);
         drop(sess);
-        if let Err(e) = self.daemon.alive() {
-            return Err(format!("panic: {e}"));
-        }
+        self.daemon.living()?;
         if self.inputs.is_multiple_of(SERVE_EVERY) {
             self.check_daemon()?;
         }
@@ -467,14 +450,8 @@ impl Target for VhostUserTarget {
         self.check_daemon()
     }
 
-    fn recover(&mut self) {
-        if self.daemon.alive().is_err() {
-            let _ = self.daemon.restart();
-        }
-    }
-
-    fn keep_logs(&mut self) {
-        self.daemon.keep_logs();
+    fn daemon(&mut self) -> Option<&mut Daemon> {
+        Some(&mut self.daemon)
     }
 
     fn notes(&self) -> Vec<String> {
