@@ -47,6 +47,8 @@ pub enum Viommu {
     None,
 }
 
+pub mod side_by_side;
+
 /// The guest's architecture, and with it QEMU's machine.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Arch {

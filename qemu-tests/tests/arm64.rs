@@ -8,7 +8,9 @@
 
 use std::time::Instant;
 
-use qemu_tests::{arm64_skip_reason, disk_image, scratch, Arch, Daemon, Guest, Run, Viommu};
+use qemu_tests::{
+    arm64_skip_reason, disk_image, scratch, side_by_side, Arch, Daemon, Guest, Run, Viommu,
+};
 
 macro_rules! skip_unless_arm64 {
     () => {
@@ -37,31 +39,7 @@ fn run_both(
     make: impl Fn(Viommu, &std::path::Path) -> Guest,
     check: impl Fn(Viommu, &Run, Option<&Daemon>),
 ) {
-    for viommu in [Viommu::Qemu, Viommu::Ours] {
-        let dir = scratch(&format!("arm64-{name}-{viommu:?}"));
-        let daemon = (viommu == Viommu::Ours).then(|| Daemon::start_for(&dir, Arch::Arm64));
-        let guest = make(viommu, &dir);
-        let run = guest.run(daemon.as_ref());
-        // The guest's uptime when its /init started: the boot time.
-        let boot = run
-            .lines("VUI-UP ")
-            .first()
-            .and_then(|l| l.split_whitespace().nth(1))
-            .unwrap_or("?")
-            .to_string();
-        eprintln!(
-            "arm64 {name} on {viommu:?}: status {} in {:.1?} (userspace at {boot} s)",
-            run.status, run.took
-        );
-        for l in run.lines("VUI-CHECK") {
-            eprintln!("  {l}");
-        }
-        if let Some(d) = &daemon {
-            eprintln!("  daemon: {}", d.stats());
-        }
-        run.assert_passed(&format!("arm64 {name} on {viommu:?}"));
-        check(viommu, &run, daemon.as_ref());
-    }
+    side_by_side::run_both(Arch::Arm64, name, make, check)
 }
 
 #[test]
@@ -93,28 +71,8 @@ fn arm64_the_driver_binds_and_groups_show_the_its_doorbell() {
     );
 }
 
-fn dma(name: &str, append: &'static str, expect_maps: bool) {
-    run_both(
-        name,
-        |v, dir| {
-            let mut g = arm64_guest(v, "dma.sh");
-            g.disk = Some(disk_image(dir, 80));
-            g.append = append.to_string();
-            g
-        },
-        |_, run, daemon| {
-            assert_eq!(run.lines("VUI-CHECK md5").len(), 1);
-            if let Some(d) = daemon {
-                let s = d.stats();
-                if expect_maps {
-                    assert!(
-                        s.ok[3] > 100 && s.ok[4] > 100,
-                        "too little MAP/UNMAP traffic: {s}"
-                    );
-                }
-            }
-        },
-    );
+fn dma(name: &str, append: &str, expect_maps: bool) {
+    side_by_side::dma(Arch::Arm64, name, append, expect_maps)
 }
 
 #[test]

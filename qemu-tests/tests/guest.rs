@@ -2,31 +2,18 @@
 //! The guest tests of issue 4: each runs against our device and against
 //! QEMU's in-process virtio-iommu-pci in the same run.
 
-use qemu_tests::{disk_image, scratch, skip_unless_ready, Daemon, Guest, Viommu};
+use qemu_tests::{disk_image, side_by_side, skip_unless_ready, Arch, Daemon, Guest, Viommu};
 
 fn run_both(
     name: &str,
     make: impl Fn(Viommu, &std::path::Path) -> Guest,
     check: impl Fn(Viommu, &qemu_tests::Run, Option<&Daemon>),
 ) {
-    for viommu in [Viommu::Qemu, Viommu::Ours] {
-        let dir = scratch(&format!("{name}-{viommu:?}"));
-        let daemon = (viommu == Viommu::Ours).then(|| Daemon::start(&dir));
-        let guest = make(viommu, &dir);
-        let run = guest.run(daemon.as_ref());
-        eprintln!(
-            "{name} on {viommu:?}: status {} in {:.1?}",
-            run.status, run.took
-        );
-        for l in run.lines("VUI-CHECK") {
-            eprintln!("  {l}");
-        }
-        if let Some(d) = &daemon {
-            eprintln!("  daemon: {}", d.stats());
-        }
-        run.assert_passed(&format!("{name} on {viommu:?}"));
-        check(viommu, &run, daemon.as_ref());
-    }
+    side_by_side::run_both(Arch::X86_64, name, make, check)
+}
+
+fn dma(name: &str, append: &str, expect_maps: bool) {
+    side_by_side::dma(Arch::X86_64, name, append, expect_maps)
 }
 
 #[test]
@@ -47,30 +34,6 @@ fn the_driver_binds_and_groups_show_the_msi_window() {
                     "the daemon saw no ATTACH: {}",
                     d.stats()
                 );
-            }
-        },
-    );
-}
-
-fn dma(name: &str, append: &'static str, expect_maps: bool) {
-    run_both(
-        name,
-        |v, dir| {
-            let mut g = Guest::new(v, "dma.sh");
-            g.disk = Some(disk_image(dir, 80));
-            g.append = append.to_string();
-            g
-        },
-        |_, run, daemon| {
-            assert_eq!(run.lines("VUI-CHECK md5").len(), 1);
-            if let Some(d) = daemon {
-                let s = d.stats();
-                if expect_maps {
-                    assert!(
-                        s.ok[3] > 100 && s.ok[4] > 100,
-                        "too little MAP/UNMAP traffic: {s}"
-                    );
-                }
             }
         },
     );
