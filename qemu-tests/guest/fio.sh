@@ -2,9 +2,11 @@
 # SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # The guest benchmark (qemu-tests/src/bin/guest-bench/): fio reads the
 # virtio-blk disk behind the vIOMMU with O_DIRECT, one job after another,
-# and prints one line per job for the host:
-#   VUI-FIO job=NAME iops=N kibps=N lat_us=N ios=N
-# (fio's terse v3 fields 8, 7, 40 and 6/bs; lat is the mean total latency).
+# and hands the host fio's JSON output (--output-format=json, with the
+# completion latency percentiles 50, 99 and 99.9), one line per job:
+#   VUI-FIO-JSON job=NAME {...}
+# (fio's JSON with its indentation dropped and its lines joined; the host
+# reads read.iops, .bw, .total_ios, .lat_ns.mean, .clat_ns.percentile).
 # Kernel parameters: vui.secs=S (per job, default 5), vui.jobs=A,B (default
 # all of rand4k-qd1, rand4k-qd32, seq128k-qd1), vui.sync=1 (see below).
 # Needs the initramfs of build-initramfs.sh --with-fio.
@@ -53,27 +55,26 @@ sync_point() {
 rc=0
 for job in $JOBS; do
     case "$job" in
-        rand4k-qd1) args="--rw=randread --bs=4k --ioengine=psync --iodepth=1" bs=4096 ;;
-        rand4k-qd32) args="--rw=randread --bs=4k --ioengine=libaio --iodepth=32" bs=4096 ;;
-        seq128k-qd1) args="--rw=read --bs=128k --ioengine=psync --iodepth=1" bs=131072 ;;
+        rand4k-qd1) args="--rw=randread --bs=4k --ioengine=psync --iodepth=1" ;;
+        rand4k-qd32) args="--rw=randread --bs=4k --ioengine=libaio --iodepth=32" ;;
+        seq128k-qd1) args="--rw=read --bs=128k --ioengine=psync --iodepth=1" ;;
         *) fail "unknown job $job" ;;
     esac
     sync_point "$job"
     # shellcheck disable=SC2086 # one word per option
     $FIO --name="$job" --filename=/dev/vda --readonly --direct=1 $args \
         --time_based --runtime="$SECS" --norandommap --randrepeat=0 \
-        --clocksource=clock_gettime --output-format=terse --terse-version=3 \
-        >/tmp/fio.out 2>/tmp/fio.err
+        --clocksource=clock_gettime --percentile_list=50:99:99.9 \
+        --output-format=json --output=/tmp/fio.json >/tmp/fio.out 2>/tmp/fio.err
     frc=$?
-    line=$(grep "^3;fio-" /tmp/fio.out | tail -n1)
-    if [ "$frc" != 0 ] || [ -z "$line" ]; then
-        sed 's/^/VUI-LOG fio: /' /tmp/fio.out /tmp/fio.err
+    if [ "$frc" != 0 ] || ! grep -q '"jobs"' /tmp/fio.json 2>/dev/null; then
+        sed 's/^/VUI-LOG fio: /' /tmp/fio.out /tmp/fio.err /tmp/fio.json 2>/dev/null
         echo "VUI-FAIL fio $job exited $frc"
         rc=1
         continue
     fi
-    echo "$line" | awk -F';' -v job="$job" -v bs="$bs" \
-        '{ printf "VUI-FIO job=%s iops=%s kibps=%s lat_us=%s ios=%d\n", job, $8, $7, $40, $6 * 1024 / bs }'
+    # The whole JSON on one line of its own, after the job's name.
+    printf 'VUI-FIO-JSON job=%s %s\n' "$job" "$(sed 's/^[[:space:]]*//' /tmp/fio.json | tr -d '\n')"
 done
 sync_point end
 exit "$rc"

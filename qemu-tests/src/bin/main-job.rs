@@ -11,7 +11,21 @@
 
 use std::process::{Command, ExitCode};
 
+use clap::Parser;
 use qemu_tests::{disk_image, repo, scratch, Daemon, Guest, Viommu};
+
+/// The main job: a Linux guest whose disk DMA goes through
+/// vhost-user-iommu.
+///
+/// Builds (or reuses) the patched QEMU (scripts/qemu/build-qemu.sh) and
+/// fetches the Debian guest kernel (scripts/guest/fetch-kernel.sh), both
+/// cached in ~/.cache/vhost-user-iommu/; starts the daemon in this process,
+/// boots the guest under TCG with a virtio-blk disk behind the vIOMMU
+/// (strict invalidation), writes and reads back 64 MiB, and prints what the
+/// guest driver and the daemon did. It takes no options.
+#[derive(Debug, Parser)]
+#[command(name = "main-job", version)]
+struct Cli {}
 
 fn setup(script: &str) -> bool {
     println!("== {script}");
@@ -29,6 +43,8 @@ fn setup(script: &str) -> bool {
 }
 
 fn main() -> ExitCode {
+    // --help and --version answer and exit here; anything else is refused.
+    let Cli {} = Cli::parse();
     if !setup("scripts/qemu/build-qemu.sh") || !setup("scripts/guest/fetch-kernel.sh") {
         return ExitCode::FAILURE;
     }
@@ -60,5 +76,24 @@ fn main() -> ExitCode {
     } else {
         eprintln!("{}", run.output);
         ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn help_and_version_answer_and_arguments_are_refused() {
+        Cli::command().debug_assert();
+        let kind = |args: &[&str]| Cli::try_parse_from(args).unwrap_err().kind();
+        assert_eq!(kind(&["main-job", "--help"]), ErrorKind::DisplayHelp);
+        assert_eq!(kind(&["main-job", "--version"]), ErrorKind::DisplayVersion);
+        assert_eq!(kind(&["main-job", "--quick"]), ErrorKind::UnknownArgument);
+        assert_eq!(kind(&["main-job", "x"]), ErrorKind::UnknownArgument);
+        assert!(Cli::try_parse_from(["main-job"]).is_ok());
     }
 }

@@ -6,6 +6,7 @@
 //! more guests of a configuration running at once.
 //!
 //! `cargo run --release -p qemu-tests --bin guest-bench -- [--guests 1,2] [--rounds N] [--quick]`
+//! (`--help` for every option)
 //!
 //! For every round, guest count n of `--guests` and configuration, n guests
 //! boot at the same moment, each with its own scratch directory, its own
@@ -24,10 +25,11 @@
 //! over the guests and divided by their fio I/O count, it is the host CPU
 //! per I/O; the whole host's busy fraction over the job (`/proc/stat`) shows
 //! whether anything else competed. The tables show per mode, job and guest
-//! count the guests' aggregate IOPS and the CPU per I/O, averaged over the
-//! rounds. The guests without a vIOMMU boot once per round and guest count:
-//! invalidation mode means nothing to them, so their figures stand in both
-//! modes' rows.
+//! count the guests' aggregate IOPS and the CPU per I/O, and fio's
+//! completion latency percentiles (p50, p99, p99.9, from its JSON output),
+//! averaged over the rounds. The guests without a vIOMMU boot once per
+//! round and guest count: invalidation mode means nothing to them, so their
+//! figures stand in both modes' rows.
 
 mod daemon;
 mod fio;
@@ -45,7 +47,7 @@ use qemu_tests::{initramfs_with, kernel_dir_for, poll_us, qemu_for, Arch, Viommu
 
 use crate::daemon::{build_daemon, daemon_args};
 use crate::group::{run_group, Ctx};
-use crate::options::{parse, Mode, Options, USAGE};
+use crate::options::{parse, Mode, Options};
 use crate::procstat::loadavg;
 use crate::report::{json, progress, table};
 
@@ -67,18 +69,10 @@ fn plan(opts: &Options) -> Vec<(Option<Mode>, Viommu)> {
 }
 
 fn main() -> ExitCode {
+    // clap prints --help (and exits 0) or the error (and exits 2) before
+    // anything starts.
+    let opts = parse(std::env::args_os()).unwrap_or_else(|e| e.exit());
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let opts = match parse(&args) {
-        Ok(Some(o)) => o,
-        Ok(None) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("guest-bench: {e}\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
     fio::set_arch(opts.arch);
     let (target, debian) = (opts.arch.qemu_target(), opts.arch.debian());
     if qemu_for(opts.arch).is_none() {
@@ -180,7 +174,8 @@ fn main() -> ExitCode {
     );
     println!(
         "== IOPS: sum over the guests; µs/IO: host CPU time of the guests' QEMU processes \
-         (+ their daemons for ours) over their I/Os; busy%: the whole host, during the job"
+         (+ their daemons for ours) over their I/Os; busy%: the whole host, during the job; \
+         clat µs: fio's completion latency percentiles, the mean over the guests (dd has none)",
     );
     println!(
         "== host load average {:.2} at the start, {:.2} at the end",

@@ -1,15 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The command line: `USAGE`, the options, and the configurations and
+//! The command line (clap): the options, and the configurations and
 //! invalidation modes they name.
 
 use std::path::PathBuf;
 
+use clap::Parser;
 use qemu_tests::{Arch, Viommu};
 
-pub const USAGE: &str = "\
-usage: guest-bench [--seconds S] [--rounds N] [--quick] [--guests LIST]
-                   [--viommu LIST] [--arch x86_64|arm64] [--json FILE] [--help]
-
+/// What `--help` says after the options: the jobs, the environment and
+/// what the run needs.
+const AFTER_HELP: &str = "\
 Boots TCG guests (Debian 6.12, 1 vCPU, 1 GiB each) behind our
 vhost-user-iommu daemon, behind QEMU's virtio-iommu-pci and with no vIOMMU,
 and runs fio in them on a virtio-blk disk (iommu_platform=on, O_DIRECT):
@@ -21,24 +21,8 @@ count n of --guests, n guests of a configuration boot at once (each with its
 own disk and, for ours, its own daemon process) and start each fio job at
 the same moment. Prints per mode, job and n the guests' aggregate IOPS and
 the host CPU time per I/O (their QEMU processes, plus their daemons for
-ours), with the ratios ours/QEMU.
-
-  --seconds S   seconds per fio job (default 5)
-  --rounds N    boot every configuration N times, round-robin, and average
-                (default 1)
-  --quick       1 s per job, strict mode only (a smoke run: about 1 min)
-  --guests LIST guest counts to run at once, comma-separated, each 1..=8
-                (default 1; e.g. 1,2,3)
-  --viommu LIST boot only these, comma-separated: ours, qemu, none
-                (default all three; to compare two builds of ours, run
-                each build's guest-bench with --viommu ours, alternately)
-  --arch A      x86_64 (default: q35, fio) or arm64: the `virt` machine
-                (GICv3, -cpu max, TCG; qemu-system-aarch64 of
-                scripts/qemu/build-qemu.sh --target aarch64, the kernel of
-                scripts/guest/fetch-kernel.sh --arch arm64), whose busybox
-                initramfs has no fio: busybox dd reads the disk instead
-                (qemu-tests/guest/ddbench.sh: seq4k-qd1, seq128k-qd1, O_DIRECT)
-  --json FILE   also write the figures, per round and averaged, to FILE
+ours), with the ratios ours/QEMU, and fio's completion latency percentiles
+(p50, p99, p99.9: fio's clat_ns.percentile, the mean over the guests).
 
 Environment: VUI_DAEMON_BIN=PATH runs that daemon binary instead of building
 the working tree's; VUI_POLL_US=N sets the daemons' --poll-us; VUI_DAEMON_ARGS
@@ -52,6 +36,61 @@ Needs the patched QEMU (scripts/qemu/build-qemu.sh) and the guest kernel
 built (cargo build --release -p vhost-user-iommu) at the start when ours
 is booted. Exits non-zero if a guest fails or reports a disk domain other
 than the mode asks for.";
+
+/// The guest benchmark: fio in TCG guests behind our vIOMMU, QEMU's and
+/// none.
+#[derive(Debug, Parser)]
+#[command(name = "guest-bench", after_help = AFTER_HELP)]
+pub struct Cli {
+    /// Seconds per fio job, 1..=600 (default 5; 1 with --quick)
+    #[arg(long, value_name = "S", value_parser = clap::value_parser!(u64).range(1..=600))]
+    seconds: Option<u64>,
+    /// Boot every configuration N times, round-robin, and average
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
+    /// 1 s per job, strict mode only (a smoke run: about 1 min)
+    #[arg(long)]
+    quick: bool,
+    /// Guest counts to run at once, comma-separated, each 1..=8 (e.g. 1,2,3)
+    #[arg(long, value_name = "LIST", default_value = "1", value_parser = parse_guests)]
+    guests: GuestCounts,
+    /// Boot only these, comma-separated: ours, qemu, none (default all
+    /// three); to compare two builds of ours, run each build's guest-bench
+    /// with --viommu ours, alternately
+    #[arg(long, value_name = "LIST", value_parser = parse_viommus)]
+    viommu: Option<Viommus>,
+    /// x86_64 (q35, fio) or arm64: the `virt` machine (GICv3, -cpu max,
+    /// TCG; qemu-system-aarch64 of scripts/qemu/build-qemu.sh --target
+    /// aarch64, the kernel of scripts/guest/fetch-kernel.sh --arch arm64),
+    /// whose busybox initramfs has no fio: busybox dd reads the disk
+    /// instead (qemu-tests/guest/ddbench.sh: seq4k-qd1, seq128k-qd1,
+    /// O_DIRECT)
+    #[arg(long, value_name = "ARCH", default_value = "x86_64", value_parser = parse_arch)]
+    arch: Arch,
+    /// Also write the figures, per round and averaged, to FILE (JSON)
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+/// A value of an option that does not parse.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OptionError {
+    #[error("{0:?} is not a guest count 1..={MAX_GUESTS}")]
+    GuestCount(String),
+    #[error("{0:?} is not ours, qemu or none")]
+    Viommu(String),
+    #[error("{0:?} is neither x86_64 nor arm64")]
+    Arch(String),
+}
+
+/// `--guests`: ascending, each once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestCounts(Vec<usize>);
+
+/// `--viommu`: in the table's order, each once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Viommus(Vec<Viommu>);
 
 pub const VIOMMUS: [Viommu; 3] = [Viommu::Ours, Viommu::Qemu, Viommu::None];
 /// The most guests booted at once (1 GiB of RAM each).
@@ -114,9 +153,8 @@ fn viommu_by_name(name: &str) -> Option<Viommu> {
     VIOMMUS.into_iter().find(|&v| viommu_name(v) == name)
 }
 
-/// `--guests LIST`: comma-separated guest counts, each 1..=[`MAX_GUESTS`];
-/// ascending, each once.
-fn parse_guests(list: &str) -> Result<Vec<usize>, String> {
+/// `--guests LIST`: comma-separated guest counts, each 1..=[`MAX_GUESTS`].
+fn parse_guests(list: &str) -> Result<GuestCounts, OptionError> {
     let mut out = Vec::new();
     for item in list.split(',') {
         let n = item
@@ -124,153 +162,201 @@ fn parse_guests(list: &str) -> Result<Vec<usize>, String> {
             .parse::<usize>()
             .ok()
             .filter(|n| (1..=MAX_GUESTS).contains(n))
-            .ok_or_else(|| {
-                format!("--guests {list}: {item:?} is not a guest count 1..={MAX_GUESTS}")
-            })?;
+            .ok_or_else(|| OptionError::GuestCount(item.to_string()))?;
         out.push(n);
     }
     out.sort_unstable();
     out.dedup();
-    Ok(out)
+    Ok(GuestCounts(out))
 }
 
-pub fn parse(args: &[String]) -> Result<Option<Options>, String> {
-    let (mut seconds, mut rounds, mut quick, mut json) = (None, 1, false, None);
-    let mut viommus = VIOMMUS.to_vec();
-    let mut guests = vec![1];
-    let mut arch = Arch::X86_64;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = |what: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{a} needs {what}"))
-        };
-        match a.as_str() {
-            "--help" | "-h" => return Ok(None),
-            "--seconds" => {
-                let v = value("a number of seconds")?;
-                seconds = Some(
-                    v.parse::<u64>()
-                        .ok()
-                        .filter(|s| (1..=600).contains(s))
-                        .ok_or_else(|| format!("--seconds {v}: want 1..=600"))?,
-                );
-            }
-            "--rounds" => {
-                let v = value("a number")?;
-                rounds = v
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|r| (1..=100).contains(r))
-                    .ok_or_else(|| format!("--rounds {v}: want 1..=100"))?;
-            }
-            "--quick" => quick = true,
-            "--guests" => guests = parse_guests(&value("a list of guest counts")?)?,
-            "--viommu" => {
-                let v = value("a list of ours, qemu, none")?;
-                let mut chosen = Vec::new();
-                for name in v.split(',') {
-                    let viommu = viommu_by_name(name).ok_or_else(|| {
-                        format!("--viommu {v}: {name:?} is not ours, qemu or none")
-                    })?;
-                    if !chosen.contains(&viommu) {
-                        chosen.push(viommu);
-                    }
-                }
-                // Booted in the table's order, whatever the order asked.
-                viommus = VIOMMUS.into_iter().filter(|v| chosen.contains(v)).collect();
-            }
-            "--json" => json = Some(PathBuf::from(value("a file")?)),
-            "--arch" => {
-                arch = match value("x86_64 or arm64")?.as_str() {
-                    "x86_64" | "amd64" => Arch::X86_64,
-                    "arm64" | "aarch64" => Arch::Arm64,
-                    other => return Err(format!("--arch {other}: want x86_64 or arm64")),
-                }
-            }
-            _ => return Err(format!("unknown argument {a}")),
+/// `--viommu LIST`: comma-separated names of [`VIOMMUS`].
+fn parse_viommus(list: &str) -> Result<Viommus, OptionError> {
+    let mut chosen = Vec::new();
+    for name in list.split(',') {
+        chosen.push(viommu_by_name(name).ok_or_else(|| OptionError::Viommu(name.to_string()))?);
+    }
+    // Booted in the table's order, whatever the order asked.
+    Ok(Viommus(
+        VIOMMUS.into_iter().filter(|v| chosen.contains(v)).collect(),
+    ))
+}
+
+/// `--arch`: Debian's name or QEMU's.
+fn parse_arch(name: &str) -> Result<Arch, OptionError> {
+    match name {
+        "x86_64" | "amd64" => Ok(Arch::X86_64),
+        "arm64" | "aarch64" => Ok(Arch::Arm64),
+        other => Err(OptionError::Arch(other.to_string())),
+    }
+}
+
+impl From<Cli> for Options {
+    fn from(cli: Cli) -> Self {
+        Options {
+            seconds: cli.seconds.unwrap_or(if cli.quick { 1 } else { 5 }),
+            rounds: cli.rounds,
+            modes: if cli.quick {
+                vec![Mode::Strict]
+            } else {
+                vec![Mode::Strict, Mode::Lazy]
+            },
+            viommus: cli.viommu.map_or(VIOMMUS.to_vec(), |v| v.0),
+            guests: cli.guests.0,
+            arch: cli.arch,
+            json: cli.json,
         }
     }
-    Ok(Some(Options {
-        seconds: seconds.unwrap_or(if quick { 1 } else { 5 }),
-        rounds,
-        modes: if quick {
-            vec![Mode::Strict]
-        } else {
-            vec![Mode::Strict, Mode::Lazy]
-        },
-        viommus,
-        guests,
-        arch,
-        json,
-    }))
+}
+
+/// The options of `args` (the program's name first), or clap's error
+/// (which, for `--help`, is the help text).
+pub fn parse<I, T>(args: I) -> Result<Options, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    Cli::try_parse_from(args).map(Options::from)
 }
 
 #[cfg(test)]
 mod tests {
+    use clap::error::ErrorKind;
+    use clap::CommandFactory;
+
     use super::*;
 
-    fn args(s: &str) -> Vec<String> {
-        s.split_whitespace().map(String::from).collect()
+    fn args(s: &str) -> Result<Options, clap::Error> {
+        parse(std::iter::once("guest-bench").chain(s.split_whitespace()))
+    }
+
+    fn kind(s: &str) -> ErrorKind {
+        args(s).unwrap_err().kind()
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn help_and_version_requests_start_nothing() {
+        assert_eq!(kind("--help"), ErrorKind::DisplayHelp);
+        assert_eq!(kind("-h"), ErrorKind::DisplayHelp);
+        assert_eq!(kind("--quick --help"), ErrorKind::DisplayHelp);
+        let help = Cli::command().render_long_help().to_string();
+        for flag in [
+            "--seconds",
+            "--rounds",
+            "--quick",
+            "--guests",
+            "--viommu",
+            "--arch",
+            "--json",
+        ] {
+            assert!(help.contains(flag), "{flag} in the help");
+        }
+        for var in [
+            "VUI_DAEMON_BIN",
+            "VUI_POLL_US",
+            "VUI_DAEMON_ARGS",
+            "VUI_QEMU_ARGS",
+        ] {
+            assert!(help.contains(var), "{var} in the help");
+        }
     }
 
     #[test]
     fn quick_is_one_second_strict_only() {
-        let o = parse(&args("--quick")).unwrap().unwrap();
+        let o = args("--quick").unwrap();
         assert_eq!((o.seconds, o.rounds), (1, 1));
         assert_eq!(o.modes, [Mode::Strict]);
-        let o = parse(&args("--quick --seconds 3")).unwrap().unwrap();
-        assert_eq!(o.seconds, 3);
+        assert_eq!(args("--quick --seconds 3").unwrap().seconds, 3);
+        assert_eq!(args("--seconds=3 --quick").unwrap().seconds, 3);
     }
 
     #[test]
     fn defaults_are_five_seconds_both_modes() {
-        let o = parse(&[]).unwrap().unwrap();
+        let o = args("").unwrap();
         assert_eq!((o.seconds, o.rounds), (5, 1));
         assert_eq!(o.modes, [Mode::Strict, Mode::Lazy]);
         assert_eq!(o.guests, [1]);
-        assert!(parse(&args("--rounds 0")).is_err());
-        assert!(parse(&args("--json")).is_err());
-        assert!(parse(&args("--help")).unwrap().is_none());
+        assert_eq!(o.json, None);
+        assert_eq!(
+            args("--json out.json").unwrap().json,
+            Some(PathBuf::from("out.json"))
+        );
+    }
+
+    #[test]
+    fn numbers_out_of_range_or_missing_are_refused() {
+        for bad in [
+            "--rounds 0",
+            "--rounds 101",
+            "--rounds x",
+            "--seconds 0",
+            "--seconds 601",
+        ] {
+            assert_eq!(kind(bad), ErrorKind::ValueValidation, "{bad}");
+        }
+        assert_eq!(args("--rounds 100").unwrap().rounds, 100);
+        assert_eq!(args("--seconds 600").unwrap().seconds, 600);
+        for missing in [
+            "--json",
+            "--rounds",
+            "--seconds",
+            "--guests",
+            "--viommu",
+            "--arch",
+        ] {
+            assert!(args(missing).is_err(), "{missing}");
+        }
+        assert_eq!(kind("--frobnicate"), ErrorKind::UnknownArgument);
+        assert_eq!(kind("extra"), ErrorKind::UnknownArgument);
     }
 
     #[test]
     fn arch_is_x86_by_default_and_arm64_on_request() {
-        assert_eq!(parse(&[]).unwrap().unwrap().arch, Arch::X86_64);
-        let o = parse(&args("--arch arm64 --quick")).unwrap().unwrap();
+        assert_eq!(args("").unwrap().arch, Arch::X86_64);
+        let o = args("--arch arm64 --quick").unwrap();
         assert_eq!((o.arch, o.seconds), (Arch::Arm64, 1));
+        assert_eq!(args("--arch aarch64").unwrap().arch, Arch::Arm64);
+        assert_eq!(args("--arch amd64").unwrap().arch, Arch::X86_64);
+        assert_eq!(kind("--arch riscv64"), ErrorKind::ValueValidation);
         assert_eq!(
-            parse(&args("--arch aarch64")).unwrap().unwrap().arch,
-            Arch::Arm64
+            parse_arch("riscv64"),
+            Err(OptionError::Arch("riscv64".into()))
         );
-        assert!(parse(&args("--arch riscv64")).is_err());
-        assert!(parse(&args("--arch")).is_err());
     }
 
     #[test]
     fn viommu_list_picks_configurations_in_table_order() {
-        assert_eq!(parse(&[]).unwrap().unwrap().viommus, VIOMMUS);
-        let o = parse(&args("--viommu none,ours,ours")).unwrap().unwrap();
+        assert_eq!(args("").unwrap().viommus, VIOMMUS);
+        let o = args("--viommu none,ours,ours").unwrap();
         assert_eq!(o.viommus, [Viommu::Ours, Viommu::None]);
-        assert!(parse(&args("--viommu intel")).is_err());
-        assert!(parse(&args("--viommu ours,")).is_err());
-        assert!(parse(&args("--viommu")).is_err());
+        for bad in ["intel", "ours,", ""] {
+            assert!(parse_viommus(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(kind("--viommu intel"), ErrorKind::ValueValidation);
+        let e = args("--viommu ours,intel").unwrap_err().to_string();
+        assert!(e.contains("\"intel\" is not ours, qemu or none"), "{e}");
     }
 
     #[test]
     fn guest_counts_are_sorted_once_each_and_bounded() {
-        assert_eq!(parse_guests("1,2,3").unwrap(), [1, 2, 3]);
-        assert_eq!(parse_guests("3,1,3").unwrap(), [1, 3]);
-        assert_eq!(parse_guests(" 2").unwrap(), [2]);
-        assert_eq!(parse_guests("8").unwrap(), [8]);
+        let counts = |s: &str| parse_guests(s).map(|g| g.0);
+        assert_eq!(counts("1,2,3").unwrap(), [1, 2, 3]);
+        assert_eq!(counts("3,1,3").unwrap(), [1, 3]);
+        assert_eq!(counts(" 2").unwrap(), [2]);
+        assert_eq!(counts("8").unwrap(), [8]);
         for bad in ["", "0", "9", "1,", ",1", "-1", "two", "1;2", "1.5"] {
-            let e = parse_guests(bad).unwrap_err();
-            assert!(e.contains("--guests"), "{bad:?}: {e}");
+            assert!(
+                matches!(counts(bad), Err(OptionError::GuestCount(_))),
+                "{bad:?}"
+            );
         }
-        let o = parse(&args("--guests 2,1")).unwrap().unwrap();
-        assert_eq!(o.guests, [1, 2]);
-        assert!(parse(&args("--guests")).is_err());
-        assert!(parse(&args("--guests 0")).is_err());
+        assert_eq!(args("--guests 2,1").unwrap().guests, [1, 2]);
+        assert_eq!(args("--guests=3").unwrap().guests, [3]);
+        assert_eq!(kind("--guests 0"), ErrorKind::ValueValidation);
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use qemu_tests::Viommu;
 use serde_json::{json, Map, Value};
 
-use crate::fio::{jobs, Sample};
+use crate::fio::{jobs, Percentiles, Sample};
 use crate::group::Group;
 use crate::options::{viommu_name, Mode, Options, VIOMMUS};
 use crate::procstat::CpuTime;
@@ -22,6 +22,8 @@ struct Aggregate {
     kibps: f64,
     /// Mean over the guests.
     lat_us: f64,
+    /// Each the mean over the guests of theirs.
+    clat: Percentiles,
     /// Sum over the guests.
     ios: f64,
     /// Host CPU seconds of the guests' QEMU processes (and daemons), summed.
@@ -37,6 +39,7 @@ impl Aggregate {
         iops: f64::NAN,
         kibps: f64::NAN,
         lat_us: f64::NAN,
+        clat: Percentiles::NONE,
         ios: f64::NAN,
         cpu_s: f64::NAN,
         daemon_cpu_s: f64::NAN,
@@ -69,6 +72,7 @@ impl Aggregate {
             iops: mean(|a| a.iops),
             kibps: mean(|a| a.kibps),
             lat_us: mean(|a| a.lat_us),
+            clat: Percentiles::mean(all.iter().map(|a| a.clat)),
             ios: mean(|a| a.ios),
             cpu_s: mean(|a| a.cpu_s),
             daemon_cpu_s: mean(|a| a.daemon_cpu_s),
@@ -84,10 +88,12 @@ fn aggregate(per_guest: &[(Sample, CpuTime)], host_busy: f64) -> Aggregate {
         return Aggregate::NONE;
     }
     let samples: Vec<Sample> = per_guest.iter().map(|(s, _)| *s).collect();
+    let mean = Sample::mean(&samples);
     Aggregate {
         iops: samples.iter().map(|s| s.iops).sum(),
         kibps: samples.iter().map(|s| s.kibps).sum(),
-        lat_us: Sample::mean(&samples).lat_us,
+        lat_us: mean.lat_us,
+        clat: mean.clat,
         ios: samples.iter().map(|s| s.ios).sum(),
         cpu_s: per_guest.iter().map(|(_, c)| c.total()).sum(),
         daemon_cpu_s: per_guest.iter().map(|(_, c)| c.daemon).sum(),
@@ -200,7 +206,9 @@ fn figure(x: f64, decimals: usize) -> String {
 
 /// Per mode and job, a row per guest count: the mean aggregate IOPS and
 /// host CPU per I/O of each configuration, the ratios of ours to QEMU's
-/// (and IOPS of ours to none), and the host's busy percentage.
+/// (and IOPS of ours to none), and the host's busy percentage; then a row
+/// per guest count of each configuration's completion latency
+/// percentiles (fio's, the mean over the guests and rounds).
 pub fn table(opts: &Options, groups: &[Group]) -> String {
     let mut t = String::new();
     for &mode in &opts.modes {
@@ -240,6 +248,34 @@ pub fn table(opts: &Options, groups: &[Group]) -> String {
                     busy
                 );
             }
+            let _ = writeln!(
+                t,
+                "{:>6} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10}",
+                "clat µs",
+                "ours p50",
+                "ours p99",
+                "ours p99.9",
+                "qemu p50",
+                "qemu p99",
+                "qemu p99.9",
+                "none p50",
+                "none p99",
+                "none p99.9"
+            );
+            for &n in &opts.guests {
+                let clat = VIOMMUS.map(|v| mean(groups, mode, v, n, job).clat);
+                let _ = write!(t, "{n:>7}");
+                for p in clat {
+                    let _ = write!(
+                        t,
+                        " {:>9} {:>9} {:>10}",
+                        figure(p.p50, 1),
+                        figure(p.p99, 1),
+                        figure(p.p99_9, 1)
+                    );
+                }
+                let _ = writeln!(t);
+            }
         }
     }
     t
@@ -252,12 +288,18 @@ fn num(x: f64) -> Value {
     json!((x * 1e3).round() / 1e3)
 }
 
+/// Completion latency percentiles, in µs (`null`: none, as with dd).
+fn json_clat(p: &Percentiles) -> Value {
+    json!({"p50": num(p.p50), "p99": num(p.p99), "p99_9": num(p.p99_9)})
+}
+
 /// One guest's fio result for one job.
 fn json_sample(s: &Sample) -> Value {
     json!({
         "iops": num(s.iops),
         "mb_s": num(s.mb_s()),
         "lat_us": num(s.lat_us),
+        "clat_us": json_clat(&s.clat),
         "ios": num(s.ios),
     })
 }
@@ -268,6 +310,7 @@ fn json_aggregate(a: &Aggregate) -> Value {
         "iops": num(a.iops),
         "mb_s": num(a.mb_s()),
         "lat_us": num(a.lat_us),
+        "clat_us": json_clat(&a.clat),
         "ios": num(a.ios),
         "cpu_s": num(a.cpu_s),
         "cpu_us_per_io": num(a.cpu_us_per_io()),
@@ -381,10 +424,10 @@ pub fn json(
 mod tests {
     use super::*;
     use crate::group::{GuestRun, Window};
-    use crate::options::parse;
+    use crate::options::{parse, Options};
 
-    fn args(s: &str) -> Vec<String> {
-        s.split_whitespace().map(String::from).collect()
+    fn opts(s: &str) -> Options {
+        parse(std::iter::once("guest-bench").chain(s.split_whitespace())).unwrap()
     }
 
     fn sample(iops: f64, ios: f64) -> Sample {
@@ -393,6 +436,11 @@ mod tests {
             kibps: iops * 4.0,
             lat_us: 1e6 / iops,
             ios,
+            clat: Percentiles {
+                p50: 1e6 / iops,
+                p99: 2e6 / iops,
+                p99_9: 4e6 / iops,
+            },
         }
     }
 
@@ -486,16 +534,20 @@ mod tests {
         assert!(mean(&groups, Mode::Lazy, Viommu::Qemu, 2, jobs()[0])
             .iops
             .is_nan());
-        assert!(table(
-            &parse(&args("--quick --guests 1,2")).unwrap().unwrap(),
-            &groups
-        )
-        .contains("     2         -       400"));
+        let t = table(&opts("--quick --guests 1,2"), &groups);
+        assert!(t.contains("     2         -       400"), "{t}");
+        // Latency: the mean over the guests of each percentile (10000 and
+        // 3333.3 µs at p50), none for a configuration not booted.
+        let clat = t.lines().find(|l| l.starts_with("      2 ")).unwrap();
+        let cells: Vec<&str> = clat.split_whitespace().collect();
+        assert_eq!(cells[..4], ["2", "-", "-", "-"], "{t}");
+        assert_eq!(cells[4..7], ["6666.7", "13333.3", "26666.7"], "{t}");
+        assert_eq!(cells[7..], ["-", "-", "-"], "{t}");
     }
 
     #[test]
     fn the_json_holds_the_means_and_every_guest() {
-        let opts = parse(&args("--quick --guests 2")).unwrap().unwrap();
+        let opts = opts("--quick --guests 2");
         let daemon_args = ["--poll-us".to_string(), "5".to_string()];
         let load = [0.5, f64::NAN];
         let text = json(
@@ -518,6 +570,11 @@ mod tests {
         );
         assert_eq!(mean["qemu"]["iops"], 400.0);
         assert_eq!(mean["qemu"]["cpu_us_per_io"], 1000.0);
+        assert_eq!(
+            mean["qemu"]["clat_us"],
+            json!({"p50": 6666.667, "p99": 13333.333, "p99_9": 26666.667})
+        );
+        assert!(mean["ours"]["clat_us"]["p99"].is_null());
         // A configuration not booted: null, and so are its ratios.
         assert!(mean["ours"]["iops"].is_null() && mean["ours_over_qemu"].is_null());
         let group = &v["groups"][0];
@@ -531,6 +588,10 @@ mod tests {
         assert_eq!(guest["results"][jobs()[0]]["cpu_us_per_io"], 1000.0);
         // A job without a window: its fio figures, no CPU.
         assert_eq!(guest["results"][jobs()[1]]["fio"]["iops"], 300.0);
+        assert_eq!(
+            guest["results"][jobs()[1]]["fio"]["clat_us"]["p99"],
+            6666.667
+        );
         assert!(guest["results"][jobs()[1]]["cpu_s"].is_null());
     }
 }
