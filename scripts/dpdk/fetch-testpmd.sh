@@ -39,6 +39,9 @@ done
 
 say() { echo "fetch-testpmd: $*" >&2; }
 die() { say "error: $*"; exit 1; }
+# Steps that may run for minutes say what they are at every 30 s.
+# shellcheck source=scripts/lib/progress.sh
+. "$(dirname "$0")/../lib/progress.sh"
 
 ROOT=${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-iommu/dpdk
 # The PMDs testpmd needs besides what dpdk-dev depends on (they are plugins).
@@ -74,16 +77,22 @@ PKGS="dpdk-dev $(apt-get install -s -q --no-install-recommends $DEPS $PMDS 2>/de
 echo "$PKGS" | grep -q librte-net-vhost23 || die "apt would not install $PMDS"
 say "downloading dpdk $VERSION: $(echo "$PKGS" | wc -w) packages"
 # shellcheck disable=SC2086
-(cd "$ROOT/downloads" && apt-get download -qq $PKGS >&2) || die "apt-get download failed"
+download() { cd "$ROOT/downloads" && apt-get download -qq $PKGS >&2; }
+downloaded() { progress_size "$ROOT/downloads"; }
+progress_with "fetch-testpmd: downloading" downloaded download || die "apt-get download failed"
 
 WORK=$(mktemp -d "$ROOT/work.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/root" "$WORK/pmds" "$WORK/bin"
-for p in $PKGS; do
-    deb=$(ls -t "$ROOT/downloads/${p}"_*.deb 2>/dev/null | head -n1)
-    [ -n "$deb" ] || die "no download of $p"
-    dpkg-deb -x "$deb" "$WORK/root"
-done
+unpack() {
+    for p in $PKGS; do
+        deb=$(ls -t "$ROOT/downloads/${p}"_*.deb 2>/dev/null | head -n1)
+        [ -n "$deb" ] || die "no download of $p"
+        dpkg-deb -x "$deb" "$WORK/root"
+    done
+}
+unpacked() { progress_size "$WORK/root"; }
+progress_with "fetch-testpmd: unpacking" unpacked unpack
 LIBDIR=$(find "$WORK/root/usr/lib" -maxdepth 1 -type d -name '*-linux-gnu' | head -n1)
 [ -n "$LIBDIR" ] || die "no multiarch library directory in the packages"
 for d in net_vhost mempool_ring; do

@@ -50,6 +50,9 @@ say() { echo "build-initramfs: $*" >&2; }
 die() { say "error: $*"; exit 1; }
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-iommu/guest
+# Steps that may run for minutes say what they are at every 30 s.
+# shellcheck source=scripts/lib/progress.sh
+. "$HERE/../lib/progress.sh"
 
 # busybox, cached (this machine's architecture in busybox/, another in busybox-ARCH/, its
 # package lists in a private apt state: scripts/lib/apt-sources.sh).
@@ -66,7 +69,7 @@ if [ ! -x "$BUSYBOX" ]; then
     # shellcheck disable=SC2086 # options, one word each
     if ! (cd "$BBDIR" && apt-get $APT_OPTS download -q "busybox-static:$ARCH" >&2); then
         # shellcheck disable=SC2086
-        [ -n "$APT_OPTS" ] && apt-get $APT_OPTS update -qq
+        [ -n "$APT_OPTS" ] && progress_with "build-initramfs: apt-get update" : apt-get $APT_OPTS update -qq
         # shellcheck disable=SC2086
         (cd "$BBDIR" && apt-get $APT_OPTS download -q "busybox-static:$ARCH" >&2)
     fi
@@ -160,7 +163,9 @@ INIT
 chmod +x "$STAGE/init" "$STAGE"/tests/* 2>/dev/null || true
 
 mkdir -p "$(dirname "$OUT")"
-(cd "$STAGE" && find . | sort | cpio -o -H newc --quiet -R 0:0) | gzip -1 >"$OUT.tmp"
+pack() { (cd "$STAGE" && find . | sort | cpio -o -H newc --quiet -R 0:0) | gzip -1 >"$OUT.tmp"; }
+packed() { echo "$(du -sm "$OUT.tmp" 2>/dev/null | cut -f1) MiB written"; }
+progress_with "build-initramfs: packing $(du -sm "$STAGE" | cut -f1) MiB" packed pack
 mv "$OUT.tmp" "$OUT"
 say "wrote $OUT ($(du -k "$OUT" | cut -f1) KiB)"
 echo "$OUT"

@@ -34,6 +34,9 @@ done
 
 say() { echo "fetch-fio: $*" >&2; }
 die() { say "error: $*"; exit 1; }
+# Steps that may run for minutes say what they are at every 30 s.
+# shellcheck source=scripts/lib/progress.sh
+. "$(dirname "$0")/../lib/progress.sh"
 
 ROOT=${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-iommu/fio
 VERSION=$(apt-cache policy fio 2>/dev/null | awk '/Candidate:/ { print $2 }')
@@ -55,7 +58,9 @@ flock 9
 DEB=$ROOT/downloads/fio_$(echo "$VERSION" | sed 's/^[0-9]*://')_amd64.deb
 if [ ! -f "$DEB" ]; then
     say "downloading fio $VERSION"
-    (cd "$ROOT/downloads" && apt-get download -q "fio=$VERSION" >&2)
+    download() { cd "$ROOT/downloads" && apt-get download -q "fio=$VERSION" >&2; }
+    downloaded() { progress_size "$ROOT/downloads"; }
+    progress_with "fetch-fio: downloading" downloaded download
 fi
 [ -f "$DEB" ] || die "apt-get download left no $DEB"
 
@@ -67,7 +72,11 @@ BIN=$WORK/deb/usr/bin/fio
 
 if ldd "$BIN" | grep -q 'not found'; then
     say "the host lacks fio's libraries: installing fio $VERSION on the host"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "fio=$VERSION" >/dev/null
+    install_fio() {
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "fio=$VERSION" >/dev/null
+    }
+    progress_with "fetch-fio: installing fio and its libraries" : install_fio
 fi
 missing=$(ldd "$BIN" | awk '/not found/ { print $1 }' | tr '\n' ' ')
 [ -z "$missing" ] || die "libraries still missing after installing fio: $missing"

@@ -49,6 +49,9 @@ WANT="virtio_pci virtio_iommu virtio_blk virtio_net vfio_pci vfio_iommu_type1"
 
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 . "$HERE/lib/apt-sources.sh"
+# Steps that may run for minutes say what they are at every 30 s.
+# shellcheck source=scripts/lib/progress.sh
+. "$HERE/lib/progress.sh"
 # apt's options for ARCH: none for this machine's own, a private state for another.
 APT_OPTS=
 if [ "$ARCH" != "$(dpkg --print-architecture)" ]; then
@@ -66,7 +69,7 @@ if [ -z "$PKG" ]; then
     [ "$PRINT" = 1 ] && die "no 6.12 $ARCH kernel known to apt; run without --print-path"
     ensure_backports_sources
     # shellcheck disable=SC2086
-    apt-get $APT_OPTS update -qq
+    progress_with "fetch-kernel: apt-get update" : apt-get $APT_OPTS update -qq
     PKG=$(pkg_name)
 fi
 [ -n "$PKG" ] || die "apt knows no linux-image-6.12.*-$ARCH-unsigned"
@@ -92,12 +95,15 @@ exec 9>"$ROOT/.lock"
 flock 9
 say "downloading $PKG"
 # shellcheck disable=SC2086
-(cd "$ROOT/downloads" && apt-get $APT_OPTS download -q "$PKG" >&2)
+download() { cd "$ROOT/downloads" && apt-get $APT_OPTS download -q "$PKG" >&2; }
+downloaded() { progress_size "$ROOT/downloads"; }
+progress_with "fetch-kernel: downloading" downloaded download
 DEB=$(ls -t "$ROOT/downloads/${PKG}"_*.deb | head -n1)
 
 WORK=$(mktemp -d "$ROOT/work.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
-dpkg-deb -x "$DEB" "$WORK"
+unpacked() { progress_size "$WORK"; }
+progress_with "fetch-kernel: unpacking $(basename "$DEB")" unpacked dpkg-deb -x "$DEB" "$WORK"
 CONFIG=$WORK/boot/config-$KVER
 grep -q '^CONFIG_VIRTIO_IOMMU=[ym]' "$CONFIG" || die "$KVER has no CONFIG_VIRTIO_IOMMU"
 grep -q '^CONFIG_ACPI_VIOT=y' "$CONFIG" || die "$KVER has no CONFIG_ACPI_VIOT=y"

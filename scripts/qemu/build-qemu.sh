@@ -91,6 +91,9 @@ esac
 CONFIGURE_FLAGS=$(configure_flags)
 
 . "$REPO_ROOT/scripts/lib/apt-sources.sh"
+# Steps that run for minutes say what they are at every 30 s.
+# shellcheck source=scripts/lib/progress.sh
+. "$REPO_ROOT/scripts/lib/progress.sh"
 CODENAME=$(debian_codename)
 SUITE=${VUI_QEMU_SUITE:-$CODENAME-backports}
 
@@ -218,7 +221,9 @@ TARBALL=$CACHE_ROOT/downloads/$ORIG_FILE
 sha_ok() { [ -f "$TARBALL" ] && [ "$(sha256sum "$TARBALL" | cut -d' ' -f1)" = "$ORIG_SHA" ]; }
 if ! sha_ok; then
     say "fetching qemu $SRC_VERSION source ($ORIG_SIZE bytes) with apt-get source --download-only"
-    (cd "$CACHE_ROOT/downloads" && apt-get source --download-only "qemu/$SUITE" >&2) ||
+    fetch_source() { cd "$CACHE_ROOT/downloads" && apt-get source --download-only "qemu/$SUITE" >&2; }
+    downloaded() { progress_size "$CACHE_ROOT/downloads"; }
+    progress_with "build-qemu: fetching" downloaded fetch_source ||
         say "apt-get source reported errors (the Debian tarball may 404); checking the orig tarball"
     sha_ok || die "orig tarball $ORIG_FILE missing or its SHA256 differs from apt's ($ORIG_SHA)"
 fi
@@ -255,6 +260,7 @@ BUILD=$SRC/build
 mkdir -p "$BUILD"
 say "configuring: $CONFIGURE_FLAGS"
 START=$(date +%s)
+# Their output goes to logs; what they are at comes every 30 s.
 # ccache (not part of the cache key: it does not change the binary). Paths are made relative to
 # the work tree, so a rebuild after a patch edit, in another work directory, still hits.
 CC_ARG=
@@ -265,12 +271,21 @@ if command -v ccache >/dev/null 2>&1; then
     CCACHE_NOHASHDIR=1
     export CCACHE_DIR CCACHE_BASEDIR CCACHE_NOHASHDIR
 fi
-# shellcheck disable=SC2086
-(cd "$BUILD" && nice -n 10 ../configure --python=/usr/bin/python3 ${CC_ARG:+--cc="$CC_ARG"} \
-    $CONFIGURE_FLAGS > configure.log 2>&1) ||
+configure_qemu() {
+    # shellcheck disable=SC2086
+    cd "$BUILD" && nice -n 10 ../configure --python=/usr/bin/python3 ${CC_ARG:+--cc="$CC_ARG"} \
+        $CONFIGURE_FLAGS > configure.log 2>&1
+}
+progress_with "build-qemu: configuring" : configure_qemu ||
     { tail -n 30 "$BUILD/configure.log" >&2; die "configure failed (log: $BUILD/configure.log)"; }
 say "building qemu-system-$TARGET with ninja -j$JOBS (cold: several minutes)"
-if ! (cd "$BUILD" && nice -n 10 ninja -j"$JOBS" "qemu-system-$TARGET" > ninja.log 2>&1); then
+build_qemu() { cd "$BUILD" && nice -n 10 ninja -j"$JOBS" "qemu-system-$TARGET" > ninja.log 2>&1; }
+# ninja's last "[N/M]" status line: N of its M steps done.
+ninja_steps() {
+    steps=$(grep -o '^\[[0-9]*/[0-9]*\]' "$BUILD/ninja.log" | tail -n 1 | tr -d '[]')
+    [ -z "$steps" ] || echo "$steps steps"
+}
+if ! progress_with "build-qemu: building" ninja_steps build_qemu; then
     grep -E 'error|Error' "$BUILD/ninja.log" | head -n 40 >&2 || true
     die "build failed (log: $BUILD/ninja.log)"
 fi
