@@ -12,6 +12,23 @@ use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use clap::Parser;
+
+/// Round trips between two processes through two pipes, by placement:
+/// wall time and the parent's CPU time per round trip.
+#[derive(Debug, Parser)]
+#[command(name = "handoff")]
+struct Cli {
+    /// Round trips per placement
+    #[arg(long, value_name = "N", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    round_trips: u32,
+    /// The other end (run by the measuring process itself), on CPU `CPU`
+    /// if given
+    #[arg(long, value_name = "CPU", hide = true, num_args = 0..=1)]
+    child: Option<Option<usize>>,
+}
+
 /// Hold the calling process to `cpu`.
 fn pin(cpu: usize) -> std::io::Result<()> {
     // SAFETY: an all-zero cpu_set_t is a valid empty set.
@@ -84,35 +101,14 @@ fn measure(n: u32, mine: Option<usize>, its: Option<usize>) -> std::io::Result<(
 }
 
 fn main() -> std::process::ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("--child") {
-        let cpu = args.get(1).and_then(|c| c.parse().ok());
+    let cli = Cli::parse();
+    if let Some(cpu) = cli.child {
         return match child(cpu) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(_) => std::process::ExitCode::FAILURE,
         };
     }
-    let mut n = 100_000u32;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--round-trips" => match it.next().and_then(|v| v.parse().ok()) {
-                Some(v) if v > 0 => n = v,
-                _ => {
-                    eprintln!("handoff: --round-trips wants a positive number");
-                    return std::process::ExitCode::from(2);
-                }
-            },
-            "--help" | "-h" => {
-                println!("usage: handoff [--round-trips N]\n\nRound trips between two processes through two pipes, by placement:\nwall time and the parent's CPU time per round trip (default N = 100000).");
-                return std::process::ExitCode::SUCCESS;
-            }
-            other => {
-                eprintln!("handoff: unknown argument {other:?} (try --help)");
-                return std::process::ExitCode::from(2);
-            }
-        }
-    }
+    let n = cli.round_trips;
     println!("{n} round trips between two processes, one byte each way through two pipes");
     for (what, mine, its) in [
         ("both on CPU 0", Some(0), Some(0)),
@@ -130,4 +126,34 @@ fn main() -> std::process::ExitCode {
         }
     }
     std::process::ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("handoff").chain(args.split_whitespace()))
+    }
+
+    #[test]
+    fn round_trips_default_and_must_be_positive() {
+        Cli::command().debug_assert();
+        assert_eq!(parse("").unwrap().round_trips, 100_000);
+        assert_eq!(parse("--round-trips 5").unwrap().round_trips, 5);
+        for bad in ["--round-trips 0", "--round-trips x", "--round-trips", "x"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse("--help").unwrap_err().kind(), ErrorKind::DisplayHelp);
+    }
+
+    #[test]
+    fn the_child_is_told_its_cpu_or_none() {
+        assert_eq!(parse("").unwrap().child, None);
+        assert_eq!(parse("--child").unwrap().child, Some(None));
+        assert_eq!(parse("--child 1").unwrap().child, Some(Some(1)));
+    }
 }
