@@ -15,6 +15,7 @@ use std::sync::Arc;
 use virtio_iommu::journal::{self, Answered, Completion};
 use virtio_iommu::{GuestRam, NoRam};
 
+use crate::control::Telemetry;
 use crate::guest_ram::RamBacking;
 use crate::ioas::{DaemonIoas, IommuDevice};
 use crate::mirror::{Batch, MirrorHandle, Record, SharedMem, Ticket, TranslationTable};
@@ -64,6 +65,17 @@ pub struct Clears {
 }
 
 impl Reset {
+    /// As the control socket's `reset` event names it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reset::FrontEnd => "front_end",
+            Reset::Device => "device",
+            Reset::ForeignQemu => "foreign_qemu",
+            Reset::System => "system",
+            Reset::RefusedState => "refused_state",
+        }
+    }
+
     /// The one table of what each reset clears.
     pub const fn clears(self) -> Clears {
         let (answers, features, memory, queues, faults, recovery) = match self {
@@ -119,6 +131,9 @@ pub struct Session {
     /// The QEMU process of this front-end session, from the first mirror
     /// HELLO that named one (0: none yet): the one the state file is for.
     qemu_instance: u64,
+    /// Where the endpoints attached and detached are told (the control
+    /// socket's events; nothing recorded without one).
+    telemetry: Arc<Telemetry>,
 }
 
 impl Session {
@@ -134,7 +149,14 @@ impl Session {
             recovered: false,
             recovered_for: None,
             qemu_instance: 0,
+            telemetry: Arc::default(),
         }
+    }
+
+    /// Tell `telemetry` the endpoints attached and detached, and the states
+    /// restored.
+    pub fn watch(&mut self, telemetry: Arc<Telemetry>) {
+        self.telemetry = telemetry;
     }
 
     pub fn device(&self) -> &IommuDevice {
@@ -183,6 +205,7 @@ impl Session {
             });
             match restored {
                 Ok(()) => {
+                    self.telemetry.state_restored("state_file", &self.device);
                     log::info!(
                         "state file: recovered {} attachments and mappings ({} records; \
                          the last {} completions kept to answer requests that come again)",
@@ -256,6 +279,7 @@ impl Session {
             j.commit(&self.device);
         }
         let out = batch.finish(mirror.notifier_flags());
+        self.telemetry.endpoint_changes(out);
         let ticket = match publish {
             Publish::Now => mirror.publish(out),
             Publish::Sync => mirror.publish_sync(out),
@@ -286,6 +310,7 @@ impl Session {
             sink: &mut batch,
         });
         let out = batch.finish(mirror.notifier_flags());
+        self.telemetry.endpoint_changes(out);
         let ticket = mirror.publish(out);
         if ticket.is_none() {
             self.release_table_pages(mirror);

@@ -310,7 +310,7 @@ fn subscribers_see_each_request_and_front_end_as_it_happens() {
     let d = Daemon::start("events", "8");
     let mut all = d.client();
     let sub: protocol::Subscription = all.call("subscribe", Value::Null).unwrap();
-    assert_eq!(sub.events.len(), 7);
+    assert_eq!(sub.events.len(), 16);
     let mut maps = d.client();
     maps.call::<protocol::Subscription>("subscribe", json!({"events": ["map"]}))
         .unwrap();
@@ -330,6 +330,12 @@ fn subscribers_see_each_request_and_front_end_as_it_happens() {
     assert_eq!(vm.detach(1, 8).unwrap(), Status::Ok);
     drop(vm);
 
+    // A new front-end finds the device reset for it.
+    let e = event(&mut all);
+    assert_eq!(
+        (&e["event"], &e["data"]["kind"]),
+        (&json!("reset"), &json!("front_end"))
+    );
     let e = event(&mut all);
     assert_eq!(e["event"], "front_end_connected");
     let e = event(&mut all);
@@ -337,6 +343,12 @@ fn subscribers_see_each_request_and_front_end_as_it_happens() {
     assert_eq!(
         e["data"],
         json!({"domain": 1, "endpoint": 8, "bypass": false, "status": "ok"})
+    );
+    let e = event(&mut all);
+    assert_eq!(e["event"], "endpoint_attached");
+    assert_eq!(
+        e["data"],
+        json!({"domain": 1, "endpoint": 8, "bypass": false})
     );
     let e = event(&mut all);
     assert_eq!(
@@ -353,6 +365,16 @@ fn subscribers_see_each_request_and_front_end_as_it_happens() {
     assert_eq!(e["data"]["virt_end"], u64::MAX);
     let e = event(&mut all);
     assert_eq!(e["event"], "detach");
+    let e = event(&mut all);
+    assert_eq!(e["event"], "endpoint_detached");
+    assert_eq!(e["data"], json!({"domain": 1, "endpoint": 8}));
+    // The front-end leaves: the device is reset, with nothing left in it.
+    let e = event(&mut all);
+    assert_eq!(e["event"], "reset");
+    assert_eq!(
+        e["data"],
+        json!({"kind": "front_end", "domains": 0, "mappings": 0, "attached": 0})
+    );
     let e = event(&mut all);
     assert_eq!(e["event"], "front_end_disconnected");
     let mut times = Vec::new();
@@ -397,6 +419,152 @@ fn subscribers_see_each_request_and_front_end_as_it_happens() {
     let line = text.lines().find(|l| l.contains(" attach ")).expect(&text);
     for field in ["domain=5", "endpoint=0x8", "bypass=false", "status=ok"] {
         assert!(line.contains(field), "{text}");
+    }
+}
+
+/// The events of what the device does besides answering requests: an
+/// ATTACH that moves an endpoint, a device reset (with what it held), a
+/// migration state loaded, a damaged one refused. The subscriber asked for
+/// none of the request events, and gets none.
+#[test]
+fn subscribers_see_endpoints_move_resets_and_states_restored() {
+    use vhost::vhost_user::VhostUserFrontend;
+    let src = Daemon::start("state-events-src", "8,16");
+    let mut vm = src.vm();
+    let buf = vm.ram().alloc(0x2000, 0x1000).unwrap();
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+    assert_eq!(vm.map(1, 0x1000, 0x2fff, buf, 3).unwrap(), Status::Ok);
+    assert_eq!(vm.attach(2, 16, 0).unwrap(), Status::Ok);
+    let state = vm.save_state().unwrap();
+    drop(vm);
+
+    let d = Daemon::start("state-events", "8,16");
+    let mut c = d.client();
+    let kinds = [
+        "reset",
+        "endpoint_attached",
+        "endpoint_detached",
+        "state_restored",
+    ];
+    let sub: protocol::Subscription = c.call("subscribe", json!({ "events": kinds })).unwrap();
+    assert_eq!(sub.events, kinds);
+    let mut vm = d.vm();
+    let e = event(&mut c);
+    assert_eq!(
+        (&e["event"], &e["data"]["kind"]),
+        (&json!("reset"), &json!("front_end"))
+    );
+
+    vm.load_state(&state).unwrap();
+    // The state's attachments enter the device, then the event says what
+    // it holds.
+    let mut attached = Vec::new();
+    for _ in 0..2 {
+        let e = event(&mut c);
+        assert_eq!(e["event"], "endpoint_attached", "{e}");
+        attached.push((e["data"]["endpoint"].clone(), e["data"]["domain"].clone()));
+    }
+    attached.sort_by_key(|(ep, _)| ep.as_u64());
+    assert_eq!(attached, [(json!(8), json!(1)), (json!(16), json!(2))]);
+    let e = event(&mut c);
+    assert_eq!(e["event"], "state_restored");
+    assert_eq!(
+        e["data"],
+        json!({"source": "migration", "domains": 2, "mappings": 1, "attached": 2})
+    );
+
+    // ATTACH moving 16 to domain 1: it leaves domain 2 (gone with it), then
+    // enters domain 1; no `attach` (a request event) comes between.
+    assert_eq!(vm.attach(1, 16, 0).unwrap(), Status::Ok);
+    let e = event(&mut c);
+    assert_eq!(
+        (&e["event"], &e["data"]),
+        (
+            &json!("endpoint_detached"),
+            &json!({"endpoint": 16, "domain": 2})
+        )
+    );
+    let e = event(&mut c);
+    assert_eq!(
+        (&e["event"], &e["data"]),
+        (
+            &json!("endpoint_attached"),
+            &json!({"endpoint": 16, "domain": 1, "bypass": false})
+        )
+    );
+
+    // A device reset, with what the device held when it came.
+    vm.frontend().reset_device().unwrap();
+    let e = event(&mut c);
+    assert_eq!(
+        (&e["event"], &e["data"]),
+        (
+            &json!("reset"),
+            &json!({"kind": "device", "domains": 1, "mappings": 1, "attached": 2})
+        )
+    );
+
+    // A damaged state: refused, and the device reset so that nothing is
+    // half-loaded.
+    let mut bad = state.clone();
+    bad[0] ^= 0xff;
+    assert!(vm.load_state(&bad).is_err());
+    let e = event(&mut c);
+    assert_eq!(
+        (&e["event"], &e["data"]["kind"]),
+        (&json!("reset"), &json!("refused_state"))
+    );
+    drop(vm);
+    let e = event(&mut c);
+    assert_eq!(
+        (&e["event"], &e["data"]["kind"]),
+        (&json!("reset"), &json!("front_end"))
+    );
+    assert!(c.next_event(Duration::from_millis(300)).unwrap().is_none());
+
+    // ctl prints them for people.
+    let out = Command::new(BIN)
+        .args(["ctl", "--control-socket"])
+        .arg(&d.control)
+        .args([
+            "subscribe",
+            "reset",
+            "state_restored",
+            "--count",
+            "2",
+            "--seconds",
+            "10",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    while c
+        .call::<protocol::Counters>("counters", Value::Null)
+        .unwrap()
+        .events
+        .subscribers
+        < 2
+    {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut vm = d.vm();
+    vm.load_state(&state).unwrap();
+    let out = out.wait_with_output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("subscribed to reset, state_restored"),
+        "{text}"
+    );
+    let reset = text.lines().find(|l| l.contains(" reset ")).expect(&text);
+    assert!(reset.contains("kind=front_end"), "{text}");
+    let restored = text
+        .lines()
+        .find(|l| l.contains(" state_restored "))
+        .expect(&text);
+    for field in ["source=migration", "domains=2", "mappings=1", "attached=2"] {
+        assert!(restored.contains(field), "{text}");
     }
 }
 

@@ -728,6 +728,135 @@ fn the_control_socket_shows_the_mirror_peer_and_its_faults_and_trace_shows_its_r
     }
 }
 
+/// The control socket's events of the mirror: its peers connecting, being
+/// refused (another QEMU while one is connected, a process other than the
+/// front-end's) and leaving; QEMU's faults written for the guest or
+/// dropped (no buffer, then a reset); QEMU's system reset.
+#[test]
+fn the_control_socket_tells_mirror_peers_faults_to_the_guest_and_system_resets() {
+    use serde_json::{json, Value};
+    use vhost_user_iommu::control::client::Client;
+    use vhost_user_iommu::control::protocol;
+    let dir = Scratch::new("mirror-events");
+    let control = dir.join("control.sock");
+    let d = DaemonProcess::builder(BIN, dir.join("viommu.sock"))
+        .mirror(dir.join("viommu.mirror"))
+        .args(["--endpoints", "8", "--control-socket"])
+        .arg(&control)
+        .rust_log("warn")
+        .spawn()
+        .owning(dir);
+    let mut c = Client::connect(&control, Duration::from_secs(5)).unwrap();
+    let kinds = [
+        "mirror_connected",
+        "mirror_refused",
+        "mirror_disconnected",
+        "fault_reported",
+        "fault_dropped",
+        "reset",
+    ];
+    c.call::<protocol::Subscription>("subscribe", json!({ "events": kinds }))
+        .unwrap();
+    let mut next = || -> Value {
+        c.next_event(Duration::from_secs(5))
+            .unwrap()
+            .expect("an event")
+    };
+    let me = std::process::id();
+    let opts = VmOptions {
+        event_buffers: 1,
+        ..VmOptions::default()
+    };
+    let mut vm = d.connect(opts).unwrap();
+    assert_eq!(next()["data"]["kind"], "front_end");
+    let mut q = FakeQemu::connect(mirror(&d));
+    let batches = q.auto_ack();
+    batches.recv_timeout(Duration::from_secs(5)).unwrap();
+    let e = next();
+    assert_eq!(e["event"], "mirror_connected");
+    assert_eq!(e["data"]["connection"], 1);
+    if !e["data"]["pid"].is_null() {
+        assert_eq!(e["data"]["pid"], me);
+    }
+
+    // A second QEMU while one is connected; a process that is not the
+    // front-end's.
+    let _second = UnixStream::connect(mirror(&d)).unwrap();
+    let e = next();
+    assert_eq!(
+        (&e["event"], &e["data"]["reason"]),
+        (&json!("mirror_refused"), &json!("busy"))
+    );
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "mirror_peer_in_another_process"])
+        .env("VUI_MIRROR_PEER_SOCKET", mirror(&d))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let e = next();
+    assert_eq!(
+        (&e["event"], &e["data"]["reason"]),
+        (&json!("mirror_refused"), &json!("not_front_end"))
+    );
+    assert_ne!(e["data"]["pid"], me);
+
+    // The first fault takes the guest's one event buffer; of the 65 that
+    // wait for another, the oldest is dropped.
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+    for page in 0..66u64 {
+        q.send(FAULT, 0, 0, &fault_msg(page << 12));
+    }
+    let e = next();
+    assert_eq!(e["event"], "fault_reported");
+    assert_eq!(
+        e["data"],
+        json!({"endpoint": 8, "address": 0, "reason": "mapping", "flags": 2})
+    );
+    let e = next();
+    assert_eq!(e["event"], "fault_dropped");
+    assert_eq!(
+        e["data"],
+        json!({"endpoint": 8, "address": 0x1000, "reason": "mapping", "flags": 2, "why": "no_buffer"})
+    );
+    // QEMU resets the machine: the 64 waiting go with it.
+    q.send(SYSTEM_RESET, 0, 7, &[]);
+    let e = next();
+    assert_eq!(
+        (&e["event"], &e["data"]),
+        (
+            &json!("reset"),
+            &json!({"kind": "system", "domains": 1, "mappings": 0, "attached": 1})
+        )
+    );
+    for page in 2..66u64 {
+        let e = next();
+        assert_eq!(e["event"], "fault_dropped");
+        assert_eq!(
+            (&e["data"]["address"], &e["data"]["why"]),
+            (&json!(page << 12), &json!("reset"))
+        );
+    }
+    assert_eq!(
+        vm.next_fault(Duration::from_secs(5))
+            .unwrap()
+            .unwrap()
+            .address,
+        0
+    );
+    assert!(vm.next_fault(Duration::from_millis(300)).unwrap().is_none());
+
+    // QEMU closes its end.
+    q.s.shutdown(std::net::Shutdown::Both).unwrap();
+    let e = next();
+    assert_eq!(
+        (&e["event"], &e["data"]),
+        (
+            &json!("mirror_disconnected"),
+            &json!({"connection": 1, "how": "closed"})
+        )
+    );
+}
+
 /// A FAULT message for endpoint 8: a write to `address`, no mapping.
 fn fault_msg(address: u64) -> [u8; 24] {
     let mut fault = [0u8; 24];

@@ -719,9 +719,12 @@ fn handshake(
 
     let mut fe = frontend;
     let protocol_offered = fe.get_protocol_features()?;
+    // As QEMU: RESET_DEVICE too, so that a test can reset the device
+    // (Frontend::reset_device).
     let mut proto = VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::DEVICE_STATE
-        | VhostUserProtocolFeatures::LOG_SHMFD;
+        | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::RESET_DEVICE;
     if opts.reply_ack {
         proto |= VhostUserProtocolFeatures::REPLY_ACK;
     }

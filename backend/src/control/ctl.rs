@@ -90,9 +90,12 @@ pub enum CtlCommand {
     Latency,
     /// The most recent faults QEMU reported.
     Faults,
-    /// Print events as they come (every kind unless some are named: attach,
-    /// detach, map, unmap, fault, front_end_connected,
-    /// front_end_disconnected).
+    /// Print events as they come (every kind unless some are named). The
+    /// guest's requests: attach, detach, map, unmap. The device and its
+    /// peers: front_end_connected, front_end_disconnected, reset,
+    /// endpoint_attached, endpoint_detached, state_restored,
+    /// mirror_connected, mirror_refused, mirror_disconnected, fault (QEMU's),
+    /// fault_reported (to the guest), fault_dropped.
     Subscribe {
         events: Vec<String>,
         /// Stop after this many events.
@@ -247,4 +250,34 @@ fn subscribe(
         out.flush()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        ctl: CtlArgs,
+    }
+
+    #[test]
+    fn subscribes_help_names_every_event_kind() {
+        let mut cmd = Cli::command();
+        let help = cmd
+            .find_subcommand_mut("subscribe")
+            .expect("subscribe")
+            .render_long_help()
+            .to_string();
+        // Names run together across the help's line breaks.
+        let words: Vec<&str> = help
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .collect();
+        for kind in crate::control::events::KINDS {
+            assert!(words.contains(&kind), "{kind} in:\n{help}");
+        }
+    }
 }

@@ -7,11 +7,13 @@
 //! `try_send` — a lock-free slot claim on the standard library's array
 //! channel, whose receiver never sleeps on it (the dispatcher polls with
 //! `try_recv`, so no sender ever has a waiter to wake) — and an event that
-//! finds the queue full is dropped and counted. With no subscriber, no
-//! event is even built: one relaxed load decides.
+//! finds the queue full is dropped and counted. With no subscriber of an
+//! event's kind, it is not even built: one relaxed load of the kinds
+//! subscribed to decides (per request, or per batch for the endpoints a
+//! batch attached and detached).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -19,6 +21,8 @@ use std::time::Instant;
 use serde::Serialize;
 use virtio_iommu::request::{self, Request};
 use virtio_iommu::wire::fault;
+
+use crate::mirror::Record;
 
 /// Events waiting for the dispatcher.
 pub const EVENT_QUEUE: usize = 4096;
@@ -64,6 +68,68 @@ pub enum Event {
         pid: Option<u32>,
     },
     FrontEndDisconnected,
+    /// The device went back to power-on, in part or whole, for `kind`'s
+    /// reason ([`crate::session::Reset::name`]); what it held then.
+    Reset {
+        kind: &'static str,
+        domains: usize,
+        mappings: usize,
+        attached: usize,
+    },
+    /// A QEMU connected to the mirror socket (connection `connection`,
+    /// `pid`: its process, if found).
+    MirrorConnected {
+        connection: u64,
+        pid: Option<u32>,
+    },
+    /// A connection to the mirror socket was refused: `reason`
+    /// `not_front_end` (not the front-end's process) or `busy` (a QEMU is
+    /// connected).
+    MirrorRefused {
+        pid: Option<u32>,
+        reason: &'static str,
+    },
+    /// A mirror connection ended: `how` is `closed` (QEMU closed it),
+    /// `reset` (QEMU exited with data unread), `error` (what QEMU sent was
+    /// not the protocol) or `dropped` (the daemon closed it: no ACK or read
+    /// in time, QEMU's process gone, the daemon stopping).
+    MirrorDisconnected {
+        connection: u64,
+        how: &'static str,
+    },
+    /// An endpoint entered a domain (by the guest's ATTACH, or a state
+    /// restored).
+    EndpointAttached {
+        endpoint: u32,
+        domain: u32,
+        bypass: bool,
+    },
+    /// An endpoint left a domain (by the guest's DETACH, or an ATTACH
+    /// moving it to another). A reset detaches every endpoint: its
+    /// [`Event::Reset`] stands for them.
+    EndpointDetached {
+        endpoint: u32,
+        domain: u32,
+    },
+    /// A fault went into a buffer of the guest's event queue.
+    FaultReported(FaultRecord),
+    /// A fault never reached the guest: `why` is `no_buffer` (the guest
+    /// posted none while [`FAULT_RING`] newer ones came), `bad_buffer` (the
+    /// buffer could not hold it) or `reset` (the device was reset first).
+    FaultDropped {
+        #[serde(flatten)]
+        fault: FaultRecord,
+        why: &'static str,
+    },
+    /// The device took a saved state: `source` is `state_file` (a previous
+    /// daemon's, at start) or `migration` (the source's, over
+    /// `SET_DEVICE_STATE_FD`); what it holds now.
+    StateRestored {
+        source: &'static str,
+        domains: usize,
+        mappings: usize,
+        attached: usize,
+    },
 }
 
 /// A fault, as `faults` and the `fault` event give it.
@@ -78,6 +144,16 @@ pub struct FaultRecord {
 }
 
 impl FaultRecord {
+    /// The fault of an event written for the guest.
+    pub fn of_event(e: &virtio_iommu::FaultEvent) -> Self {
+        Self::new(
+            e.reason,
+            e.flags.into(),
+            e.endpoint.into(),
+            e.address.into(),
+        )
+    }
+
     pub fn new(reason: u8, flags: u32, endpoint: u32, address: u64) -> Self {
         Self {
             endpoint,
@@ -94,7 +170,7 @@ impl FaultRecord {
 
 /// The kinds, as subscribers name them; bit `i` of a subscription's mask
 /// is `KINDS[i]`.
-pub const KINDS: [&str; 7] = [
+pub const KINDS: [&str; 16] = [
     "attach",
     "detach",
     "map",
@@ -102,7 +178,25 @@ pub const KINDS: [&str; 7] = [
     "fault",
     "front_end_connected",
     "front_end_disconnected",
+    "reset",
+    "mirror_connected",
+    "mirror_refused",
+    "mirror_disconnected",
+    "endpoint_attached",
+    "endpoint_detached",
+    "fault_reported",
+    "fault_dropped",
+    "state_restored",
 ];
+
+/// The bits of the request events (`attach`, `detach`, `map`, `unmap`).
+pub const REQUEST_EVENTS: u32 = 0b1111;
+/// The bits of `endpoint_attached` and `endpoint_detached`.
+pub const ENDPOINT_EVENTS: u32 = 0b11 << 11;
+/// The bit of `reset`.
+pub const RESET_EVENT: u32 = 1 << 7;
+/// The bit of `state_restored`.
+pub const STATE_EVENT: u32 = 1 << 15;
 
 impl Event {
     /// Its bit in a subscription mask.
@@ -115,6 +209,36 @@ impl Event {
             Event::Fault(_) => 4,
             Event::FrontEndConnected { .. } => 5,
             Event::FrontEndDisconnected => 6,
+            Event::Reset { .. } => 7,
+            Event::MirrorConnected { .. } => 8,
+            Event::MirrorRefused { .. } => 9,
+            Event::MirrorDisconnected { .. } => 10,
+            Event::EndpointAttached { .. } => 11,
+            Event::EndpointDetached { .. } => 12,
+            Event::FaultReported(_) => 13,
+            Event::FaultDropped { .. } => 14,
+            Event::StateRestored { .. } => 15,
+        }
+    }
+
+    /// The event of an ATTACH or DETACH record a batch sent the mirror;
+    /// none for the others.
+    pub fn of_record(r: &Record) -> Option<Self> {
+        match *r {
+            Record::Attach {
+                endpoint,
+                domain,
+                bypass,
+                ..
+            } => Some(Event::EndpointAttached {
+                endpoint,
+                domain,
+                bypass,
+            }),
+            Record::Detach { endpoint, domain } => {
+                Some(Event::EndpointDetached { endpoint, domain })
+            }
+            _ => None,
         }
     }
 
@@ -190,6 +314,9 @@ pub struct EventQueue {
     tx: SyncSender<Stamped>,
     rx: Mutex<Option<Receiver<Stamped>>>,
     subscribers: AtomicUsize,
+    /// The kinds someone subscribed to: the union of the subscriptions'
+    /// masks.
+    wanted: AtomicU32,
     published: AtomicU64,
     dropped: AtomicU64,
 }
@@ -212,21 +339,23 @@ impl EventQueue {
             tx,
             rx: Mutex::new(Some(rx)),
             subscribers: AtomicUsize::new(0),
+            wanted: AtomicU32::new(0),
             published: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
         }
     }
 
-    /// Whether anyone listens: without, no event is built.
+    /// Whether anyone listens for a kind of `bits` (a mask of [`KINDS`]
+    /// bits): without, no such event is built.
     #[inline]
-    pub fn wanted(&self) -> bool {
-        self.subscribers.load(Ordering::Relaxed) > 0
+    pub fn wants(&self, bits: u32) -> bool {
+        self.wanted.load(Ordering::Relaxed) & bits != 0
     }
 
-    /// Queue `event` if anyone listens; never waits: a full queue drops it
-    /// (counted).
+    /// Queue `event` if anyone listens for its kind; never waits: a full
+    /// queue drops it (counted).
     pub fn publish(&self, event: Event) {
-        if !self.wanted() {
+        if !self.wants(event.bit()) {
             return;
         }
         let time_us = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -243,13 +372,12 @@ impl EventQueue {
         self.rx.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
-    /// A subscriber came or went.
-    pub fn subscribed(&self, yes: bool) {
-        if yes {
-            self.subscribers.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.subscribers.fetch_sub(1, Ordering::Relaxed);
-        }
+    /// The subscriptions now: one mask of [`KINDS`] bits each. Events of
+    /// kinds none of them asked for are not even built from now on.
+    pub fn subscriptions(&self, masks: impl Iterator<Item = u32>) {
+        let (n, wanted) = masks.fold((0, 0), |(n, w), m| (n + 1, w | m));
+        self.subscribers.store(n, Ordering::Relaxed);
+        self.wanted.store(wanted, Ordering::Relaxed);
     }
 
     pub fn counters(&self) -> EventCounters {
@@ -296,15 +424,208 @@ mod tests {
         let q = EventQueue::new(Instant::now(), 2);
         q.publish(Event::FrontEndDisconnected);
         assert_eq!(q.counters(), EventCounters::default());
-        q.subscribed(true);
+        q.subscriptions([u32::MAX].into_iter());
         for _ in 0..3 {
             q.publish(Event::FrontEndDisconnected);
         }
         let c = q.counters();
-        assert_eq!((c.published, c.dropped), (2, 1));
+        assert_eq!((c.subscribers, c.published, c.dropped), (1, 2, 1));
         let rx = q.take_receiver().unwrap();
         assert_eq!(rx.try_iter().count(), 2);
         assert!(q.take_receiver().is_none());
+        q.subscriptions(std::iter::empty());
+        assert!(!q.wants(u32::MAX));
+        assert_eq!(q.counters().subscribers, 0);
+    }
+
+    #[test]
+    fn only_kinds_someone_subscribed_to_are_queued() {
+        let q = EventQueue::new(Instant::now(), 16);
+        let rx = q.take_receiver().unwrap();
+        // One subscriber of resets, one of map and unmap.
+        q.subscriptions([RESET_EVENT, 0b1100].into_iter());
+        assert!(q.wants(REQUEST_EVENTS) && q.wants(RESET_EVENT));
+        assert!(!q.wants(ENDPOINT_EVENTS) && !q.wants(STATE_EVENT));
+        q.publish(Event::FrontEndDisconnected);
+        q.publish(Event::EndpointDetached {
+            endpoint: 1,
+            domain: 2,
+        });
+        let reset = Event::Reset {
+            kind: "device",
+            domains: 1,
+            mappings: 2,
+            attached: 3,
+        };
+        q.publish(reset);
+        let got: Vec<Event> = rx.try_iter().map(|s| s.event).collect();
+        assert_eq!(got, [reset]);
+        assert_eq!(q.counters().published, 1);
+    }
+
+    /// One event of each kind.
+    fn one_of_each() -> Vec<Event> {
+        let f = FaultRecord::new(fault::R_MAPPING, 2, 8, 0x1000);
+        vec![
+            Event::Attach {
+                domain: 1,
+                endpoint: 8,
+                bypass: false,
+                status: "ok",
+            },
+            Event::Detach {
+                domain: 1,
+                endpoint: 8,
+                status: "ok",
+            },
+            Event::Map {
+                domain: 1,
+                virt_start: 0,
+                virt_end: 0xfff,
+                phys_start: 0,
+                flags: 1,
+                status: "ok",
+            },
+            Event::Unmap {
+                domain: 1,
+                virt_start: 0,
+                virt_end: 0xfff,
+                status: "ok",
+            },
+            Event::Fault(f),
+            Event::FrontEndConnected { pid: Some(7) },
+            Event::FrontEndDisconnected,
+            Event::Reset {
+                kind: "system",
+                domains: 1,
+                mappings: 2,
+                attached: 3,
+            },
+            Event::MirrorConnected {
+                connection: 1,
+                pid: None,
+            },
+            Event::MirrorRefused {
+                pid: Some(9),
+                reason: "busy",
+            },
+            Event::MirrorDisconnected {
+                connection: 1,
+                how: "closed",
+            },
+            Event::EndpointAttached {
+                endpoint: 8,
+                domain: 1,
+                bypass: true,
+            },
+            Event::EndpointDetached {
+                endpoint: 8,
+                domain: 1,
+            },
+            Event::FaultReported(f),
+            Event::FaultDropped {
+                fault: f,
+                why: "no_buffer",
+            },
+            Event::StateRestored {
+                source: "migration",
+                domains: 1,
+                mappings: 2,
+                attached: 3,
+            },
+        ]
+    }
+
+    #[test]
+    fn every_kind_has_its_own_bit_named_as_its_event_line() {
+        let all = one_of_each();
+        assert_eq!(all.len(), KINDS.len());
+        let mut seen = 0;
+        for e in &all {
+            let v = serde_json::to_value(e).unwrap();
+            let i = e.bit().trailing_zeros() as usize;
+            assert_eq!(v["event"], KINDS[i], "{e:?}");
+            assert_eq!(seen & e.bit(), 0, "{e:?}: a bit of its own");
+            seen |= e.bit();
+        }
+        let bits_of = |names: &[&str]| {
+            names.iter().fold(0, |m, n| {
+                m | 1 << KINDS.iter().position(|k| k == n).unwrap()
+            })
+        };
+        assert_eq!(
+            REQUEST_EVENTS,
+            bits_of(&["attach", "detach", "map", "unmap"])
+        );
+        assert_eq!(
+            ENDPOINT_EVENTS,
+            bits_of(&["endpoint_attached", "endpoint_detached"])
+        );
+        assert_eq!(RESET_EVENT, bits_of(&["reset"]));
+        assert_eq!(STATE_EVENT, bits_of(&["state_restored"]));
+    }
+
+    #[test]
+    fn event_lines_carry_what_an_operator_reads() {
+        let line = |e: Event| serde_json::to_value(e).unwrap();
+        let all = one_of_each();
+        assert_eq!(
+            line(all[14]),
+            serde_json::json!({"event": "fault_dropped", "data": {"endpoint": 8,
+                "address": 0x1000, "reason": "mapping", "flags": 2, "why": "no_buffer"}})
+        );
+        assert_eq!(
+            line(all[9]),
+            serde_json::json!({"event": "mirror_refused", "data": {"pid": 9, "reason": "busy"}})
+        );
+        assert_eq!(
+            line(all[13])["data"],
+            serde_json::json!({"endpoint": 8, "address": 0x1000, "reason": "mapping", "flags": 2})
+        );
+        let wire = virtio_iommu::FaultEvent {
+            reason: fault::R_DOMAIN,
+            flags: 5.into(),
+            endpoint: 3.into(),
+            address: 0xdead_0000.into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            FaultRecord::of_event(&wire),
+            FaultRecord::new(fault::R_DOMAIN, 5, 3, 0xdead_0000)
+        );
+    }
+
+    #[test]
+    fn attach_and_detach_records_are_endpoint_events() {
+        let attach = Record::Attach {
+            endpoint: 8,
+            domain: 1,
+            bypass: false,
+            root: 3,
+        };
+        assert_eq!(
+            Event::of_record(&attach),
+            Some(Event::EndpointAttached {
+                endpoint: 8,
+                domain: 1,
+                bypass: false
+            })
+        );
+        assert_eq!(
+            Event::of_record(&Record::Detach {
+                endpoint: 8,
+                domain: 1
+            }),
+            Some(Event::EndpointDetached {
+                endpoint: 8,
+                domain: 1
+            })
+        );
+        assert_eq!(Event::of_record(&Record::GlobalBypass(true)), None);
+        assert_ne!(
+            Event::of_record(&attach).unwrap().bit() & ENDPOINT_EVENTS,
+            0
+        );
     }
 
     #[test]

@@ -28,6 +28,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub use events::{Event, EventQueue, FaultRecord, FaultRing};
+
+use events::{ENDPOINT_EVENTS, REQUEST_EVENTS, RESET_EVENT, STATE_EVENT};
+
+use crate::ioas::IommuDevice;
+use crate::mirror::Record;
 pub use histogram::Histogram;
 pub use server::ControlServer;
 
@@ -131,14 +136,72 @@ impl Telemetry {
     }
 
     /// A request (its readable bytes) was answered with `reply`: its event
-    /// goes to the subscribers, if there are any (none: nothing is done).
+    /// goes to the subscribers, if there are any of request events (none:
+    /// nothing is done).
     #[inline]
     pub fn request_event(&self, req: &[u8], reply: &[u8]) {
-        if self.events.wanted() {
+        if self.events.wants(REQUEST_EVENTS) {
             if let Some(e) = Event::of_request(req, reply) {
                 self.events.publish(e);
             }
         }
+    }
+
+    /// A batch of changes sent the mirror `records`: the endpoints it
+    /// attached and detached, for their subscribers. Once per batch (the
+    /// device lock held): without a subscriber of those kinds, one relaxed
+    /// load.
+    #[inline]
+    pub fn endpoint_changes(&self, records: &[Record]) {
+        if self.events.wants(ENDPOINT_EVENTS) {
+            records
+                .iter()
+                .filter_map(Event::of_record)
+                .for_each(|e| self.events.publish(e));
+        }
+    }
+
+    /// The device is reset for `kind`'s reason
+    /// ([`crate::session::Reset::name`]), holding what `device` holds
+    /// before.
+    pub fn reset(&self, kind: &'static str, device: &IommuDevice) {
+        if self.events.wants(RESET_EVENT) {
+            let s = device.stats();
+            self.events.publish(Event::Reset {
+                kind,
+                domains: s.domains,
+                mappings: s.mappings,
+                attached: s.attached,
+            });
+        }
+    }
+
+    /// `device` took a saved state from `source` (`state_file`,
+    /// `migration`).
+    pub fn state_restored(&self, source: &'static str, device: &IommuDevice) {
+        if self.events.wants(STATE_EVENT) {
+            let s = device.stats();
+            self.events.publish(Event::StateRestored {
+                source,
+                domains: s.domains,
+                mappings: s.mappings,
+                attached: s.attached,
+            });
+        }
+    }
+
+    /// A fault event was written into a buffer of the guest's event queue.
+    pub fn fault_reported(&self, f: &virtio_iommu::FaultEvent) {
+        self.events
+            .publish(Event::FaultReported(FaultRecord::of_event(f)));
+    }
+
+    /// A fault event never reached the guest, for `why` ([`Event::FaultDropped`]).
+    pub fn fault_dropped(&self, f: &virtio_iommu::FaultEvent, why: &'static str) {
+        self.events.publish(Event::FaultDropped {
+            fault: FaultRecord::of_event(f),
+            why,
+        });
     }
 
     /// QEMU reported a fault (the mirror's reader thread).

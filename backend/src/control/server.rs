@@ -130,6 +130,15 @@ impl Shared {
         self.subscribers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Tell the event sources which kinds `subs` (the subscribers, under
+    /// their lock) want now: no other is built.
+    fn tell_sources(&self, subs: &[Subscriber]) {
+        self.backend
+            .telemetry()
+            .events()
+            .subscriptions(subs.iter().map(|s| s.mask));
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
@@ -612,6 +621,7 @@ impl Client {
         let mut subs = self.shared.subscribers();
         if let Some(s) = subs.iter_mut().find(|s| s.client == self.id) {
             s.mask = mask;
+            self.shared.tell_sources(&subs);
             return;
         }
         let (tx, rx) = std::sync::mpsc::sync_channel(self.shared.limits.subscriber_queue);
@@ -622,10 +632,10 @@ impl Client {
             tx,
             lagging: lagging.clone(),
         });
+        self.shared.tell_sources(&subs);
         drop(subs);
         self.subscription = Some((rx, lagging));
         self.slot.subscribed.store(true, Ordering::Relaxed);
-        self.shared.backend.telemetry().events().subscribed(true);
         self.shared.subscribed.notify_all();
     }
 
@@ -634,8 +644,9 @@ impl Client {
             return;
         }
         self.slot.subscribed.store(false, Ordering::Relaxed);
-        self.shared.subscribers().retain(|s| s.client != self.id);
-        self.shared.backend.telemetry().events().subscribed(false);
+        let mut subs = self.shared.subscribers();
+        subs.retain(|s| s.client != self.id);
+        self.shared.tell_sources(&subs);
     }
 
     /// Write the event lines waiting for this subscriber.
@@ -961,6 +972,45 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    #[test]
+    fn only_the_kinds_subscribed_to_are_built_and_none_once_all_left() {
+        use crate::control::events::{ENDPOINT_EVENTS, REQUEST_EVENTS, RESET_EVENT};
+        let (s, path) = server("wanted", Limits::default());
+        let events = s.shared.backend.telemetry().events();
+        assert!(!events.wants(u32::MAX), "nobody subscribed: nothing built");
+        let mut ops = Client::connect(&path, Duration::from_secs(5)).unwrap();
+        let _: Subscription = ops
+            .call("subscribe", serde_json::json!({"events": ["reset"]}))
+            .unwrap();
+        // An operator watching resets costs the request path nothing.
+        assert!(events.wants(RESET_EVENT));
+        assert!(!events.wants(REQUEST_EVENTS | ENDPOINT_EVENTS));
+        let mut maps = Client::connect(&path, Duration::from_secs(5)).unwrap();
+        let _: Subscription = maps
+            .call("subscribe", serde_json::json!({"events": ["map"]}))
+            .unwrap();
+        assert!(events.wants(RESET_EVENT) && events.wants(REQUEST_EVENTS));
+        // Subscribing again replaces the kinds.
+        let _: Subscription = maps
+            .call(
+                "subscribe",
+                serde_json::json!({"events": ["endpoint_attached"]}),
+            )
+            .unwrap();
+        assert!(!events.wants(REQUEST_EVENTS) && events.wants(ENDPOINT_EVENTS));
+        let _: Value = maps.call("unsubscribe", Value::Null).unwrap();
+        assert!(!events.wants(ENDPOINT_EVENTS) && events.wants(RESET_EVENT));
+        assert_eq!(events.counters().subscribers, 1);
+        // A subscriber that goes away takes its kinds with it.
+        drop(ops);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while events.wants(u32::MAX) {
+            assert!(Instant::now() < deadline, "the kinds of a gone client");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(events.counters().subscribers, 0);
     }
 
     #[test]

@@ -15,7 +15,10 @@ use std::io;
 use std::sync::Arc;
 
 pub use batch::{dump, Batch, NOTIFIER_FLAGS_LEN};
-pub use link::{Hello, MirrorHandle, MirrorHooks, MirrorServer, ReadError, Ticket, WaitOutcome};
+pub use link::{
+    Ended, Hello, MirrorHandle, MirrorHooks, MirrorServer, PeerEvent, ReadError, Refusal, Ticket,
+    WaitOutcome,
+};
 pub use proto::{Fault, Record};
 pub use shm::SharedMem;
 pub use table::{TableStats, TranslationTable};

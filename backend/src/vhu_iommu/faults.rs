@@ -23,17 +23,19 @@ impl IommuBackend {
     pub fn report_fault(&self, fault: virtio_iommu::FaultEvent) {
         let mut st = self.lock();
         if st.faults.len() == MAX_PENDING_FAULTS {
-            st.faults.pop_front();
+            if let Some(oldest) = st.faults.pop_front() {
+                self.telemetry.fault_dropped(&oldest, "no_buffer");
+            }
             st.stats.faults_dropped += 1;
         }
         st.faults.push_back(fault);
         if let Some(vrings) = st.vrings.clone() {
-            Self::deliver_faults(&mut st, &vrings[EVENT_QUEUE as usize]);
+            self.deliver_faults(&mut st, &vrings[EVENT_QUEUE as usize]);
         }
     }
 
     /// Write pending faults into posted event buffers.
-    pub(super) fn deliver_faults(st: &mut State, vring: &Vring) {
+    pub(super) fn deliver_faults(&self, st: &mut State, vring: &Vring) {
         let Some(mem) = st.mem.as_ref().map(|m| m.memory()) else {
             return;
         };
@@ -58,8 +60,10 @@ impl IommuBackend {
             if len == 0 {
                 st.stats.bad_chains += 1;
                 st.stats.faults_dropped += 1;
+                self.telemetry.fault_dropped(&fault, "bad_buffer");
             } else {
                 st.stats.faults_delivered += 1;
+                self.telemetry.fault_reported(&fault);
             }
             if vring.add_used(head, len).is_err() {
                 break;
@@ -74,7 +78,7 @@ impl IommuBackend {
         // from the mirror thread does not), and deliver at once if it
         // already has.
         if !st.faults.is_empty() && vring.enable_notification().unwrap_or(false) {
-            Self::deliver_faults(st, vring);
+            self.deliver_faults(st, vring);
         }
     }
 }

@@ -6,7 +6,8 @@
 use virtio_iommu::Change;
 
 use super::IommuBackend;
-use crate::mirror::{self, Record};
+use crate::control::Event;
+use crate::mirror::{self, PeerEvent, Record};
 use crate::session::Reset;
 
 /// The mirror's view of the backend (docs/mirror-protocol.md §6, §9, §10).
@@ -96,5 +97,21 @@ impl mirror::MirrorHooks for BackendHooks {
         if let Some(backend) = self.0.get() {
             backend.forget_vfio(None);
         }
+    }
+
+    fn peer(&self, event: PeerEvent) {
+        // Before the backend exists no control client can be subscribed.
+        let Some(backend) = self.0.get() else { return };
+        backend.telemetry().events().publish(match event {
+            PeerEvent::Connected { connection, pid } => Event::MirrorConnected { connection, pid },
+            PeerEvent::Refused { pid, why } => Event::MirrorRefused {
+                pid,
+                reason: why.name(),
+            },
+            PeerEvent::Gone { connection, how } => Event::MirrorDisconnected {
+                connection,
+                how: how.name(),
+            },
+        });
     }
 }

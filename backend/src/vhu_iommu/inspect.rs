@@ -34,6 +34,7 @@ impl IommuBackend {
 
     /// Record for `telemetry` (a control socket reads it).
     pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Self {
+        self.lock().session.watch(telemetry.clone());
         self.telemetry = telemetry;
         self
     }

@@ -94,6 +94,8 @@ impl IommuBackend {
                 }),
         };
         restored.map_err(|e| invalid(e.to_string()))?;
+        self.telemetry
+            .state_restored("migration", st.session.device());
         log::info!(
             "migration: state loaded: {} attachments and mappings",
             state.entries.len()

@@ -316,6 +316,7 @@ impl IommuBackend {
     /// of [`Reset::clears`].
     fn reset(&self, st: &mut State, kind: Reset) {
         let clears = kind.clears();
+        self.telemetry.reset(kind.name(), st.session.device());
         st.session.reset(kind, &self.mirror);
         if clears.memory {
             st.mem = None;
@@ -325,7 +326,9 @@ impl IommuBackend {
             st.event_idx = false;
         }
         if clears.faults {
-            st.faults.clear();
+            for f in st.faults.drain(..) {
+                self.telemetry.fault_dropped(&f, "reset");
+            }
         }
     }
 
@@ -675,10 +678,10 @@ impl VhostUserBackend for IommuBackend {
                 let mut st = self.lock();
                 if st.event_idx {
                     evt.disable_notification().map_err(io::Error::other)?;
-                    Self::deliver_faults(&mut st, evt);
+                    self.deliver_faults(&mut st, evt);
                     evt.enable_notification().map_err(io::Error::other)?;
                 }
-                Self::deliver_faults(&mut st, evt);
+                self.deliver_faults(&mut st, evt);
                 Ok(())
             }
             other => Err(io::Error::other(format!("unknown queue event {other}"))),

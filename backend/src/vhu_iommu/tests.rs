@@ -331,3 +331,85 @@ fn a_fault_waits_for_an_event_buffer_and_goes_into_the_next_one() {
     );
     assert_eq!(rig.queue_stats().faults_delivered, 1);
 }
+
+/// The events a control socket's subscriber of every kind gets (none is
+/// built without one: [`crate::control::EventQueue::wants`]).
+fn watched(rig: &mut Rig) -> std::sync::mpsc::Receiver<crate::control::events::Stamped> {
+    let telemetry = Arc::new(crate::control::Telemetry::new(true));
+    rig.backend = rig.backend.clone().with_telemetry(telemetry.clone());
+    let rx = telemetry.events().take_receiver().unwrap();
+    telemetry.events().subscriptions([u32::MAX].into_iter());
+    rx
+}
+
+fn kinds(rx: &std::sync::mpsc::Receiver<crate::control::events::Stamped>) -> Vec<String> {
+    rx.try_iter()
+        .map(|s| serde_json::to_value(s.event).unwrap()["event"].to_string())
+        .collect()
+}
+
+#[test]
+fn a_fault_that_does_not_fit_its_event_buffer_is_dropped_and_said_so() {
+    let mut rig = Rig::new();
+    let rx = watched(&mut rig);
+    rig.offer_request(&Request::Probe { endpoint: 0 });
+    rig.kick().unwrap();
+    rig.backend
+        .report_fault(virtio_iommu::encode_fault(2, 1, 8, 0x4000));
+    // A buffer of 8 bytes: the 24-byte record does not fit.
+    let buf = DATA + 0x8000;
+    rig.put_desc(EVT_DESC, 0, (buf, 8, F_WRITE, 0));
+    rig.ram()
+        .write_obj(0u16, GuestAddress(EVT_AVAIL + 4))
+        .unwrap();
+    rig.ram()
+        .write_obj(1u16, GuestAddress(EVT_AVAIL + 2))
+        .unwrap();
+    rig.backend
+        .handle_event(EVENT_QUEUE, EventSet::IN, &rig.vrings, 0)
+        .unwrap();
+    let events: Vec<_> = rx.try_iter().map(|s| s.event).collect();
+    assert_eq!(
+        events,
+        [crate::control::Event::FaultDropped {
+            fault: crate::control::FaultRecord::new(2, 1, 8, 0x4000),
+            why: "bad_buffer",
+        }]
+    );
+    assert_eq!(rig.queue_stats().faults_dropped, 1);
+}
+
+#[test]
+fn a_device_reset_says_what_it_dropped_and_drops_the_waiting_faults() {
+    let mut rig = Rig::new();
+    let rx = watched(&mut rig);
+    let endpoint = rig
+        .backend
+        .with_device(|d| d.endpoint_ids().next().unwrap());
+    rig.offer_request(&attach(1, endpoint));
+    rig.kick().unwrap();
+    rig.backend
+        .report_fault(virtio_iommu::encode_fault(2, 1, endpoint, 0x4000));
+    assert_eq!(
+        kinds(&rx),
+        ["\"attach\"", "\"endpoint_attached\""],
+        "the request, then what it changed"
+    );
+    rig.backend.reset_device();
+    let events: Vec<_> = rx.try_iter().map(|s| s.event).collect();
+    assert_eq!(
+        events,
+        [
+            crate::control::Event::Reset {
+                kind: "device",
+                domains: 1,
+                mappings: 0,
+                attached: 1,
+            },
+            crate::control::Event::FaultDropped {
+                fault: crate::control::FaultRecord::new(2, 1, endpoint, 0x4000),
+                why: "reset",
+            },
+        ]
+    );
+}

@@ -68,6 +68,66 @@ pub trait MirrorHooks: Send + Sync + 'static {
     }
     /// The connection that forwarded devices ended: they go with it (§14).
     fn vfio_devices_gone(&self) {}
+    /// A peer connected, was refused, or its connection ended (for the
+    /// control socket's events; nothing to do with the state).
+    fn peer(&self, _event: PeerEvent) {}
+}
+
+/// What happened to a peer of the mirror socket ([`MirrorHooks::peer`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerEvent {
+    /// Connection `connection` is served; `pid`: the peer's process, if
+    /// found.
+    Connected { connection: u64, pid: Option<u32> },
+    /// A connection was refused ([`Refusal`]).
+    Refused { pid: Option<u32>, why: Refusal },
+    /// Connection `connection` ended, [`Ended`] how.
+    Gone { connection: u64, how: Ended },
+}
+
+/// Why a connection is refused (§6 rules 7 and "one QEMU at a time").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the front-end's QEMU is process {0}")]
+    NotFrontEnd(u32),
+    #[error("QEMU (connection {0}) is connected")]
+    Busy(u64),
+}
+
+impl Refusal {
+    /// Its name in the control socket's `mirror_refused` event.
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::NotFrontEnd(_) => "not_front_end",
+            Refusal::Busy(_) => "busy",
+        }
+    }
+}
+
+/// How a mirror connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// QEMU closed it.
+    Closed,
+    /// QEMU exited with data unread (the connection was reset).
+    Reset,
+    /// What QEMU sent could not be read or was not the protocol.
+    Error,
+    /// The daemon closed it first: no ACK or no read in time, the peer's
+    /// process gone, or the daemon stopping.
+    Dropped,
+}
+
+impl Ended {
+    /// Its name in the control socket's `mirror_disconnected` event.
+    pub fn name(self) -> &'static str {
+        match self {
+            Ended::Closed => "closed",
+            Ended::Reset => "reset",
+            Ended::Error => "error",
+            Ended::Dropped => "dropped",
+        }
+    }
 }
 
 /// A batch to wait for: acknowledged when QEMU's highest ACK reaches `seq`

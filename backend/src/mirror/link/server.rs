@@ -171,11 +171,13 @@ fn serve(
     let (id, hello_deadline, write_deadline) = {
         let mut st = shared.lock();
         if let Some(why) = refusal(&mut st, &shared.gate, peer) {
+            drop(st);
             log::warn!(
                 "mirror: refusing a connection from process {}: {why}",
                 peer.map_or("?".into(), |p| p.to_string())
             );
             let _ = stream.shutdown(std::net::Shutdown::Both);
+            hooks.peer(PeerEvent::Refused { pid: peer, why });
             return Ok(());
         }
         // A new QEMU starts with no notifiers (§11): it sets the flags of
@@ -204,6 +206,10 @@ fn serve(
         "mirror: QEMU connected (connection {id}, process {})",
         peer.map_or("?".into(), |p| p.to_string())
     );
+    hooks.peer(PeerEvent::Connected {
+        connection: id,
+        pid: peer,
+    });
     let sh = shared.clone();
     std::thread::Builder::new()
         .name("mirror-write".into())
@@ -225,9 +231,9 @@ fn serve(
 ///   connection closed. A peer that has just hung up (its reader may not
 ///   have seen the EOF yet) is no longer connected: its successor is
 ///   welcome.
-fn refusal(st: &mut Link, gate: &AtomicBool, peer: Option<u32>) -> Option<String> {
+fn refusal(st: &mut Link, gate: &AtomicBool, peer: Option<u32>) -> Option<Refusal> {
     if let Some(front_end) = st.front_end.filter(|&f| peer != Some(f)) {
-        return Some(format!("the front-end's QEMU is process {front_end}"));
+        return Some(Refusal::NotFrontEnd(front_end));
     }
     if let Some(old) = st.conn.as_mut().filter(|c| !c.closed && peer_gone(c)) {
         close(old, gate);
@@ -235,7 +241,7 @@ fn refusal(st: &mut Link, gate: &AtomicBool, peer: Option<u32>) -> Option<String
     st.conn
         .as_ref()
         .filter(|c| !c.closed)
-        .map(|old| format!("QEMU (connection {}) is connected", old.id))
+        .map(|old| Refusal::Busy(old.id))
 }
 
 /// The daemon's HELLO (§4), first and alone: it carries the shared
@@ -283,6 +289,14 @@ fn read_until_closed(
     if hello_info.vfio_devices {
         hooks.vfio_devices_gone();
     }
+    // Closed already: the daemon's doing (a deadline, a peer gone, a stop).
+    let dropped = !matches!(&shared.lock().conn, Some(c) if c.id == id && !c.closed);
+    let how = match outcome {
+        _ if dropped => Ended::Dropped,
+        Ok(()) => Ended::Closed,
+        Err(ReadError::Io(ref e)) if e.kind() == io::ErrorKind::ConnectionReset => Ended::Reset,
+        Err(_) => Ended::Error,
+    };
     match outcome {
         Ok(()) => log::info!("mirror: QEMU closed the connection {id}"),
         // A peer that exits with data unread resets the connection: it went
@@ -296,6 +310,10 @@ fn read_until_closed(
         close(c, &shared.gate);
     }
     shared.changed.notify_all();
+    hooks.peer(PeerEvent::Gone {
+        connection: id,
+        how,
+    });
 }
 
 fn write_loop(mut stream: UnixStream, shared: Arc<Shared>, id: u64) {
