@@ -149,11 +149,11 @@ impl Telemetry {
 
     /// A batch of changes sent the mirror `records`: the endpoints it
     /// attached and detached, for their subscribers. Once per batch (the
-    /// device lock held): without a subscriber of those kinds, one relaxed
-    /// load.
+    /// device lock held): without a control socket, one test of a field;
+    /// without a subscriber of those kinds, one relaxed load.
     #[inline]
     pub fn endpoint_changes(&self, records: &[Record]) {
-        if self.events.wants(ENDPOINT_EVENTS) {
+        if self.on && self.events.wants(ENDPOINT_EVENTS) {
             records
                 .iter()
                 .filter_map(Event::of_record)
