@@ -28,13 +28,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub use events::{Event, EventQueue, FaultRecord, FaultRing};
-
-use events::{ENDPOINT_EVENTS, REQUEST_EVENTS, RESET_EVENT, STATE_EVENT};
+pub use histogram::Histogram;
+pub use server::ControlServer;
 
 use crate::ioas::IommuDevice;
 use crate::mirror::Record;
-pub use histogram::Histogram;
-pub use server::ControlServer;
+use events::{ENDPOINT_EVENTS, REQUEST_EVENTS, RESET_EVENT, STATE_EVENT};
 
 /// Request types by their type byte (virtio 1.2 §5.13.6), index 0 for
 /// anything else: the latency histograms' order.

@@ -22,6 +22,22 @@ struct Recorder {
     instances: Mutex<Vec<u64>>,
     /// A recovered state (QEMU instance 5's) waits for its QEMU's HELLO.
     recovery: AtomicBool,
+    /// What happened to the peers, in order.
+    peers: Mutex<Vec<PeerEvent>>,
+}
+
+impl Recorder {
+    /// The peer events so far, once there are `n` (within 5 s).
+    fn peers(&self, n: usize) -> Vec<PeerEvent> {
+        let t0 = Instant::now();
+        loop {
+            let p = self.peers.lock().unwrap().clone();
+            if p.len() >= n || t0.elapsed() > Duration::from_secs(5) {
+                return p;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
 }
 
 fn inode(fd: &OwnedFd) -> u64 {
@@ -72,6 +88,9 @@ impl MirrorHooks for Recorder {
     }
     fn vfio_devices_gone(&self) {
         self.vfio_gone.fetch_add(1, Ordering::SeqCst);
+    }
+    fn peer(&self, event: PeerEvent) {
+        self.peers.lock().unwrap().push(event);
     }
 }
 
@@ -776,13 +795,26 @@ fn system_reset_is_answered_with_a_sync_reset_batch() {
 
 #[test]
 fn a_second_peer_is_refused_while_qemu_is_connected_and_served_once_it_left() {
-    let (server, _rec, path) = start("second", vec![]);
+    let (server, rec, path) = start("second", vec![]);
     let h = server.handle();
     let mut q = connect_synced(&path, &h);
     let mut intruder = FakeQemu::connect(&path);
     // Its HELLO may find the socket already shut by the refusal.
     let _ = intruder.try_hello();
     assert!(intruder.recv().is_none(), "refused without a HELLO");
+    // Both from this process (SO_PEERCRED).
+    let pid = Some(std::process::id());
+    let peers = rec.peers(2);
+    assert_eq!(
+        peers[..2],
+        [
+            PeerEvent::Connected { connection: 1, pid },
+            PeerEvent::Refused {
+                pid,
+                why: Refusal::Busy(1)
+            }
+        ]
+    );
     // The first one is still served.
     let t = h.publish(&[Record::GlobalBypass(false)]).unwrap();
     let (batch, _) = q.recv().unwrap();
@@ -792,6 +824,15 @@ fn a_second_peer_is_refused_while_qemu_is_connected_and_served_once_it_left() {
     // has read the close.
     drop(q);
     let _next = connect_synced(&path, &h);
+    let gone = PeerEvent::Gone {
+        connection: 1,
+        how: Ended::Closed,
+    };
+    let t0 = Instant::now();
+    while !rec.peers.lock().unwrap().contains(&gone) {
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", rec.peers(0));
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 #[test]
@@ -810,7 +851,7 @@ fn a_message_before_hello_is_a_protocol_error_that_closes() {
 
 #[test]
 fn a_peer_that_stops_reading_is_closed() {
-    let (server, _rec, path) = start("no-reader", vec![]);
+    let (server, rec, path) = start("no-reader", vec![]);
     let h = server.handle();
     h.set_write_deadline(Duration::from_millis(200));
     let _q = connect_synced(&path, &h);
@@ -822,16 +863,31 @@ fn a_peer_that_stops_reading_is_closed() {
         assert!(t0.elapsed() < Duration::from_secs(10), "never closed");
         std::thread::sleep(Duration::from_millis(5));
     }
+    // The daemon's doing, not QEMU's.
+    assert_eq!(
+        rec.peers(2).last(),
+        Some(&PeerEvent::Gone {
+            connection: 1,
+            how: Ended::Dropped
+        })
+    );
 }
 
 #[test]
 fn an_ack_for_an_unsent_batch_is_a_protocol_error() {
-    let (server, _rec, path) = start("badack", vec![]);
+    let (server, rec, path) = start("badack", vec![]);
     let h = server.handle();
     let mut q = connect_synced(&path, &h);
     q.ack(5);
     assert!(q.recv().is_none());
     assert!(!h.is_connected());
+    assert_eq!(
+        rec.peers(2).last(),
+        Some(&PeerEvent::Gone {
+            connection: 1,
+            how: Ended::Error
+        })
+    );
 }
 
 #[test]
