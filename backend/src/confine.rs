@@ -96,8 +96,9 @@ fn any_of(conds: Vec<SeccompCondition>) -> Result<Vec<SeccompRule>, ConfineError
 fn rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, ConfineError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
-    // Unix sockets only: the mirror server's wake-up connection at shutdown
-    // (and nothing the guest could turn into a network connection).
+    // Unix sockets only: nothing the guest could turn into a network
+    // connection. (The servers no longer connect to themselves to stop:
+    // listen::wake_accept.)
     let unix = libc::AF_UNIX as u64;
     rules.insert(
         libc::SYS_socket,

@@ -14,6 +14,7 @@
 
 use std::ffi::OsString;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -81,6 +82,16 @@ fn hidden_sibling(path: &Path) -> Option<PathBuf> {
     hidden.push(format!(".{}", std::process::id()));
     let hidden = path.with_file_name(hidden);
     (hidden.as_os_str().len() <= SUN_PATH_MAX).then_some(hidden)
+}
+
+/// Make an `accept(2)` blocked on `listener` (or on a clone of it) return,
+/// as a server stops: `shutdown(2)` of a listening socket wakes it with
+/// `EINVAL`. Unlike a throwaway connection to the socket's path, this works
+/// when the path is gone or names another socket by then.
+pub fn wake_accept(listener: &UnixListener) {
+    // SAFETY: shutdown(2) on a descriptor `listener` owns and keeps open;
+    // it touches no memory of ours.
+    unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
 }
 
 #[cfg(test)]

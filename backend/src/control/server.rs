@@ -181,6 +181,8 @@ impl Shared {
 pub struct ControlServer {
     shared: Arc<Shared>,
     path: Option<PathBuf>,
+    /// The listening socket, to wake the accept at the stop.
+    waker: UnixListener,
     accept: Option<JoinHandle<()>>,
     dispatch: Option<JoinHandle<()>>,
 }
@@ -229,12 +231,14 @@ impl ControlServer {
             None => None,
         };
         let s = shared.clone();
+        let waker = listener.try_clone()?;
         let accept = std::thread::Builder::new()
             .name("control".into())
             .spawn(move || accept_loop(&s, &listener))?;
         Ok(Self {
             shared,
             path,
+            waker,
             accept: Some(accept),
             dispatch,
         })
@@ -250,12 +254,13 @@ impl Drop for ControlServer {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.subscribed.notify_all();
+        // Wake the accept, even if the socket's path is gone; the client
+        // threads see the stop within a tick.
+        crate::listen::wake_accept(&self.waker);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
         if let Some(path) = &self.path {
-            // Wake the accept; the client threads see the stop within a tick.
-            let _ = UnixStream::connect(path);
-            if let Some(t) = self.accept.take() {
-                let _ = t.join();
-            }
             let _ = std::fs::remove_file(path);
         }
         if let Some(t) = self.dispatch.take() {
@@ -972,6 +977,20 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    #[test]
+    fn the_server_stops_even_when_its_socket_file_is_gone() {
+        let (s, path) = server("unlinked", Limits::default());
+        let _c = Client::connect(&path, Duration::from_secs(5)).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(s);
+            tx.send(()).unwrap();
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("the stop waited for an accept nobody could wake");
     }
 
     #[test]

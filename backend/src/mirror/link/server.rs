@@ -59,6 +59,8 @@ impl Hello {
 pub struct MirrorServer {
     handle: MirrorHandle,
     path: PathBuf,
+    /// The listening socket, to wake the accept at the stop.
+    waker: UnixListener,
     listener_thread: Option<JoinHandle<()>>,
 }
 
@@ -100,12 +102,14 @@ impl MirrorServer {
             memory: Some(memory.clone()),
         };
         let shared = handle.shared.clone();
+        let waker = listener.try_clone()?;
         let listener_thread = std::thread::Builder::new()
             .name("mirror-accept".into())
             .spawn(move || accept_loop(listener, shared, hello, hooks, memory))?;
         Ok(Self {
             handle,
             path: path.to_owned(),
+            waker,
             listener_thread: Some(listener_thread),
         })
     }
@@ -125,8 +129,8 @@ impl Drop for MirrorServer {
             }
         }
         self.handle.shared.changed.notify_all();
-        // Wake the blocking accept() with a throwaway connection.
-        let _ = UnixStream::connect(&self.path);
+        // Wake the blocking accept(), even if the socket's path is gone.
+        crate::listen::wake_accept(&self.waker);
         if let Some(t) = self.listener_thread.take() {
             let _ = t.join();
         }

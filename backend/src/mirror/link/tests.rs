@@ -836,6 +836,20 @@ fn a_second_peer_is_refused_while_qemu_is_connected_and_served_once_it_left() {
 }
 
 #[test]
+fn the_server_stops_even_when_its_socket_file_is_gone() {
+    let (server, _rec, path) = start("unlinked", vec![]);
+    let _q = connect_synced(&path, &server.handle());
+    std::fs::remove_file(&path).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(server);
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("the stop waited for an accept nobody could wake");
+}
+
+#[test]
 fn a_message_before_hello_is_a_protocol_error_that_closes() {
     let (server, _rec, path) = start("nohello", vec![]);
     let mut q = FakeQemu::connect(&path);
