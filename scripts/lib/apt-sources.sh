@@ -46,7 +46,12 @@ EOT
     if [ ! -f "$VUI_APT_LIST" ] || [ "$(cat "$VUI_APT_LIST")" != "$want" ]; then
         printf '%s\n' "$want" > "$VUI_APT_LIST"
         echo "apt-sources: added $codename-backports (deb, deb-src) and $codename (deb-src); updating package lists" >&2
-        apt-get update -qq
+        # With scripts/lib/progress.sh sourced, a line every 30 s.
+        if command -v progress_with >/dev/null 2>&1; then
+            progress_with "apt-sources: apt-get update" : apt-get update -qq
+        else
+            apt-get update -qq
+        fi
     fi
 }
 

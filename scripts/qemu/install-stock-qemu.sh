@@ -39,6 +39,8 @@ fi
 [ "$(id -u)" -eq 0 ] || { echo "install-stock-qemu: need root to install qemu-system-x86" >&2; exit 1; }
 
 HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=scripts/lib/progress.sh
+. "$HERE/../lib/progress.sh"
 . "$HERE/../lib/apt-sources.sh"
 ensure_backports_sources
 echo "install-stock-qemu: installing qemu-system-x86 from $(debian_codename)-backports" >&2
