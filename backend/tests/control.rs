@@ -8,7 +8,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -70,6 +70,33 @@ impl Daemon {
             .unwrap();
         assert!(out.status.success(), "ctl {args:?}: {out:?}");
         String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// `vhost-user-iommu ctl ... subscribe ARGS` (for at most 10 s), its
+    /// output piped, once its subscription is in place: once the daemon
+    /// counts `subscribers` (asked through `c`).
+    fn ctl_subscriber(&self, args: &[&str], c: &mut Client, subscribers: u64) -> Child {
+        let child = Command::new(BIN)
+            .args(["ctl", "--control-socket"])
+            .arg(&self.control)
+            .arg("subscribe")
+            .args(args)
+            .args(["--seconds", "10"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + TIMEOUT;
+        while c
+            .call::<protocol::Counters>("counters", Value::Null)
+            .unwrap()
+            .events
+            .subscribers
+            < subscribers
+        {
+            assert!(Instant::now() < deadline, "ctl never subscribed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
     }
 }
 
@@ -392,25 +419,7 @@ fn subscribers_see_each_request_and_front_end_as_it_happens() {
     );
 
     // ctl's subscribe prints them for people.
-    let out = Command::new(BIN)
-        .args(["ctl", "--control-socket"])
-        .arg(&d.control)
-        .args(["subscribe", "attach", "--count", "1", "--seconds", "10"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Its subscription is in place once the daemon counts it.
-    let deadline = Instant::now() + TIMEOUT;
-    while all
-        .call::<protocol::Counters>("counters", Value::Null)
-        .unwrap()
-        .events
-        .subscribers
-        < 3
-    {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let out = d.ctl_subscriber(&["attach", "--count", "1"], &mut all, 3);
     let mut vm = d.vm();
     assert_eq!(vm.attach(5, 8, 0).unwrap(), Status::Ok);
     let out = out.wait_with_output().unwrap();
@@ -523,32 +532,7 @@ fn subscribers_see_endpoints_move_resets_and_states_restored() {
     assert!(c.next_event(Duration::from_millis(300)).unwrap().is_none());
 
     // ctl prints them for people.
-    let out = Command::new(BIN)
-        .args(["ctl", "--control-socket"])
-        .arg(&d.control)
-        .args([
-            "subscribe",
-            "reset",
-            "state_restored",
-            "--count",
-            "2",
-            "--seconds",
-            "10",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + TIMEOUT;
-    while c
-        .call::<protocol::Counters>("counters", Value::Null)
-        .unwrap()
-        .events
-        .subscribers
-        < 2
-    {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let out = d.ctl_subscriber(&["reset", "state_restored", "--count", "2"], &mut c, 2);
     let mut vm = d.vm();
     vm.load_state(&state).unwrap();
     let out = out.wait_with_output().unwrap();

@@ -72,9 +72,8 @@ pub enum Event {
     /// reason ([`crate::session::Reset::name`]); what it held then.
     Reset {
         kind: &'static str,
-        domains: usize,
-        mappings: usize,
-        attached: usize,
+        #[serde(flatten)]
+        held: Held,
     },
     /// A QEMU connected to the mirror socket (connection `connection`,
     /// `pid`: its process, if found).
@@ -126,10 +125,29 @@ pub enum Event {
     /// `SET_DEVICE_STATE_FD`); what it holds now.
     StateRestored {
         source: &'static str,
-        domains: usize,
-        mappings: usize,
-        attached: usize,
+        #[serde(flatten)]
+        held: Held,
     },
+}
+
+/// What the device holds: its domains, their mappings, the endpoints
+/// attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Held {
+    pub domains: usize,
+    pub mappings: usize,
+    pub attached: usize,
+}
+
+impl Held {
+    pub fn of(device: &crate::ioas::IommuDevice) -> Self {
+        let s = device.stats();
+        Self {
+            domains: s.domains,
+            mappings: s.mappings,
+            attached: s.attached,
+        }
+    }
 }
 
 /// A fault, as `faults` and the `fault` event give it.
@@ -453,9 +471,7 @@ mod tests {
         });
         let reset = Event::Reset {
             kind: "device",
-            domains: 1,
-            mappings: 2,
-            attached: 3,
+            held: Held::default(),
         };
         q.publish(reset);
         let got: Vec<Event> = rx.try_iter().map(|s| s.event).collect();
@@ -497,9 +513,11 @@ mod tests {
             Event::FrontEndDisconnected,
             Event::Reset {
                 kind: "system",
-                domains: 1,
-                mappings: 2,
-                attached: 3,
+                held: Held {
+                    domains: 1,
+                    mappings: 2,
+                    attached: 3,
+                },
             },
             Event::MirrorConnected {
                 connection: 1,
@@ -529,9 +547,11 @@ mod tests {
             },
             Event::StateRestored {
                 source: "migration",
-                domains: 1,
-                mappings: 2,
-                attached: 3,
+                held: Held {
+                    domains: 1,
+                    mappings: 2,
+                    attached: 3,
+                },
             },
         ]
     }
@@ -573,6 +593,10 @@ mod tests {
             line(all[14]),
             serde_json::json!({"event": "fault_dropped", "data": {"endpoint": 8,
                 "address": 0x1000, "reason": "mapping", "flags": 2, "why": "no_buffer"}})
+        );
+        assert_eq!(
+            line(all[7])["data"],
+            serde_json::json!({"kind": "system", "domains": 1, "mappings": 2, "attached": 3})
         );
         assert_eq!(
             line(all[9]),

@@ -33,7 +33,7 @@ pub use server::ControlServer;
 
 use crate::ioas::IommuDevice;
 use crate::mirror::Record;
-use events::{ENDPOINT_EVENTS, REQUEST_EVENTS, RESET_EVENT, STATE_EVENT};
+use events::{Held, ENDPOINT_EVENTS, REQUEST_EVENTS, RESET_EVENT, STATE_EVENT};
 
 /// Request types by their type byte (virtio 1.2 §5.13.6), index 0 for
 /// anything else: the latency histograms' order.
@@ -165,13 +165,8 @@ impl Telemetry {
     /// before.
     pub fn reset(&self, kind: &'static str, device: &IommuDevice) {
         if self.events.wants(RESET_EVENT) {
-            let s = device.stats();
-            self.events.publish(Event::Reset {
-                kind,
-                domains: s.domains,
-                mappings: s.mappings,
-                attached: s.attached,
-            });
+            let held = Held::of(device);
+            self.events.publish(Event::Reset { kind, held });
         }
     }
 
@@ -179,13 +174,8 @@ impl Telemetry {
     /// `migration`).
     pub fn state_restored(&self, source: &'static str, device: &IommuDevice) {
         if self.events.wants(STATE_EVENT) {
-            let s = device.stats();
-            self.events.publish(Event::StateRestored {
-                source,
-                domains: s.domains,
-                mappings: s.mappings,
-                attached: s.attached,
-            });
+            let held = Held::of(device);
+            self.events.publish(Event::StateRestored { source, held });
         }
     }
 

@@ -74,6 +74,22 @@ fn vring(mem: &GuestMemoryAtomic<GuestMem>, desc: u64, avail: u64, used: u64) ->
 }
 
 impl Rig {
+    /// One event buffer of `len` bytes, the event queue's first, then its
+    /// kick.
+    fn offer_event_buffer(&self, len: u32) {
+        let buf = DATA + 0x8000;
+        self.put_desc(EVT_DESC, 0, (buf, len, F_WRITE, 0));
+        self.ram()
+            .write_obj(0u16, GuestAddress(EVT_AVAIL + 4))
+            .unwrap();
+        self.ram()
+            .write_obj(1u16, GuestAddress(EVT_AVAIL + 2))
+            .unwrap();
+        self.backend
+            .handle_event(EVENT_QUEUE, EventSet::IN, &self.vrings, 0)
+            .unwrap();
+    }
+
     fn new() -> Self {
         let config = crate::config::RawConfig::default().check().unwrap();
         let device = crate::emulated::device(&config).unwrap();
@@ -310,18 +326,7 @@ fn a_fault_waits_for_an_event_buffer_and_goes_into_the_next_one() {
     rig.kick().unwrap();
     rig.backend
         .report_fault(virtio_iommu::FaultEvent::default());
-    // An event buffer, then the event queue's kick.
-    let buf = DATA + 0x8000;
-    rig.put_desc(EVT_DESC, 0, (buf, 32, F_WRITE, 0));
-    rig.ram()
-        .write_obj(0u16, GuestAddress(EVT_AVAIL + 4))
-        .unwrap();
-    rig.ram()
-        .write_obj(1u16, GuestAddress(EVT_AVAIL + 2))
-        .unwrap();
-    rig.backend
-        .handle_event(EVENT_QUEUE, EventSet::IN, &rig.vrings, 0)
-        .unwrap();
+    rig.offer_event_buffer(32);
     let idx: u16 = rig.ram().read_obj(GuestAddress(EVT_USED + 2)).unwrap();
     let len: u32 = rig.ram().read_obj(GuestAddress(EVT_USED + 8)).unwrap();
     assert_eq!(
@@ -362,17 +367,7 @@ fn a_fault_that_does_not_fit_its_event_buffer_is_dropped_and_said_so() {
     rig.backend
         .report_fault(virtio_iommu::encode_fault(2, 1, 8, 0x4000));
     // A buffer of 8 bytes: the 24-byte record does not fit.
-    let buf = DATA + 0x8000;
-    rig.put_desc(EVT_DESC, 0, (buf, 8, F_WRITE, 0));
-    rig.ram()
-        .write_obj(0u16, GuestAddress(EVT_AVAIL + 4))
-        .unwrap();
-    rig.ram()
-        .write_obj(1u16, GuestAddress(EVT_AVAIL + 2))
-        .unwrap();
-    rig.backend
-        .handle_event(EVENT_QUEUE, EventSet::IN, &rig.vrings, 0)
-        .unwrap();
+    rig.offer_event_buffer(8);
     let events: Vec<_> = rx.try_iter().map(|s| s.event).collect();
     assert_eq!(
         events,
@@ -407,9 +402,11 @@ fn a_device_reset_says_what_it_dropped_and_drops_the_waiting_faults() {
         [
             crate::control::Event::Reset {
                 kind: "device",
-                domains: 1,
-                mappings: 0,
-                attached: 1,
+                held: crate::control::events::Held {
+                    domains: 1,
+                    mappings: 0,
+                    attached: 1,
+                },
             },
             crate::control::Event::FaultDropped {
                 fault: crate::control::FaultRecord::new(2, 1, endpoint, 0x4000),
