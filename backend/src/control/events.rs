@@ -91,7 +91,7 @@ pub enum Event {
     /// A mirror connection ended: `how` is `closed` (QEMU closed it),
     /// `reset` (QEMU exited with data unread), `error` (what QEMU sent was
     /// not the protocol) or `dropped` (the daemon closed it: no ACK or read
-    /// in time, QEMU's process gone, the daemon stopping).
+    /// in time, the daemon stopping).
     MirrorDisconnected {
         connection: u64,
         how: &'static str,

@@ -90,7 +90,7 @@ fn trace_records(conn: u64, seq: u64, sync: bool, records: &[Record]) {
 
 /// Whether the peer of `conn` has closed its end (or the socket failed),
 /// without reading from it.
-pub(super) fn peer_gone(conn: &Conn) -> bool {
+fn peer_gone(conn: &Conn) -> bool {
     let Some(stream) = conn.stream.as_ref() else {
         return true;
     };
@@ -103,6 +103,16 @@ pub(super) fn peer_gone(conn: &Conn) -> bool {
     // holds the stream.
     let n = unsafe { libc::poll(&mut pfd, 1, 0) };
     n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// Close the connection if its peer has hung up (its reader may not have
+/// seen the EOF yet): it is no longer connected.
+pub(super) fn close_if_hung_up(st: &mut Link, gate: &AtomicBool) {
+    if let Some(c) = st.conn.as_mut().filter(|c| !c.closed && peer_gone(c)) {
+        let id = c.id;
+        close(c, gate);
+        st.hung_up = Some(id);
+    }
 }
 
 pub(super) fn close(conn: &mut Conn, gate: &AtomicBool) {

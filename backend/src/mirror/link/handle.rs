@@ -98,9 +98,7 @@ impl MirrorHandle {
         let mut st = self.shared.lock();
         // A peer that has hung up (its reader may not have seen the EOF
         // yet) is not connected.
-        if let Some(c) = st.conn.as_mut().filter(|c| !c.closed && peer_gone(c)) {
-            close(c, &self.shared.gate);
-        }
+        close_if_hung_up(&mut st, &self.shared.gate);
         st.expect_peer = st.conn.as_ref().is_some_and(Conn::synced);
         self.shared.gate.store(true, Ordering::Release);
     }

@@ -113,8 +113,8 @@ pub enum Ended {
     Reset,
     /// What QEMU sent could not be read or was not the protocol.
     Error,
-    /// The daemon closed it first: no ACK or no read in time, the peer's
-    /// process gone, or the daemon stopping.
+    /// The daemon closed it first: no ACK or no read in time, or the
+    /// daemon stopping.
     Dropped,
 }
 
@@ -197,6 +197,10 @@ struct Link {
     /// How long QEMU has to acknowledge its dump; [`DUMP_ACK_DEADLINE`] if
     /// unset.
     dump_ack_deadline: Option<Duration>,
+    /// The last connection closed because its peer had hung up (before its
+    /// reader saw the EOF): QEMU's doing, not the daemon's
+    /// ([`Ended::Closed`], not [`Ended::Dropped`]).
+    hung_up: Option<u64>,
 }
 
 /// How long QEMU has to acknowledge its dump (§12).
@@ -250,7 +254,7 @@ mod server;
 mod tests;
 
 use crate::listen::Access;
-use conn::{close, dumped, enqueue, peer_gone};
+use conn::{close, close_if_hung_up, dumped, enqueue};
 pub use read::ReadError;
 use read::{read_loop, Inbound};
 pub use server::{Hello, MirrorServer};

@@ -239,9 +239,7 @@ fn refusal(st: &mut Link, gate: &AtomicBool, peer: Option<u32>) -> Option<Refusa
     if let Some(front_end) = st.front_end.filter(|&f| peer != Some(f)) {
         return Some(Refusal::NotFrontEnd(front_end));
     }
-    if let Some(old) = st.conn.as_mut().filter(|c| !c.closed && peer_gone(c)) {
-        close(old, gate);
-    }
+    close_if_hung_up(st, gate);
     st.conn
         .as_ref()
         .filter(|c| !c.closed)
@@ -293,8 +291,13 @@ fn read_until_closed(
     if hello_info.vfio_devices {
         hooks.vfio_devices_gone();
     }
-    // Closed already: the daemon's doing (a deadline, a peer gone, a stop).
-    let dropped = !matches!(&shared.lock().conn, Some(c) if c.id == id && !c.closed);
+    // Closed already, and not because QEMU had hung up: the daemon's doing
+    // (a deadline, a stop).
+    let dropped = {
+        let st = shared.lock();
+        let open = matches!(&st.conn, Some(c) if c.id == id && !c.closed);
+        !open && st.hung_up != Some(id)
+    };
     let how = match outcome {
         _ if dropped => Ended::Dropped,
         Ok(()) => Ended::Closed,
