@@ -17,7 +17,8 @@ use crate::fio::{check_run, guest_script, jobs, Sample};
 use crate::guestlog::{tail, LogTail, END};
 use crate::options::{viommu_name, Mode};
 use crate::procstat::{
-    busy_fraction, find_qemu, host_cpu, process_ticks, ticks_per_second, CpuTime, Ticks,
+    busy_fraction, find_qemu, host_cpu, process_switches, process_ticks, ticks_per_second, CpuTime,
+    Ticks,
 };
 
 /// The disk: sparse, so the host's reads cost no device I/O and the
@@ -72,12 +73,11 @@ struct Vm {
 impl Vm {
     /// The CPU ticks of its QEMU and its daemon so far.
     fn cpu_ticks(&self) -> Result<Ticks, String> {
+        let daemon = self.daemon.as_ref().map(DaemonProcess::pid);
         Ok(Ticks {
             qemu: process_ticks(self.qemu_pid)?,
-            daemon: match &self.daemon {
-                Some(d) => process_ticks(d.pid())?,
-                None => 0,
-            },
+            daemon: daemon.map_or(Ok(0), process_ticks)?,
+            switches: process_switches(self.qemu_pid)? + daemon.map_or(Ok(0), process_switches)?,
         })
     }
 

@@ -21,8 +21,9 @@ count n of --guests, n guests of a configuration boot at once (each with its
 own disk and, for ours, its own daemon process) and start each fio job at
 the same moment. Prints per mode, job and n the guests' aggregate IOPS and
 the host CPU time per I/O (their QEMU processes, plus their daemons for
-ours), with the ratios ours/QEMU, and fio's completion latency percentiles
-(p50, p99, p99.9: fio's clat_ns.percentile, the mean over the guests).
+ours), with the ratios ours/QEMU; fio's completion latency percentiles
+(p50, p99, p99.9: fio's clat_ns.percentile, the mean over the guests), and
+the context switches of the guests' QEMU and daemon threads per I/O.
 
 Environment: VUI_DAEMON_BIN=PATH runs that daemon binary instead of building
 the working tree's; VUI_POLL_US=N sets the daemons' --poll-us; VUI_DAEMON_ARGS

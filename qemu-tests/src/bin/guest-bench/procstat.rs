@@ -140,11 +140,42 @@ pub fn loadavg() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// A guest's CPU time so far, in clock ticks: its QEMU's and its daemon's.
+/// The context switches, voluntary and not, of one thread's
+/// `/proc/PID/task/TID/status`; `None` if it has no such lines.
+fn parse_switches(status: &str) -> Option<u64> {
+    let count = |key: &str| -> Option<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    Some(count("voluntary_ctxt_switches:")? + count("nonvoluntary_ctxt_switches:")?)
+}
+
+/// The context switches of every thread process `pid` has now (a thread
+/// that has exited no longer counts: readings are taken while the guest
+/// runs, whose threads live as long as it does).
+pub fn process_switches(pid: u32) -> Result<u64, String> {
+    let dir = format!("/proc/{pid}/task");
+    let tasks = std::fs::read_dir(&dir).map_err(|e| format!("cannot read {dir}: {e}"))?;
+    let mut sum = 0;
+    for t in tasks.flatten() {
+        // A thread may end between the listing and the read.
+        if let Ok(text) = std::fs::read_to_string(t.path().join("status")) {
+            sum += parse_switches(&text).unwrap_or(0);
+        }
+    }
+    Ok(sum)
+}
+
+/// A guest's CPU time so far, in clock ticks: its QEMU's and its daemon's;
+/// and their threads' context switches.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Ticks {
     pub qemu: u64,
     pub daemon: u64,
+    /// Context switches of its QEMU's and its daemon's threads.
+    pub switches: u64,
 }
 
 /// A guest's host CPU time over a window, in seconds.
@@ -153,6 +184,10 @@ pub struct CpuTime {
     pub qemu: f64,
     /// Its daemon's (ours only; 0 otherwise).
     pub daemon: f64,
+    /// Context switches of its QEMU's and daemon's threads in the window:
+    /// each hand-off between a vCPU and another thread on its CPU costs
+    /// two (docs/shared-host.md).
+    pub switches: f64,
 }
 
 impl CpuTime {
@@ -162,6 +197,7 @@ impl CpuTime {
         CpuTime {
             qemu: to.qemu.saturating_sub(from.qemu) as f64 / ticks_per_s,
             daemon: to.daemon.saturating_sub(from.daemon) as f64 / ticks_per_s,
+            switches: to.switches.saturating_sub(from.switches) as f64,
         }
     }
 
@@ -181,6 +217,20 @@ mod tests {
             "{pid} ({comm}) S 1 {pgrp} {pgrp} 0 -1 4194560 1500 0 0 0 1234 56 0 0 20 0 3 0 \
              12345 1234567890 5000 18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 0 17 1 0 0 0 0 0"
         )
+    }
+
+    #[test]
+    fn a_threads_switches_are_its_voluntary_and_involuntary_ones() {
+        let status = "Name:\tqemu-system-x86\nState:\tS (sleeping)\n\
+                      voluntary_ctxt_switches:\t1200\nnonvoluntary_ctxt_switches:\t34\n";
+        assert_eq!(parse_switches(status), Some(1234));
+        assert_eq!(
+            parse_switches("Name:\tx\nvoluntary_ctxt_switches:\t5\n"),
+            None
+        );
+        // This very process has at least one thread that has switched.
+        assert!(process_switches(std::process::id()).unwrap() > 0);
+        assert!(process_switches(u32::MAX).is_err());
     }
 
     #[test]
@@ -246,19 +296,25 @@ mod tests {
 
     #[test]
     fn cpu_time_is_ticks_between_readings_in_seconds() {
-        let cpu = |qemu, daemon| CpuTime { qemu, daemon };
+        let cpu = |qemu, daemon, switches| CpuTime {
+            qemu,
+            daemon,
+            switches,
+        };
         let from = Ticks {
             qemu: 100,
             daemon: 7,
+            switches: 1000,
         };
         let to = Ticks {
             qemu: 250,
             daemon: 32,
+            switches: 1600,
         };
         let c = CpuTime::between(from, to, 100.0);
-        assert_eq!(c, cpu(1.5, 0.25));
+        assert_eq!(c, cpu(1.5, 0.25, 600.0));
         assert_eq!(c.total(), 1.75);
         // A reading that went backwards (cannot happen) counts nothing.
-        assert_eq!(CpuTime::between(to, from, 100.0), cpu(0.0, 0.0));
+        assert_eq!(CpuTime::between(to, from, 100.0), cpu(0.0, 0.0, 0.0));
     }
 }

@@ -30,6 +30,8 @@ struct Aggregate {
     cpu_s: f64,
     /// The daemons' part of `cpu_s`.
     daemon_cpu_s: f64,
+    /// Context switches of the guests' QEMU and daemon threads, summed.
+    switches: f64,
     host_busy: f64,
 }
 
@@ -43,6 +45,7 @@ impl Aggregate {
         ios: f64::NAN,
         cpu_s: f64::NAN,
         daemon_cpu_s: f64::NAN,
+        switches: f64::NAN,
         host_busy: f64::NAN,
     };
 
@@ -58,6 +61,11 @@ impl Aggregate {
     /// The daemons' CPU microseconds per I/O.
     fn daemon_us_per_io(&self) -> f64 {
         ratio(self.daemon_cpu_s * 1e6, self.ios)
+    }
+
+    /// Context switches (QEMU and daemon threads) per I/O.
+    fn switches_per_io(&self) -> f64 {
+        ratio(self.switches, self.ios)
     }
 
     /// The mean of each figure (so the mean's CPU per I/O is the total CPU
@@ -76,6 +84,7 @@ impl Aggregate {
             ios: mean(|a| a.ios),
             cpu_s: mean(|a| a.cpu_s),
             daemon_cpu_s: mean(|a| a.daemon_cpu_s),
+            switches: mean(|a| a.switches),
             host_busy: mean(|a| a.host_busy),
         }
     }
@@ -97,6 +106,7 @@ fn aggregate(per_guest: &[(Sample, CpuTime)], host_busy: f64) -> Aggregate {
         ios: samples.iter().map(|s| s.ios).sum(),
         cpu_s: per_guest.iter().map(|(_, c)| c.total()).sum(),
         daemon_cpu_s: per_guest.iter().map(|(_, c)| c.daemon).sum(),
+        switches: per_guest.iter().map(|(_, c)| c.switches).sum(),
         host_busy,
     }
 }
@@ -208,7 +218,8 @@ fn figure(x: f64, decimals: usize) -> String {
 /// host CPU per I/O of each configuration, the ratios of ours to QEMU's
 /// (and IOPS of ours to none), and the host's busy percentage; then a row
 /// per guest count of each configuration's completion latency
-/// percentiles (fio's, the mean over the guests and rounds).
+/// percentiles (fio's, the mean over the guests and rounds), and one of
+/// context switches per I/O (the guests' QEMU and daemon threads).
 pub fn table(opts: &Options, groups: &[Group]) -> String {
     let mut t = String::new();
     for &mode in &opts.modes {
@@ -276,6 +287,22 @@ pub fn table(opts: &Options, groups: &[Group]) -> String {
                 }
                 let _ = writeln!(t);
             }
+            let _ = writeln!(
+                t,
+                "{:>6} {:>9} {:>9} {:>9} {:>9}",
+                "sw/IO", "ours", "qemu", "none", "o/q"
+            );
+            for &n in &opts.guests {
+                let [o, q, no] = VIOMMUS.map(|v| mean(groups, mode, v, n, job).switches_per_io());
+                let _ = writeln!(
+                    t,
+                    "{n:>6} {:>9} {:>9} {:>9} {:>9}",
+                    figure(o, 2),
+                    figure(q, 2),
+                    figure(no, 2),
+                    figure(ratio(o, q), 3)
+                );
+            }
         }
     }
     t
@@ -316,6 +343,7 @@ fn json_aggregate(a: &Aggregate) -> Value {
         "cpu_us_per_io": num(a.cpu_us_per_io()),
         "daemon_cpu_s": num(a.daemon_cpu_s),
         "daemon_cpu_us_per_io": num(a.daemon_us_per_io()),
+        "switches_per_io": num(a.switches_per_io()),
         "host_busy": num(a.host_busy),
     })
 }
@@ -445,7 +473,11 @@ mod tests {
     }
 
     fn cpu(qemu: f64, daemon: f64) -> CpuTime {
-        CpuTime { qemu, daemon }
+        CpuTime {
+            qemu,
+            daemon,
+            switches: (qemu + daemon) * 1e4,
+        }
     }
 
     /// Two guests behind QEMU's vIOMMU, strict, with a window for the
@@ -503,6 +535,8 @@ mod tests {
         assert_eq!(a.host_busy, 0.9);
         assert_eq!(a.cpu_us_per_io(), 500.0);
         assert_eq!((a.daemon_cpu_s, a.daemon_us_per_io()), (0.125, 250.0 / 3.0));
+        // Switches are summed over the guests, then per I/O: (5000 + 2500) / 1500.
+        assert_eq!((a.switches, a.switches_per_io()), (7500.0, 5.0));
         // The mean of rounds: CPU per I/O is the total CPU over the total I/Os.
         let b = aggregate(&[(sample(3000.0, 3000.0), cpu(0.5, 0.0))], 0.5);
         let m = Aggregate::mean(&[a, b]);
