@@ -102,7 +102,10 @@ fn icmp(frame: &[u8], pattern: Option<u8>, reply: &mut Vec<u8>) -> Verdict {
         return Verdict::BadChecksum;
     }
     let msg = &ip[ihl..total];
-    if msg[0] != 8 || msg[1] != 0 {
+    // Type 8; any code: busybox's `ping -p` fills the code with the
+    // pattern too (it sets type, identifier, sequence and checksum only),
+    // and the reply carries it back.
+    if msg[0] != 8 {
         return Verdict::Other;
     }
     let data = &msg[8..];
@@ -152,7 +155,7 @@ mod tests {
         let c = checksum(&ip);
         ip[10..12].copy_from_slice(&c.to_be_bytes());
         f.extend_from_slice(&ip);
-        let mut icmp = vec![8, 0, 0, 0, 0x12, 0x34, 0, 7];
+        let mut icmp = vec![8, 0xa5, 0, 0, 0x12, 0x34, 0, 7];
         icmp.extend_from_slice(payload);
         let c = checksum(&icmp);
         icmp[2..4].copy_from_slice(&c.to_be_bytes());

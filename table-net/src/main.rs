@@ -102,6 +102,8 @@ struct Stats {
     pattern_bad: u64,
     bad_checksum: u64,
     dropped: u64,
+    /// Frames neither ARP nor an echo request (IPv6 neighbour discovery…).
+    ignored: u64,
     dma_errors: u64,
     passes: u64,
     refused_passes: u64,
@@ -114,7 +116,7 @@ impl Stats {
     fn line(&self) -> String {
         format!(
             "frames_in={} frames_out={} arp={} echoes={} pattern_ok={} pattern_bad={} \
-             bad_checksum={} dropped={} dma_errors={} passes={} refused_passes={} walks={} \
+             bad_checksum={} dropped={} ignored={} dma_errors={} passes={} refused_passes={} walks={} \
              pass_ns={} iotlb_msgs={}",
             self.frames_in,
             self.frames_out,
@@ -124,6 +126,7 @@ impl Stats {
             self.pattern_bad,
             self.bad_checksum,
             self.dropped,
+            self.ignored,
             self.dma_errors,
             self.passes,
             self.refused_passes,
@@ -146,6 +149,8 @@ struct Device {
     /// Reused buffers.
     descs: Vec<Desc>,
     frame: Vec<u8>,
+    /// The reader page's change count last seen (state changes are logged).
+    last_changes: u64,
     /// The last refusal logged (once per kind, not per pass).
     last_refusal: Option<String>,
 }
@@ -307,6 +312,10 @@ impl Device {
                 return;
             }
         };
+        if self.reader.changes() != self.last_changes {
+            self.last_changes = self.reader.changes();
+            log::info!("endpoint state: {:?}", section.mode());
+        }
         let mut dma = Dma::new(&section, mem);
         // virtio-net's queues: 0 receive (device → driver), 1 transmit.
         let [rx, tx] = &mut self.vrings;
@@ -344,6 +353,19 @@ impl Device {
                     continue;
                 }
                 self.stats.frames_in += 1;
+                if log::log_enabled!(log::Level::Debug) {
+                    let segs: Vec<_> = self
+                        .descs
+                        .iter()
+                        .map(|d| (d.addr, d.len, section.translate(d.addr, 1, false).ok()))
+                        .collect();
+                    log::debug!(
+                        "frame {} of {} bytes in {segs:x?}: {:02x?}",
+                        self.stats.frames_in,
+                        self.frame.len() - NET_HDR,
+                        &self.frame[NET_HDR..self.frame.len().min(NET_HDR + 40)]
+                    );
+                }
                 match echo::answer(&self.frame[NET_HDR..], self.pattern, &mut reply) {
                     echo::Verdict::Arp => self.stats.arp += 1,
                     echo::Verdict::Echo { pattern_ok } => {
@@ -355,7 +377,19 @@ impl Device {
                         }
                     }
                     echo::Verdict::BadChecksum => self.stats.bad_checksum += 1,
-                    echo::Verdict::Other => {}
+                    echo::Verdict::Other => {
+                        self.stats.ignored += 1;
+                        let f = &self.frame[NET_HDR..];
+                        // IPv6 neighbour discovery is expected; anything
+                        // else is worth a look.
+                        if f.get(12..14) != Some(&[0x86, 0xdd]) && self.stats.ignored <= 4 {
+                            log::info!(
+                                "frame ignored ({} bytes): {:02x?}",
+                                f.len(),
+                                &f[..f.len().min(48)]
+                            );
+                        }
+                    }
                 }
                 if !reply.is_empty() {
                     if self.pending.len() >= MAX_PENDING {
@@ -530,6 +564,7 @@ fn main() {
         descs: Vec::new(),
         frame: Vec::new(),
         last_refusal: None,
+        last_changes: 0,
     };
     let end = serve(&mut dev, conn, &table);
     let line = dev.stats.line();
