@@ -125,7 +125,7 @@ fn bad() -> std::io::Error {
 pub struct Dma<'a> {
     pub section: &'a Section<'a>,
     pub mem: &'a GuestMemory,
-    /// Translations made (for the figures).
+    /// Translations found (for the figures).
     pub walks: u64,
 }
 
@@ -141,11 +141,11 @@ impl<'a> Dma<'a> {
     /// The host address of the first stretch of `[iova, iova + len)` and
     /// its length.
     fn stretch(&mut self, iova: u64, len: u64, write: bool) -> Result<(*mut u8, u64), DmaError> {
-        self.walks += 1;
         let seg = self
             .section
             .translate(iova, len, write)
             .map_err(|source| DmaError::Translate { iova, source })?;
+        self.walks += 1;
         Ok((self.mem.host(seg.gpa, seg.len)?, seg.len))
     }
 
