@@ -338,19 +338,21 @@ fn figures() {
             true,
         );
         let b = &r.backend;
-        let ns_per_walk = get(b, "pass_ns") as f64 / get(b, "walks").max(1) as f64;
+        let us_per_pass = get(b, "pass_ns") as f64 / 1e3 / get(b, "passes").max(1) as f64;
         for p in &r.pings {
             table.push(format!(
                 "{mode:6} table-net {:5}B {:5}/{:<5} lost {:5.1}%  p50 {:>8} ms  p99 {:>8} ms  \
-                 walks {} ({:.0} ns of pass per walk), IOTLB messages {}, reader graces {}",
+                 answered {}/{}, {} walks, {:.1} µs per pass, IOTLB messages {}, reader graces {}",
                 p.size,
                 p.received,
                 p.sent,
                 100.0 * f64::from(p.sent - p.received.min(p.sent)) / f64::from(p.sent.max(1)),
                 p.p50,
                 p.p99,
+                get(b, "frames_out"),
+                get(b, "frames_in"),
                 get(b, "walks"),
-                ns_per_walk,
+                us_per_pass,
                 get(b, "iotlb_msgs"),
                 r.readers.graces,
             ));

@@ -90,6 +90,11 @@ impl Vring {
     /// driver unless it asked not to be.
     pub fn publish(&mut self, dma: &mut Dma<'_>) -> Result<(), DmaError> {
         dma.store_u16(self.used + 2, self.used_idx)?;
+        // The index store must be visible before the flags are read
+        // (virtio 1.2 §2.7.7.2): the driver re-enables interrupts, then
+        // looks at the used index; without a full fence both sides could
+        // miss the other and the last replies would sit in the ring.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         let flags = dma.load_u16(self.avail)?;
         if flags & VRING_AVAIL_F_NO_INTERRUPT == 0 {
             if let Some(c) = &self.call {
