@@ -712,6 +712,42 @@ mod tests {
     }
 
     #[test]
+    fn a_reader_that_never_leaves_its_section_delays_an_unmap_by_the_bound_only() {
+        let (mut s, _entry, reader, readers) = session_with_reader(true);
+        readers.set_grace(std::time::Duration::from_millis(30));
+        assert_eq!(request(&mut s, 0, ATTACH_1_8), OK);
+        assert_eq!(request(&mut s, 1, map(1, 0x4000)), OK);
+        s.take_grace();
+        // A hostile (or hung) back-end: in a section, forever.
+        let stuck = reader.section(7).unwrap();
+        let unmap = Request::Unmap {
+            domain: 1,
+            virt_start: 0x4000,
+            virt_end: 0x4fff,
+        };
+        assert_eq!(request(&mut s, 2, unmap), OK);
+        assert!(s.take_grace());
+        // What the worker does before completing the batch.
+        let t = std::time::Instant::now();
+        assert_eq!(readers.synchronize(), 1, "revoked");
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
+        drop(stuck);
+        assert!(matches!(
+            reader.section(0),
+            Err(table_reader::Error::Revoked)
+        ));
+        // The next removal does not wait for it.
+        assert_eq!(request(&mut s, 3, map(1, 0x4000)), OK);
+        let unmap = Request::Unmap {
+            domain: 1,
+            virt_start: 0x4000,
+            virt_end: 0x4fff,
+        };
+        assert_eq!(request(&mut s, 4, unmap), OK);
+        assert!(!s.take_grace(), "no reader left to wait for");
+    }
+
+    #[test]
     fn without_readers_nothing_waits() {
         let mut s = session();
         assert_eq!(request(&mut s, 0, ATTACH_1_8), OK);
