@@ -275,18 +275,23 @@ impl Session {
             Publish::Now => mirror.publish(out),
             Publish::Sync => mirror.publish_sync(out),
         };
-        // Off the request path (resets, config writes, restores): the
-        // readers' grace is waited for here, bounded (§16.3).
-        if self.publish_to_readers(effects) {
-            self.grace_pending = false;
-            if let Some(r) = &readers {
-                r.synchronize();
-            }
-        }
+        self.readers_after_change(effects);
         if ticket.is_none() {
             self.release_table_pages(mirror);
         }
         r
+    }
+
+    /// Off the request path (resets, config writes, restores): the
+    /// readers' states are published and their grace waited for here,
+    /// bounded (§16.3).
+    fn readers_after_change(&mut self, effects: Effects) {
+        if self.publish_to_readers(effects) {
+            self.grace_pending = false;
+            if let Some(r) = &self.readers {
+                r.synchronize();
+            }
+        }
     }
 
     /// Tell the table readers what a batch changed: their endpoints'
@@ -424,11 +429,15 @@ impl Session {
             // them would fail its every PROBE (UNSUPP), and Linux then never
             // attaches its endpoints.
             false => {
+                let mut records = Vec::new();
+                let mut batch = Batch::new(self.table.as_mut(), &mut records);
                 self.device.reset_translation(&mut Journaled {
-                    sink: &mut Batch::new(self.table.as_mut(), &mut Vec::new()),
+                    sink: &mut batch,
                     journal: self.journal.as_mut(),
                 });
+                let effects = batch.effects();
                 self.commit();
+                self.readers_after_change(effects);
             }
         }
         if clears.memory {
@@ -745,6 +754,19 @@ mod tests {
         };
         assert_eq!(request(&mut s, 4, unmap), OK);
         assert!(!s.take_grace(), "no reader left to wait for");
+    }
+
+    #[test]
+    fn a_system_reset_blocks_or_bypasses_a_readers_endpoint_at_once() {
+        let (mut s, _entry, reader, _readers) = session_with_reader(true);
+        assert_eq!(request(&mut s, 0, ATTACH_1_8), OK);
+        assert!(matches!(
+            reader.section(0).unwrap().mode(),
+            Mode::Translated { .. }
+        ));
+        s.reset(Reset::System, &MirrorHandle::disconnected());
+        // Back to the boot bypass, the old tree out of the reader's reach.
+        assert_eq!(reader.section(0).unwrap().mode(), Mode::Bypass);
     }
 
     #[test]
