@@ -149,6 +149,8 @@ struct Device {
     /// Reused buffers.
     descs: Vec<Desc>,
     frame: Vec<u8>,
+    /// The table socket closed: translate nothing more (§16.1).
+    cut_off: bool,
     /// The reader page's change count last seen (state changes are logged).
     last_changes: u64,
     /// The last refusal logged (once per kind, not per pass).
@@ -303,6 +305,10 @@ impl Device {
         let Some(mem) = self.mem.as_ref() else {
             return;
         };
+        if self.cut_off {
+            self.stats.refused_passes += 1;
+            return;
+        }
         let t0 = Instant::now();
         let section = match self.reader.section(0) {
             Ok(s) => s,
@@ -497,12 +503,14 @@ fn serve(dev: &mut Device, mut conn: UnixStream, table: &UnixStream) -> Result<(
             }
             return Err(e.into());
         }
-        if polled[1].revents != 0 {
+        if polled[1].revents != 0 && !dev.cut_off {
+            // Revoked, or the daemon is gone: a restarted daemon has a new
+            // table, and this one would go stale. Fail safe: no more DMA.
             log::error!(
-                "the daemon closed the table socket: this reader is revoked or the daemon gone"
+                "the daemon closed the table socket (revoked, or the daemon is gone): \
+                 no more DMA; restart this back-end with the daemon"
             );
-            // Sections now fail (the page says revoked), or the daemon is
-            // gone: nothing more is translated.
+            dev.cut_off = true;
         }
         for v in &dev.vrings {
             if let Some(k) = &v.kick {
@@ -565,6 +573,7 @@ fn main() {
         frame: Vec::new(),
         last_refusal: None,
         last_changes: 0,
+        cut_off: false,
     };
     let end = serve(&mut dev, conn, &table);
     let line = dev.stats.line();
