@@ -480,7 +480,10 @@ fn drain(f: &File) {
 
 fn serve(dev: &mut Device, mut conn: UnixStream, table: &UnixStream) -> Result<(), ConnError> {
     loop {
-        let mut fds = vec![conn.as_raw_fd(), table.as_raw_fd()];
+        // A closed table socket stays readable: poll it no more (-1 is
+        // skipped by poll).
+        let table_fd = if dev.cut_off { -1 } else { table.as_raw_fd() };
+        let mut fds = vec![conn.as_raw_fd(), table_fd];
         fds.extend(
             dev.vrings
                 .iter()
