@@ -13,7 +13,7 @@ pub const BACKEND_TYPE: &str = "iommu";
 /// `mirror::proto::{MAJOR, MINOR}` by a test.
 pub const LONG_VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
-    "\nmirror protocol 2.5\n",
+    "\nmirror protocol 2.6\n",
     "QEMU 10.0 with the patch series of this release (scripts/qemu/patches, CHANGELOG.md)"
 );
 

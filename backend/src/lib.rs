@@ -61,5 +61,6 @@ pub mod serve;
 pub mod session;
 pub mod spare;
 pub mod state_file;
+pub mod table_socket;
 pub mod vhu_iommu;
 pub mod vring;

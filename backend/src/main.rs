@@ -249,6 +249,18 @@ struct Cli {
     /// to it.
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
+
+    /// Serve the shared translation table to vhost-user back-ends that
+    /// translate through it themselves (docs/mirror-protocol.md §16), on
+    /// this Unix socket, with the --socket-mode and --socket-group of the
+    /// other sockets. Needs --mirror-socket (the table is the mirror's).
+    #[arg(long, value_name = "PATH")]
+    table_socket: Option<PathBuf>,
+
+    /// The longest a guest UNMAP waits for a table reader's section to end;
+    /// a reader still in it then is revoked (§16.3).
+    #[arg(long, value_name = "MS", default_value_t = 200)]
+    table_reader_grace_ms: u64,
 }
 
 /// Commands besides running the daemon.
@@ -406,6 +418,16 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         ),
         None => None,
     };
+    if cli.table_socket.is_some() && cli.mirror_socket.is_none() {
+        return Err("--table-socket needs --mirror-socket: the table is the mirror's".into());
+    }
+    let table_listener = match &cli.table_socket {
+        Some(path) => Some(
+            vhost_user_iommu::listen::listen_at(path, access)
+                .map_err(|e| format!("cannot listen on --table-socket {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
     let server = Server::bind_with(&source, access)?;
     server.stop_on_signals()?;
 
@@ -413,6 +435,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let (mirror_server, mirror) = match &cli.mirror_socket {
         Some(path) => {
             let memory = MirrorMemory::for_device(&device_config)?;
+            memory
+                .readers
+                .set_grace(Duration::from_millis(cli.table_reader_grace_ms));
             let hello = Hello::new(config.device.bypass, vfio_from_qemu)
                 .with_msi_window(config.device.msi_window);
             let s = MirrorServer::start_with_access(
@@ -479,7 +504,16 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         )?),
         None => None,
     };
+    let table = match table_listener {
+        Some(listener) => Some(vhost_user_iommu::table_socket::TableServer::start(
+            listener,
+            cli.table_socket.clone(),
+            backend.clone(),
+        )?),
+        None => None,
+    };
     server.run(&backend)?;
+    drop(table);
     drop(control);
     drop(mirror_server);
     Ok(())

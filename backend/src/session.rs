@@ -18,8 +18,11 @@ use virtio_iommu::{GuestRam, NoRam};
 use crate::control::Telemetry;
 use crate::guest_ram::RamBacking;
 use crate::ioas::{DaemonIoas, IommuDevice};
-use crate::mirror::{Batch, MirrorHandle, Record, SharedMem, Ticket, TranslationTable};
+use crate::mirror::{
+    Batch, Effects, MirrorHandle, Readers, Record, SharedMem, Ticket, TranslationTable,
+};
 use crate::state_file::{Journal, Journaled, Recovered};
+use table_reader::{EndpointState, Mode};
 
 /// The translation table shared with QEMU (docs/mirror-protocol.md §11).
 pub type SharedTable = TranslationTable<Arc<SharedMem>>;
@@ -134,6 +137,12 @@ pub struct Session {
     /// Where the endpoints attached and detached are told (the control
     /// socket's events; nothing recorded without one).
     telemetry: Arc<Telemetry>,
+    /// Back-ends reading the table themselves (docs/mirror-protocol.md
+    /// §16), when there is a table.
+    readers: Option<Arc<Readers>>,
+    /// The last batch of requests removed a translation while readers were
+    /// registered: it completes after their sections ([`Self::take_grace`]).
+    grace_pending: bool,
 }
 
 impl Session {
@@ -148,6 +157,8 @@ impl Session {
             answered_again: 0,
             recovered: false,
             recovered_for: None,
+            readers: None,
+            grace_pending: false,
             qemu_instance: 0,
             telemetry: Arc::default(),
         }
@@ -278,16 +289,74 @@ impl Session {
         if let Some(j) = self.journal.as_mut() {
             j.commit(&self.device);
         }
-        let out = batch.finish(mirror.notifier_flags());
+        let effects = batch.effects();
+        let readers = self.readers.as_deref().filter(|r| !r.is_empty());
+        let out = batch.finish(mirror.notifier_flags(), |ep| {
+            readers.as_ref().is_some_and(|r| r.owns_iotlb(ep))
+        });
         self.telemetry.endpoint_changes(out);
         let ticket = match publish {
             Publish::Now => mirror.publish(out),
             Publish::Sync => mirror.publish_sync(out),
         };
+        self.readers_after_change(effects);
         if ticket.is_none() {
             self.release_table_pages(mirror);
         }
         r
+    }
+
+    /// Off the request path (resets, config writes, restores): the
+    /// readers' states are published and their grace waited for here,
+    /// bounded (§16.3).
+    fn readers_after_change(&mut self, effects: Effects) {
+        if self.publish_to_readers(effects) {
+            self.grace_pending = false;
+            if let Some(r) = &self.readers {
+                r.synchronize();
+            }
+        }
+    }
+
+    /// Tell the table readers what a batch changed: their endpoints'
+    /// states, under the lock and after the table stores. True if the
+    /// batch must wait for their sections before it completes.
+    fn publish_to_readers(&mut self, effects: Effects) -> bool {
+        let Some(readers) = self.readers.as_ref().filter(|r| !r.is_empty()) else {
+            return false;
+        };
+        if effects.moves {
+            readers.update_states(|ep| self.reader_state(ep));
+        }
+        self.grace_pending |= effects.removes;
+        effects.removes
+    }
+
+    /// What endpoint `ep`'s DMA goes through now, as a table reader must
+    /// see it (§16.2): bypass, its domain's tree, or nothing.
+    pub fn reader_state(&self, ep: u32) -> EndpointState {
+        let mode = match self.device.translate(ep, 0, false) {
+            virtio_iommu::Translation::Bypass => Mode::Bypass,
+            _ => match (self.device.domain_of(ep), self.table.as_ref()) {
+                (Some(d), Some(t)) if t.root(d) != 0 => Mode::Translated { root: t.root(d) },
+                _ => Mode::Blocked,
+            },
+        };
+        EndpointState {
+            mode,
+            revoked: false,
+        }
+    }
+
+    /// Serve table readers from `readers` (the table's registry).
+    pub fn set_readers(&mut self, readers: Option<Arc<Readers>>) {
+        self.readers = readers;
+    }
+
+    /// Whether the last batch of requests must wait for the table readers'
+    /// sections before it completes (§16.3); cleared by the call.
+    pub fn take_grace(&mut self) -> bool {
+        std::mem::take(&mut self.grace_pending)
     }
 
     /// Carry out one batch of requests (`f` calls [`Requests::request`] for
@@ -309,9 +378,14 @@ impl Session {
             answered_again: &mut self.answered_again,
             sink: &mut batch,
         });
-        let out = batch.finish(mirror.notifier_flags());
+        let effects = batch.effects();
+        let readers = self.readers.as_deref().filter(|r| !r.is_empty());
+        let out = batch.finish(mirror.notifier_flags(), |ep| {
+            readers.as_ref().is_some_and(|r| r.owns_iotlb(ep))
+        });
         self.telemetry.endpoint_changes(out);
         let ticket = mirror.publish(out);
+        self.publish_to_readers(effects);
         if ticket.is_none() {
             self.release_table_pages(mirror);
         }
@@ -321,9 +395,23 @@ impl Session {
     /// QEMU acknowledged a batch: table pages of destroyed domains are no
     /// longer walked.
     pub fn acked(&mut self) {
-        if let Some(t) = self.table.as_mut() {
-            t.release_limbo();
+        self.release_limbo();
+    }
+
+    /// Pages in limbo become reusable, once no table reader can be walking
+    /// them either (§16.3: a bounded wait for their sections, usually none
+    /// open: the batch that retired the pages waited already).
+    fn release_limbo(&mut self) {
+        let Some(t) = self.table.as_mut() else {
+            return;
+        };
+        if t.stats().pages_in_limbo == 0 {
+            return;
         }
+        if let Some(r) = self.readers.as_ref().filter(|r| !r.is_empty()) {
+            r.synchronize();
+        }
+        t.release_limbo();
     }
 
     /// Table pages of destroyed domains become reusable once QEMU cannot be
@@ -332,10 +420,8 @@ impl Session {
     /// (docs/mirror-protocol.md §6 rule 4): the pages it may walk are
     /// reused only after the next connection's ACK.
     fn release_table_pages(&mut self, mirror: &MirrorHandle) {
-        if let Some(t) = self.table.as_mut() {
-            if t.stats().pages_in_limbo > 0 && mirror.never_connected() {
-                t.release_limbo();
-            }
+        if mirror.never_connected() {
+            self.release_limbo();
         }
     }
 
@@ -368,11 +454,15 @@ impl Session {
             // them would fail its every PROBE (UNSUPP), and Linux then never
             // attaches its endpoints.
             false => {
+                let mut records = Vec::new();
+                let mut batch = Batch::new(self.table.as_mut(), &mut records);
                 self.device.reset_translation(&mut Journaled {
-                    sink: &mut Batch::new(self.table.as_mut(), &mut Vec::new()),
+                    sink: &mut batch,
                     journal: self.journal.as_mut(),
                 });
+                let effects = batch.effects();
                 self.commit();
+                self.readers_after_change(effects);
             }
         }
         if clears.memory {
@@ -565,6 +655,158 @@ mod tests {
         endpoint: 8,
         flags: 0,
     };
+
+    /// A session with a shared table and its readers' registry, and a
+    /// reader of endpoint 8 through the crate a back-end links, on the
+    /// daemon's own files.
+    fn session_with_reader(
+        owns_iotlb: bool,
+    ) -> (
+        Session,
+        Arc<crate::mirror::readers::ReaderEntry>,
+        table_reader::Reader,
+        Arc<Readers>,
+    ) {
+        let config = crate::config::RawConfig::default().check().unwrap();
+        let memory = crate::mirror::MirrorMemory::new(64, (1 << 39) - 1).unwrap();
+        let readers = memory.readers.clone();
+        let mut s = Session::new(
+            crate::emulated::device(&config).unwrap(),
+            Some(memory.writer()),
+        );
+        s.set_readers(Some(readers.clone()));
+        s.set_memory(&Ram);
+        let entry = Arc::new(
+            crate::mirror::readers::ReaderEntry::new(
+                readers.next_id(),
+                8,
+                owns_iotlb,
+                64,
+                memory.levels,
+                s.reader_state(8),
+            )
+            .unwrap(),
+        );
+        readers.add(entry.clone()).unwrap();
+        let table_file = memory.table.file().try_clone().unwrap();
+        let page_file = entry.page().file().try_clone().unwrap();
+        let reader = table_reader::Reader::new(&table_file, &page_file).unwrap();
+        (s, entry, reader, readers)
+    }
+
+    #[test]
+    fn a_table_reader_follows_its_endpoint_through_attach_map_unmap_and_detach() {
+        let (mut s, _entry, reader, _readers) = session_with_reader(true);
+        // Boot bypass: unattached endpoints bypass.
+        assert_eq!(reader.section(0).unwrap().mode(), Mode::Bypass);
+        assert_eq!(request(&mut s, 0, ATTACH_1_8), OK);
+        assert!(s.take_grace(), "an ATTACH may move the endpoint away");
+        assert!(matches!(
+            reader.section(0).unwrap().mode(),
+            Mode::Translated { .. }
+        ));
+        assert_eq!(request(&mut s, 1, map(1, 0x4000)), OK);
+        assert!(!s.take_grace(), "a MAP removes nothing: no wait");
+        let seg = reader
+            .section(1)
+            .unwrap()
+            .translate(0x4010, 0x2000, true)
+            .unwrap();
+        assert_eq!((seg.gpa, seg.len), (0x10_0010, 0xff0));
+        let unmap = Request::Unmap {
+            domain: 1,
+            virt_start: 0x4000,
+            virt_end: 0x4fff,
+        };
+        assert_eq!(request(&mut s, 2, unmap), OK);
+        assert!(s.take_grace(), "an UNMAP waits for the readers");
+        assert!(reader
+            .section(0)
+            .unwrap()
+            .translate(0x4010, 8, false)
+            .is_err());
+        let detach = Request::Detach {
+            domain: 1,
+            endpoint: 8,
+        };
+        assert_eq!(request(&mut s, 3, detach), OK);
+        assert!(s.take_grace());
+        assert_eq!(reader.section(0).unwrap().mode(), Mode::Bypass);
+        assert!(reader.changes() >= 2);
+    }
+
+    #[test]
+    fn a_reader_that_owns_its_iotlb_takes_a_vhost_endpoints_unmaps_off_the_mirror() {
+        // The effect on records is src/mirror/batch.rs's test; here the
+        // session asks the registry.
+        let (_s, _entry, _reader, readers) = session_with_reader(true);
+        assert!(readers.owns_iotlb(8));
+        let (_s, _entry, _reader, readers) = session_with_reader(false);
+        assert!(!readers.owns_iotlb(8));
+    }
+
+    #[test]
+    fn a_reader_that_never_leaves_its_section_delays_an_unmap_by_the_bound_only() {
+        let (mut s, _entry, reader, readers) = session_with_reader(true);
+        readers.set_grace(std::time::Duration::from_millis(30));
+        assert_eq!(request(&mut s, 0, ATTACH_1_8), OK);
+        assert_eq!(request(&mut s, 1, map(1, 0x4000)), OK);
+        s.take_grace();
+        // A hostile (or hung) back-end: in a section, forever.
+        let stuck = reader.section(7).unwrap();
+        let unmap = Request::Unmap {
+            domain: 1,
+            virt_start: 0x4000,
+            virt_end: 0x4fff,
+        };
+        assert_eq!(request(&mut s, 2, unmap), OK);
+        assert!(s.take_grace());
+        // What the worker does before completing the batch.
+        let t = std::time::Instant::now();
+        assert_eq!(readers.synchronize(), 1, "revoked");
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
+        drop(stuck);
+        assert!(matches!(
+            reader.section(0),
+            Err(table_reader::Error::Revoked)
+        ));
+        // The next removal does not wait for it.
+        assert_eq!(request(&mut s, 3, map(1, 0x4000)), OK);
+        let unmap = Request::Unmap {
+            domain: 1,
+            virt_start: 0x4000,
+            virt_end: 0x4fff,
+        };
+        assert_eq!(request(&mut s, 4, unmap), OK);
+        assert!(!s.take_grace(), "no reader left to wait for");
+    }
+
+    #[test]
+    fn a_system_reset_blocks_or_bypasses_a_readers_endpoint_at_once() {
+        let (mut s, _entry, reader, _readers) = session_with_reader(true);
+        assert_eq!(request(&mut s, 0, ATTACH_1_8), OK);
+        assert!(matches!(
+            reader.section(0).unwrap().mode(),
+            Mode::Translated { .. }
+        ));
+        s.reset(Reset::System, &MirrorHandle::disconnected());
+        // Back to the boot bypass, the old tree out of the reader's reach.
+        assert_eq!(reader.section(0).unwrap().mode(), Mode::Bypass);
+    }
+
+    #[test]
+    fn without_readers_nothing_waits() {
+        let mut s = session();
+        assert_eq!(request(&mut s, 0, ATTACH_1_8), OK);
+        assert_eq!(request(&mut s, 1, map(1, 0x4000)), OK);
+        let unmap = Request::Unmap {
+            domain: 1,
+            virt_start: 0x4000,
+            virt_end: 0x4fff,
+        };
+        assert_eq!(request(&mut s, 2, unmap), OK);
+        assert!(!s.take_grace());
+    }
 
     #[test]
     fn a_request_is_carried_out_end_to_end_without_a_socket() {

@@ -205,7 +205,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
         {
             let mut batch = Batch::new(Some(&mut table), &mut records);
             dev.handle_request(&bytes(op), &mut reply, &Ram, &mut batch);
-            let _ = batch.finish(None);
+            let _ = batch.finish(None, |_| false);
         }
         if reply[0] == 0 {
             r.apply(op);

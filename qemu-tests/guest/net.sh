@@ -6,6 +6,8 @@
 # payload, echoes, seconds between them); each round prints
 #   VUI-PING size=.. sent=.. received=.. p50=.. p99=.. max=.. secs=.. (ms)
 # VUI_EXPECT=none: no reply may come (the back-end's DMA is refused).
+# VUI_PATTERN=XX: the payload byte of every ping (busybox ping -p), for a
+# back-end that checks the data it read.
 ROUNDS=${VUI_ROUNDS:-56:20:0.05}
 sleep 1
 dmesg | grep -E 'virtio_net|virtio_iommu|iommu group' | sed 's/^/VUI-LOG dmesg: /'
@@ -33,7 +35,8 @@ for r in $(echo "$ROUNDS" | tr ',' ' '); do
     start=$(cut -d' ' -f1 /proc/uptime)
     # -w: a deadline, so a round without replies ends too.
     deadline=$(awk -v c="$count" -v i="$interval" 'BEGIN { printf "%d", c * i * 2 + 5 }')
-    ping -c "$count" -i "$interval" -s "$size" -w "$deadline" 10.0.2.2 >/tmp/ping.out 2>&1
+    ping -c "$count" -i "$interval" -s "$size" -w "$deadline" ${VUI_PATTERN:+-p "$VUI_PATTERN"} \
+        10.0.2.2 >/tmp/ping.out 2>&1
     end=$(cut -d' ' -f1 /proc/uptime)
     grep -o 'time=[0-9.]*' /tmp/ping.out | cut -d= -f2 | sort -n >/tmp/rtt
     got=$(wc -l </tmp/rtt)

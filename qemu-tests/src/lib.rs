@@ -385,6 +385,26 @@ fn build_guest_tools(target: &str, target_dir: &Path) {
     }
 }
 
+/// `vui-table-net` (the `table-net` package), the vhost-user net back-end
+/// that reads the daemon's shared table itself; built for the host on first
+/// use.
+pub fn table_net_bin() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let target_dir = repo().join("target/table-net");
+            let st = Command::new(env!("CARGO"))
+                .args(["build", "--release", "--locked", "-p", "table-net"])
+                .arg("--target-dir")
+                .arg(&target_dir)
+                .status()
+                .expect("cargo build table-net");
+            assert!(st.success(), "building table-net failed");
+            target_dir.join("release/vui-table-net")
+        })
+        .clone()
+}
+
 /// The daemon, in this process, with its mirror.
 pub struct Daemon {
     pub backend: IommuBackend,

@@ -32,18 +32,39 @@ pub fn notified_kinds(byte: u8) -> (bool, bool) {
     (byte & NOTIFY_MAP != 0, byte != 0)
 }
 
+/// What a batch did that table readers must know (§16).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Effects {
+    /// A translation may have gone (UNMAP, DETACH, ATTACH, RESET, bypass
+    /// turned off): readers' sections must end before the batch completes.
+    pub removes: bool,
+    /// An endpoint's domain or the global bypass changed: readers' states
+    /// must be published again.
+    pub moves: bool,
+}
+
 /// Collects the records of a batch of changes, applying each to the table.
 #[derive(Debug)]
 pub struct Batch<'a, S: TableStore> {
     table: Option<&'a mut TranslationTable<S>>,
     records: &'a mut Vec<Record>,
+    effects: Effects,
 }
 
 impl<'a, S: TableStore> Batch<'a, S> {
     /// Start a batch; `records` is cleared (its capacity is reused).
     pub fn new(table: Option<&'a mut TranslationTable<S>>, records: &'a mut Vec<Record>) -> Self {
         records.clear();
-        Self { table, records }
+        Self {
+            table,
+            records,
+            effects: Effects::default(),
+        }
+    }
+
+    /// What the batch's changes so far mean for table readers.
+    pub fn effects(&self) -> Effects {
+        self.effects
     }
 
     /// The records QEMU must apply, in order: MAP/UNMAP records of domains
@@ -54,7 +75,11 @@ impl<'a, S: TableStore> Batch<'a, S> {
     /// full fence on both sides, either QEMU's read sees a change, or the
     /// daemon sees the flag and sends the change's record (or both; QEMU
     /// applies records idempotently).
-    pub fn finish(self, flags: Option<&[AtomicU8]>) -> &'a [Record] {
+    ///
+    /// `owned(ep)`: a table reader owns endpoint `ep`'s IOTLB (§16.4): its
+    /// UNMAP-only (vhost) notifier byte asks for nothing, the reader
+    /// handshake makes its UNMAPs strict.
+    pub fn finish(self, flags: Option<&[AtomicU8]>, owned: impl Fn(u32) -> bool) -> &'a [Record] {
         let Some(table) = self.table else {
             return self.records;
         };
@@ -73,7 +98,10 @@ impl<'a, S: TableStore> Batch<'a, S> {
                     .endpoints(domain)
                     .iter()
                     .fold((false, false), |acc, &ep| {
-                        let b = f.get(ep as usize).map_or(0, |b| b.load(Ordering::Relaxed));
+                        let mut b = f.get(ep as usize).map_or(0, |b| b.load(Ordering::Relaxed));
+                        if b & NOTIFY_MAP == 0 && b != 0 && owned(ep) {
+                            b = 0;
+                        }
                         let (map, unmap) = notified_kinds(b);
                         (acc.0 | map, acc.1 | unmap)
                     })
@@ -91,6 +119,14 @@ impl<'a, S: TableStore> Batch<'a, S> {
 impl<S: TableStore> ChangeSink for Batch<'_, S> {
     fn change(&mut self, c: Change) {
         let mut record = super::record_of(&c);
+        let (removes, moves) = match c {
+            Change::Map(_) => (false, false),
+            Change::Unmap(_) => (true, false),
+            Change::GlobalBypass(on) => (!on, true),
+            Change::Attach { .. } | Change::Detach { .. } | Change::Reset => (true, true),
+        };
+        self.effects.removes |= removes;
+        self.effects.moves |= moves;
         if let Some(t) = self.table.as_mut() {
             match c {
                 Change::Attach {
@@ -143,6 +179,12 @@ mod tests {
     /// The records a batch keeps of an ATTACH of endpoints 8 (notifier
     /// flag `a`) and 16 (`b`) to domain 1, then one MAP and one UNMAP.
     fn kept(a: u8, b: u8) -> Vec<Record> {
+        kept_owned(a, b, u32::MAX)
+    }
+
+    /// The same, endpoint `owned` read by a table reader that owns its
+    /// IOTLB.
+    fn kept_owned(a: u8, b: u8, owned: u32) -> Vec<Record> {
         let mut table = TranslationTable::new(memory_store(64), 3);
         let flags: Vec<AtomicU8> = (0..32).map(|_| AtomicU8::new(0)).collect();
         flags[8].store(a, Ordering::Relaxed);
@@ -165,7 +207,7 @@ mod tests {
         };
         batch.change(Change::Map(map));
         batch.change(Change::Unmap(map.undo()));
-        batch.finish(Some(&flags)).to_vec()
+        batch.finish(Some(&flags), |ep| ep == owned).to_vec()
     }
 
     fn ops(records: &[Record]) -> Vec<&'static str> {
@@ -192,6 +234,52 @@ mod tests {
         }
         // One endpoint of the domain needing MAP is enough.
         assert_eq!(ops(&kept(2, 3)), ["attach", "attach", "map", "unmap"]);
+    }
+
+    #[test]
+    fn a_table_reader_owning_a_vhost_endpoint_takes_its_unmaps_off_the_mirror() {
+        // Endpoint 8 is a vhost back-end reading the table: no UNMAP record.
+        assert_eq!(ops(&kept_owned(2, 0, 8)), ["attach", "attach"]);
+        // Another vhost endpoint of the domain still needs them.
+        assert_eq!(ops(&kept_owned(2, 2, 8)), ["attach", "attach", "unmap"]);
+        // VFIO's notifiers are QEMU's: a reader cannot waive them.
+        assert_eq!(
+            ops(&kept_owned(3, 0, 8)),
+            ["attach", "attach", "map", "unmap"]
+        );
+    }
+
+    #[test]
+    fn effects_say_what_readers_must_wait_for() {
+        let mut table = TranslationTable::new(memory_store(64), 3);
+        let mut records = Vec::new();
+        let mut batch = Batch::new(Some(&mut table), &mut records);
+        batch.change(Change::GlobalBypass(true));
+        assert_eq!(
+            batch.effects(),
+            Effects {
+                removes: false,
+                moves: true
+            }
+        );
+        let mut batch = Batch::new(
+            None::<&mut TranslationTable<Box<[std::sync::atomic::AtomicU64]>>>,
+            &mut records,
+        );
+        batch.change(Change::Map(Map {
+            domain: 1,
+            virt_start: 0,
+            virt_end: 0xfff,
+            phys_start: 0,
+            flags: 1,
+        }));
+        assert_eq!(batch.effects(), Effects::default());
+        batch.change(Change::Unmap(Unmap {
+            domain: 1,
+            virt_start: 0,
+            virt_end: 0xfff,
+        }));
+        assert!(batch.effects().removes && !batch.effects().moves);
     }
 
     #[test]

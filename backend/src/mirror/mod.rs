@@ -8,18 +8,20 @@ mod batch;
 pub mod completion;
 mod link;
 pub mod proto;
+pub mod readers;
 pub mod shm;
 pub mod table;
 
 use std::io;
 use std::sync::Arc;
 
-pub use batch::{dump, Batch, NOTIFIER_FLAGS_LEN};
+pub use batch::{dump, Batch, Effects, NOTIFIER_FLAGS_LEN};
 pub use link::{
     Ended, Hello, MirrorHandle, MirrorHooks, MirrorServer, PeerEvent, ReadError, Refusal, Ticket,
     WaitOutcome,
 };
 pub use proto::{Fault, Record};
+pub use readers::Readers;
 pub use shm::SharedMem;
 pub use table::{TableStats, TranslationTable};
 
@@ -46,6 +48,8 @@ pub struct MirrorMemory {
     pub table: Arc<SharedMem>,
     pub flags: SharedMem,
     pub levels: u32,
+    /// Back-ends that read the table themselves (§16).
+    pub readers: Arc<Readers>,
 }
 
 impl MirrorMemory {
@@ -62,6 +66,7 @@ impl MirrorMemory {
             table: Arc::new(table),
             flags,
             levels: table::levels_for(input_last),
+            readers: Arc::default(),
         })
     }
 

@@ -39,7 +39,7 @@ pub const VFIO_DEVICE_LEN: usize = 16;
 /// `magic` of HELLO: the bytes `V U I M`.
 pub const MAGIC: u32 = 0x4d49_5556;
 pub const MAJOR: u16 = 2;
-pub const MINOR: u16 = 5;
+pub const MINOR: u16 = 6;
 
 /// HELLO `features` bit (daemon, 2.1): the daemon owns the DMA translation
 /// of the iommufd-backed VFIO devices QEMU forwards with VFIO_DEVICE (§14).
@@ -578,7 +578,7 @@ mod tests {
         assert_eq!(out.len(), HEADER_LEN + DAEMON_HELLO_LEN);
         assert_eq!(&out[16..20], b"VUIM");
         assert_eq!(&out[20..22], &[2, 0], "major 2");
-        assert_eq!(&out[22..24], &[5, 0], "minor 5");
+        assert_eq!(&out[22..24], &[6, 0], "minor 6");
         assert_eq!(out[24], 4, "MSI_WINDOW");
         assert_eq!(out[32], 1);
         assert_eq!(&out[40..48], &[0, 0, 4, 0, 3, 0, 0, 0]);

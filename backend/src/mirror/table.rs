@@ -827,4 +827,71 @@ mod tests {
             }
         }
     }
+
+    /// The daemon's writer and a back-end's reader (the table-reader crate)
+    /// racing, with the reader handshake (docs/mirror-protocol.md §16.3):
+    /// an IOVA is mapped to a new page each round, unmapped, and once the
+    /// readers' sections have ended the old page is "reused" (poisoned). A
+    /// reader that translated the IOVA inside a section must find its page
+    /// unpoisoned until the section ends, and every translation it gets is
+    /// one the writer made.
+    #[test]
+    fn readers_racing_the_writer_never_use_a_page_after_its_unmap_completed() {
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+        const ROUNDS: u64 = 2_000;
+        const PAGES: u64 = 8;
+        let store: Arc<Box<[AtomicU64]>> = Arc::new(memory_store(64));
+        struct Shared(Arc<Box<[AtomicU64]>>);
+        impl TableStore for Shared {
+            fn words(&self) -> &[AtomicU64] {
+                &self.0
+            }
+        }
+        let mut t = TranslationTable::new(Shared(store.clone()), L39);
+        let root = t.attach(8, 1, false);
+        // live[p]: 1 while guest page p may be the target of a live
+        // translation; 0 once "reused".
+        let live: Arc<Vec<AtomicU64>> = Arc::new((0..PAGES).map(|_| AtomicU64::new(0)).collect());
+        let slots: Arc<Vec<AtomicU64>> = Arc::new((0..2).map(|_| AtomicU64::new(0)).collect());
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|r| {
+                let (store, live, slots, stop) =
+                    (store.clone(), live.clone(), slots.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut hits = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let _g = table_reader::SlotGuard::enter(&slots[r]).unwrap();
+                        let Ok(l) = table_reader::translate(&store, L39, root, 0x7000) else {
+                            continue;
+                        };
+                        let p = (l.gpa >> 12) - 0x100;
+                        assert!(p < PAGES, "a translation the writer never made");
+                        for _ in 0..32 {
+                            assert_eq!(live[p as usize].load(Ordering::Acquire), 1, "page {p}");
+                        }
+                        hits += 1;
+                    }
+                    hits
+                })
+            })
+            .collect();
+        for round in 0..ROUNDS {
+            let p = round % PAGES;
+            live[p as usize].store(1, Ordering::Release);
+            t.map(&mapping(1, 0x7000, 0x7fff, (0x100 + p) << 12, true, true));
+            for _ in 0..200 {
+                std::hint::spin_loop();
+            }
+            t.unmap(&unmapping(1, 0x7000, 0x7fff));
+            assert_eq!(
+                table_reader::synchronize(slots.iter(), std::time::Duration::from_secs(10)),
+                table_reader::GraceOutcome::Quiet
+            );
+            live[p as usize].store(0, Ordering::Release);
+        }
+        stop.store(true, Ordering::Relaxed);
+        let hits: u64 = readers.into_iter().map(|h| h.join().unwrap()).sum();
+        eprintln!("{hits} translations used over {ROUNDS} rounds");
+    }
 }

@@ -21,9 +21,10 @@ use crate::mirror::{Ticket, WaitOutcome};
 use crate::session::Requests;
 use crate::vring::{complete_chains, Avail};
 
-/// A batch carried out: the completions (head, bytes written), and the
-/// ticket of the mirror batch QEMU must acknowledge first, if any.
-type CarriedOut = (Vec<(u16, u32)>, Option<Ticket>);
+/// A batch carried out: the completions (head, bytes written), the ticket
+/// of the mirror batch QEMU must acknowledge first, if any, and whether
+/// table readers' sections must end first (docs/mirror-protocol.md §16.3).
+type CarriedOut = (Vec<(u16, u32)>, Option<Ticket>, bool);
 
 /// The buffers one batch reads requests into and writes replies from.
 struct Buffers {
@@ -107,7 +108,10 @@ impl IommuBackend {
         let since = self.telemetry.clock();
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         let done = match self.carry_out(vring, polled) {
-            Some((completed, ticket)) => {
+            Some((completed, ticket, grace)) => {
+                if grace {
+                    self.wait_for_readers();
+                }
                 let acked = self.wait_for_qemu(ticket, !completed.is_empty());
                 self.complete(vring, completed, acked)
             }
@@ -156,7 +160,18 @@ impl IommuBackend {
         });
         stats.requests += completed.len() as u64;
         stats.acked_batches += u64::from(ticket.is_some());
-        Some((std::mem::take(completed), ticket))
+        let grace = session.take_grace();
+        Some((std::mem::take(completed), ticket, grace))
+    }
+
+    /// The batch removed translations while back-ends read the table: wait
+    /// until no reader section that may have seen them is open, at most
+    /// the readers' bound (late readers are revoked), holding no lock
+    /// (docs/mirror-protocol.md §16.3).
+    fn wait_for_readers(&self) {
+        if let Some(m) = self.mirror.memory() {
+            m.readers.synchronize();
+        }
     }
 
     /// Wait for QEMU's ACK of `ticket`, holding neither the device lock nor

@@ -42,12 +42,14 @@ mod hooks;
 mod inspect;
 mod migration;
 mod polling;
+mod table_readers;
 mod worker;
 
 use faults::MAX_PENDING_FAULTS;
 pub use hooks::BackendHooks;
 pub use inspect::CounterSnapshot;
 use polling::Polled;
+pub use table_readers::ReaderError;
 use worker::SPARE_LOOK_BUSY;
 
 /// Queue indexes (virtio 1.2 §5.13.2).
@@ -168,9 +170,11 @@ pub struct IommuBackend {
 impl IommuBackend {
     /// A backend serving `device`, mirroring its changes to `mirror`.
     pub fn new(device: IommuDevice, mirror: MirrorHandle) -> Self {
+        let mut session = Session::new(device, mirror.memory().map(|m| m.writer()));
+        session.set_readers(mirror.memory().map(|m| m.readers.clone()));
         Self {
             state: Arc::new(Mutex::new(State {
-                session: Session::new(device, mirror.memory().map(|m| m.writer())),
+                session,
                 mem: None,
                 event_idx: false,
                 faults: VecDeque::with_capacity(MAX_PENDING_FAULTS),
@@ -189,6 +193,11 @@ impl IommuBackend {
             follow_vcpu: true,
             telemetry: Arc::default(),
         }
+    }
+
+    /// The translation mirror this backend publishes to.
+    pub fn mirror(&self) -> &MirrorHandle {
+        &self.mirror
     }
 
     /// The vring worker asks the host scheduler for a `slice` (src/sched.rs):
