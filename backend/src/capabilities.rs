@@ -3,8 +3,8 @@
 //! "Backend program conventions", docs/interop/vhost-user.rst and
 //! docs/interop/vhost-user.json).
 
-/// The back-end type. QEMU's vhost-user.json schema gains it with the
-/// project's patch series (scripts/qemu/patches).
+/// The back-end type. QEMU's vhost-user.json schema (`VHostUserBackendType`)
+/// gains it with the project's patch series (scripts/qemu/patches, 0009).
 pub const BACKEND_TYPE: &str = "iommu";
 
 /// What `--version` says besides the daemon's version: the mirror protocol

@@ -42,6 +42,13 @@ pub fn run_both(
             eprintln!("  daemon: {}", d.stats());
         }
         run.assert_passed(&format!("{label} on {viommu:?}"));
+        // A vhost-user channel the daemon closed under QEMU (it offered
+        // one it did not keep) shows as this error at start-up.
+        assert!(
+            run.lines("Unexpected end-of-file").is_empty(),
+            "{label} on {viommu:?}: QEMU read a closed channel:\n{}",
+            run.output
+        );
         check(viommu, &run, daemon.as_ref());
     }
 }

@@ -535,13 +535,18 @@ impl VhostUserBackend for IommuBackend {
     }
 
     /// CONFIG is required by QEMU's vhost-user-base; REPLY_ACK lets a
-    /// front-end wait for each message; RESET_DEVICE gives a device reset;
-    /// BACKEND_REQ is ready for config-change notifications.
+    /// front-end wait for each message; RESET_DEVICE gives a device reset.
+    ///
+    /// Only what the daemon uses is offered. Not BACKEND_REQ: the daemon
+    /// sends the front-end no request (its config space changes only by
+    /// the guest's own writes), so it would drop the channel's socket as
+    /// soon as `SET_BACKEND_REQ_FD` gave it, and QEMU reads that end of
+    /// file as an error ("Unexpected end-of-file before all data were
+    /// read" at every start).
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::RESET_DEVICE
-            | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::DEVICE_STATE
             | VhostUserProtocolFeatures::LOG_SHMFD
     }

@@ -305,6 +305,19 @@ fn a_memory_table_without_files_is_refused_and_leaves_no_ram() {
 }
 
 #[test]
+fn no_backend_request_channel_is_offered_as_none_would_be_kept() {
+    // vhost-user-backend drops the channel of a back-end that does not take
+    // it (`set_backend_req_fd`), and QEMU reports the closed socket as an
+    // error: a feature offered is a channel kept open.
+    let rig = Rig::new();
+    let offered = rig.backend.protocol_features();
+    assert!(!offered.contains(VhostUserProtocolFeatures::BACKEND_REQ));
+    assert!(
+        offered.contains(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK)
+    );
+}
+
+#[test]
 fn reset_device_clears_the_device() {
     let mut rig = Rig::new();
     let endpoint = rig
