@@ -577,6 +577,24 @@ fn strict_pairs(vm: &mut TestVm, n: usize) -> u64 {
     vm.request_queue().kicks() - before
 }
 
+/// The host's idle CPUs over a stretch: (idle jiffies, all jiffies) of
+/// /proc/stat's `cpu` line now, to be subtracted from a later reading.
+fn host_jiffies() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = text
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .filter_map(|w| w.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (idle, v.iter().take(8).sum())
+}
+
 #[test]
 fn while_the_daemon_polls_back_to_back_requests_need_no_kick() {
     // A generous window, so that a loaded test machine still shows it.
@@ -584,23 +602,36 @@ fn while_the_daemon_polls_back_to_back_requests_need_no_kick() {
     let mut vm = d.connect();
     assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
     // The window opens as short sleeps show polling would pay. The poller
-    // gives way when it finds itself off its CPU (src/poll.rs): on a test
-    // machine busy with other tests that happens, so a round may need
-    // kicks; with a CPU to spare, one of a few rounds needs almost none.
+    // gives way when it finds itself off its CPU and no CPU is spare
+    // (src/poll.rs, src/spare.rs: by design, on a busy host it must not
+    // spin): on a test machine busy with other tests a round may need
+    // kicks; in a round with a CPU to spare almost none. So each round
+    // also measures the host's idle CPUs.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     strict_pairs(&mut vm, 50);
     let mut rounds = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..12 {
+        let (idle0, all0) = host_jiffies();
         let kicks = strict_pairs(&mut vm, 200);
-        rounds.push(kicks);
+        let (idle1, all1) = host_jiffies();
+        let spare = cpus * (idle1 - idle0) as f64 / (all1 - all0).max(1) as f64;
+        rounds.push((kicks, spare));
         if kicks < 40 {
             break;
         }
         std::thread::sleep(Duration::from_millis(300));
     }
-    assert!(
-        rounds.iter().any(|&k| k < 40),
-        "kicks for 400 requests, round by round: {rounds:?}"
-    );
+    if rounds.iter().all(|&(k, spare)| k >= 40 && spare < 0.75) {
+        eprintln!(
+            "skipped the polling half: no round had a CPU to spare (kicks, idle CPUs: \
+             {rounds:?}), and the poller gives way then by design"
+        );
+    } else {
+        assert!(
+            rounds.iter().any(|&(k, _)| k < 40),
+            "kicks for 400 requests and the host's idle CPUs, round by round: {rounds:?}"
+        );
+    }
 
     let d = Daemon::start("nopoll", &["--poll-us", "0"]);
     let mut vm = d.connect();
