@@ -135,6 +135,9 @@ struct State {
     stats: QueueStats,
     /// Reused: no allocation per batch once warm.
     completed: Vec<(u16, u32)>,
+    /// Reused: the request and reply bytes of each chain, allocated and
+    /// zeroed once, not per batch.
+    bufs: Box<batch::Buffers>,
     /// The device's counters when the last front-end left.
     last_session: Option<virtio_iommu::Stats>,
     /// Busy-polling of the request queue after each batch.
@@ -181,6 +184,7 @@ impl IommuBackend {
                 vrings: None,
                 stats: QueueStats::default(),
                 completed: Vec::with_capacity(MAX_QUEUE_SIZE),
+                bufs: Box::new(batch::Buffers::new()),
                 last_session: None,
                 poll: AdaptivePoll::new(Duration::ZERO),
                 transfer: None,
