@@ -10,7 +10,7 @@ usage: scripts/qemu-tests.sh [--help] [TEST-NAME-FILTER]
 Builds (or reuses the cache of) the patched QEMU (scripts/qemu/build-qemu.sh,
 ~4 min cold), fetches the Debian guest kernel (scripts/guest/fetch-kernel.sh) and
 builds the iommufd guest kernel of the pass-through test bed
-(scripts/kernel/build-iommufd-kernel.sh, ~13 min cold; the test bed runs on
+(scripts/kernel/build-iommufd-kernel.sh, ~5 min cold; the test bed runs on
 Debian's stock QEMU, scripts/qemu/install-stock-qemu.sh) and the minimal
 kernel of the nested test bed's second-level guest
 (scripts/kernel/build-minimal-kernel.sh, ~5 min cold), then runs the guest
@@ -35,7 +35,7 @@ echo "== qemu-tests: guest kernel"
 scripts/guest/fetch-kernel.sh >/dev/null
 echo "== qemu-tests: Debian's stock QEMU (pass-through test bed)"
 scripts/qemu/install-stock-qemu.sh >/dev/null
-echo "== qemu-tests: iommufd guest kernel (pass-through test bed; ~13 min the first time)"
+echo "== qemu-tests: iommufd guest kernel (pass-through test bed; ~5 min the first time)"
 scripts/kernel/build-iommufd-kernel.sh >/dev/null
 echo "== qemu-tests: minimal kernel (nested test bed's second level; ~5 min the first time)"
 scripts/kernel/build-minimal-kernel.sh >/dev/null

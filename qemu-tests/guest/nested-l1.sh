@@ -56,6 +56,11 @@ faults() { dmesg | grep -i dmar | grep -ci fault; }
 f0=$(faults)
 MEM=192M
 t0=$(up)
+# The console file exists before the follower below opens it: QEMU's
+# redirection happens in the background job, and busybox `tail -f` gives up
+# on a file that is not there yet (the whole second level's output was lost
+# that way once).
+: >/tmp/l2.out
 # shellcheck disable=SC2086 # VFIO_ARGS is a word list
 /usr/bin/qemu-system-x86_64 -M q35 -accel tcg -smp 1 -m $MEM -nodefaults \
     -display none -serial stdio -no-reboot -L /fw \
@@ -66,7 +71,7 @@ t0=$(up)
     $VFIO_ARGS -trace vhost_user_iommu_attach -trace vhost_user_iommu_detach \
     -kernel /l2/bzImage -initrd /l2/initrd.gz \
     -append "console=ttyS0 panic=-1 loglevel=4 iommu.strict=1 vfio_iommu_type1.allow_unsafe_interrupts=1 vui.test=nested-l2.sh" \
-    </dev/null >/tmp/l2.out 2>&1 &
+    </dev/null >>/tmp/l2.out 2>&1 &
 qemu=$!
 # The second level's console, as it comes (its status line renamed: the
 # first level's is the one that counts).

@@ -230,7 +230,7 @@ pub fn passthrough_skip_reason() -> Option<String> {
     if iommufd_kernel().is_none() {
         return Some(
             "the iommufd guest kernel is not built (scripts/kernel/build-iommufd-kernel.sh, \
-             ~13 min; scripts/qemu-tests.sh builds it)"
+             ~5 min; scripts/qemu-tests.sh builds it)"
                 .into(),
         );
     }
