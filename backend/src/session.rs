@@ -656,6 +656,87 @@ mod tests {
         flags: 0,
     };
 
+    /// A state file's state, taken as the daemon starts (before any
+    /// control client can connect): kept for `status`, and published to a
+    /// subscriber (none in the daemon so early; here one, to see the event).
+    #[test]
+    fn a_state_from_the_state_file_is_kept_for_status_and_published() {
+        use crate::control::events::{Stamped, STATE_EVENT};
+        use crate::control::{Event, Held};
+
+        let mut previous = session();
+        assert_eq!(request(&mut previous, 0, ATTACH_1_8), OK);
+        assert_eq!(request(&mut previous, 1, map(1, 0x4000)), OK);
+        assert_eq!(request(&mut previous, 2, map(1, 0x8000)), OK);
+        let recovered = Recovered {
+            state: previous.device().save_state(),
+            instance: 0,
+            answered: Answered::default(),
+            records: 3,
+        };
+
+        let dir = test_frontend::daemon::Scratch::new("session-restored");
+        let (journal, found) = Journal::open(&dir.join("state")).unwrap();
+        assert!(matches!(found, Ok(None)), "a new file holds nothing");
+        let telemetry = Arc::new(Telemetry::new(true));
+        let rx = telemetry.events().take_receiver().unwrap();
+        telemetry.events().subscriptions([STATE_EVENT].into_iter());
+        assert_eq!(telemetry.last_restore(), None);
+        // As the daemon's main: no guest memory yet.
+        let config = crate::config::RawConfig::default().check().unwrap();
+        let mut s = Session::new(crate::emulated::device(&config).unwrap(), None);
+        s.watch(telemetry.clone());
+        s.start_journal(journal, Some(recovered), &MirrorHandle::disconnected());
+
+        let r = telemetry.last_restore().expect("the restore is kept");
+        let held = Held {
+            domains: 1,
+            mappings: 2,
+            attached: 1,
+        };
+        assert_eq!((r.source, r.held), ("state_file", held));
+        assert!(r.time_us <= telemetry.events().now_us());
+        let events: Vec<Stamped> = rx.try_iter().collect();
+        assert_eq!(
+            events,
+            [Stamped {
+                time_us: r.time_us,
+                event: Event::StateRestored {
+                    source: "state_file",
+                    held
+                },
+            }]
+        );
+    }
+
+    /// A state the device refuses leaves no restore to report.
+    #[test]
+    fn a_refused_state_file_state_is_no_restore() {
+        let mut previous = session();
+        assert_eq!(request(&mut previous, 0, ATTACH_1_8), OK);
+        let recovered = Recovered {
+            state: previous.device().save_state(),
+            instance: 0,
+            answered: Answered::default(),
+            records: 1,
+        };
+        let dir = test_frontend::daemon::Scratch::new("session-refused");
+        let (journal, _) = Journal::open(&dir.join("state")).unwrap();
+        let telemetry = Arc::new(Telemetry::new(true));
+        // A daemon started with other endpoints: 8 is not one of them.
+        let config = crate::config::RawConfig {
+            endpoints: Some("16".into()),
+            ..Default::default()
+        }
+        .check()
+        .unwrap();
+        let mut s = Session::new(crate::emulated::device(&config).unwrap(), None);
+        s.watch(telemetry.clone());
+        s.start_journal(journal, Some(recovered), &MirrorHandle::disconnected());
+        assert_eq!(s.device().stats().domains, 0, "the device starts reset");
+        assert_eq!(telemetry.last_restore(), None);
+    }
+
     /// A session with a shared table and its readers' registry, and a
     /// reader of endpoint 8 through the crate a back-end links, on the
     /// daemon's own files.

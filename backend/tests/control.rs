@@ -481,6 +481,19 @@ fn subscribers_see_endpoints_move_resets_and_states_restored() {
         e["data"],
         json!({"source": "migration", "domains": 2, "mappings": 1, "attached": 2})
     );
+    // `status` keeps it, at the event's time, for a client that was not
+    // subscribed.
+    let st: protocol::Status = d.client().call("status", Value::Null).unwrap();
+    assert_eq!(
+        st.last_restore,
+        Some(protocol::Restore {
+            source: "migration".into(),
+            time_us: e["time_us"].as_u64().unwrap(),
+            domains: 2,
+            mappings: 1,
+            attached: 2,
+        })
+    );
 
     // ATTACH moving 16 to domain 1: it leaves domain 2 (gone with it), then
     // enters domain 1; no `attach` (a request event) comes between.

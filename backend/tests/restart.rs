@@ -2,14 +2,18 @@
 //! A daemon restarted with `--state-file` comes back as the device its
 //! front-end left: killed (SIGKILL) or stopped (SIGTERM) under a connected
 //! front-end, the next daemon has every domain, attachment and mapping.
-//! A front-end that leaves takes the state with it.
+//! A front-end that leaves takes the state with it. A control client learns
+//! of the restore.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
 use test_frontend::daemon::{DaemonProcess, Scratch};
 use test_frontend::rng::Rng;
 use test_frontend::{Request, Status, TestVm, VmOptions, MAP_F_READ, MAP_F_WRITE};
+use vhost_user_iommu::control::client::Client;
+use vhost_user_iommu::control::protocol;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-iommu");
 const RW: u32 = MAP_F_READ | MAP_F_WRITE;
@@ -113,6 +117,70 @@ fn a_daemon_killed_under_its_front_end_comes_back_with_every_mapping() {
 #[test]
 fn a_daemon_stopped_under_its_front_end_leaves_its_state_to_the_next() {
     restart_keeps_the_state(libc::SIGTERM, "term");
+}
+
+/// The state file is read as the daemon starts, before a control client
+/// can connect, let alone subscribe: a client that connects later learns
+/// of the restore from `status` (its source, what the device held, when),
+/// and `ctl status` prints it.
+#[test]
+fn a_control_client_that_connects_later_learns_the_state_file_was_restored() {
+    let dir = scratch("control");
+    let first = start(&dir, 1);
+    let mut vm = connect(&first);
+    make_state(&mut vm);
+    first.end(libc::SIGKILL);
+    let control = dir.join("control.sock");
+    let second = DaemonProcess::builder(BIN, dir.join("viommu.sock"))
+        .arg("--state-file")
+        .arg(dir.join("state"))
+        .args(["--endpoints", "8,16", "--control-socket"])
+        .arg(&control)
+        .rust_log("info")
+        .log_file(dir.join("daemon-2.log"))
+        .spawn();
+    drop(vm);
+    // The control socket is bound before the vhost-user socket the spawn
+    // waited for.
+    let mut c = Client::connect(&control, Duration::from_secs(5)).unwrap();
+    let st: protocol::Status = c.call("status", Value::Null).unwrap();
+    let log = second.log_text();
+    let r = st
+        .last_restore
+        .as_ref()
+        .unwrap_or_else(|| panic!("status says no restore:\n{log}"));
+    // Domain 1 (endpoint 8) with two mappings, domain 2 (endpoint 16) with one.
+    assert_eq!(
+        (r.source.as_str(), r.domains, r.mappings, r.attached),
+        ("state_file", 2, 3, 2),
+        "{log}"
+    );
+    assert!(
+        r.time_us <= st.uptime_ms.saturating_add(1) * 1000,
+        "{r:?} {st:?}"
+    );
+    assert_eq!(
+        (st.device.domains, st.device.mappings, st.device.attached),
+        (2, 3, 2)
+    );
+
+    let out = Command::new(BIN)
+        .args(["ctl", "--control-socket"])
+        .arg(&control)
+        .arg("status")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("restored:"))
+        .unwrap_or_else(|| panic!("ctl status has no restore line:\n{text}"));
+    assert!(line.contains("the state file at"), "{text}");
+    assert!(
+        line.ends_with(": 2 domains, 3 mappings, 2 endpoints attached"),
+        "{text}"
+    );
 }
 
 #[test]

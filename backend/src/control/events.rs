@@ -370,13 +370,28 @@ impl EventQueue {
         self.wanted.load(Ordering::Relaxed) & bits != 0
     }
 
+    /// Microseconds since the daemon started: an event's `time_us`.
+    pub fn now_us(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
     /// Queue `event` if anyone listens for its kind; never waits: a full
     /// queue drops it (counted).
     pub fn publish(&self, event: Event) {
-        if !self.wants(event.bit()) {
-            return;
+        if self.wants(event.bit()) {
+            self.send(self.now_us(), event);
         }
-        let time_us = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    }
+
+    /// [`Self::publish`] `event` as having happened at `time_us`
+    /// ([`Self::now_us`]), for a source that keeps that time too.
+    pub fn publish_at(&self, time_us: u64, event: Event) {
+        if self.wants(event.bit()) {
+            self.send(time_us, event);
+        }
+    }
+
+    fn send(&self, time_us: u64, event: Event) {
         match self.tx.try_send(Stamped { time_us, event }) {
             Ok(()) => self.published.fetch_add(1, Ordering::Relaxed),
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {

@@ -27,13 +27,13 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-pub use events::{Event, EventQueue, FaultRecord, FaultRing};
+pub use events::{Event, EventQueue, FaultRecord, FaultRing, Held};
 pub use histogram::Histogram;
 pub use server::ControlServer;
 
 use crate::ioas::IommuDevice;
 use crate::mirror::Record;
-use events::{Held, ENDPOINT_EVENTS, REQUEST_EVENTS, RESET_EVENT, STATE_EVENT};
+use events::{ENDPOINT_EVENTS, REQUEST_EVENTS, RESET_EVENT};
 
 /// Request types by their type byte (virtio 1.2 §5.13.6), index 0 for
 /// anything else: the latency histograms' order.
@@ -51,6 +51,20 @@ pub struct Latency {
     pub batches: Histogram,
 }
 
+/// The last saved state the device took ([`Telemetry::state_restored`]),
+/// for `status`: a client that connects after it learns it there (the
+/// state file's is taken as the daemon starts, before any client can
+/// connect, let alone subscribe).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Restored {
+    /// `state_file` or `migration`.
+    pub source: &'static str,
+    /// What the device held once it took the state.
+    pub held: Held,
+    /// When: microseconds since the daemon started, as events' `time_us`.
+    pub time_us: u64,
+}
+
 /// What the daemon records for its control socket (see the module doc).
 #[derive(Debug)]
 pub struct Telemetry {
@@ -60,6 +74,9 @@ pub struct Telemetry {
     latency: Latency,
     events: EventQueue,
     faults: Mutex<FaultRing>,
+    /// Written by restores only (the daemon's start, a migration's state
+    /// loaded), read by `status`: never the request path.
+    restored: Mutex<Option<Restored>>,
     front_end: AtomicBool,
     /// The front-end's process (0: unknown or none).
     front_end_pid: AtomicU32,
@@ -84,6 +101,7 @@ impl Telemetry {
             // No control socket: a queue of one, never used.
             events: EventQueue::new(started, if on { events::EVENT_QUEUE } else { 1 }),
             faults: Mutex::default(),
+            restored: Mutex::default(),
             front_end: AtomicBool::new(false),
             front_end_pid: AtomicU32::new(0),
             connections: AtomicU64::new(0),
@@ -171,12 +189,30 @@ impl Telemetry {
     }
 
     /// `device` took a saved state from `source` (`state_file`,
-    /// `migration`).
+    /// `migration`): kept for `status` ([`Self::last_restore`]) and
+    /// published to its subscribers. Never on the request path: once at
+    /// the daemon's start, or for a migration's state.
     pub fn state_restored(&self, source: &'static str, device: &IommuDevice) {
-        if self.events.wants(STATE_EVENT) {
-            let held = Held::of(device);
-            self.events.publish(Event::StateRestored { source, held });
+        if !self.on {
+            return;
         }
+        let restored = Restored {
+            source,
+            held: Held::of(device),
+            time_us: self.events.now_us(),
+        };
+        *self.restored.lock().unwrap_or_else(|e| e.into_inner()) = Some(restored);
+        let event = Event::StateRestored {
+            source,
+            held: restored.held,
+        };
+        self.events.publish_at(restored.time_us, event);
+    }
+
+    /// The last saved state the device took since the daemon started, if
+    /// any.
+    pub fn last_restore(&self) -> Option<Restored> {
+        *self.restored.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A fault event was written into a buffer of the guest's event queue.

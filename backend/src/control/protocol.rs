@@ -394,6 +394,22 @@ pub struct Status {
     pub device: DeviceSummary,
     pub requests: RequestSummary,
     pub control: ControlCounters,
+    /// The last saved state the device took since the daemon started
+    /// (`null`: none). Absent from an older daemon's answer.
+    #[serde(default)]
+    pub last_restore: Option<Restore>,
+}
+
+/// A saved state the device took: `source` `state_file` (a previous
+/// daemon's, as this one started) or `migration`; when (microseconds since
+/// the daemon started, as events' `time_us`); what the device held then.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restore {
+    pub source: String,
+    pub time_us: u64,
+    pub domains: usize,
+    pub mappings: usize,
+    pub attached: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -649,6 +665,36 @@ mod tests {
         ] {
             assert_eq!(class(l), ErrorClass::InvalidArgument, "{l}");
         }
+    }
+
+    #[test]
+    fn a_status_says_its_last_restore_and_one_without_the_field_reads_as_none() {
+        let mut v = serde_json::json!({
+            "version": "0.1.0", "mode": "emulated", "pid": 1, "uptime_ms": 2,
+            "front_end": {"connected": false, "pid": null, "connections": 0},
+            "mirror": {"configured": false, "connected": false, "pid": null, "synced": false},
+            "device": {"bypass": true, "endpoints": 2, "attached": 0, "domains": 0, "mappings": 0},
+            "requests": {"ok": 0, "failed": 0},
+            "control": {"clients": 1, "accepted": 1, "refused": 0, "dropped": 0, "commands": 1, "errors": 0}
+        });
+        // An older daemon's answer: no `last_restore`.
+        let st: Status = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(st.last_restore, None);
+        assert_eq!(
+            serde_json::to_value(&st).unwrap()["last_restore"],
+            Value::Null
+        );
+        let restore = serde_json::json!({
+            "source": "state_file", "time_us": 812, "domains": 2, "mappings": 3, "attached": 2
+        });
+        v["last_restore"] = restore.clone();
+        let st: Status = serde_json::from_value(v).unwrap();
+        let r = st.last_restore.as_ref().unwrap();
+        assert_eq!(
+            (r.source.as_str(), r.time_us, r.mappings),
+            ("state_file", 812, 3)
+        );
+        assert_eq!(serde_json::to_value(&st).unwrap()["last_restore"], restore);
     }
 
     #[test]

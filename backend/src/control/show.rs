@@ -148,6 +148,22 @@ pub fn status(s: &Status) -> String {
         "requests:   {} ok, {} failed",
         s.requests.ok, s.requests.failed
     );
+    let restored = match &s.last_restore {
+        None => "no saved state taken since start".into(),
+        Some(r) => format!(
+            "{} at {:.6} s: {} domains, {} mappings, {} endpoints attached",
+            match r.source.as_str() {
+                "state_file" => "the state file",
+                "migration" => "a migration state",
+                other => other,
+            },
+            r.time_us as f64 / 1e6,
+            r.domains,
+            r.mappings,
+            r.attached
+        ),
+    };
+    let _ = writeln!(o, "restored:   {restored}");
     let _ = writeln!(
         o,
         "control:    {} clients ({} accepted, {} refused, {} dropped)",
@@ -369,6 +385,59 @@ mod tests {
             ],
         );
         assert_eq!(t, "  A  NAME\n  1  x\n100  long\n");
+    }
+
+    #[test]
+    fn status_says_which_saved_state_the_device_took_and_when() {
+        use crate::control::protocol::{
+            ControlCounters, DeviceSummary, FrontEnd, Mirror, RequestSummary, Restore,
+        };
+        let mut s = Status {
+            version: "0.1.0".into(),
+            mode: "emulated".into(),
+            pid: 7,
+            uptime_ms: 61_000,
+            front_end: FrontEnd {
+                connected: false,
+                pid: None,
+                connections: 0,
+            },
+            mirror: Mirror {
+                configured: false,
+                connected: false,
+                pid: None,
+                synced: false,
+            },
+            device: DeviceSummary {
+                bypass: true,
+                endpoints: 2,
+                attached: 2,
+                domains: 2,
+                mappings: 3,
+            },
+            requests: RequestSummary { ok: 0, failed: 0 },
+            control: ControlCounters::default(),
+            last_restore: None,
+        };
+        assert!(
+            status(&s).contains("restored:   no saved state taken since start\n"),
+            "{}",
+            status(&s)
+        );
+        s.last_restore = Some(Restore {
+            source: "state_file".into(),
+            time_us: 1_250,
+            domains: 2,
+            mappings: 3,
+            attached: 2,
+        });
+        assert!(
+            status(&s).contains(
+                "restored:   the state file at 0.001250 s: 2 domains, 3 mappings, 2 endpoints attached\n"
+            ),
+            "{}",
+            status(&s)
+        );
     }
 
     #[test]

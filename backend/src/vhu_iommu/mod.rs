@@ -239,7 +239,9 @@ impl IommuBackend {
     /// when the front-end's memory table arrives), and the requests it
     /// carried out that the driver may not have seen completed. A state
     /// the device refuses (a daemon started with other options) is logged
-    /// and the device starts reset.
+    /// and the device starts reset. A state taken is told to the
+    /// telemetry of [`Self::with_telemetry`] (for the control socket's
+    /// `status`): give that first.
     pub fn with_journal(self, journal: Journal, recovered: Option<Recovered>) -> Self {
         self.lock()
             .session

@@ -17,6 +17,7 @@
 //!                                   guest-physical addresses, in and outside RAM
 //!        edu-dma detached BAR0      the device removed from Linux (virtio-iommu DETACH):
 //!                                   its DMA, started through /dev/mem at BAR0, lands nowhere
+//!        edu-dma [COMMAND] --help   the same in more words; exit status 2 for bad arguments
 //! ```
 //! Checks print `VUI-CHECK <name> ok|<what went wrong>`, figures `VUI-LOG`.
 //!
@@ -31,6 +32,7 @@ use std::os::unix::fs::FileExt;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use guest_tools::edu::{self, Direction};
 use guest_tools::vfio::{FileBar, Type1};
 
@@ -578,9 +580,7 @@ fn identity(bdf: &str) -> io::Result<bool> {
 /// DETACH from viommu_release_device, and only there), so its DMA, started
 /// through `/dev/mem` at `bar0`, must land nowhere. The ID register still
 /// answering shows that the device itself still works.
-fn detached(bar0: &str) -> io::Result<bool> {
-    let bar0 = u64::from_str_radix(bar0.trim_start_matches("0x"), 16)
-        .map_err(|e| io::Error::other(format!("BAR0 address {bar0:?}: {e}")))?;
+fn detached(bar0: u64) -> io::Result<bool> {
     let mem = OpenOptions::new().read(true).write(true).open("/dev/mem")?;
     let bar = phys::Mmio::map(&mem, bar0, PAGE)?;
     println!(
@@ -598,16 +598,123 @@ fn detached(bar0: &str) -> io::Result<bool> {
     Ok(check("nested-detach-blocks", untouched, "WRITTEN"))
 }
 
+/// Guest test 4 and the nested test bed's checks: edu DMA through guest
+/// VFIO (type1) behind the vIOMMU, and where it lands.
+///
+/// Without a command: the guest test 4 sequence on BDF (default: the first
+/// 1234:11e8), mapping a buffer through VFIO, DMA both ways, and after the
+/// UNMAP a DMA that must not touch it. Checks print `VUI-CHECK <name>
+/// ok|<what went wrong>`, figures `VUI-LOG`.
+///
+/// Exit status: 0 if every check passed, 1 if one failed, 2 for bad
+/// arguments or an error that stopped the checks (`EDU: error: ...`).
+#[derive(Debug, Parser)]
+#[command(name = "edu-dma", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// The edu device for the guest test 4 sequence, its PCI address as
+    /// sysfs names it (e.g. 0000:00:03.0), bound to vfio-pci [default: the
+    /// first 1234:11e8].
+    #[arg(value_name = "BDF", value_parser = bdf)]
+    bdf: Option<String>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Exact placement, nothing after UNMAP, read-only, two domains (two
+    /// edu devices on vfio-pci).
+    Suite {
+        /// The first edu device (PCI address, e.g. 0000:00:03.0), on
+        /// vfio-pci.
+        #[arg(value_name = "BDF1", value_parser = bdf)]
+        a: String,
+        /// The second, in a domain of its own.
+        #[arg(value_name = "BDF2", value_parser = bdf)]
+        b: String,
+    },
+    /// Map/unmap rate; DMA throughput with a map/unmap per transfer.
+    Rates {
+        /// The edu device (PCI address, e.g. 0000:00:03.0), on vfio-pci.
+        #[arg(value_name = "BDF", value_parser = bdf)]
+        bdf: String,
+    },
+    /// Keep a mapping and DMA into it until the DMA stops landing (the
+    /// vIOMMU went away), then wait to be killed.
+    Hold {
+        /// The edu device (PCI address, e.g. 0000:00:03.0), on vfio-pci.
+        #[arg(value_name = "BDF", value_parser = bdf)]
+        bdf: String,
+    },
+    /// No driver, the device's group in an identity domain: DMA to
+    /// guest-physical addresses, in and outside RAM.
+    Identity {
+        /// The edu device (PCI address, e.g. 0000:00:03.0), bound to no
+        /// driver.
+        #[arg(value_name = "BDF", value_parser = bdf)]
+        bdf: String,
+    },
+    /// The device removed from Linux (virtio-iommu DETACH): its DMA,
+    /// started through /dev/mem at BAR0, lands nowhere.
+    Detached {
+        /// The physical address of the device's BAR0, hex (its sysfs
+        /// `resource` file's first field, e.g. 0x00000000fea00000).
+        #[arg(value_name = "BAR0", value_parser = bar0)]
+        bar0: u64,
+    },
+}
+
+/// A PCI address as sysfs names the device (`DOMAIN:BUS:DEVICE.FUNCTION`,
+/// lower-case hex): the name of its directory under /sys/bus/pci/devices.
+fn bdf(s: &str) -> Result<String, String> {
+    let hex = |p: &str, digits: std::ops::RangeInclusive<usize>| {
+        digits.contains(&p.len()) && p.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let fields = s
+        .rsplit_once('.')
+        .and_then(|(rest, function)| Some((rest.split_once(':')?, function)))
+        .and_then(|((domain, rest), function)| Some((domain, rest.split_once(':')?, function)));
+    match fields {
+        Some((domain, (bus, device), function))
+            if hex(domain, 4..=8)
+                && hex(bus, 2..=2)
+                && hex(device, 2..=2)
+                && u8::from_str_radix(device, 16).is_ok_and(|d| d < 0x20)
+                && matches!(function, "0" | "1" | "2" | "3" | "4" | "5" | "6" | "7") =>
+        {
+            Ok(s.to_string())
+        }
+        _ => Err(
+            "want a PCI address as sysfs names it, DOMAIN:BUS:DEVICE.FUNCTION in \
+                  lower-case hex (e.g. 0000:00:03.0)"
+                .into(),
+        ),
+    }
+}
+
+/// A BAR's physical address: hex, `0x` optional, page-aligned (it is
+/// mapped from /dev/mem).
+fn bar0(s: &str) -> Result<u64, String> {
+    let a = u64::from_str_radix(s.strip_prefix("0x").unwrap_or(s), 16)
+        .map_err(|e| format!("want the BAR's physical address in hex: {e}"))?;
+    if a == 0 || a % PAGE as u64 != 0 {
+        return Err("want the BAR's physical address, non-zero and page-aligned".into());
+    }
+    Ok(a)
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or("");
-    let r = match arg(0) {
-        "suite" => suite(arg(1), arg(2)),
-        "rates" => rates(arg(1)),
-        "hold" => hold(arg(1)),
-        "identity" => identity(arg(1)),
-        "detached" => detached(arg(1)),
-        _ => basic(args.first().cloned()),
+    // --help and --version answer and exit here, bad arguments with status
+    // 2: no device has been touched yet.
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Some(Command::Suite { a, b }) => suite(&a, &b),
+        Some(Command::Rates { bdf }) => rates(&bdf),
+        Some(Command::Hold { bdf }) => hold(&bdf),
+        Some(Command::Identity { bdf }) => identity(&bdf),
+        Some(Command::Detached { bar0 }) => detached(bar0),
+        None => basic(cli.bdf),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,
@@ -615,6 +722,89 @@ fn main() -> ExitCode {
         Err(e) => {
             println!("EDU: error: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("edu-dma").chain(args.split_whitespace()))
+    }
+
+    #[test]
+    fn each_command_takes_its_devices_as_the_guest_scripts_give_them() {
+        Cli::command().debug_assert();
+        let cli = parse("").unwrap();
+        assert!(cli.command.is_none() && cli.bdf.is_none());
+        let cli = parse("0000:00:04.0").unwrap();
+        assert_eq!(cli.bdf.as_deref(), Some("0000:00:04.0"));
+        assert!(matches!(
+            parse("suite 0000:00:03.0 0000:00:04.0").unwrap().command,
+            Some(Command::Suite { a, b }) if a == "0000:00:03.0" && b == "0000:00:04.0"
+        ));
+        for cmd in ["rates", "hold", "identity"] {
+            let cli = parse(&format!("{cmd} 0000:01:1f.7")).unwrap();
+            let bdf = match cli.command {
+                Some(
+                    Command::Rates { bdf } | Command::Hold { bdf } | Command::Identity { bdf },
+                ) => bdf,
+                other => panic!("{cmd}: {other:?}"),
+            };
+            assert_eq!(bdf, "0000:01:1f.7");
+        }
+        // nested-l2.sh: the first field of sysfs `resource`.
+        assert!(matches!(
+            parse("detached 0x00000000fea00000").unwrap().command,
+            Some(Command::Detached { bar0: 0xfea0_0000 })
+        ));
+        assert!(matches!(
+            parse("detached fea00000").unwrap().command,
+            Some(Command::Detached { bar0: 0xfea0_0000 })
+        ));
+    }
+
+    #[test]
+    fn bad_devices_and_arguments_are_refused_before_anything_runs() {
+        let kind = |args: &str| parse(args).unwrap_err().kind();
+        assert_eq!(kind("--help"), ErrorKind::DisplayHelp);
+        assert_eq!(kind("suite --help"), ErrorKind::DisplayHelp);
+        assert_eq!(kind("--version"), ErrorKind::DisplayVersion);
+        assert_eq!(kind("--bogus"), ErrorKind::UnknownArgument);
+        assert_eq!(
+            kind("0000:00:04.0 0000:00:05.0"),
+            ErrorKind::ArgumentConflict
+        );
+        assert_eq!(
+            kind("suite 0000:00:04.0"),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(kind("rates"), ErrorKind::MissingRequiredArgument);
+        assert_eq!(kind("detached"), ErrorKind::MissingRequiredArgument);
+        for bad in [
+            "00:04.0",
+            "0000:00:04",
+            "0000:00:04.8",
+            "0000:00:20.0",
+            "0000:0:04.0",
+            "0000:00:0A.0",
+            "../../../x:00:04.0",
+            "0000:00:04.0/x",
+        ] {
+            assert_eq!(kind(bad), ErrorKind::ValueValidation, "{bad}");
+            assert_eq!(
+                kind(&format!("hold {bad}")),
+                ErrorKind::ValueValidation,
+                "{bad}"
+            );
+        }
+        for bad in ["xyz", "0x", "0", "0xfea00010", "-1"] {
+            assert!(parse(&format!("detached {bad}")).is_err(), "{bad}");
         }
     }
 }

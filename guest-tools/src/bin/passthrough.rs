@@ -12,12 +12,14 @@
 //! `VUI-CHECK pt-<name> ok` or `... FAIL <why>`.
 //!
 //! usage: passthrough [/dev/vfio/devices/vfioA /dev/vfio/devices/vfioB]
+//! (`--help` for more; exit status 2 for bad arguments)
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::IntoRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use clap::Parser;
 use guest_tools::edu::{self, Direction};
 use guest_tools::vfio::{enable_bus_master, region_offset, FileBar};
 use test_frontend::wire::{ATTACH_F_BYPASS, MAP_F_READ, MAP_F_WRITE};
@@ -121,8 +123,33 @@ fn map_page(vm: &mut TestVm, domain: u32, iova: u64, gpa: u64, flags: u32) -> Re
     expect_ok(&format!("MAP {iova:#x} in domain {domain}"), status)
 }
 
+/// The pass-through test: the daemon in iommufd mode in this process, two
+/// edu devices on vfio-pci as its endpoints, driven by the Rust test
+/// front-end; each check prints `VUI-CHECK pt-<name> ok` or `... FAIL
+/// <why>`.
+///
+/// Needs a kernel with IOMMUFD and VFIO_DEVICE_CDEV, an IOMMU, and two QEMU
+/// edu devices bound to vfio-pci. Exit status: 0 if every check passed, 1
+/// if one failed or the test could not be set up, 2 for bad arguments.
+#[derive(Debug, Parser)]
+#[command(name = "passthrough", version)]
+struct Cli {
+    /// The first edu device's VFIO cdev node (/dev/vfio/devices/vfioN),
+    /// endpoint 1 [default: the edu devices bound to vfio-pci, if there
+    /// are two].
+    #[arg(value_name = "VFIO_CDEV_A", requires = "b")]
+    a: Option<PathBuf>,
+
+    /// The second edu device's, endpoint 2.
+    #[arg(value_name = "VFIO_CDEV_B")]
+    b: Option<PathBuf>,
+}
+
 fn main() -> ExitCode {
-    match run() {
+    // --help and --version answer and exit here, bad arguments with status
+    // 2: no device has been opened yet.
+    let cli = Cli::parse();
+    match run(cli) {
         Ok(0) => ExitCode::SUCCESS,
         Ok(n) => {
             println!("passthrough: {n} checks failed");
@@ -135,9 +162,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn run() -> Res<u32> {
-    let args: Vec<PathBuf> = std::env::args().skip(1).map(PathBuf::from).collect();
-    let nodes = if args.is_empty() { edu_cdevs() } else { args };
+fn run(cli: Cli) -> Res<u32> {
+    let nodes = match (cli.a, cli.b) {
+        (Some(a), Some(b)) => vec![a, b],
+        _ => edu_cdevs(),
+    };
     let [a, b] = nodes.as_slice() else {
         return Err(format!("need two edu devices on vfio-pci, found {nodes:?}").into());
     };
@@ -327,4 +356,40 @@ fn run() -> Res<u32> {
     stopper.stop();
     let _ = serving.join();
     Ok(c.failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("passthrough").chain(args.split_whitespace()))
+    }
+
+    #[test]
+    fn no_devices_or_exactly_two() {
+        Cli::command().debug_assert();
+        let cli = parse("").unwrap();
+        assert_eq!((cli.a, cli.b), (None, None));
+        let cli = parse("/dev/vfio/devices/vfio0 /dev/vfio/devices/vfio1").unwrap();
+        assert_eq!(
+            (cli.a, cli.b),
+            (
+                Some("/dev/vfio/devices/vfio0".into()),
+                Some("/dev/vfio/devices/vfio1".into())
+            )
+        );
+        let kind = |args: &str| parse(args).unwrap_err().kind();
+        assert_eq!(kind("--help"), ErrorKind::DisplayHelp);
+        assert_eq!(kind("--version"), ErrorKind::DisplayVersion);
+        assert_eq!(kind("--bogus"), ErrorKind::UnknownArgument);
+        assert_eq!(
+            kind("/dev/vfio/devices/vfio0"),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(kind("/dev/a /dev/b /dev/c"), ErrorKind::UnknownArgument);
+    }
 }

@@ -4,28 +4,42 @@
 //! two agree. Used inside the iommufd test guest.
 //!
 //! usage: iopt-conformance [--iommufd PATH] [--device /dev/vfio/devices/vfioN]
+//! (`--help` for more)
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::Parser;
 use iopt::conformance::{run_all, ModelFixture, Outcome};
-use iopt::kernel::KernelFixture;
+use iopt::kernel::{KernelFixture, KernelIommufd};
 use iopt::Thp;
 
+/// Run the iommufd conformance suite against the model and, where the
+/// iommufd device exists, the kernel; print one line per case and whether
+/// the two agree.
+///
+/// The model is that of the running kernel: with or without transparent
+/// huge pages as it was built. Without the iommufd device only the model
+/// runs. Exit status: 0 if the model and the kernel agree on every case
+/// (the model passes all, without a kernel), 1 if not, 2 for bad
+/// arguments.
+#[derive(Debug, Parser)]
+#[command(name = "iopt-conformance", version)]
+struct Cli {
+    /// The kernel's iommufd device.
+    #[arg(long, value_name = "PATH", default_value = KernelIommufd::DEFAULT_PATH)]
+    iommufd: PathBuf,
+
+    /// A VFIO cdev device (/dev/vfio/devices/vfioN) for the cases that
+    /// attach a device to an IOAS; without it they are skipped.
+    #[arg(long, value_name = "PATH")]
+    device: Option<PathBuf>,
+}
+
 fn main() -> ExitCode {
-    let mut iommufd = PathBuf::from("/dev/iommu");
-    let mut device = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match (a.as_str(), args.next()) {
-            ("--iommufd", Some(p)) => iommufd = p.into(),
-            ("--device", Some(p)) => device = Some(PathBuf::from(p)),
-            _ => {
-                eprintln!("usage: iopt-conformance [--iommufd PATH] [--device PATH]");
-                return ExitCode::from(2);
-            }
-        }
-    }
+    // --help and --version answer and exit here, bad arguments with status
+    // 2: nothing has run yet.
+    let Cli { iommufd, device } = Cli::parse();
     // The model of the kernel this runs on: with or without transparent
     // huge pages as that kernel was built.
     let thp = Thp::of_host();
@@ -80,5 +94,34 @@ fn short(o: &Outcome) -> &'static str {
         Outcome::Passed => "passed",
         Outcome::Skipped(_) => "skipped",
         Outcome::Failed(_) => "FAILED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("iopt-conformance").chain(args.split_whitespace()))
+    }
+
+    #[test]
+    fn the_paths_default_or_are_given_and_anything_else_is_refused() {
+        Cli::command().debug_assert();
+        let cli = parse("").unwrap();
+        assert_eq!(cli.iommufd, PathBuf::from("/dev/iommu"));
+        assert_eq!(cli.device, None);
+        let cli = parse("--device /dev/vfio/devices/vfio0 --iommufd /tmp/x").unwrap();
+        assert_eq!(cli.iommufd, PathBuf::from("/tmp/x"));
+        assert_eq!(cli.device, Some("/dev/vfio/devices/vfio0".into()));
+        let kind = |args: &str| parse(args).unwrap_err().kind();
+        assert_eq!(kind("--help"), ErrorKind::DisplayHelp);
+        assert_eq!(kind("--version"), ErrorKind::DisplayVersion);
+        assert_eq!(kind("--device"), ErrorKind::InvalidValue);
+        assert_eq!(kind("--bogus"), ErrorKind::UnknownArgument);
+        assert_eq!(kind("/dev/iommu"), ErrorKind::UnknownArgument);
     }
 }

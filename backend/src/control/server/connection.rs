@@ -278,6 +278,13 @@ impl Client {
             device,
             requests,
             control: self.shared.control_counters(),
+            last_restore: t.last_restore().map(|r| protocol::Restore {
+                source: r.source.into(),
+                time_us: r.time_us,
+                domains: r.held.domains,
+                mappings: r.held.mappings,
+                attached: r.held.attached,
+            }),
         }
     }
 
