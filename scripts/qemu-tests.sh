@@ -18,7 +18,7 @@ tests of qemu-tests/ in release mode, one guest at a time. The nested test bed
 (qemu-tests/tests/nested.rs, ~4 min a path under nested TCG) is skipped, with a
 message saying so, when VUI_NESTED=0 is in the environment. The arm64 tier
 (qemu-tests/tests/arm64.rs: the virt machine, qemu-system-aarch64 from
-scripts/qemu/build-qemu.sh --target aarch64, ~12 min cold, and Debian's arm64
+scripts/qemu/build-qemu.sh --target aarch64, ~2.5 min cold, and Debian's arm64
 kernel from scripts/guest/fetch-kernel.sh --arch arm64) is skipped likewise
 with VUI_ARM64=0.
 Each test boots the guest behind QEMU's virtio-iommu-pci and behind
@@ -42,7 +42,7 @@ scripts/kernel/build-minimal-kernel.sh >/dev/null
 if [ "${VUI_ARM64:-1}" = 0 ]; then
     echo "== qemu-tests: arm64 tier skipped (VUI_ARM64=0): no aarch64 QEMU, no arm64 kernel"
 else
-    echo "== qemu-tests: QEMU aarch64 (arm64 tier; ~12 min the first time)"
+    echo "== qemu-tests: QEMU aarch64 (arm64 tier; ~2.5 min the first time)"
     scripts/qemu/build-qemu.sh --target aarch64 >/dev/null
     echo "== qemu-tests: arm64 guest kernel"
     scripts/guest/fetch-kernel.sh --arch arm64 >/dev/null

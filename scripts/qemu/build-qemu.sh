@@ -20,7 +20,26 @@ QEMU_SERIES=10.0
 configure_flags() {
     echo "--target-list=$TARGET-softmmu --without-default-features --enable-kvm \
 --enable-tcg --enable-vhost-user --enable-vhost-net --enable-fdt=system --disable-install-blobs --disable-docs \
---disable-werror --disable-download"
+--disable-werror --disable-download${DEVICES_MAK:+ --without-default-devices --with-devices-$TARGET=vui-tests}"
+}
+# aarch64's default device set is every 32- and 64-bit Arm board QEMU has; the tests use
+# only `virt` and the PCI devices below (written to configs/devices/aarch64-softmmu/
+# vui-tests.mak before configure; part of the cache key). Without default devices,
+# minikconf turns every "default y" (and "imply") off: each device is named here.
+devices_mak() {
+    case $TARGET in
+        aarch64) cat <<'MAK'
+CONFIG_ARM_VIRT=y
+CONFIG_PCIE_PORT=y
+CONFIG_VIRTIO_PCI=y
+CONFIG_VIRTIO_BLK=y
+CONFIG_VIRTIO_NET=y
+CONFIG_VIRTIO_IOMMU=y
+CONFIG_VHOST_USER_IOMMU=y
+CONFIG_EDU=y
+MAK
+        ;;
+    esac
 }
 BUILD_DEPS="ninja-build gcc make pkg-config python3 python3-venv libglib2.0-dev \
 libpixman-1-dev libfdt-dev flex bison bzip2 xz-utils patch ccache"
@@ -35,7 +54,7 @@ Usage: scripts/qemu/build-qemu.sh [--target x86_64|aarch64] [--print-path] [--fo
                                   [--keep-build] [--help]
 
 Builds qemu-system-x86_64 (or, with --target aarch64, qemu-system-aarch64: the arm64 "virt"
-machine) from Debian's QEMU $QEMU_SERIES.x orig tarball (source package
+machine and the PCI devices the tests use, no other board) from Debian's QEMU $QEMU_SERIES.x orig tarball (source package
 "qemu" from <codename>-backports, fetched with apt-get source), with the patch series in
 scripts/qemu/patches/ applied, and caches it under
   \${XDG_CACHE_HOME:-\$HOME/.cache}/vhost-user-iommu/qemu/<version>-<patch-hash>/
@@ -88,6 +107,7 @@ case $TARGET in
     x86_64|aarch64) ;;
     *) die "--target must be x86_64 or aarch64, not '$TARGET'" ;;
 esac
+DEVICES_MAK=$(devices_mak)
 CONFIGURE_FLAGS=$(configure_flags)
 
 . "$REPO_ROOT/scripts/lib/apt-sources.sh"
@@ -145,6 +165,7 @@ PATCHES=$(patch_list)
 PATCH_HASH=$({
     echo "recipe $RECIPE_VERSION"
     echo "configure $CONFIGURE_FLAGS"
+    [ -z "$DEVICES_MAK" ] || echo "devices $DEVICES_MAK"
     for p in $PATCHES; do basename "$p"; cat "$p"; done
 } | sha256sum | cut -c1-12)
 
@@ -253,6 +274,8 @@ for f in aarch64-code arm-code arm-vars riscv-code riscv-vars i386-code i386-sec
          i386-vars x86_64-code x86_64-secure-code loongarch64-code loongarch64-vars; do
     [ -f "$SRC/pc-bios/edk2-$f.fd.bz2" ] || bzip2 -c </dev/null > "$SRC/pc-bios/edk2-$f.fd.bz2"
 done
+
+[ -z "$DEVICES_MAK" ] || echo "$DEVICES_MAK" >"$SRC/configs/devices/$TARGET-softmmu/vui-tests.mak"
 
 # ---------------------------------------------------------------------------------------------
 # 6. Configure + build (niced; the machine is shared).
