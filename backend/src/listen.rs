@@ -11,11 +11,18 @@
 //! The socket keeps the address it was bound at: `getsockname` on it (and
 //! on the connections it accepts) reports the hidden name, which is how
 //! [`crate::peer::connected_to`] is asked to find them.
+//!
+//! A daemon started on a path where a socket already is replaces it (the
+//! stale socket of a crashed run, or the path handed over to a restarted
+//! daemon). So the path a daemon removes as it stops may by then name
+//! another daemon's socket: [`SocketFile`] remembers which file this one
+//! placed (device and inode) and removes the path only while it still
+//! names that file.
 
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
@@ -43,9 +50,48 @@ impl Access {
     }
 }
 
+/// The socket file a listener of this process was placed at: removed (as
+/// the listener's owner stops) only while its path still names it.
+#[derive(Debug)]
+pub struct SocketFile {
+    path: PathBuf,
+    /// `st_dev`, `st_ino` of the file as placed.
+    id: (u64, u64),
+}
+
+impl SocketFile {
+    /// The file at `at` (where it was bound), which will be found at `path`.
+    fn placed(at: &Path, path: &Path) -> io::Result<Self> {
+        let m = std::fs::symlink_metadata(at)?;
+        Ok(Self {
+            path: path.to_owned(),
+            id: (m.dev(), m.ino()),
+        })
+    }
+
+    /// Where it is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the path still names this file.
+    pub fn is_in_place(&self) -> bool {
+        std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id)
+    }
+
+    /// Remove the path if it still names this file; leave whatever else is
+    /// there now (another daemon's socket) alone.
+    pub fn remove(&self) {
+        if self.is_in_place() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// Listen on `path` with `access`, replacing a stale socket there (never
 /// another kind of file: that is `AddrInUse`, as `bind(2)` would answer).
-pub fn listen_at(path: &Path, access: Access) -> io::Result<UnixListener> {
+/// The [`SocketFile`] is what its owner removes as it stops.
+pub fn listen_at(path: &Path, access: Access) -> io::Result<(UnixListener, SocketFile)> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if !m.file_type().is_socket() => {
             return Err(io::Error::new(
@@ -60,18 +106,22 @@ pub fn listen_at(path: &Path, access: Access) -> io::Result<UnixListener> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
         access.apply(path)?;
-        return Ok(listener);
+        return Ok((listener, SocketFile::placed(path, path)?));
     };
     let _ = std::fs::remove_file(&hidden);
     let listener = UnixListener::bind(&hidden)?;
-    if let Err(e) = access
+    // rename(2) keeps the inode: the file placed is the one bound here.
+    match access
         .apply(&hidden)
-        .and_then(|()| std::fs::rename(&hidden, path))
+        .and_then(|()| SocketFile::placed(&hidden, path))
+        .and_then(|file| std::fs::rename(&hidden, path).map(|()| file))
     {
-        let _ = std::fs::remove_file(&hidden);
-        return Err(e);
+        Ok(file) => Ok((listener, file)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&hidden);
+            Err(e)
+        }
     }
-    Ok(listener)
 }
 
 /// `dir/.name.PID`, if it fits in `sockaddr_un`.
@@ -110,7 +160,7 @@ mod tests {
     fn the_path_accepts_as_soon_as_it_exists_and_no_hidden_name_is_left() {
         let dir = scratch("accepts");
         let path = dir.join("s.sock");
-        let l = listen_at(&path, Access::default()).unwrap();
+        let (l, _file) = listen_at(&path, Access::default()).unwrap();
         UnixStream::connect(&path).unwrap();
         l.accept().unwrap();
         let names: Vec<_> = std::fs::read_dir(&dir)
@@ -140,7 +190,7 @@ mod tests {
 
     #[test]
     fn the_socket_appears_with_its_mode_and_group() {
-        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        use std::os::unix::fs::PermissionsExt;
         let dir = scratch("access");
         let path = dir.join("s.sock");
         // SAFETY: getgid has no arguments and cannot fail.
@@ -164,6 +214,39 @@ mod tests {
         assert!(hidden_sibling(&path).is_none());
         let _l = listen_at(&path, Access::default()).unwrap();
         UnixStream::connect(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_socket_file_is_removed_only_while_its_path_still_names_it() {
+        let dir = scratch("ours");
+        let path = dir.join("s.sock");
+        let (_first, first) = listen_at(&path, Access::default()).unwrap();
+        assert!(first.is_in_place());
+        // A second daemon on the same path replaces the first's socket.
+        let (second_listener, second) = listen_at(&path, Access::default()).unwrap();
+        assert!(!first.is_in_place());
+        first.remove();
+        UnixStream::connect(&path).expect("the second daemon's socket is still there");
+        second_listener.accept().unwrap();
+        second.remove();
+        assert!(
+            std::fs::symlink_metadata(&path).is_err(),
+            "its own is removed"
+        );
+        second.remove();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_socket_file_bound_in_place_is_known_too() {
+        let dir = scratch("long-ours");
+        let room = SUN_PATH_MAX - dir.as_os_str().len() - 1;
+        let path = dir.join("y".repeat(room));
+        let (_l, file) = listen_at(&path, Access::default()).unwrap();
+        assert!(file.is_in_place());
+        file.remove();
+        assert!(std::fs::symlink_metadata(&path).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

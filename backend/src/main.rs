@@ -490,9 +490,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         config.thp
     );
     let control = match control_listener {
-        Some(listener) => Some(ControlServer::start(
+        Some((listener, file)) => Some(ControlServer::start(
             listener,
-            cli.control_socket.clone(),
+            Some(file),
             backend.clone(),
             control::server::DaemonInfo {
                 mode: match config.mode {
@@ -505,9 +505,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         None => None,
     };
     let table = match table_listener {
-        Some(listener) => Some(vhost_user_iommu::table_socket::TableServer::start(
+        Some((listener, file)) => Some(vhost_user_iommu::table_socket::TableServer::start(
             listener,
-            cli.table_socket.clone(),
+            Some(file),
             backend.clone(),
         )?),
         None => None,

@@ -32,7 +32,7 @@ use crate::guest_ram::GuestMem;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::listen::Access;
+use crate::listen::{Access, SocketFile};
 use crate::vhu_iommu::IommuBackend;
 
 /// Where the vhost-user socket comes from.
@@ -178,7 +178,8 @@ impl Stopper {
 #[derive(Debug)]
 pub struct Server {
     listener: UnixListener,
-    path: Option<PathBuf>,
+    /// The socket file it placed, if it was bound at a path.
+    file: Option<SocketFile>,
     stopper: Stopper,
     /// One open file held in reserve: at the open-file limit it is given up
     /// for a moment to accept a waiting front-end and close its connection,
@@ -194,21 +195,21 @@ impl Server {
 
     /// [`Self::bind`]; a socket bound at a path appears with `access`.
     pub fn bind_with(source: &SocketSource, access: Access) -> Result<Self, ServeError> {
-        let (listener, path) = match source {
+        let (listener, file) = match source {
             SocketSource::Path(path) => {
-                let l = crate::listen::listen_at(path, access).map_err(|source| {
+                let (l, file) = crate::listen::listen_at(path, access).map_err(|source| {
                     ServeError::Listen {
                         path: path.clone(),
                         source,
                     }
                 })?;
-                (l, Some(path.clone()))
+                (l, Some(file))
             }
             SocketSource::Fd(fd) => (adopt_listener(*fd)?, None),
         };
         Ok(Self {
             listener,
-            path,
+            file,
             stopper: Stopper::new().map_err(ServeError::Poll)?,
             spare: Some(File::open("/dev/null").map_err(ServeError::Poll)?),
         })
@@ -428,8 +429,8 @@ impl Server {
     }
 
     fn describe(&self) -> String {
-        match &self.path {
-            Some(p) => p.display().to_string(),
+        match &self.file {
+            Some(f) => f.path().display().to_string(),
             None => format!("inherited fd {}", self.listener.as_raw_fd()),
         }
     }
@@ -437,8 +438,8 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if let Some(p) = &self.path {
-            let _ = std::fs::remove_file(p);
+        if let Some(f) = &self.file {
+            f.remove();
         }
     }
 }

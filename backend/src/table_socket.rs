@@ -14,7 +14,6 @@
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -24,6 +23,7 @@ use table_reader::layout::SLOTS;
 use table_reader::wire::{self, Request, Status};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use crate::listen::SocketFile;
 use crate::vhu_iommu::{IommuBackend, ReaderError};
 
 /// How long a new connection has to send its request.
@@ -36,7 +36,8 @@ const TICK_MS: i32 = 200;
 #[derive(Debug)]
 pub struct TableServer {
     stop: Arc<AtomicBool>,
-    path: Option<PathBuf>,
+    /// The socket file, removed as the server stops if it is still there.
+    file: Option<SocketFile>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -44,7 +45,7 @@ impl TableServer {
     /// Serve readers from `listener` for `backend`'s table.
     pub fn start(
         listener: UnixListener,
-        path: Option<PathBuf>,
+        file: Option<SocketFile>,
         backend: IommuBackend,
     ) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
@@ -55,7 +56,7 @@ impl TableServer {
             .spawn(move || serve(&listener, &backend, &s))?;
         Ok(Self {
             stop,
-            path,
+            file,
             thread: Some(thread),
         })
     }
@@ -67,8 +68,8 @@ impl Drop for TableServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        if let Some(p) = &self.path {
-            let _ = std::fs::remove_file(p);
+        if let Some(f) = &self.file {
+            f.remove();
         }
     }
 }

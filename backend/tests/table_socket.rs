@@ -6,7 +6,7 @@
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use table_reader::wire::{self, Request, Status};
 use table_reader::{Mode, Reader};
 use vhost_user_iommu::config::RawConfig;
+use vhost_user_iommu::listen::{listen_at, Access};
 use vhost_user_iommu::mirror::{Hello, MirrorMemory, MirrorServer};
 use vhost_user_iommu::table_socket::TableServer;
 use vhost_user_iommu::vhu_iommu::{BackendHooks, IommuBackend};
@@ -56,12 +57,8 @@ fn bed(name: &str) -> Bed {
     let backend = IommuBackend::new(device, mirror.handle());
     let _ = hooks.0.set(backend.clone());
     let table = dir.join("table.sock");
-    let server = TableServer::start(
-        UnixListener::bind(&table).unwrap(),
-        Some(table.clone()),
-        backend.clone(),
-    )
-    .unwrap();
+    let (listener, file) = listen_at(&table, Access::default()).unwrap();
+    let server = TableServer::start(listener, Some(file), backend.clone()).unwrap();
     Bed {
         backend,
         table,

@@ -14,13 +14,13 @@
 //! figures, p50/p99 and replies lost, to read beside testpmd's IOTLB path
 //! (tests/vhost_user_net.rs, `figures_side_by_side`).
 
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use qemu_tests::{scratch, skip_unless_ready, Daemon, Guest, Running, Viommu};
 use vhost_user_iommu::config::RawConfig;
+use vhost_user_iommu::listen::{listen_at, Access};
 use vhost_user_iommu::table_socket::TableServer;
 
 /// The NIC's PCI slot, so its endpoint is known before QEMU starts.
@@ -166,12 +166,9 @@ fn run(name: &str, append: &str, boot_bypass: bool) -> Outcome {
         },
     );
     let table_path = dir.join("table.sock");
-    let table = TableServer::start(
-        UnixListener::bind(&table_path).expect("table socket"),
-        Some(table_path.clone()),
-        daemon.backend.clone(),
-    )
-    .expect("table socket");
+    let (listener, file) = listen_at(&table_path, Access::default()).expect("table socket");
+    let table =
+        TableServer::start(listener, Some(file), daemon.backend.clone()).expect("table socket");
     let net = TableNet::start(&dir, &table_path);
     let mut g = Guest::new(Viommu::Ours, "net.sh");
     g.append = append.to_string();

@@ -13,11 +13,15 @@ Fetches Debian's DPDK (dpdk-testpmd from dpdk-dev, the vhost-user net PMD
 librte-net-vhost23 and the ring mempool librte-mempool-ring23) with
 apt-get download, with the libraries they need that this machine lacks, and
 unpacks them under
-  \${XDG_CACHE_HOME:-\$HOME/.cache}/vhost-user-iommu/dpdk/<version>/
+  \${XDG_CACHE_HOME:-\$HOME/.cache}/vhost-user-iommu/dpdk/<version>-r<recipe>/
     root/        the unpacked packages
-    pmds/        the two drivers testpmd loads (EAL -d)
-    bin/dpdk-testpmd   a wrapper: the unpacked libraries, -d pmds/, then
-                       your arguments (EAL arguments first, as for testpmd)
+    pmds/        the two drivers testpmd needs (plugins in Debian's build)
+    bin/dpdk-testpmd   a wrapper: the unpacked libraries, the drivers
+                       preloaded, then your arguments (EAL arguments first,
+                       as for testpmd)
+The drivers are preloaded (LD_PRELOAD: their constructors register them)
+rather than given to EAL with -d, which refuses a plugin directory below a
+world-writable one: a cache under /tmp would otherwise fail at start.
 Nothing is installed system-wide: installing dpdk-dev would pull rdma-core,
 hence udev and a systemd upgrade, into a machine that only runs tests.
 The wrapper's path is the last line on stdout. A second run reuses the cache.
@@ -51,7 +55,9 @@ VERSION=$(apt-cache policy dpdk-dev 2>/dev/null | awk '/Candidate:/ {print $2}')
 case $VERSION in
     ''|'(none)') die "apt knows no dpdk-dev (Debian's DPDK); nothing to fetch" ;;
 esac
-OUT=$ROOT/$(echo "$VERSION" | tr -c 'A-Za-z0-9.+\n-' _)
+# The wrapper's recipe: a new one is a new cache entry (2: drivers preloaded).
+RECIPE=2
+OUT=$ROOT/$(echo "$VERSION" | tr -c 'A-Za-z0-9.+\n-' _)-r$RECIPE
 WRAPPER=$OUT/bin/dpdk-testpmd
 
 if [ -f "$OUT/.complete" ]; then
@@ -110,7 +116,9 @@ set -eu
 D=\$(cd "\$(dirname "\$0")/.." && pwd)
 LD_LIBRARY_PATH=\$D/$LIBREL:\$D/$LIBREL/dpdk/pmds-23.0\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}
 export LD_LIBRARY_PATH
-exec "\$D/root/usr/bin/dpdk-testpmd" -d "\$D/pmds" "\$@"
+LD_PRELOAD="\$D/pmds/librte_net_vhost.so \$D/pmds/librte_mempool_ring.so\${LD_PRELOAD:+ \$LD_PRELOAD}"
+export LD_PRELOAD
+exec "\$D/root/usr/bin/dpdk-testpmd" "\$@"
 WRAP
 chmod +x "$WORK/bin/dpdk-testpmd"
 LD_LIBRARY_PATH=$LIBDIR ldd "$WORK/root/usr/bin/dpdk-testpmd" | grep 'not found' >&2 &&

@@ -16,7 +16,6 @@
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -31,6 +30,7 @@ use super::protocol::{
     KindLatency, ProtocolError, RequestCount, Status, Subscription, COMMANDS, MAX_LINE, PROTOCOL,
 };
 use super::REQUEST_KINDS;
+use crate::listen::SocketFile;
 use crate::vhu_iommu::IommuBackend;
 
 mod connection;
@@ -180,10 +180,11 @@ impl Shared {
     }
 }
 
-/// The control socket, served until dropped (its path is removed then).
+/// The control socket, served until dropped (its path is removed then,
+/// if it still names this socket).
 pub struct ControlServer {
     shared: Arc<Shared>,
-    path: Option<PathBuf>,
+    file: Option<SocketFile>,
     /// The listening socket, to wake the accept at the stop.
     waker: UnixListener,
     accept: Option<JoinHandle<()>>,
@@ -193,17 +194,18 @@ pub struct ControlServer {
 impl std::fmt::Debug for ControlServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ControlServer")
-            .field("path", &self.path)
+            .field("path", &self.file.as_ref().map(SocketFile::path))
             .field("counters", &self.shared.control_counters())
             .finish_non_exhaustive()
     }
 }
 
 impl ControlServer {
-    /// Serve `listener` (bound at `path`, if it was) for `backend`.
+    /// Serve `listener` (placed as `file`, if it was bound at a path) for
+    /// `backend`.
     pub fn start(
         listener: UnixListener,
-        path: Option<PathBuf>,
+        file: Option<SocketFile>,
         backend: IommuBackend,
         info: DaemonInfo,
         limits: Limits,
@@ -240,7 +242,7 @@ impl ControlServer {
             .spawn(move || accept_loop(&s, &listener))?;
         Ok(Self {
             shared,
-            path,
+            file,
             waker,
             accept: Some(accept),
             dispatch,
@@ -263,8 +265,8 @@ impl Drop for ControlServer {
         if let Some(t) = self.accept.take() {
             let _ = t.join();
         }
-        if let Some(path) = &self.path {
-            let _ = std::fs::remove_file(path);
+        if let Some(f) = &self.file {
+            f.remove();
         }
         if let Some(t) = self.dispatch.take() {
             let _ = t.join();
@@ -388,6 +390,7 @@ mod tests {
     use crate::control::Telemetry;
     use crate::mirror::MirrorHandle;
     use std::io::BufRead;
+    use std::path::PathBuf;
 
     /// A server over a device without a front-end, at a fresh path.
     fn server(name: &str, limits: Limits) -> (ControlServer, PathBuf) {
@@ -401,9 +404,9 @@ mod tests {
         let backend = IommuBackend::new(device, MirrorHandle::disconnected())
             .with_telemetry(Arc::new(Telemetry::new(true)));
         let path = std::env::temp_dir().join(format!("vui-control-{name}-{}", std::process::id()));
-        let listener = crate::listen::listen_at(&path, Default::default()).unwrap();
+        let (listener, file) = crate::listen::listen_at(&path, Default::default()).unwrap();
         let info = DaemonInfo { mode: "emulated" };
-        let s = ControlServer::start(listener, Some(path.clone()), backend, info, limits).unwrap();
+        let s = ControlServer::start(listener, Some(file), backend, info, limits).unwrap();
         (s, path)
     }
 

@@ -58,7 +58,8 @@ impl Hello {
 #[derive(Debug)]
 pub struct MirrorServer {
     handle: MirrorHandle,
-    path: PathBuf,
+    /// The socket file, removed as the server stops if it is still there.
+    file: crate::listen::SocketFile,
     /// The listening socket, to wake the accept at the stop.
     waker: UnixListener,
     listener_thread: Option<JoinHandle<()>>,
@@ -96,7 +97,7 @@ impl MirrorServer {
         hooks: Arc<dyn MirrorHooks>,
         memory: Arc<MirrorMemory>,
     ) -> io::Result<Self> {
-        let listener = crate::listen::listen_at(path, access)?;
+        let (listener, file) = crate::listen::listen_at(path, access)?;
         let handle = MirrorHandle {
             shared: Arc::default(),
             memory: Some(memory.clone()),
@@ -108,7 +109,7 @@ impl MirrorServer {
             .spawn(move || accept_loop(listener, shared, hello, hooks, memory))?;
         Ok(Self {
             handle,
-            path: path.to_owned(),
+            file,
             waker,
             listener_thread: Some(listener_thread),
         })
@@ -134,7 +135,7 @@ impl Drop for MirrorServer {
         if let Some(t) = self.listener_thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        self.file.remove();
     }
 }
 

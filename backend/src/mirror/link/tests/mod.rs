@@ -6,6 +6,7 @@ use crate::mirror::completion::test_page::KickPage;
 use crate::mirror::proto::{MsgType, EVENTS_F_SYNC, HELLO_LEN, MAGIC, RECORD_LEN};
 use std::io::Read;
 use std::os::fd::FromRawFd;
+use std::path::PathBuf;
 use virtio_iommu::Unmap;
 
 /// Hooks that report a fixed state and record what QEMU told them.
