@@ -10,12 +10,12 @@ usage: scripts/qemu-tests.sh [--help] [TEST-NAME-FILTER]
 Builds (or reuses the cache of) the patched QEMU (scripts/qemu/build-qemu.sh,
 ~4 min cold), fetches the Debian guest kernel (scripts/guest/fetch-kernel.sh) and
 builds the iommufd guest kernel of the pass-through test bed
-(scripts/kernel/build-iommufd-kernel.sh, ~5 min cold; the test bed runs on
+(scripts/kernel/build-iommufd-kernel.sh, ~3.5 min cold; the test bed runs on
 Debian's stock QEMU, scripts/qemu/install-stock-qemu.sh) and the minimal
 kernel of the nested test bed's second-level guest
-(scripts/kernel/build-minimal-kernel.sh, ~5 min cold), then runs the guest
+(scripts/kernel/build-minimal-kernel.sh, ~3.5 min cold), then runs the guest
 tests of qemu-tests/ in release mode, one guest at a time. The nested test bed
-(qemu-tests/tests/nested.rs, ~4 min a path under nested TCG) is skipped, with a
+(qemu-tests/tests/nested.rs, ~1.5 min a path under nested TCG) is skipped, with a
 message saying so, when VUI_NESTED=0 is in the environment. The arm64 tier
 (qemu-tests/tests/arm64.rs: the virt machine, qemu-system-aarch64 from
 scripts/qemu/build-qemu.sh --target aarch64, ~2.5 min cold, and Debian's arm64
@@ -35,9 +35,9 @@ echo "== qemu-tests: guest kernel"
 scripts/guest/fetch-kernel.sh >/dev/null
 echo "== qemu-tests: Debian's stock QEMU (pass-through test bed)"
 scripts/qemu/install-stock-qemu.sh >/dev/null
-echo "== qemu-tests: iommufd guest kernel (pass-through test bed; ~5 min the first time)"
+echo "== qemu-tests: iommufd guest kernel (pass-through test bed; ~3.5 min the first time)"
 scripts/kernel/build-iommufd-kernel.sh >/dev/null
-echo "== qemu-tests: minimal kernel (nested test bed's second level; ~5 min the first time)"
+echo "== qemu-tests: minimal kernel (nested test bed's second level; ~3.5 min the first time)"
 scripts/kernel/build-minimal-kernel.sh >/dev/null
 if [ "${VUI_ARM64:-1}" = 0 ]; then
     echo "== qemu-tests: arm64 tier skipped (VUI_ARM64=0): no aarch64 QEMU, no arm64 kernel"
