@@ -58,7 +58,11 @@ impl IommuBackend {
         loop {
             vring.disable_notification().map_err(io::Error::other)?;
             let before = Self::next_avail(vring);
-            self.process_batch(vring, polled)?;
+            // No window after this batch: the driver's next request must
+            // notify, so notifications are re-enabled before the driver
+            // can see this batch's completions (`process_batch`).
+            let rearm = window.length.is_zero() || out.contended;
+            self.process_batch(vring, polled, rearm)?;
             if told_more && Self::next_avail(vring) == before {
                 // Work announced that no chain could be taken from: the
                 // front-end is gone (its memory with it), or its available
