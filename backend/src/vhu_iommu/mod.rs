@@ -498,7 +498,7 @@ impl IommuBackend {
                 st.stats.gaps_forgiven += 1;
             } else {
                 st.stats.poll_contended += 1;
-                st.poll.contended(now);
+                st.poll.contended(now, self.mirror.vcpus_sleep());
             }
         } else if polled.spare {
             st.poll.uncontended();
