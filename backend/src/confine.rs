@@ -247,6 +247,8 @@ const COMMON: &[i64] = &[
     libc::SYS_sched_setaffinity,
     libc::SYS_sched_getattr,
     libc::SYS_sched_setattr,
+    // The worker's nice value, kept when it asks for a slice (src/sched.rs).
+    libc::SYS_getpriority,
     libc::SYS_getrusage,
     libc::SYS_prlimit64,
     libc::SYS_getrandom,

@@ -111,6 +111,33 @@ fn attach_map_unmap_detach_succeed_in_order() {
     assert_eq!(vm.detach(1, 8).unwrap(), Status::Ok);
 }
 
+/// The scheduling options make the vring worker call what nothing else
+/// does (getpriority and sched_setattr for its slice): under the default
+/// filter (`--seccomp kill`) a call missing from the list kills the daemon
+/// at its first request.
+#[test]
+fn the_worker_slice_option_serves_requests_under_the_default_seccomp_filter() {
+    let d = Daemon::start(
+        "slice",
+        &[
+            "--endpoints",
+            "8",
+            "--worker-slice-us",
+            "1000",
+            "--poll-us",
+            "0",
+        ],
+    );
+    let mut vm = d.connect();
+    let buf = vm.ram().alloc(0x1000, 0x1000).unwrap();
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+    assert_eq!(
+        vm.map(1, 0x1000, 0x1fff, buf, READ | WRITE).unwrap(),
+        Status::Ok
+    );
+    assert_eq!(vm.unmap(1, 0x1000, 0x1fff).unwrap(), Status::Ok);
+}
+
 #[test]
 fn requests_naming_unknown_things_get_noent() {
     let d = Daemon::start("noent", &["--endpoints", "8"]);
