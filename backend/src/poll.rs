@@ -178,9 +178,10 @@ impl AdaptivePoll {
     /// A window found the host busy at `now`: the busy regime for the
     /// cool-down, and the next one twice as long.
     ///
-    /// With `vcpus_sleep` (the guest's vCPU sleeps on its kick,
-    /// docs/mirror-protocol.md §15) the busy regime lasts instead until the
-    /// host is measured to have a CPU to spare ([`Self::spare_found`]):
+    /// With `until_spare` (the guest's vCPU sleeps on its kick,
+    /// docs/mirror-protocol.md §15, and the host's spare CPU can be
+    /// measured) the busy regime lasts instead until the host is measured
+    /// to have a CPU to spare ([`Self::spare_found`]):
     /// a probing window there costs more than it can find. While the worker
     /// polls, the guest's notifications stay suppressed, so the guest does
     /// not kick and its vCPU spins for each reply instead of sleeping; a
@@ -189,8 +190,8 @@ impl AdaptivePoll {
     /// guests on two CPUs: the guests' `virtqueue_get_buf` loop took a
     /// fifth of their vCPUs' time, and polling off altogether (`--poll-us
     /// 0`) served 25–50 % more I/O than probes every 50 ms–2 s.
-    pub fn contended(&mut self, now: Instant, vcpus_sleep: bool) {
-        self.busy = Some(match vcpus_sleep {
+    pub fn contended(&mut self, now: Instant, until_spare: bool) {
+        self.busy = Some(match until_spare {
             true => BusyUntil::SpareFound,
             false => BusyUntil::Cooldown(now + self.cooldown),
         });

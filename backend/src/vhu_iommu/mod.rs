@@ -498,7 +498,9 @@ impl IommuBackend {
                 st.stats.gaps_forgiven += 1;
             } else {
                 st.stats.poll_contended += 1;
-                st.poll.contended(now, self.mirror.vcpus_sleep());
+                // Only a meter can end a busy regime that waits for one.
+                let until_spare = self.mirror.vcpus_sleep() && Self::spare_measurable();
+                st.poll.contended(now, until_spare);
             }
         } else if polled.spare {
             st.poll.uncontended();

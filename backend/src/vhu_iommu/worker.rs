@@ -79,6 +79,12 @@ impl IommuBackend {
         })
     }
 
+    /// Whether this thread can measure the host's spare CPU (src/spare.rs
+    /// found counters to read).
+    pub(super) fn spare_measurable() -> bool {
+        WORKER.with(|w| w.borrow().spare.is_some())
+    }
+
     /// The worker thread's scheduling, once per thread (a connection's
     /// worker is a new thread).
     pub(super) fn tune_worker_thread(&self) {
