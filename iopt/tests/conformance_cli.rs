@@ -61,3 +61,20 @@ fn bad_arguments_are_refused_with_status_2_before_anything_runs() {
         assert!(out.stdout.is_empty(), "{args:?}: the suite ran: {out:?}");
     }
 }
+
+#[test]
+fn a_device_that_does_not_open_is_an_error_not_a_panic_in_every_case() {
+    // /dev/null opens as the iommufd file (the cases' ioctls would fail on
+    // it); the device is what is checked first, once.
+    let out = run(&["--iommufd", "/dev/null", "--device", "/nonexistent/vfio0"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(
+            "conformance: kernel: cannot run: cannot open VFIO device /nonexistent/vfio0"
+        ),
+        "{stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

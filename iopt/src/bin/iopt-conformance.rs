@@ -61,7 +61,12 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         };
     }
-    let kernel = run_all(&KernelFixture { iommufd, device });
+    let fixture = KernelFixture { iommufd, device };
+    if let Err(e) = fixture.check() {
+        println!("conformance: kernel: cannot run: {e}");
+        return ExitCode::FAILURE;
+    }
+    let kernel = run_all(&fixture);
     let mut disagree = 0;
     for ((name, m), (_, k)) in model.outcomes.iter().zip(&kernel.outcomes) {
         let agree = !matches!((m, k), (Outcome::Failed(_), _) | (_, Outcome::Failed(_)));

@@ -22,6 +22,20 @@ pub struct KernelFixture {
     pub device: Option<PathBuf>,
 }
 
+impl KernelFixture {
+    /// Whether the cases can run: `/dev/iommu` opens and, if given, the
+    /// VFIO device opens and binds to it (then both are closed again). The
+    /// cases themselves treat a failure here as a broken host and panic;
+    /// a command line naming the wrong file gets this error instead.
+    pub fn check(&self) -> Result<(), super::OpenError> {
+        let mut fd = KernelIommufd::open(&self.iommufd)?;
+        if let Some(p) = &self.device {
+            fd.bind(VfioDevice::open(p)?)?;
+        }
+        Ok(())
+    }
+}
+
 impl Fixture for KernelFixture {
     fn name(&self) -> &str {
         "kernel"
