@@ -70,6 +70,7 @@ fn hint(e: &OpenError) -> &'static str {
             _ => "the device cannot be bound to iommufd",
         },
         OpenError::Probe { .. } => "the device cannot be attached to an IOAS",
+        OpenError::NotIommufd { .. } => "the file given as /dev/iommu is not an iommufd device",
     }
 }
 

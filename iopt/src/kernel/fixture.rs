@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::conformance::{Fixture, Session, SuiteMemory};
-use crate::Thp;
+use crate::{Iommufd, Thp};
 
 use super::{KernelIommufd, VfioDevice};
 
@@ -23,12 +23,19 @@ pub struct KernelFixture {
 }
 
 impl KernelFixture {
-    /// Whether the cases can run: `/dev/iommu` opens and, if given, the
-    /// VFIO device opens and binds to it (then both are closed again). The
-    /// cases themselves treat a failure here as a broken host and panic;
-    /// a command line naming the wrong file gets this error instead.
+    /// Whether the cases can run: `/dev/iommu` opens and answers
+    /// IOMMU_IOAS_ALLOC and, if given, the VFIO device opens and binds to
+    /// it (then all is closed again). The cases themselves treat a failure
+    /// here as a broken host and panic; a command line naming the wrong
+    /// file gets this error instead.
     pub fn check(&self) -> Result<(), super::OpenError> {
         let mut fd = KernelIommufd::open(&self.iommufd)?;
+        let probe = |source| super::OpenError::NotIommufd {
+            path: self.iommufd.clone(),
+            source,
+        };
+        let ioas = fd.ioas_alloc().map_err(probe)?;
+        fd.ioas_destroy(ioas).map_err(probe)?;
         if let Some(p) = &self.device {
             fd.bind(VfioDevice::open(p)?)?;
         }

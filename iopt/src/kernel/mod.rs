@@ -45,6 +45,8 @@ pub enum OpenError {
     Bind { what: String, source: IoptError },
     #[error("cannot probe the usable IOVA ranges of VFIO device {what}: {source}")]
     Probe { what: String, source: IoptError },
+    #[error("{path} does not answer as an iommufd (IOMMU_IOAS_ALLOC: {source})")]
+    NotIommufd { path: PathBuf, source: IoptError },
 }
 
 /// Issue one iommufd/VFIO ioctl whose argument is a uAPI structure.
