@@ -187,9 +187,8 @@ impl AdaptivePoll {
     /// not kick and its vCPU spins for each reply instead of sleeping; a
     /// worker and its spinning vCPU then hold both CPUs of a 2-CPU host,
     /// and every other guest waits. Measured with two and three busy
-    /// guests on two CPUs: the guests' `virtqueue_get_buf` loop took a
-    /// fifth of their vCPUs' time, and polling off altogether (`--poll-us
-    /// 0`) served 25–50 % more I/O than probes every 50 ms–2 s.
+    /// guests on two CPUs: polling off altogether (`--poll-us 0`) served
+    /// 25–50 % more I/O than probes every 50 ms–2 s (docs/shared-host.md).
     pub fn contended(&mut self, now: Instant, until_spare: bool) {
         self.busy = Some(match until_spare {
             true => BusyUntil::SpareFound,
