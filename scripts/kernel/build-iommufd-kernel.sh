@@ -19,6 +19,8 @@ daemon confines itself), high-resolution timers and a tickless idle (the
 nested bed's QEMU). Caches
   \${XDG_CACHE_HOME:-\$HOME/.cache}/vhost-user-iommu/kernel/<version>-<config-hash>/bzImage
 A second run prints the cached path at once. The path is the last line on stdout.
+After a build only the 3 most recently used builds stay (VUI_CACHE_KEEP=N; 0 keeps
+all).
 
   --print-path   print the cached bzImage path (fail if not built) and exit
   --force        rebuild even if cached

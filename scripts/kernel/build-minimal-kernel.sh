@@ -18,6 +18,8 @@ huge pages. Caches
   \${XDG_CACHE_HOME:-\$HOME/.cache}/vhost-user-iommu/kernel-min/<version>-<config-hash>/bzImage
 (and vmlinux beside it, for a PVH boot without decompression). A second run
 prints the cached path at once. The path is the last line on stdout.
+After a build only the 3 most recently used builds stay (VUI_CACHE_KEEP=N; 0 keeps
+all).
 
   --print-path   print the cached bzImage path (fail if not built) and exit
   --force        rebuild even if cached

@@ -16,6 +16,8 @@ say() { echo "$NAME: $*" >&2; }
 die() { say "error: $*"; exit 1; }
 
 KERNEL_LIB=$(dirname "$0")/lib.sh
+# shellcheck source=scripts/lib/cache.sh
+. "$(dirname "$KERNEL_LIB")/../lib/cache.sh"
 CACHE_BASE=${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-iommu
 # The source package and its download are shared by every kernel.
 DOWNLOADS=$CACHE_BASE/kernel/downloads
@@ -68,11 +70,13 @@ kernel_build() {
     image=$out/bzImage
     if [ "$PRINT" = 1 ]; then
         [ -f "$image" ] || die "not built yet: $image"
+        cache_used "$out"
         echo "$image"
         return 0
     fi
     if [ -f "$image" ] && [ "$FORCE" = 0 ]; then
         say "cached: $PKG $VERSION, config $config_hash"
+        cache_used "$out"
         echo "$image"
         return 0
     fi
@@ -82,6 +86,7 @@ kernel_build() {
     flock 9
     # Another run may have built it while this one waited for the lock.
     if [ -f "$image" ] && [ "$FORCE" = 0 ]; then
+        cache_used "$out"
         echo "$image"
         return 0
     fi
@@ -117,6 +122,8 @@ kernel_build() {
     cp "$src/arch/x86/boot/bzImage" "$image.tmp"
     mv "$image.tmp" "$image"
     rm -rf "$WORK"
+    cache_used "$out"
+    cache_prune "$CACHE_BASE/$CACHE_DIR" bzImage "$out"
     echo "$image"
 }
 

@@ -83,6 +83,10 @@ Environment:
   VUI_QEMU_JOBS         parallel compile jobs (default 2; the build runs under nice -n 10)
   VUI_QEMU_SUITE        apt suite of the qemu source (default <codename>-backports)
   VUI_QEMU_PATCH_DIR    patch series directory (default scripts/qemu/patches)
+  VUI_QEMU_EXTRA_PATCHES  patch files applied after the series, separated by spaces (the
+                        experiments in scripts/qemu/experiments/; part of the cache key)
+  VUI_CACHE_KEEP        after a build, keep this many builds of the target, the most
+                        recently used (default 3; 0 keeps all)
   VUI_QEMU_TARGET       the default of --target
 EOF
 }
@@ -114,6 +118,8 @@ CONFIGURE_FLAGS=$(configure_flags)
 # Steps that run for minutes say what they are at every 30 s.
 # shellcheck source=scripts/lib/progress.sh
 . "$REPO_ROOT/scripts/lib/progress.sh"
+# shellcheck source=scripts/lib/cache.sh
+. "$REPO_ROOT/scripts/lib/cache.sh"
 CODENAME=$(debian_codename)
 SUITE=${VUI_QEMU_SUITE:-$CODENAME-backports}
 
@@ -162,6 +168,12 @@ patch_list() {
     find "$PATCH_DIR" -maxdepth 1 -type f -name '*.patch' | LC_ALL=C sort
 }
 PATCHES=$(patch_list)
+# Experiments applied after the series (scripts/qemu/experiments/): part of the key.
+for p in ${VUI_QEMU_EXTRA_PATCHES:-}; do
+    [ -f "$p" ] || die "VUI_QEMU_EXTRA_PATCHES: no such file: $p"
+    PATCHES="$PATCHES
+$(cd "$(dirname "$p")" && pwd)/$(basename "$p")"
+done
 PATCH_HASH=$({
     echo "recipe $RECIPE_VERSION"
     echo "configure $CONFIGURE_FLAGS"
@@ -196,6 +208,7 @@ cached() { [ -f "$STAMP" ] && [ -x "$BIN" ]; }
 
 if [ "$PRINT_PATH" -eq 1 ]; then
     cached || die "not built yet: $BIN (run scripts/qemu/build-qemu.sh)"
+    cache_used "$OUT_DIR"
     echo "$BIN"
     exit 0
 fi
@@ -206,6 +219,7 @@ install_pkgs run-time - $RUN_DEPS
 
 if cached && [ "$FORCE" -eq 0 ]; then
     say "cached: QEMU $SRC_VERSION with patches $PATCH_HASH ($(echo "$PATCHES" | grep -c . || true) patches)"
+    cache_used "$OUT_DIR"
     echo "$BIN"
     exit 0
 fi
@@ -231,6 +245,7 @@ if ! flock -n 9; then
 fi
 if cached && [ "$FORCE" -eq 0 ]; then
     say "cached (built while waiting): $BIN"
+    cache_used "$OUT_DIR"
     echo "$BIN"
     exit 0
 fi
@@ -337,6 +352,9 @@ for p in $PATCHES; do cp "$p" "$TMP_OUT/"; done
 } > "$TMP_OUT/stamp"
 rm -rf "$OUT_DIR"
 mv "$TMP_OUT" "$OUT_DIR"
+cache_used "$OUT_DIR"
+# Each patch edit is a new entry of about 100 MB: keep the few used last (of this target).
+cache_prune "$CACHE_ROOT" "bin/qemu-system-$TARGET" "$OUT_DIR"
 if [ "$KEEP_BUILD" -eq 0 ]; then
     rm -rf "$WORK"
 else
