@@ -165,8 +165,13 @@ impl Session {
     }
 
     /// Tell `telemetry` the endpoints attached and detached, and the states
-    /// restored.
+    /// restored: a state already taken from the state file, not yet handed
+    /// to a front-end, is told to it now (so the daemon's set-up may give
+    /// the journal and the telemetry in either order).
     pub fn watch(&mut self, telemetry: Arc<Telemetry>) {
+        if self.recovered && telemetry.last_restore().is_none() {
+            telemetry.state_restored("state_file", &self.device);
+        }
         self.telemetry = telemetry;
     }
 
@@ -707,6 +712,42 @@ mod tests {
                 },
             }]
         );
+    }
+
+    /// The telemetry may come after the journal (the daemon's set-up order
+    /// is free): the restore is told to it then, once.
+    #[test]
+    fn a_telemetry_given_after_the_journal_still_hears_of_the_restore() {
+        use crate::control::events::STATE_EVENT;
+        let mut previous = session();
+        assert_eq!(request(&mut previous, 0, ATTACH_1_8), OK);
+        let recovered = Recovered {
+            state: previous.device().save_state(),
+            instance: 0,
+            answered: Answered::default(),
+            records: 1,
+        };
+        let dir = test_frontend::daemon::Scratch::new("session-late-telemetry");
+        let (journal, _) = Journal::open(&dir.join("state")).unwrap();
+        let config = crate::config::RawConfig::default().check().unwrap();
+        let mut s = Session::new(crate::emulated::device(&config).unwrap(), None);
+        s.start_journal(journal, Some(recovered), &MirrorHandle::disconnected());
+
+        let telemetry = Arc::new(Telemetry::new(true));
+        let rx = telemetry.events().take_receiver().unwrap();
+        telemetry.events().subscriptions([STATE_EVENT].into_iter());
+        s.watch(telemetry.clone());
+        let r = telemetry.last_restore().expect("told at watch");
+        assert_eq!((r.source, r.held.attached), ("state_file", 1));
+        // Watched again (the same telemetry): not told twice.
+        s.watch(telemetry.clone());
+        assert_eq!(rx.try_iter().count(), 1);
+        // Once the state is handed to its front-end, a new telemetry hears
+        // of no restore.
+        assert!(s.take_recovered());
+        let later = Arc::new(Telemetry::new(true));
+        s.watch(later.clone());
+        assert_eq!(later.last_restore(), None);
     }
 
     /// A state the device refuses leaves no restore to report.

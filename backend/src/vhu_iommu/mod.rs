@@ -241,7 +241,7 @@ impl IommuBackend {
     /// the device refuses (a daemon started with other options) is logged
     /// and the device starts reset. A state taken is told to the
     /// telemetry of [`Self::with_telemetry`] (for the control socket's
-    /// `status`): give that first.
+    /// `status`), whichever of the two is given first.
     pub fn with_journal(self, journal: Journal, recovered: Option<Recovered>) -> Self {
         self.lock()
             .session
