@@ -714,11 +714,11 @@ mod tests {
         );
     }
 
-    /// The telemetry may come after the journal (the daemon's set-up order
-    /// is free): the restore is told to it then, once.
-    #[test]
-    fn a_telemetry_given_after_the_journal_still_hears_of_the_restore() {
-        use crate::control::events::STATE_EVENT;
+    /// What a previous daemon left with endpoint 8 attached to domain 1,
+    /// and a new state file in a scratch directory (kept while it lives).
+    fn one_attachment_recovered(
+        name: &str,
+    ) -> (Recovered, Journal, test_frontend::daemon::Scratch) {
         let mut previous = session();
         assert_eq!(request(&mut previous, 0, ATTACH_1_8), OK);
         let recovered = Recovered {
@@ -727,8 +727,17 @@ mod tests {
             answered: Answered::default(),
             records: 1,
         };
-        let dir = test_frontend::daemon::Scratch::new("session-late-telemetry");
+        let dir = test_frontend::daemon::Scratch::new(name);
         let (journal, _) = Journal::open(&dir.join("state")).unwrap();
+        (recovered, journal, dir)
+    }
+
+    /// The telemetry may come after the journal (the daemon's set-up order
+    /// is free): the restore is told to it then, once.
+    #[test]
+    fn a_telemetry_given_after_the_journal_still_hears_of_the_restore() {
+        use crate::control::events::STATE_EVENT;
+        let (recovered, journal, _dir) = one_attachment_recovered("session-late-telemetry");
         let config = crate::config::RawConfig::default().check().unwrap();
         let mut s = Session::new(crate::emulated::device(&config).unwrap(), None);
         s.start_journal(journal, Some(recovered), &MirrorHandle::disconnected());
@@ -753,16 +762,7 @@ mod tests {
     /// A state the device refuses leaves no restore to report.
     #[test]
     fn a_refused_state_file_state_is_no_restore() {
-        let mut previous = session();
-        assert_eq!(request(&mut previous, 0, ATTACH_1_8), OK);
-        let recovered = Recovered {
-            state: previous.device().save_state(),
-            instance: 0,
-            answered: Answered::default(),
-            records: 1,
-        };
-        let dir = test_frontend::daemon::Scratch::new("session-refused");
-        let (journal, _) = Journal::open(&dir.join("state")).unwrap();
+        let (recovered, journal, _dir) = one_attachment_recovered("session-refused");
         let telemetry = Arc::new(Telemetry::new(true));
         // A daemon started with other endpoints: 8 is not one of them.
         let config = crate::config::RawConfig {
