@@ -12,17 +12,22 @@
 //! on the connections it accepts) reports the hidden name, which is how
 //! [`crate::peer::connected_to`] is asked to find them.
 //!
-//! A daemon started on a path where a socket already is replaces it (the
-//! stale socket of a crashed run, or the path handed over to a restarted
-//! daemon). So the path a daemon removes as it stops may by then name
-//! another daemon's socket: [`SocketFile`] remembers which file this one
-//! placed (device and inode) and removes the path only while it still
-//! names that file.
+//! **One process a path.** A daemon started on a path where a socket
+//! already is replaces it only if no process serves it: the one that does
+//! holds `PATH.lock` (`flock(2)`, the PID inside, as virtiofsd's
+//! `SOCKET.pid`), so a second daemon started by mistake is refused with the
+//! first one's PID instead of taking its path, and when it exits it
+//! removes nothing of the first's. A crashed daemon's lock goes with its
+//! process; its stale socket (and lock file) are replaced. And the path a
+//! daemon removes as it stops is removed only while it still names the
+//! file this one placed ([`SocketFile`] keeps its device and inode): an
+//! operator may have replaced it meanwhile.
 
 use std::ffi::OsString;
-use std::io;
+use std::fs::File;
+use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
@@ -50,22 +55,25 @@ impl Access {
     }
 }
 
-/// The socket file a listener of this process was placed at: removed (as
-/// the listener's owner stops) only while its path still names it.
+/// The socket file a listener of this process was placed at, and the lock
+/// that makes it this process's: removed (as the listener's owner stops)
+/// only while its path still names it.
 #[derive(Debug)]
 pub struct SocketFile {
     path: PathBuf,
     /// `st_dev`, `st_ino` of the file as placed.
     id: (u64, u64),
+    lock: Option<PathLock>,
 }
 
 impl SocketFile {
     /// The file at `at` (where it was bound), which will be found at `path`.
-    fn placed(at: &Path, path: &Path) -> io::Result<Self> {
+    fn placed(at: &Path, path: &Path, lock: PathLock) -> io::Result<Self> {
         let m = std::fs::symlink_metadata(at)?;
         Ok(Self {
             path: path.to_owned(),
             id: (m.dev(), m.ino()),
+            lock: Some(lock),
         })
     }
 
@@ -79,18 +87,94 @@ impl SocketFile {
         std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id)
     }
 
-    /// Remove the path if it still names this file; leave whatever else is
-    /// there now (another daemon's socket) alone.
+    /// Remove the path if it still names this file (leave whatever else is
+    /// there now alone), and the lock file, still locked: a daemon that
+    /// opened it meanwhile finds it gone once it holds it, and tries again.
     pub fn remove(&self) {
         if self.is_in_place() {
             let _ = std::fs::remove_file(&self.path);
         }
+        if let Some(lock) = &self.lock {
+            lock.remove();
+        }
     }
 }
 
-/// Listen on `path` with `access`, replacing a stale socket there (never
-/// another kind of file: that is `AddrInUse`, as `bind(2)` would answer).
-/// The [`SocketFile`] is what its owner removes as it stops.
+/// `PATH.lock`, held with `flock(2)` by the process serving `PATH`, with
+/// its PID inside (for the message a second one gets).
+#[derive(Debug)]
+struct PathLock {
+    path: PathBuf,
+    /// Held open for as long as the lock is held: closing it (dropping the
+    /// [`PathLock`], or the process ending) releases the lock.
+    _held: File,
+}
+
+impl PathLock {
+    /// Lock `socket`'s lock file, creating it if needed. `AddrInUse`, with
+    /// the holder's PID, if another process holds it.
+    fn take(socket: &Path) -> io::Result<Self> {
+        let mut name = socket.as_os_str().to_owned();
+        name.push(".lock");
+        let path = PathBuf::from(name);
+        // A file unlinked by its stopping holder between our open and our
+        // flock is locked in vain: open again (a few times at most).
+        for _ in 0..8 {
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o644)
+                .open(&path)?;
+            // SAFETY: flock(2) on a descriptor `file` owns; no memory is
+            // passed.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                    return Err(e);
+                }
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let pid = pid.trim();
+                let who = match pid.parse::<u32>() {
+                    Ok(p) => format!("process {p}"),
+                    Err(_) => "another process".into(),
+                };
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "{} is served by {who} (it holds {}): stop that one first",
+                        socket.display(),
+                        path.display()
+                    ),
+                ));
+            }
+            let locked = file.metadata()?;
+            let there = std::fs::symlink_metadata(&path);
+            if there.is_ok_and(|m| (m.dev(), m.ino()) == (locked.dev(), locked.ino())) {
+                file.set_len(0)?;
+                write!(file, "{}", std::process::id())?;
+                return Ok(Self { path, _held: file });
+            }
+        }
+        Err(io::Error::other(format!(
+            "{}: its lock file keeps being removed under us",
+            socket.display()
+        )))
+    }
+
+    /// Remove the lock file, still holding the lock (dropping `self`
+    /// releases it).
+    fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Listen on `path` with `access`, replacing a stale socket there: one no
+/// process serves (one that does holds `PATH.lock`: `AddrInUse`, naming
+/// it), never another kind of file (`AddrInUse`, as `bind(2)` would
+/// answer). The [`SocketFile`] is what its owner removes as it stops.
 pub fn listen_at(path: &Path, access: Access) -> io::Result<(UnixListener, SocketFile)> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if !m.file_type().is_socket() => {
@@ -101,19 +185,20 @@ pub fn listen_at(path: &Path, access: Access) -> io::Result<(UnixListener, Socke
         }
         _ => {}
     }
+    let lock = PathLock::take(path)?;
     let Some(hidden) = hidden_sibling(path) else {
         // No room for a longer name: bind in place, with the short window.
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
         access.apply(path)?;
-        return Ok((listener, SocketFile::placed(path, path)?));
+        return Ok((listener, SocketFile::placed(path, path, lock)?));
     };
     let _ = std::fs::remove_file(&hidden);
     let listener = UnixListener::bind(&hidden)?;
     // rename(2) keeps the inode: the file placed is the one bound here.
     match access
         .apply(&hidden)
-        .and_then(|()| SocketFile::placed(&hidden, path))
+        .and_then(|()| SocketFile::placed(&hidden, path, lock))
         .and_then(|file| std::fs::rename(&hidden, path).map(|()| file))
     {
         Ok(file) => Ok((listener, file)),
@@ -167,7 +252,12 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
-        assert_eq!(names, vec![OsString::from("s.sock")]);
+        let mut names = names;
+        names.sort();
+        assert_eq!(
+            names,
+            vec![OsString::from("s.sock"), OsString::from("s.sock.lock")]
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -221,9 +311,12 @@ mod tests {
     fn a_socket_file_is_removed_only_while_its_path_still_names_it() {
         let dir = scratch("ours");
         let path = dir.join("s.sock");
-        let (_first, first) = listen_at(&path, Access::default()).unwrap();
+        let (_first, mut first) = listen_at(&path, Access::default()).unwrap();
         assert!(first.is_in_place());
-        // A second daemon on the same path replaces the first's socket.
+        // The first stops serving without removing its socket (as a
+        // crashed daemon's lock goes with its process): a second daemon on
+        // the same path replaces it.
+        drop(first.lock.take());
         let (second_listener, second) = listen_at(&path, Access::default()).unwrap();
         assert!(!first.is_in_place());
         first.remove();
@@ -235,6 +328,45 @@ mod tests {
             "its own is removed"
         );
         second.remove();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_path_served_by_a_process_is_refused_naming_it_and_free_once_it_stops() {
+        let dir = scratch("served");
+        let path = dir.join("s.sock");
+        let (first_listener, first) = listen_at(&path, Access::default()).unwrap();
+        let lock = dir.join("s.sock.lock");
+        assert_eq!(
+            std::fs::read_to_string(&lock).unwrap(),
+            std::process::id().to_string()
+        );
+
+        let e = listen_at(&path, Access::default()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("served by process {}", std::process::id()))
+                && msg.contains("s.sock.lock"),
+            "{msg}"
+        );
+        // The refused one took nothing: the first still answers at its path.
+        assert!(first.is_in_place());
+        UnixStream::connect(&path).unwrap();
+        first_listener.accept().unwrap();
+
+        // It stops: socket and lock file go, and the path is free.
+        first.remove();
+        drop(first);
+        assert!(std::fs::symlink_metadata(&path).is_err());
+        assert!(std::fs::symlink_metadata(&lock).is_err());
+        let (_l, again) = listen_at(&path, Access::default()).unwrap();
+        assert!(again.is_in_place());
+
+        // A lock file left by a crash (no holder) is taken over.
+        drop(again);
+        assert!(std::fs::symlink_metadata(&lock).is_ok(), "not removed");
+        listen_at(&path, Access::default()).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

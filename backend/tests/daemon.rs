@@ -504,6 +504,89 @@ fn sigterm_ends_the_daemon_promptly_and_cleanly() {
     }
 }
 
+/// `st_dev`, `st_ino` of what `path` names.
+fn file_id(path: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path).unwrap();
+    (m.dev(), m.ino())
+}
+
+/// A daemon started by mistake on the sockets or the state file of one
+/// that runs is refused, saying which, and takes none of its paths: the
+/// first keeps serving at every one, and, stopped, leaves no lock file.
+#[test]
+fn a_second_daemon_on_a_served_path_or_state_file_is_refused_and_takes_nothing() {
+    let dir = Scratch::new("test-served-twice");
+    let (sock, mirror, ctl, state) = (
+        dir.join("viommu.sock"),
+        dir.join("mirror.sock"),
+        dir.join("ctl.sock"),
+        dir.join("state"),
+    );
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    let mut first = DaemonProcess::builder(BIN, &sock)
+        .mirror(&mirror)
+        .args(["--endpoints", "8", "--control-socket", &s(&ctl)])
+        .args(["--state-file", &s(&state)])
+        .rust_log("warn")
+        .terminate_on_drop(true)
+        .spawn();
+    let ids = [&sock, &mirror, &ctl].map(|p| file_id(p));
+    let other = |name: &str| s(&dir.join(name));
+    let pid = first.pid().to_string();
+    for (args, says) in [
+        // The whole command line again: the state file is refused first.
+        (
+            vec![s(&sock), s(&mirror), s(&ctl), s(&state)],
+            "is in use by another daemon".to_string(),
+        ),
+        // Only the vhost-user socket in common.
+        (
+            vec![s(&sock), other("m2"), other("c2"), other("s2")],
+            format!("{} is served by process {pid}", sock.display()),
+        ),
+        // Only the mirror socket.
+        (
+            vec![other("v3"), s(&mirror), other("c3"), other("s3")],
+            format!("{} is served by process {pid}", mirror.display()),
+        ),
+        // Only the control socket.
+        (
+            vec![other("v4"), other("m4"), s(&ctl), other("s4")],
+            format!("{} is served by process {pid}", ctl.display()),
+        ),
+    ] {
+        let out = Command::new(BIN)
+            .args(["--endpoints", "8", "--socket-path", &args[0]])
+            .args(["--mirror-socket", &args[1], "--control-socket", &args[2]])
+            .args(["--state-file", &args[3]])
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {err}");
+        assert!(err.contains(&says), "{args:?}: {err}");
+        assert_eq!([&sock, &mirror, &ctl].map(|p| file_id(p)), ids, "{args:?}");
+    }
+    first.assert_alive();
+    let mut vm = first.connect(VmOptions::default()).unwrap();
+    assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
+    drop(vm);
+    first.signal(libc::SIGTERM);
+    let (status, _) = first.wait_exit(Duration::from_secs(5));
+    assert!(status.success(), "{status}");
+    for p in [&sock, &mirror, &ctl] {
+        let mut lock = p.as_os_str().to_owned();
+        lock.push(".lock");
+        assert!(!p.exists(), "{} left", p.display());
+        assert!(
+            !Path::new(&lock).exists(),
+            "{} left",
+            Path::new(&lock).display()
+        );
+    }
+}
+
 fn run_cli(args: &[&str]) -> std::process::Output {
     Command::new(BIN).args(args).output().unwrap()
 }
