@@ -56,8 +56,9 @@ impl Access {
 }
 
 /// The socket file a listener of this process was placed at, and the lock
-/// that makes it this process's: removed (as the listener's owner stops)
-/// only while its path still names it.
+/// that makes it this process's: removed (as the listener's owner stops,
+/// or when dropped: a start that fails later leaves nothing behind) only
+/// while its path still names it.
 #[derive(Debug)]
 pub struct SocketFile {
     path: PathBuf,
@@ -100,6 +101,12 @@ impl SocketFile {
     }
 }
 
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
 /// `PATH.lock`, held with `flock(2)` by the process serving `PATH`, with
 /// its PID inside (for the message a second one gets).
 #[derive(Debug)]
@@ -107,7 +114,7 @@ struct PathLock {
     path: PathBuf,
     /// Held open for as long as the lock is held: closing it (dropping the
     /// [`PathLock`], or the process ending) releases the lock.
-    _held: File,
+    held: File,
 }
 
 impl PathLock {
@@ -155,7 +162,7 @@ impl PathLock {
             if there.is_ok_and(|m| (m.dev(), m.ino()) == (locked.dev(), locked.ino())) {
                 file.set_len(0)?;
                 write!(file, "{}", std::process::id())?;
-                return Ok(Self { path, _held: file });
+                return Ok(Self { path, held: file });
             }
         }
         Err(io::Error::other(format!(
@@ -165,9 +172,14 @@ impl PathLock {
     }
 
     /// Remove the lock file, still holding the lock (dropping `self`
-    /// releases it).
+    /// releases it), if the path still names it: once removed, the path may
+    /// name the next daemon's.
     fn remove(&self) {
-        let _ = std::fs::remove_file(&self.path);
+        let ours = self.held.metadata().map(|m| (m.dev(), m.ino()));
+        let there = std::fs::symlink_metadata(&self.path).map(|m| (m.dev(), m.ino()));
+        if matches!((ours, there), (Ok(a), Ok(b)) if a == b) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -363,10 +375,19 @@ mod tests {
         let (_l, again) = listen_at(&path, Access::default()).unwrap();
         assert!(again.is_in_place());
 
-        // A lock file left by a crash (no holder) is taken over.
+        // Dropped (a start that failed later): nothing left.
         drop(again);
-        assert!(std::fs::symlink_metadata(&lock).is_ok(), "not removed");
-        listen_at(&path, Access::default()).unwrap();
+        assert!(std::fs::symlink_metadata(&path).is_err());
+        assert!(std::fs::symlink_metadata(&lock).is_err());
+
+        // A lock file left by a crash (no holder, any content) is taken
+        // over.
+        std::fs::write(&lock, b"12345").unwrap();
+        let (_l, _f) = listen_at(&path, Access::default()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&lock).unwrap(),
+            std::process::id().to_string()
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

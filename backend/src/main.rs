@@ -408,13 +408,6 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         mode: cli.socket_mode,
         group: cli.socket_group,
     };
-    // The state file before any socket: a daemon started on one another
-    // daemon holds (its lock, src/state_file.rs) is refused having taken
-    // nothing of that daemon's.
-    let journal = match &cli.state_file {
-        Some(path) => Some((path, Journal::open(path)?)),
-        None => None,
-    };
     // Before the vhost-user socket: a launcher that waits for that one
     // finds this one listening too.
     let control_listener = match &cli.control_socket {
@@ -471,7 +464,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         .with_worker_slice(worker_slice(cli.worker_slice_us)?)
         .with_vcpu_following(cli.follow_vcpu)
         .with_memory_files(memory_files);
-    if let Some((path, (journal, found))) = journal {
+    if let Some(path) = &cli.state_file {
+        let (journal, found) = Journal::open(path)?;
         let recovered = found.unwrap_or_else(|e| {
             log::error!(
                 "state file {}: {e}: nothing recovered, starting over",

@@ -535,9 +535,16 @@ fn a_second_daemon_on_a_served_path_or_state_file_is_refused_and_takes_nothing()
     let other = |name: &str| s(&dir.join(name));
     let pid = first.pid().to_string();
     for (args, says) in [
-        // The whole command line again: the state file is refused first.
+        // The whole command line again: the first socket it binds is
+        // refused.
         (
             vec![s(&sock), s(&mirror), s(&ctl), s(&state)],
+            format!("{} is served by process {pid}", ctl.display()),
+        ),
+        // Only the state file: refused after binding its own sockets,
+        // which go with it.
+        (
+            vec![other("v1"), other("m1"), other("c1"), s(&state)],
             "is in use by another daemon".to_string(),
         ),
         // Only the vhost-user socket in common.
@@ -568,6 +575,26 @@ fn a_second_daemon_on_a_served_path_or_state_file_is_refused_and_takes_nothing()
         assert!(err.contains(&says), "{args:?}: {err}");
         assert_eq!([&sock, &mirror, &ctl].map(|p| file_id(p)), ids, "{args:?}");
     }
+    // What the refused ones had bound or made before they gave up went
+    // with them.
+    let mut left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".log"))
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "ctl.sock",
+            "ctl.sock.lock",
+            "mirror.sock",
+            "mirror.sock.lock",
+            "state",
+            "viommu.sock",
+            "viommu.sock.lock"
+        ]
+    );
     first.assert_alive();
     let mut vm = first.connect(VmOptions::default()).unwrap();
     assert_eq!(vm.attach(1, 8, 0).unwrap(), Status::Ok);
