@@ -70,10 +70,9 @@ pub struct SocketFile {
 impl SocketFile {
     /// The file at `at` (where it was bound), which will be found at `path`.
     fn placed(at: &Path, path: &Path, lock: PathLock) -> io::Result<Self> {
-        let m = std::fs::symlink_metadata(at)?;
         Ok(Self {
             path: path.to_owned(),
-            id: (m.dev(), m.ino()),
+            id: file_id(&std::fs::symlink_metadata(at)?),
             lock: Some(lock),
         })
     }
@@ -85,7 +84,7 @@ impl SocketFile {
 
     /// Whether the path still names this file.
     pub fn is_in_place(&self) -> bool {
-        std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id)
+        names(&self.path, self.id)
     }
 
     /// Remove the path if it still names this file (leave whatever else is
@@ -105,6 +104,16 @@ impl Drop for SocketFile {
     fn drop(&mut self) {
         self.remove();
     }
+}
+
+/// `st_dev`, `st_ino`: which file this is.
+fn file_id(m: &std::fs::Metadata) -> (u64, u64) {
+    (m.dev(), m.ino())
+}
+
+/// Whether `path` names the file `id` (not following a symlink).
+fn names(path: &Path, id: (u64, u64)) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| file_id(&m) == id)
 }
 
 /// `PATH.lock`, held with `flock(2)` by the process serving `PATH`, with
@@ -157,9 +166,7 @@ impl PathLock {
                     ),
                 ));
             }
-            let locked = file.metadata()?;
-            let there = std::fs::symlink_metadata(&path);
-            if there.is_ok_and(|m| (m.dev(), m.ino()) == (locked.dev(), locked.ino())) {
+            if names(&path, file_id(&file.metadata()?)) {
                 file.set_len(0)?;
                 write!(file, "{}", std::process::id())?;
                 return Ok(Self { path, held: file });
@@ -175,9 +182,11 @@ impl PathLock {
     /// releases it), if the path still names it: once removed, the path may
     /// name the next daemon's.
     fn remove(&self) {
-        let ours = self.held.metadata().map(|m| (m.dev(), m.ino()));
-        let there = std::fs::symlink_metadata(&self.path).map(|m| (m.dev(), m.ino()));
-        if matches!((ours, there), (Ok(a), Ok(b)) if a == b) {
+        if self
+            .held
+            .metadata()
+            .is_ok_and(|m| names(&self.path, file_id(&m)))
+        {
             let _ = std::fs::remove_file(&self.path);
         }
     }
