@@ -143,13 +143,11 @@ impl PathLock {
                 .truncate(false)
                 .mode(0o644)
                 .open(&path)?;
-            // SAFETY: flock(2) on a descriptor `file` owns; no memory is
-            // passed.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                    return Err(e);
-                }
+            // flock(2), LOCK_EX | LOCK_NB.
+            if let Err(e) = file.try_lock() {
+                let std::fs::TryLockError::WouldBlock = e else {
+                    return Err(e.into());
+                };
                 let mut pid = String::new();
                 let _ = file.read_to_string(&mut pid);
                 let pid = pid.trim();

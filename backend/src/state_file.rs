@@ -19,7 +19,6 @@
 
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -143,9 +142,16 @@ impl Journal {
                 path: shown.clone(),
                 source,
             })?;
-        // SAFETY: flock on a file this function owns; no memory involved.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(JournalError::InUse(shown));
+        // flock(2), LOCK_EX | LOCK_NB: held until the file is closed.
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(JournalError::InUse(shown)),
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(JournalError::Open {
+                    path: shown,
+                    source,
+                })
+            }
         }
         let len = HEADER_LEN + 2 * half_len;
         let was = file.metadata().map_err(JournalError::Map)?.len();
