@@ -22,6 +22,7 @@ impl IommuBackend {
     /// §10).
     pub fn report_fault(&self, fault: virtio_iommu::FaultEvent) {
         let mut st = self.lock();
+        st.stats.faults_reported += 1;
         if st.faults.len() == MAX_PENDING_FAULTS {
             if let Some(oldest) = st.faults.pop_front() {
                 self.telemetry.fault_dropped(&oldest, "no_buffer");

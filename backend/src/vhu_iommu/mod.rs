@@ -116,8 +116,14 @@ pub struct QueueStats {
     /// Requests a previous daemon carried out (its state file says so),
     /// answered again with their status rather than carried out twice.
     pub answered_again: u64,
-    /// Fault events written to the event queue / dropped for lack of buffers.
+    /// Fault events QEMU reported (mirror protocol §10): each is delivered,
+    /// waits for an event buffer (up to 64), or is dropped.
+    #[serde(default)]
+    pub faults_reported: u64,
+    /// Fault events written to the event queue.
     pub faults_delivered: u64,
+    /// Fault events dropped: the oldest beyond 64 waiting for a buffer, one
+    /// whose buffer was too small.
     pub faults_dropped: u64,
 }
 

@@ -477,3 +477,35 @@ fn a_device_reset_says_what_it_dropped_and_drops_the_waiting_faults() {
         ]
     );
 }
+
+#[test]
+fn faults_without_an_event_buffer_wait_up_to_64_and_every_report_is_counted() {
+    let mut rig = Rig::new();
+    rig.offer_request(&Request::Probe { endpoint: 0 });
+    rig.kick().unwrap();
+    for i in 0..70u64 {
+        rig.backend
+            .report_fault(virtio_iommu::encode_fault(2, 1, 8, 0x4000 + (i << 12)));
+    }
+    let q = rig.queue_stats();
+    // 64 wait for a buffer; the 6 oldest beyond are dropped.
+    assert_eq!(
+        (q.faults_reported, q.faults_delivered, q.faults_dropped),
+        (70, 0, 6)
+    );
+    rig.offer_event_buffer(64);
+    let q = rig.queue_stats();
+    assert_eq!(
+        (q.faults_reported, q.faults_delivered, q.faults_dropped),
+        (70, 1, 6)
+    );
+    // The one delivered is the oldest kept: the seventh reported.
+    let mut record = [0u8; 24];
+    rig.ram()
+        .read_slice(&mut record, GuestAddress(DATA + 0x8000))
+        .unwrap();
+    assert_eq!(
+        u64::from_le_bytes(record[16..24].try_into().unwrap()),
+        0x4000 + (6 << 12)
+    );
+}
