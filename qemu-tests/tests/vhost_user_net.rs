@@ -421,7 +421,7 @@ fn without_a_guest_driver_and_bypass_off_no_frame_passes() {
             // Each refused access is a fault for the guest (none takes it:
             // up to 64 wait for an event buffer, the rest are dropped).
             // QEMU sends a fault only while its mirror copy is synced
-            // (docs/mirror-protocol.md §11), at most 16 between two looks
+            // (docs/mirror-protocol.md §10), at most 16 between two looks
             // of its main loop: its own lines say what it saw.
             assert!(
                 q.faults_reported > 0 && q.faults_delivered == 0,
