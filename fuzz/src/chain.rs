@@ -101,6 +101,33 @@ fn write_desc<B: Bitmap>(
     let _ = mem.write_slice(&raw, GuestAddress(at));
 }
 
+/// The indirect table the chain from `head` switches to, as `(address,
+/// length)`, read from the ring as it is now (as virtio-queue reads it:
+/// along `next` links from the head to the first descriptor marked
+/// indirect).
+fn indirect_table<B: Bitmap>(mem: &GuestMemoryMmap<B>, head: u16) -> Option<(u64, u64)> {
+    let mut at = head;
+    for _ in 0..QSIZE {
+        if at >= QSIZE {
+            return None;
+        }
+        let mut raw = [0u8; 16];
+        mem.read_slice(&mut raw, GuestAddress(DESC + u64::from(at) * 16))
+            .ok()?;
+        let flags = u16::from_le_bytes([raw[12], raw[13]]);
+        if flags & F_INDIRECT != 0 {
+            let addr = u64::from_le_bytes(raw[0..8].try_into().expect("8 bytes"));
+            let len = u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes"));
+            return Some((addr, u64::from(len)));
+        }
+        if flags & F_NEXT == 0 {
+            return None;
+        }
+        at = u16::from_le_bytes([raw[14], raw[15]]);
+    }
+    None
+}
+
 /// Whether every byte of `[addr, addr + len)` is guest memory.
 fn covered(ranges: &[(u64, u64)], addr: u64, len: u64) -> bool {
     let Some(end) = addr.checked_add(len) else {
@@ -280,8 +307,11 @@ impl Target for ChainTarget {
             // A writable buffer over a descriptor table: write_reply reads
             // the chain again after the reply rewrote it, so it follows
             // the rewritten links (guest memory only, every write bounds
-            // checked): only the bound is checked then.
-            let tables = [(DESC, u64::from(QSIZE) * 16), (INDIRECT, 6 * 16)];
+            // checked): only the bound is checked then. The tables are the
+            // ring's, the one at INDIRECT, and the indirect table this chain
+            // uses, wherever its descriptor put it.
+            let mut tables = vec![(DESC, u64::from(QSIZE) * 16), (INDIRECT, 6 * 16)];
+            tables.extend(indirect_table(&mem, chain.head_index()));
             let self_modifying = descs.iter().any(|d| {
                 d.is_write_only()
                     && tables.iter().any(|&(t, l)| {
