@@ -315,7 +315,8 @@ impl Target for ChainTarget {
             let self_modifying = descs.iter().any(|d| {
                 d.is_write_only()
                     && tables.iter().any(|&(t, l)| {
-                        d.addr().0 < t + l && t < d.addr().0.saturating_add(u64::from(d.len()))
+                        d.addr().0 < t.saturating_add(l)
+                            && t < d.addr().0.saturating_add(u64::from(d.len()))
                     })
             });
             let wrote = write_reply(chain, &mem, &reply);
