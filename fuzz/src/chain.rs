@@ -111,19 +111,14 @@ fn indirect_table<B: Bitmap>(mem: &GuestMemoryMmap<B>, head: u16) -> Option<(u64
         if at >= QSIZE {
             return None;
         }
-        let mut raw = [0u8; 16];
-        mem.read_slice(&mut raw, GuestAddress(DESC + u64::from(at) * 16))
-            .ok()?;
-        let flags = u16::from_le_bytes([raw[12], raw[13]]);
-        if flags & F_INDIRECT != 0 {
-            let addr = u64::from_le_bytes(raw[0..8].try_into().expect("8 bytes"));
-            let len = u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes"));
-            return Some((addr, u64::from(len)));
+        let d: Descriptor = mem.read_obj(GuestAddress(DESC + u64::from(at) * 16)).ok()?;
+        if d.refers_to_indirect_table() {
+            return Some((d.addr().0, u64::from(d.len())));
         }
-        if flags & F_NEXT == 0 {
+        if !d.has_next() {
             return None;
         }
-        at = u16::from_le_bytes([raw[14], raw[15]]);
+        at = d.next();
     }
     None
 }
